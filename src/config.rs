@@ -1,0 +1,560 @@
+//! Settings: defaults, then a TOML file (`--config`), then the environment.
+//!
+//! The only IO here is reading the file. Loading either yields settings that passed
+//! [`Settings::validate`] or one [`ConfigError`] naming the offending key (and the
+//! environment variable that sets it), so start-up fails with one clear line, never a
+//! panic. Secrets are wrapped in [`Secret`], whose `Debug` never shows them.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::segment::Limits;
+
+/// The slug of the source the environment variables define.
+pub const DEFAULT_SOURCE: &str = "default";
+
+/// A secret string: write key, webhook secret, API key or admin token.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The secret itself, for comparing and sending; never for logging.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The first and last two characters, for display in listings (`ab…yz`).
+    pub fn masked(&self) -> String {
+        let chars: Vec<char> = self.0.chars().collect();
+        if chars.len() <= 6 {
+            return "…".into();
+        }
+        let head: String = chars[..2].iter().collect();
+        let tail: String = chars[chars.len() - 2..].iter().collect();
+        format!("{head}…{tail}")
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One Segment source: who may send, and where its events go.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// Short name used in the management API and metrics (`[a-z0-9_-]`, 1–64 chars).
+    pub slug: String,
+    /// Write keys accepted for this source.
+    #[serde(default)]
+    pub write_keys: Vec<Secret>,
+    /// Shared secret of Segment's Webhooks destination (`X-Signature`).
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
+    /// Refiner API key this source's events are delivered with.
+    #[serde(default)]
+    pub refiner_api_key: Option<Secret>,
+}
+
+/// Refiner's API.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefinerSettings {
+    pub base_url: String,
+}
+
+impl Default for RefinerSettings {
+    fn default() -> Self {
+        RefinerSettings {
+            base_url: "https://api.refiner.io/v1".into(),
+        }
+    }
+}
+
+/// Request limits (see `segment::Limits`); Segment's values are the defaults.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_events: usize,
+    pub max_webhook_bytes: usize,
+    pub max_webhook_events: usize,
+    pub max_message_id_len: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitSettings {
+            max_event_bytes: limits.max_event_bytes,
+            max_batch_bytes: limits.max_batch_bytes,
+            max_batch_events: limits.max_batch_events,
+            max_webhook_bytes: limits.max_webhook_bytes,
+            max_webhook_events: limits.max_webhook_events,
+            max_message_id_len: limits.max_message_id_len,
+        }
+    }
+}
+
+impl LimitSettings {
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_batch_bytes: self.max_batch_bytes,
+            max_batch_events: self.max_batch_events,
+            max_webhook_bytes: self.max_webhook_bytes,
+            max_webhook_events: self.max_webhook_events,
+            max_message_id_len: self.max_message_id_len,
+        }
+    }
+}
+
+/// The embedded spool.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSettings {
+    /// Seconds a `messageId` suppresses repeats from the same source.
+    pub dedup_window_secs: u64,
+    /// Requests that may wait for the spool writer before ingest answers 429.
+    pub queue_capacity: usize,
+    /// Most requests sharing one transaction (one fsync).
+    pub max_group: usize,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        SpoolSettings {
+            dedup_window_secs: 24 * 3600,
+            queue_capacity: 4096,
+            max_group: 512,
+        }
+    }
+}
+
+/// Everything the gateway is configured with.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Address the HTTP server binds.
+    pub listen: String,
+    /// Directory of the embedded spool.
+    pub data_dir: PathBuf,
+    /// Token of the management API.
+    pub admin_token: Option<Secret>,
+    pub log_format: LogFormat,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    pub shutdown_timeout_secs: u64,
+    pub refiner: RefinerSettings,
+    pub limits: LimitSettings,
+    pub spool: SpoolSettings,
+    pub sources: Vec<SourceSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./data"),
+            admin_token: None,
+            log_format: LogFormat::Text,
+            shutdown_timeout_secs: 30,
+            refiner: RefinerSettings::default(),
+            limits: LimitSettings::default(),
+            spool: SpoolSettings::default(),
+            sources: Vec::new(),
+        }
+    }
+}
+
+/// A setting that stops start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {key}: {message}")]
+pub struct ConfigError {
+    /// The setting, as `file key (ENV_VAR)` where an environment variable sets it.
+    pub key: String,
+    pub message: String,
+}
+
+fn error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Every environment variable the gateway reads, with the setting it overrides. Kept in
+/// one table so `docs/configuration.md` can be checked against it.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("GATEWAY_LISTEN", "listen"),
+    ("GATEWAY_DATA_DIR", "data_dir"),
+    ("GATEWAY_ADMIN_TOKEN", "admin_token"),
+    ("GATEWAY_LOG_FORMAT", "log_format"),
+    ("GATEWAY_SHUTDOWN_TIMEOUT_SECS", "shutdown_timeout_secs"),
+    ("GATEWAY_DEDUP_WINDOW_SECS", "spool.dedup_window_secs"),
+    ("REFINER_BASE_URL", "refiner.base_url"),
+    ("GATEWAY_WRITE_KEYS", "sources[default].write_keys"),
+    ("GATEWAY_WEBHOOK_SECRET", "sources[default].webhook_secret"),
+    ("REFINER_API_KEY", "sources[default].refiner_api_key"),
+];
+
+impl Settings {
+    /// Loads defaults, then `file` (if given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Settings::load_with(file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Settings::load`] with the environment given as a lookup function (tests).
+    pub fn load_with(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut settings = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    error("--config", format!("cannot read {}: {e}", path.display()))
+                })?;
+                toml::from_str::<Settings>(&text)
+                    .map_err(|e| error(&path.display().to_string(), e.message().to_string()))?
+            }
+            None => Settings::default(),
+        };
+        settings.apply_env(|name| env(name).filter(|value| !value.trim().is_empty()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("GATEWAY_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = env("GATEWAY_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("GATEWAY_ADMIN_TOKEN") {
+            self.admin_token = Some(Secret::new(v));
+        }
+        if let Some(v) = env("GATEWAY_LOG_FORMAT") {
+            self.log_format = match v.trim() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                other => {
+                    return Err(error(
+                        "log_format (GATEWAY_LOG_FORMAT)",
+                        format!("expected `text` or `json`, got `{other}`"),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = env("GATEWAY_SHUTDOWN_TIMEOUT_SECS") {
+            self.shutdown_timeout_secs =
+                parse_number(&v, "shutdown_timeout_secs (GATEWAY_SHUTDOWN_TIMEOUT_SECS)")?;
+        }
+        if let Some(v) = env("GATEWAY_DEDUP_WINDOW_SECS") {
+            self.spool.dedup_window_secs =
+                parse_number(&v, "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)")?;
+        }
+        if let Some(v) = env("REFINER_BASE_URL") {
+            self.refiner.base_url = v;
+        }
+        let write_keys = env("GATEWAY_WRITE_KEYS");
+        let webhook_secret = env("GATEWAY_WEBHOOK_SECRET");
+        let api_key = env("REFINER_API_KEY");
+        if write_keys.is_none() && webhook_secret.is_none() && api_key.is_none() {
+            return Ok(());
+        }
+        let index = match self.sources.iter().position(|s| s.slug == DEFAULT_SOURCE) {
+            Some(index) => index,
+            None => {
+                self.sources.push(SourceSettings {
+                    slug: DEFAULT_SOURCE.into(),
+                    write_keys: Vec::new(),
+                    webhook_secret: None,
+                    refiner_api_key: None,
+                });
+                self.sources.len() - 1
+            }
+        };
+        let source = &mut self.sources[index];
+        if let Some(keys) = write_keys {
+            source.write_keys = keys
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(Secret::new)
+                .collect();
+        }
+        if let Some(secret) = webhook_secret {
+            source.webhook_secret = Some(Secret::new(secret));
+        }
+        if let Some(key) = api_key {
+            source.refiner_api_key = Some(Secret::new(key));
+        }
+        Ok(())
+    }
+
+    /// Checks every setting; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let url = reqwest::Url::parse(&self.refiner.base_url).map_err(|e| {
+            error(
+                "refiner.base_url (REFINER_BASE_URL)",
+                format!("not a URL: {e}"),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(error(
+                "refiner.base_url (REFINER_BASE_URL)",
+                "must be an http or https URL",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
+        }
+        if self.sources.is_empty() {
+            return Err(error(
+                "sources (GATEWAY_WRITE_KEYS)",
+                "no source is configured: set GATEWAY_WRITE_KEYS or add [[sources]] to the config file",
+            ));
+        }
+        let mut slugs = HashSet::new();
+        let mut keys = HashSet::new();
+        for source in &self.sources {
+            let valid_slug = !source.slug.is_empty()
+                && source.slug.len() <= 64
+                && source.slug.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid_slug {
+                return Err(error(
+                    "sources.slug",
+                    format!(
+                        "`{}` must be 1-64 characters of a-z, 0-9, - and _",
+                        source.slug
+                    ),
+                ));
+            }
+            if !slugs.insert(source.slug.as_str()) {
+                return Err(error(
+                    "sources.slug",
+                    format!("`{}` appears twice", source.slug),
+                ));
+            }
+            let key_name = if source.slug == DEFAULT_SOURCE {
+                "sources[default].write_keys (GATEWAY_WRITE_KEYS)".to_string()
+            } else {
+                format!("sources[{}].write_keys", source.slug)
+            };
+            if source.write_keys.is_empty() {
+                return Err(error(&key_name, "at least one write key is required"));
+            }
+            for key in &source.write_keys {
+                if key.expose().is_empty() || key.expose().contains(':') {
+                    return Err(error(
+                        &key_name,
+                        "write keys must be non-empty and contain no `:`",
+                    ));
+                }
+                if !keys.insert(key.expose()) {
+                    return Err(error(&key_name, "a write key is used twice"));
+                }
+            }
+            if matches!(&source.webhook_secret, Some(s) if s.expose().is_empty()) {
+                return Err(error("sources.webhook_secret", "must not be empty"));
+            }
+        }
+        let limits = &self.limits;
+        for (name, value) in [
+            ("limits.max_event_bytes", limits.max_event_bytes),
+            ("limits.max_batch_bytes", limits.max_batch_bytes),
+            ("limits.max_batch_events", limits.max_batch_events),
+            ("limits.max_webhook_bytes", limits.max_webhook_bytes),
+            ("limits.max_webhook_events", limits.max_webhook_events),
+            ("limits.max_message_id_len", limits.max_message_id_len),
+            ("spool.queue_capacity", self.spool.queue_capacity),
+            ("spool.max_group", self.spool.max_group),
+        ] {
+            if value == 0 {
+                return Err(error(name, "must be greater than 0"));
+            }
+        }
+        if self.spool.dedup_window_secs == 0 {
+            return Err(error(
+                "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed `listen` address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            error(
+                "listen (GATEWAY_LISTEN)",
+                format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(value: &str, key: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| error(key, format!("`{value}` is not a whole number")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).expect("write config");
+        }
+        Settings::load_with(file.map(|_| path.as_path()), |name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn environment_defines_the_default_source() {
+        let settings = load(
+            None,
+            &[
+                ("GATEWAY_WRITE_KEYS", "k1, k2"),
+                ("GATEWAY_WEBHOOK_SECRET", "s"),
+                ("REFINER_API_KEY", "r"),
+                ("GATEWAY_LISTEN", "127.0.0.1:9999"),
+                ("GATEWAY_DATA_DIR", "/tmp/x"),
+                ("REFINER_BASE_URL", "http://127.0.0.1:1/v1"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(settings.listen, "127.0.0.1:9999");
+        assert_eq!(settings.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(settings.refiner.base_url, "http://127.0.0.1:1/v1");
+        assert_eq!(settings.sources.len(), 1);
+        let source = &settings.sources[0];
+        assert_eq!(source.slug, "default");
+        assert_eq!(
+            source.write_keys,
+            vec![Secret::new("k1"), Secret::new("k2")]
+        );
+        assert_eq!(source.webhook_secret, Some(Secret::new("s")));
+        assert_eq!(source.refiner_api_key, Some(Secret::new("r")));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let settings = load(None, &[("GATEWAY_WRITE_KEYS", "k")]).expect("valid");
+        assert_eq!(settings.listen, "127.0.0.1:8080");
+        assert_eq!(settings.data_dir, PathBuf::from("./data"));
+        assert_eq!(settings.refiner.base_url, "https://api.refiner.io/v1");
+        assert_eq!(settings.spool.dedup_window_secs, 86_400);
+    }
+
+    #[test]
+    fn file_defines_several_sources_and_env_overrides() {
+        let file = r#"
+            listen = "127.0.0.1:7000"
+            [[sources]]
+            slug = "web"
+            write_keys = ["w1"]
+            webhook_secret = "hook"
+            refiner_api_key = "rk"
+            [[sources]]
+            slug = "default"
+            write_keys = ["d1"]
+        "#;
+        let settings = load(
+            Some(file),
+            &[
+                ("GATEWAY_LISTEN", "127.0.0.1:7001"),
+                ("GATEWAY_WRITE_KEYS", "d2"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(settings.listen, "127.0.0.1:7001");
+        assert_eq!(settings.sources.len(), 2);
+        assert_eq!(
+            settings.sources[0].webhook_secret,
+            Some(Secret::new("hook"))
+        );
+        assert_eq!(settings.sources[1].write_keys, vec![Secret::new("d2")]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load(None, &[]).expect_err("no source");
+        assert!(err.to_string().contains("GATEWAY_WRITE_KEYS"), "{err}");
+        let err = load(
+            None,
+            &[("GATEWAY_WRITE_KEYS", "k"), ("GATEWAY_LISTEN", "nope")],
+        )
+        .expect_err("bad listen");
+        assert!(err.to_string().contains("GATEWAY_LISTEN"), "{err}");
+        let err = load(
+            None,
+            &[("GATEWAY_WRITE_KEYS", "k"), ("REFINER_BASE_URL", "::")],
+        )
+        .expect_err("bad url");
+        assert!(err.to_string().contains("REFINER_BASE_URL"), "{err}");
+        let err = load(
+            None,
+            &[
+                ("GATEWAY_WRITE_KEYS", "k"),
+                ("GATEWAY_DEDUP_WINDOW_SECS", "x"),
+            ],
+        )
+        .expect_err("bad number");
+        assert!(
+            err.to_string().contains("GATEWAY_DEDUP_WINDOW_SECS"),
+            "{err}"
+        );
+        let err = load(Some("lisen = 1"), &[("GATEWAY_WRITE_KEYS", "k")]).expect_err("unknown key");
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let err = load(
+            Some("[[sources]]\nslug = \"Bad Slug\"\nwrite_keys = [\"a\"]"),
+            &[],
+        )
+        .expect_err("slug");
+        assert!(err.to_string().contains("sources.slug"), "{err}");
+        let err = load(
+            Some("[limits]\nmax_event_bytes = 0"),
+            &[("GATEWAY_WRITE_KEYS", "k")],
+        )
+        .expect_err("zero");
+        assert!(err.to_string().contains("limits.max_event_bytes"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let settings = load(None, &[("GATEWAY_WRITE_KEYS", "very-secret-key")]).expect("valid");
+        assert!(!format!("{settings:?}").contains("very-secret-key"));
+        assert_eq!(Secret::new("abcdefgh").masked(), "ab…gh");
+    }
+}

@@ -1,0 +1,14 @@
+//! refiner-gateway: a Segment-compatible gateway that durably spools events and forwards
+//! them to Refiner's REST API.
+//!
+//! Data flow: `ingest` (HTTP) → `segment` (parse, validate, normalize; pure) →
+//! `spool` (durable queue) → delivery. See `docs/architecture.md`.
+
+pub mod api;
+pub mod config;
+pub mod ingest;
+pub mod request_id;
+pub mod segment;
+pub mod spool;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,83 @@
+//! The `refiner-gateway` command: parse the command line, load settings, start logging,
+//! build the application and run it until a signal. Errors end the process with one line
+//! on stderr and exit code 2 (configuration) or 1 (start-up).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use refiner_gateway::config::{LogFormat, Settings};
+use refiner_gateway::startup::Application;
+use refiner_gateway::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "refiner-gateway",
+    version,
+    about = "Segment-compatible event gateway for Refiner"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (settings: defaults, then --config, then the environment).
+    Serve {
+        /// TOML settings file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> ExitCode {
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("refiner-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(settings.log_format == LogFormat::Json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("refiner-gateway: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let app = match Application::build(&settings) {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("refiner-gateway: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(
+            listen = %settings.listen,
+            port = app.port(),
+            data_dir = %settings.data_dir.display(),
+            sources = settings.sources.len(),
+            "gateway listening"
+        );
+        match app.run_until_stopped().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("refiner-gateway: server error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,421 @@
+//! The Segment spec: event types, limits, validation and normalization.
+//!
+//! This module is pure: it never does IO, never reads the clock (the arrival time is passed
+//! in) and never panics on input. Everything the ingest edge receives goes through
+//! [`parse_single`], [`parse_batch`] or [`parse_webhook`], which either reject the whole
+//! request with a [`Reject`] (the client gets a 400 naming the problem) or return one
+//! [`Item`] per event: an [`Event`] ready for the spool, or a [`Skip`] with the reason the
+//! event is dropped while the request still answers 200, as Segment's own API does.
+//!
+//! Invariants of every [`Event`]:
+//! - `payload` is a JSON object whose `type`, `messageId`, `receivedAt` and `timestamp`
+//!   are set, and which no longer carries the `writeKey`;
+//! - `message_id` is non-empty and at most [`Limits::max_message_id_len`] characters;
+//! - `user_key` is the identity the dispatcher orders by (see [`user_key`]).
+
+mod normalize;
+mod time;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+pub use normalize::user_key;
+pub use time::{correct_clock_skew, format_timestamp};
+
+/// The kinds of event the gateway accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+    /// A user-deletion notification sent by Segment's Webhooks destination.
+    Delete,
+}
+
+impl EventType {
+    /// Every type, in a fixed order (for metrics and docs).
+    pub const ALL: [EventType; 7] = [
+        EventType::Identify,
+        EventType::Track,
+        EventType::Page,
+        EventType::Screen,
+        EventType::Group,
+        EventType::Alias,
+        EventType::Delete,
+    ];
+
+    /// The spec name, as it appears in `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Identify => "identify",
+            EventType::Track => "track",
+            EventType::Page => "page",
+            EventType::Screen => "screen",
+            EventType::Group => "group",
+            EventType::Alias => "alias",
+            EventType::Delete => "delete",
+        }
+    }
+
+    /// Parses a spec name. `delete` is only valid where `allow_delete` is set (webhooks),
+    /// because only Segment itself sends deletion notifications.
+    pub fn parse(name: &str, allow_delete: bool) -> Option<EventType> {
+        Some(match name {
+            "identify" => EventType::Identify,
+            "track" => EventType::Track,
+            "page" => EventType::Page,
+            "screen" => EventType::Screen,
+            "group" => EventType::Group,
+            "alias" => EventType::Alias,
+            "delete" if allow_delete => EventType::Delete,
+            _ => return None,
+        })
+    }
+
+    /// The type implied by a `/v1/{path}` route: full names and analytics.js' one-letter
+    /// paths (`/v1/t`, `/v1/i`, ...).
+    pub fn from_path(path: &str) -> Option<EventType> {
+        Some(match path {
+            "identify" | "i" => EventType::Identify,
+            "track" | "t" => EventType::Track,
+            "page" | "p" => EventType::Page,
+            "screen" | "s" => EventType::Screen,
+            "group" | "g" => EventType::Group,
+            "alias" | "a" => EventType::Alias,
+            _ => return None,
+        })
+    }
+}
+
+/// Size and count limits. Segment's documented values are the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest single event, in bytes of (inflated) JSON. Segment: 32 KB.
+    pub max_event_bytes: usize,
+    /// Largest `/v1/batch` body, in inflated bytes. Segment: 500 KB.
+    pub max_batch_bytes: usize,
+    /// Most events in one batch. Segment: 2,500.
+    pub max_batch_events: usize,
+    /// Largest `/webhook` body, in inflated bytes. Actions batches carry up to 4,000 events.
+    pub max_webhook_bytes: usize,
+    /// Most events in one webhook (Actions) batch.
+    pub max_webhook_events: usize,
+    /// Longest accepted `messageId`, in characters. Segment: 100.
+    pub max_message_id_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: 32 * 1024,
+            max_batch_bytes: 500 * 1024,
+            max_batch_events: 2500,
+            max_webhook_bytes: 4 * 1024 * 1024,
+            max_webhook_events: 4000,
+            max_message_id_len: 100,
+        }
+    }
+}
+
+/// Why a whole request is refused with 400. The `code` is stable and documented.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    #[error("the body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("the body must be a JSON object")]
+    NotAnObject,
+    #[error("the body must be an object with a `batch` array")]
+    InvalidBatch,
+    #[error("the batch holds {count} events; the limit is {limit}")]
+    TooManyEvents { count: usize, limit: usize },
+    #[error("event {index} is {size} bytes; the limit is {limit} bytes per event")]
+    EventTooLarge {
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
+    #[error("event {index} has a messageId longer than {limit} characters")]
+    MessageIdTooLong { index: usize, limit: usize },
+    #[error("event {index} has a messageId that is not a string")]
+    InvalidMessageId { index: usize },
+}
+
+impl Reject {
+    /// The machine-readable code sent as `code` in the 400 body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::InvalidJson(_) => "invalid_json",
+            Reject::NotAnObject => "invalid_body",
+            Reject::InvalidBatch => "invalid_batch",
+            Reject::TooManyEvents { .. } => "too_many_events",
+            Reject::EventTooLarge { .. } => "event_too_large",
+            Reject::MessageIdTooLong { .. } => "message_id_too_long",
+            Reject::InvalidMessageId { .. } => "invalid_message_id",
+        }
+    }
+}
+
+/// Why a well-formed event is dropped (the request still answers 200, as Segment does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// Neither `userId` nor `anonymousId` (Segment's `no_user_anon_id`).
+    NoUserOrAnonymousId,
+    /// A `track` without an `event` name.
+    MissingEvent,
+    /// A `group` without a `groupId`.
+    MissingGroupId,
+    /// An `alias` without a `previousId`.
+    MissingPreviousId,
+    /// A batch item whose `type` is missing or unknown.
+    UnknownType,
+    /// A batch item that is not a JSON object.
+    NotAnObject,
+}
+
+impl Skip {
+    /// Every reason, in a fixed order (for metrics and docs).
+    pub const ALL: [Skip; 6] = [
+        Skip::NoUserOrAnonymousId,
+        Skip::MissingEvent,
+        Skip::MissingGroupId,
+        Skip::MissingPreviousId,
+        Skip::UnknownType,
+        Skip::NotAnObject,
+    ];
+
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::NoUserOrAnonymousId => "no_user_anon_id",
+            Skip::MissingEvent => "missing_event",
+            Skip::MissingGroupId => "missing_group_id",
+            Skip::MissingPreviousId => "missing_previous_id",
+            Skip::UnknownType => "unknown_type",
+            Skip::NotAnObject => "not_an_object",
+        }
+    }
+}
+
+/// A validated, normalized event, ready to be spooled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventType,
+    pub message_id: String,
+    /// The identity the dispatcher keeps order by: `u:<userId>`, `e:<email>` or
+    /// `a:<anonymousId>`.
+    pub user_key: String,
+    /// The normalized event as JSON bytes.
+    pub payload: Vec<u8>,
+}
+
+/// One event of a request: accepted, or skipped with a reason.
+pub type Item = Result<Event, Skip>;
+
+/// What a request carried: the body's `writeKey` (if any) and its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub write_key: Option<String>,
+    pub items: Vec<Item>,
+}
+
+/// What one call of the parse functions needs to know besides the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// Server time on arrival, in milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    pub limits: &'a Limits,
+    /// A fresh `messageId` for events that lack one; called once per such event.
+    pub new_message_id: fn() -> String,
+}
+
+/// Parses a single-event request (`/v1/track`, `/v1/t`, ...). The route implies the type;
+/// a `type` in the body is overwritten.
+pub fn parse_single(body: &[u8], kind: EventType, arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    if body.len() > arrival.limits.max_event_bytes {
+        return Err(Reject::EventTooLarge {
+            index: 0,
+            size: body.len(),
+            limit: arrival.limits.max_event_bytes,
+        });
+    }
+    let mut object = match parse_json(body)? {
+        Value::Object(object) => object,
+        _ => return Err(Reject::NotAnObject),
+    };
+    let write_key = take_write_key(&mut object);
+    object.insert("type".into(), Value::String(kind.as_str().into()));
+    let item = normalize::normalize(object, 0, &normalize::BatchLevel::default(), false, arrival)?;
+    Ok(Parsed {
+        write_key,
+        items: vec![item],
+    })
+}
+
+#[derive(Deserialize)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    batch: Option<Vec<&'a RawValue>>,
+    #[serde(rename = "writeKey")]
+    write_key: Option<Value>,
+    #[serde(rename = "sentAt")]
+    sent_at: Option<Value>,
+    context: Option<Value>,
+    integrations: Option<Value>,
+}
+
+/// Parses a batch request (`/v1/batch`, `/v1/b`, `/v1/import`).
+pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    let raw: RawBatch<'_> = match serde_json::from_slice(body) {
+        Ok(raw) => raw,
+        Err(e) if e.is_data() => {
+            // Valid JSON of the wrong shape.
+            return Err(match parse_json(body)? {
+                Value::Object(_) => Reject::InvalidBatch,
+                _ => Reject::NotAnObject,
+            });
+        }
+        Err(e) => return Err(Reject::InvalidJson(e.to_string())),
+    };
+    let items = raw.batch.ok_or(Reject::InvalidBatch)?;
+    let limits = arrival.limits;
+    if items.len() > limits.max_batch_events {
+        return Err(Reject::TooManyEvents {
+            count: items.len(),
+            limit: limits.max_batch_events,
+        });
+    }
+    let level = normalize::BatchLevel {
+        sent_at: raw.sent_at.filter(|v| !v.is_null()),
+        context: as_object(raw.context),
+        integrations: as_object(raw.integrations),
+    };
+    let write_key = raw.write_key.and_then(|v| match v {
+        Value::String(s) => Some(s),
+        _ => None,
+    });
+    parse_items(&items, &level, false, limits.max_event_bytes, arrival)
+        .map(|items| Parsed { write_key, items })
+}
+
+/// Parses a `/webhook` body from Segment's Webhooks destination: one event object
+/// (Classic, or Actions without batching) or a JSON array of events (Actions batching).
+/// Every event must name its `type`; `delete` is accepted here.
+pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    let limits = arrival.limits;
+    let trimmed = trim_json_start(body);
+    if trimmed.first() == Some(&b'[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|e| Reject::InvalidJson(e.to_string()))?;
+        if items.len() > limits.max_webhook_events {
+            return Err(Reject::TooManyEvents {
+                count: items.len(),
+                limit: limits.max_webhook_events,
+            });
+        }
+        let level = normalize::BatchLevel::default();
+        let items = parse_items(&items, &level, true, limits.max_event_bytes, arrival)?;
+        let write_key = None;
+        return Ok(Parsed { write_key, items });
+    }
+    if body.len() > limits.max_event_bytes {
+        return Err(Reject::EventTooLarge {
+            index: 0,
+            size: body.len(),
+            limit: limits.max_event_bytes,
+        });
+    }
+    let mut object = match parse_json(body)? {
+        Value::Object(object) => object,
+        _ => return Err(Reject::NotAnObject),
+    };
+    let write_key = take_write_key(&mut object);
+    let level = normalize::BatchLevel::default();
+    let item = normalize::normalize(object, 0, &level, true, arrival)?;
+    Ok(Parsed {
+        write_key,
+        items: vec![item],
+    })
+}
+
+/// The raw bytes of the first element of a JSON array body, exactly as sent: Segment's
+/// Actions webhooks sign those bytes when they batch. `None` when the body is not a
+/// non-empty array.
+pub fn first_array_element(body: &[u8]) -> Option<&[u8]> {
+    if trim_json_start(body).first() != Some(&b'[') {
+        return None;
+    }
+    let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
+    items.first().map(|raw| raw.get().as_bytes())
+}
+
+fn parse_items(
+    raw_items: &[&RawValue],
+    level: &normalize::BatchLevel,
+    allow_delete: bool,
+    max_event_bytes: usize,
+    arrival: Arrival<'_>,
+) -> Result<Vec<Item>, Reject> {
+    let mut items = Vec::with_capacity(raw_items.len());
+    for (index, raw) in raw_items.iter().enumerate() {
+        let text = raw.get();
+        if text.len() > max_event_bytes {
+            return Err(Reject::EventTooLarge {
+                index,
+                size: text.len(),
+                limit: max_event_bytes,
+            });
+        }
+        // The outer parse already validated this span, so only its shape can be wrong.
+        let object = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(mut object)) => {
+                object.remove("writeKey");
+                object
+            }
+            _ => {
+                items.push(Err(Skip::NotAnObject));
+                continue;
+            }
+        };
+        items.push(normalize::normalize(
+            object,
+            index,
+            level,
+            allow_delete,
+            arrival,
+        )?);
+    }
+    Ok(items)
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Reject> {
+    serde_json::from_slice(body).map_err(|e| Reject::InvalidJson(e.to_string()))
+}
+
+fn take_write_key(object: &mut Map<String, Value>) -> Option<String> {
+    match object.remove("writeKey") {
+        Some(Value::String(key)) => Some(key),
+        _ => None,
+    }
+}
+
+fn as_object(value: Option<Value>) -> Option<Map<String, Value>> {
+    match value {
+        Some(Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+fn trim_json_start(body: &[u8]) -> &[u8] {
+    let start = body
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+        .unwrap_or(body.len());
+    &body[start..]
+}
+
+#[cfg(test)]
+mod tests;
