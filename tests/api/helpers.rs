@@ -1,0 +1,155 @@
+//! `spawn_app` and friends: a real gateway on port 0 with its own temporary data dir.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::ServerHandle;
+use base64::Engine;
+use refiner_gateway::config::{Secret, Settings, SourceSettings};
+use refiner_gateway::spool::{Leased, Spool};
+use refiner_gateway::startup::Application;
+
+pub const WRITE_KEY: &str = "test-write-key";
+pub const OTHER_KEY: &str = "other-write-key";
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+
+/// A running gateway.
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    pub spool: Arc<dyn Spool>,
+    pub handle: ServerHandle,
+    pub data_dir: tempfile::TempDir,
+    pub settings: Settings,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Settings for tests: sources `default` (write key [`WRITE_KEY`]), `hooked` (write key
+/// [`OTHER_KEY`], webhook secret [`WEBHOOK_SECRET`]).
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        sources: vec![
+            SourceSettings {
+                slug: "default".into(),
+                write_keys: vec![Secret::new(WRITE_KEY)],
+                webhook_secret: None,
+                refiner_api_key: Some(Secret::new("refiner-key")),
+            },
+            SourceSettings {
+                slug: "hooked".into(),
+                write_keys: vec![Secret::new(OTHER_KEY)],
+                webhook_secret: Some(Secret::new(WEBHOOK_SECRET)),
+                refiner_api_key: Some(Secret::new("refiner-key-2")),
+            },
+        ],
+        ..Settings::default()
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Spawns a gateway whose settings `customize` may change (its data dir is fresh).
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(data_dir.path());
+    customize(&mut settings);
+    spawn_app_in(data_dir, settings).await
+}
+
+/// Spawns a gateway on an existing data dir with the given settings.
+pub async fn spawn_app_in(data_dir: tempfile::TempDir, settings: Settings) -> TestApp {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = Application::build_with_listener(&settings, listener).expect("build app");
+    let port = app.port();
+    let spool = app.spool();
+    let handle = app.handle();
+    let task = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client: reqwest::Client::new(),
+        spool,
+        handle,
+        data_dir,
+        settings,
+        task,
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully, closes the spool and hands back the data dir.
+    pub async fn stop(self) -> (tempfile::TempDir, Settings) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+        (self.data_dir, self.settings)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// POST with `Authorization: Basic base64(WRITE_KEY:)`.
+    pub async fn post_basic(&self, path: &str, body: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Authorization", basic(WRITE_KEY))
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// POST without any auth header.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Every queued event, in queue order (leases them; fine for inspection).
+    pub async fn spooled(&self) -> Vec<Leased> {
+        spooled_events(&self.spool).await
+    }
+}
+
+/// Every event queued in a spool, by leasing all of them (a user's later events are leased
+/// once the earlier ones are acked, so this acks as it goes).
+pub async fn spooled_events(spool: &Arc<dyn Spool>) -> Vec<Leased> {
+    let mut all = Vec::new();
+    loop {
+        let batch = spool.lease(10_000, 60_000).await.expect("lease");
+        if batch.is_empty() {
+            break;
+        }
+        spool
+            .ack(batch.iter().map(|e| e.seq).collect())
+            .await
+            .expect("ack");
+        all.extend(batch);
+    }
+    all.sort_by_key(|e| e.seq);
+    all
+}
+
+/// `Basic base64(key:)`.
+pub fn basic(key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
+    )
+}
+
+pub fn payload(event: &Leased) -> serde_json::Value {
+    serde_json::from_slice(&event.payload).expect("payload is JSON")
+}
