@@ -2,3 +2,5 @@
 //! directory, driven over real HTTP.
 
 mod helpers;
+mod ingest;
+mod webhook;
