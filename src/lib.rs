@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod ingest;
+pub mod refiner;
 pub mod request_id;
 pub mod segment;
 pub mod spool;
