@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
+use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendReport, AppendRequest, Leased, Spool, SpoolError, SpoolStats};
@@ -70,11 +71,14 @@ pub struct SqliteSpool {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    seq             INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: a seq is never reused, even once the queue is empty, so a late or
+    -- repeated ack of a delivered event can never remove a newer one.
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     source          TEXT    NOT NULL,
     message_id      TEXT    NOT NULL,
     kind            TEXT    NOT NULL,
     user_key        TEXT    NOT NULL,
+    user_hash       INTEGER NOT NULL,
     received_at     INTEGER NOT NULL,
     payload         BLOB    NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
@@ -82,7 +86,7 @@ CREATE TABLE IF NOT EXISTS events (
     lease_until     INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT
 );
-CREATE INDEX IF NOT EXISTS events_user ON events (user_key, seq);
+CREATE INDEX IF NOT EXISTS events_user ON events (user_hash, seq);
 CREATE TABLE IF NOT EXISTS dedup (
     source     TEXT    NOT NULL,
     message_id TEXT    NOT NULL,
@@ -132,6 +136,7 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
@@ -140,6 +145,15 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 
 fn storage(e: rusqlite::Error) -> SpoolError {
     SpoolError::Storage(e.to_string())
+}
+
+/// A stable 63-bit hash of a user key: the per-user index is on this integer (smaller and
+/// cheaper to keep than the text); queries compare the text too, so collisions are harmless.
+fn user_hash(user_key: &str) -> i64 {
+    let digest = sha2::Sha256::digest(user_key.as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    (u64::from_le_bytes(bytes) >> 1) as i64
 }
 
 fn now_ms() -> i64 {
@@ -395,8 +409,8 @@ impl Writer {
              WHERE dedup.seen_at < ?4",
         )?;
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO events (source, message_id, kind, user_key, user_hash, received_at, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         let mut report = AppendReport::default();
         for event in &request.events {
@@ -410,6 +424,7 @@ impl Writer {
                 event.message_id,
                 event.kind.as_str(),
                 event.user_key,
+                user_hash(&event.user_key),
                 request.received_at_ms,
                 event.payload,
             ])?;
@@ -424,7 +439,8 @@ impl Writer {
              FROM events e
              WHERE e.next_attempt_at <= ?1 AND e.lease_until <= ?1
                AND NOT EXISTS (SELECT 1 FROM events p
-                               WHERE p.user_key = e.user_key AND p.seq < e.seq)
+                               WHERE p.user_hash = e.user_hash AND p.seq < e.seq
+                                 AND p.user_key = e.user_key)
              ORDER BY seq LIMIT ?2",
         )?;
         let leased = select

@@ -1,0 +1,264 @@
+//! Ingest benchmark: the gateway against a bare actix-web handler, in the same run.
+//!
+//! `cargo bench --bench ingest [-- --seconds N --connections C]`
+//!
+//! Both servers run in this process on 127.0.0.1 with the same number of workers; one load
+//! generator (keep-alive HTTP/1.1 connections, each sending the next request when the
+//! previous answer arrived) drives each for the same time. The baseline handler reads the
+//! body and parses it as JSON, then answers `{"success":true}`; the gateway does everything
+//! it does in production (auth, validation, normalization, dedup, durable group commit to
+//! SQLite with `synchronous=FULL`). Printed: requests/s and events/s of each, and the ratio
+//! gateway / baseline. Because both share the machine with the load generator, the ratio is
+//! the figure to compare across machines, not the absolute rates.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use refiner_gateway::config::{Secret, Settings, SourceSettings};
+use refiner_gateway::startup::Application;
+
+const WRITE_KEY: &str = "bench-write-key";
+
+struct Options {
+    /// Run only this scenario against only the gateway (`single` or `batch`), for profiling.
+    only: Option<String>,
+    seconds: u64,
+    connections: usize,
+    batch_size: usize,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        only: None,
+        seconds: 10,
+        connections: 64,
+        batch_size: 100,
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < args.len() {
+        if args[i] == "--only" {
+            options.only = args.get(i + 1).cloned();
+            i += 2;
+            continue;
+        }
+        let value = args.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        match (args[i].as_str(), value) {
+            ("--seconds", Some(v)) => options.seconds = v,
+            ("--connections", Some(v)) => options.connections = v as usize,
+            ("--batch-size", Some(v)) => options.batch_size = v as usize,
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    options
+}
+
+async fn bare(body: web::Bytes) -> HttpResponse {
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(_) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(r#"{"success":true}"#),
+        Err(_) => HttpResponse::BadRequest().finish(),
+    }
+}
+
+fn spawn_bare() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = HttpServer::new(|| {
+        App::new()
+            .app_data(web::PayloadConfig::new(1024 * 1024))
+            .route("/v1/{any}", web::post().to(bare))
+    })
+    .listen(listener)
+    .expect("listen")
+    .run();
+    tokio::spawn(server);
+    format!("http://127.0.0.1:{port}")
+}
+
+fn spawn_gateway(data_dir: &std::path::Path) -> String {
+    let settings = Settings {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        sources: vec![SourceSettings {
+            slug: "default".into(),
+            write_keys: vec![Secret::new(WRITE_KEY)],
+            webhook_secret: None,
+            refiner_api_key: Some(Secret::new("bench")),
+        }],
+        ..Settings::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = Application::build_with_listener(&settings, listener).expect("gateway");
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped());
+    format!("http://127.0.0.1:{port}")
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+fn track(n: u64) -> String {
+    format!(
+        r#"{{"type":"track","userId":"user-{user}","event":"Order Completed","messageId":"m-{n}","timestamp":"2026-11-23T10:00:00.000Z","properties":{{"revenue":42.5,"currency":"EUR","items":3}},"context":{{"library":{{"name":"analytics-node","version":"3.1.0"}},"ip":"127.0.0.1"}}}}"#,
+        user = n % 1000
+    )
+}
+
+fn single_body() -> String {
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let mut body = track(n);
+    body.insert_str(1, &format!(r#""writeKey":"{WRITE_KEY}","#));
+    body
+}
+
+fn batch_body(size: usize) -> String {
+    let mut body = String::from(r#"{"writeKey":""#);
+    body.push_str(WRITE_KEY);
+    body.push_str(r#"","sentAt":"2026-11-23T10:00:01.000Z","batch":["#);
+    for i in 0..size {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&track(SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+    }
+    body.push_str("]}");
+    body
+}
+
+struct Run {
+    requests: u64,
+    events: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn requests_per_sec(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Drives `url` from `connections` keep-alive clients for `seconds`. Bodies are built
+/// before timing starts is not possible for unique messageIds, so body building is part of
+/// the client's cost for both servers alike.
+async fn drive(url: String, connections: usize, seconds: u64, batch: Option<usize>) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .expect("client");
+        let (stop, requests, errors, url) = (stop.clone(), requests.clone(), errors.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let body = match batch {
+                    Some(size) => batch_body(size),
+                    None => single_body(),
+                };
+                let response = client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = started.elapsed();
+    let requests = requests.load(Ordering::Relaxed);
+    Run {
+        requests,
+        events: requests * batch.unwrap_or(1) as u64,
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+    }
+}
+
+fn report(name: &str, baseline: &Run, gateway: &Run) {
+    println!(
+        "{name:<22} baseline {:>10.0} req/s {:>10.0} ev/s | gateway {:>10.0} req/s {:>10.0} ev/s | ratio {:.2} | errors {}/{}",
+        baseline.requests_per_sec(),
+        baseline.events_per_sec(),
+        gateway.requests_per_sec(),
+        gateway.events_per_sec(),
+        gateway.events_per_sec() / baseline.events_per_sec().max(1e-9),
+        baseline.errors,
+        gateway.errors,
+    );
+}
+
+fn main() {
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let bare_url = spawn_bare();
+        let gateway_url = spawn_gateway(data_dir.path());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        println!(
+            "ingest benchmark: {} s per run, {} connections, batches of {} events, {} cores",
+            options.seconds,
+            options.connections,
+            options.batch_size,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        if let Some(only) = &options.only {
+            let (path, size) = match only.as_str() {
+                "single" => ("/v1/track", None),
+                _ => ("/v1/batch", Some(options.batch_size)),
+            };
+            let run = drive(format!("{gateway_url}{path}"), options.connections, options.seconds, size).await;
+            println!(
+                "gateway {only}: {:.0} req/s {:.0} ev/s, errors {}",
+                run.requests_per_sec(),
+                run.events_per_sec(),
+                run.errors
+            );
+            return;
+        }
+        // Warm-up, then alternate so drift on a shared machine hits both alike.
+        let _ = drive(format!("{gateway_url}/v1/track"), options.connections, 1, None).await;
+        let _ = drive(format!("{bare_url}/v1/track"), options.connections, 1, None).await;
+
+        let baseline = drive(format!("{bare_url}/v1/track"), options.connections, options.seconds, None).await;
+        let gateway = drive(format!("{gateway_url}/v1/track"), options.connections, options.seconds, None).await;
+        report("single event", &baseline, &gateway);
+
+        let size = Some(options.batch_size);
+        let baseline = drive(format!("{bare_url}/v1/batch"), options.connections, options.seconds, size).await;
+        let gateway = drive(format!("{gateway_url}/v1/batch"), options.connections, options.seconds, size).await;
+        report(&format!("batch of {}", options.batch_size), &baseline, &gateway);
+    });
+}
