@@ -4,3 +4,6 @@
 mod helpers;
 mod ingest;
 mod webhook;
+mod crash;
+mod properties;
+mod python_client;
