@@ -14,6 +14,8 @@
 //! - Overload is reported as [`SpoolError::Overloaded`] (ingest answers 429) and storage
 //!   trouble as [`SpoolError::Storage`] (ingest answers 503); neither loses accepted data.
 
+#[doc(hidden)]
+pub mod conformance;
 mod sqlite;
 
 use async_trait::async_trait;

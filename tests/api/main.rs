@@ -7,3 +7,4 @@ mod webhook;
 mod crash;
 mod properties;
 mod python_client;
+mod spool;
