@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::refiner::mapping::MappingOptions;
 use crate::segment::Limits;
 
 /// The slug of the source the environment variables define.
@@ -149,6 +150,70 @@ impl Default for SpoolSettings {
     }
 }
 
+/// Delivery to Refiner: batching, concurrency, retries, circuit breaker.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// Whether this process delivers at all (off: it only accepts and spools).
+    pub enabled: bool,
+    /// Events leased from the spool per batch.
+    pub batch_size: usize,
+    /// Batches in flight at once (each holds its users until it settles).
+    pub workers: usize,
+    /// Seconds a leased batch is reserved before it may be leased again.
+    pub lease_secs: u64,
+    /// Upper bound of concurrent Refiner calls (the adaptive limit moves below it).
+    pub max_concurrency: usize,
+    /// Concurrent calls the adaptive limit starts at.
+    pub initial_concurrency: usize,
+    /// Calls slower than this count as congestion for the adaptive limit, in ms.
+    pub latency_threshold_ms: u64,
+    /// Static cap of requests per second per Refiner API key; 0 = none.
+    pub rate_limit_per_sec: u32,
+    /// Timeout of one Refiner call, in seconds.
+    pub timeout_secs: u64,
+    /// First retry delay bound, in ms (full jitter: a random delay up to base × 2^attempts).
+    pub retry_base_ms: u64,
+    /// Largest retry delay, in seconds.
+    pub retry_cap_secs: u64,
+    /// Least wait after a 429, in seconds, whatever Retry-After says.
+    pub retry_floor_429_secs: u64,
+    /// Events older than this are dead-lettered instead of retried, in seconds.
+    pub max_age_secs: u64,
+    /// Consecutive transient failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// First pause of an open breaker before a probe, in seconds (doubles up to 60 s).
+    pub breaker_cooldown_secs: u64,
+    /// Idle wait between empty leases, in ms.
+    pub poll_interval_ms: u64,
+    /// At most one ping (page/screen) per user per this many seconds.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            enabled: true,
+            batch_size: 256,
+            workers: 4,
+            lease_secs: 120,
+            max_concurrency: 64,
+            initial_concurrency: 16,
+            latency_threshold_ms: 2000,
+            rate_limit_per_sec: 0,
+            timeout_secs: 10,
+            retry_base_ms: 1000,
+            retry_cap_secs: 600,
+            retry_floor_429_secs: 2,
+            max_age_secs: 24 * 3600,
+            breaker_failures: 20,
+            breaker_cooldown_secs: 5,
+            poll_interval_ms: 50,
+            ping_interval_secs: 60,
+        }
+    }
+}
+
 /// Everything the gateway is configured with.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -165,6 +230,8 @@ pub struct Settings {
     pub refiner: RefinerSettings,
     pub limits: LimitSettings,
     pub spool: SpoolSettings,
+    pub delivery: DeliverySettings,
+    pub mapping: MappingOptions,
     pub sources: Vec<SourceSettings>,
 }
 
@@ -179,6 +246,8 @@ impl Default for Settings {
             refiner: RefinerSettings::default(),
             limits: LimitSettings::default(),
             spool: SpoolSettings::default(),
+            delivery: DeliverySettings::default(),
+            mapping: MappingOptions::default(),
             sources: Vec::new(),
         }
     }
@@ -209,6 +278,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GATEWAY_LOG_FORMAT", "log_format"),
     ("GATEWAY_SHUTDOWN_TIMEOUT_SECS", "shutdown_timeout_secs"),
     ("GATEWAY_DEDUP_WINDOW_SECS", "spool.dedup_window_secs"),
+    ("GATEWAY_DELIVERY_ENABLED", "delivery.enabled"),
     ("REFINER_BASE_URL", "refiner.base_url"),
     ("GATEWAY_WRITE_KEYS", "sources[default].write_keys"),
     ("GATEWAY_WEBHOOK_SECRET", "sources[default].webhook_secret"),
@@ -270,6 +340,18 @@ impl Settings {
         if let Some(v) = env("GATEWAY_DEDUP_WINDOW_SECS") {
             self.spool.dedup_window_secs =
                 parse_number(&v, "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)")?;
+        }
+        if let Some(v) = env("GATEWAY_DELIVERY_ENABLED") {
+            self.delivery.enabled = match v.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(error(
+                        "delivery.enabled (GATEWAY_DELIVERY_ENABLED)",
+                        format!("expected `true` or `false`, got `{other}`"),
+                    ))
+                }
+            };
         }
         if let Some(v) = env("REFINER_BASE_URL") {
             self.refiner.base_url = v;
@@ -390,16 +472,59 @@ impl Settings {
             ("limits.max_message_id_len", limits.max_message_id_len),
             ("spool.queue_capacity", self.spool.queue_capacity),
             ("spool.max_group", self.spool.max_group),
+            ("delivery.batch_size", self.delivery.batch_size),
+            ("delivery.workers", self.delivery.workers),
+            ("delivery.max_concurrency", self.delivery.max_concurrency),
+            ("delivery.initial_concurrency", self.delivery.initial_concurrency),
+            ("delivery.lease_secs", self.delivery.lease_secs as usize),
+            ("delivery.timeout_secs", self.delivery.timeout_secs as usize),
+            ("delivery.retry_base_ms", self.delivery.retry_base_ms as usize),
+            ("delivery.breaker_failures", self.delivery.breaker_failures as usize),
+            ("mapping.max_string_len", self.mapping.max_string_len),
         ] {
             if value == 0 {
                 return Err(error(name, "must be greater than 0"));
             }
+        }
+        if self.limits.max_message_id_len < 36 {
+            return Err(error(
+                "limits.max_message_id_len",
+                "must be at least 36, the length of the ids the gateway generates",
+            ));
+        }
+        if self.delivery.initial_concurrency > self.delivery.max_concurrency {
+            return Err(error(
+                "delivery.initial_concurrency",
+                "must not exceed delivery.max_concurrency",
+            ));
         }
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
                 "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
                 "must be greater than 0",
             ));
+        }
+        Ok(())
+    }
+
+    /// What `serve` needs beyond [`Settings::validate`]: a Refiner API key for every source
+    /// while delivery is on (the demo and the tests run with their own).
+    pub fn require_refiner_keys(&self) -> Result<(), ConfigError> {
+        if !self.delivery.enabled {
+            return Ok(());
+        }
+        for source in &self.sources {
+            if source.refiner_api_key.is_none() {
+                let key = if source.slug == DEFAULT_SOURCE {
+                    "sources[default].refiner_api_key (REFINER_API_KEY)".to_string()
+                } else {
+                    format!("sources[{}].refiner_api_key", source.slug)
+                };
+                return Err(error(
+                    &key,
+                    "a Refiner API key is required to deliver events (try `refiner-gateway demo` to run without a Refiner account)",
+                ));
+            }
         }
         Ok(())
     }

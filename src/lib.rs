@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod config;
+pub mod dispatch;
 pub mod ingest;
 pub mod refiner;
 pub mod request_id;
 pub mod segment;
+pub mod sim;
 pub mod spool;
 pub mod startup;
 pub mod telemetry;

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match Settings::load(config.as_deref()) {
+    let settings = match Settings::load(config.as_deref()).and_then(|s| s.require_refiner_keys().map(|()| s)) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("refiner-gateway: {e}");

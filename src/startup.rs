@@ -1,18 +1,24 @@
 //! Builds the application from settings and a listener, and runs it until stopped.
 //!
 //! Shutdown order (SIGTERM, SIGINT, or [`Application::handle`]): the server stops
-//! accepting connections, in-flight requests finish (up to `shutdown_timeout_secs`), then
-//! the spool writer drains its queue, checkpoints and closes. Nothing that was answered
-//! 200 depends on that last step: it was durable before the answer.
+//! accepting connections, in-flight requests finish (up to `shutdown_timeout_secs`), the
+//! dispatcher stops leasing and settles the calls it has in flight, then the spool writer
+//! drains its queue, checkpoints and closes. Nothing that was answered 200 depends on those
+//! last steps: it was durable before the answer.
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::api::{self, OpsState};
 use crate::config::Settings;
+use crate::dispatch::Dispatcher;
+use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::ingest::{self, auth::Sources, IngestState};
 use crate::request_id::request_id;
 use crate::spool::{Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
@@ -28,6 +34,8 @@ pub enum StartError {
     },
     #[error("cannot open the spool: {0}")]
     Spool(#[from] SpoolError),
+    #[error("cannot set up delivery: {0}")]
+    Delivery(String),
 }
 
 /// A built, not yet running gateway.
@@ -36,6 +44,8 @@ pub struct Application {
     server: Server,
     spool: Arc<dyn Spool>,
     metrics: Metrics,
+    dispatcher: Option<Arc<Dispatcher>>,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -60,6 +70,25 @@ impl Application {
         options.queue_capacity = settings.spool.queue_capacity;
         options.max_group = settings.spool.max_group;
         let spool: Arc<dyn Spool> = Arc::new(SqliteSpool::open(options, metrics.clone())?);
+
+        let dispatcher = if settings.delivery.enabled {
+            let client = RefinerClient::new(&ClientOptions {
+                base_url: settings.refiner.base_url.clone(),
+                timeout: Duration::from_secs(settings.delivery.timeout_secs),
+                max_idle_per_host: settings.delivery.max_concurrency,
+            })
+            .map_err(StartError::Delivery)?;
+            Some(Arc::new(Dispatcher::new(
+                spool.clone(),
+                client,
+                &settings.sources,
+                settings.delivery.clone(),
+                settings.mapping.clone(),
+                metrics.clone(),
+            )))
+        } else {
+            None
+        };
 
         let port = listener
             .local_addr()
@@ -99,6 +128,8 @@ impl Application {
             server,
             spool,
             metrics,
+            dispatcher,
+            shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
         })
     }
 
@@ -121,9 +152,20 @@ impl Application {
         self.metrics.clone()
     }
 
-    /// Serves until stopped, then closes the spool.
+    /// Serves (and delivers) until stopped, then settles in-flight deliveries and closes
+    /// the spool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let (stop_delivery, stopped) = watch::channel(false);
+        let workers = match &self.dispatcher {
+            Some(dispatcher) => dispatcher.clone().start(stopped),
+            None => Vec::new(),
+        };
         let result = self.server.await;
+        let _ = stop_delivery.send(true);
+        let drain = futures_util::future::join_all(workers);
+        if tokio::time::timeout(self.shutdown_timeout, drain).await.is_err() {
+            tracing::warn!("delivery did not finish in time; unsettled events will be redelivered");
+        }
         self.spool.close().await;
         tracing::info!("gateway stopped");
         result

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -52,6 +52,24 @@ pub struct MetricsInner {
     pub spool_group_commands: Histogram,
     /// Failed spool transactions.
     pub spool_errors_total: IntCounter,
+    /// Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.
+    pub dispatch_events_total: IntCounterVec,
+    /// Events not forwarded to Refiner, by source and reason.
+    pub dispatch_skipped_total: IntCounterVec,
+    /// Events merged into another event's identify-user call.
+    pub dispatch_coalesced_total: IntCounter,
+    /// Strings cut to Refiner's length limit.
+    pub dispatch_truncated_strings_total: IntCounter,
+    /// Time from acceptance to Refiner's 2xx.
+    pub dispatch_delivery_latency_seconds: Histogram,
+    /// The adaptive limit of concurrent Refiner calls.
+    pub dispatch_concurrency_limit: IntGauge,
+    /// 1 while the circuit breaker holds delivery back.
+    pub dispatch_circuit_open: IntGauge,
+    /// Refiner calls by endpoint and status (code, `timeout` or `connection`).
+    pub refiner_calls_total: IntCounterVec,
+    /// Refiner call latency by endpoint.
+    pub refiner_call_duration_seconds: HistogramVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -113,14 +131,11 @@ impl Metrics {
             "Inflated ingest request body sizes.",
             prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets"),
         );
-        let ingest_request_duration_seconds = {
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = HistogramVec::new(
-                HistogramOpts::new(
-                    "gateway_ingest_request_duration_seconds",
-                    "Ingest request latency by route, including the durable commit.",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("valid buckets")),
-                &["route"],
+                HistogramOpts::new(name, help)
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
+                labels,
             )
             .expect("valid metric");
             registry
@@ -128,6 +143,25 @@ impl Metrics {
                 .expect("unique metric");
             metric
         };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let ingest_request_duration_seconds = histogram_vec(
+            "gateway_ingest_request_duration_seconds",
+            "Ingest request latency by route, including the durable commit.",
+            &["route"],
+        );
         let spool_commit_seconds = histogram(
             "gateway_spool_commit_seconds",
             "Duration of one spool group-commit transaction.",
@@ -138,14 +172,51 @@ impl Metrics {
             "Commands sharing one spool transaction.",
             prometheus::exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
         );
-        let spool_errors_total = IntCounter::new(
+        let spool_errors_total = counter(
             "gateway_spool_errors_total",
             "Spool transactions that failed.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(spool_errors_total.clone()))
-            .expect("unique metric");
+        );
+        let dispatch_events_total = counter_vec(
+            "gateway_dispatch_events_total",
+            "Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.",
+            &["source", "outcome"],
+        );
+        let dispatch_skipped_total = counter_vec(
+            "gateway_dispatch_skipped_total",
+            "Events not forwarded to Refiner, by source and reason.",
+            &["source", "reason"],
+        );
+        let dispatch_coalesced_total = counter(
+            "gateway_dispatch_coalesced_total",
+            "Events merged into another event's identify-user call.",
+        );
+        let dispatch_truncated_strings_total = counter(
+            "gateway_dispatch_truncated_strings_total",
+            "Strings cut to Refiner's length limit.",
+        );
+        let dispatch_delivery_latency_seconds = histogram(
+            "gateway_dispatch_delivery_latency_seconds",
+            "Time from acceptance to Refiner's 2xx answer.",
+            prometheus::exponential_buckets(0.01, 2.0, 20).expect("valid buckets"),
+        );
+        let dispatch_concurrency_limit = gauge(
+            "gateway_dispatch_concurrency_limit",
+            "Current adaptive limit of concurrent Refiner calls.",
+        );
+        let dispatch_circuit_open = gauge(
+            "gateway_dispatch_circuit_open",
+            "1 while the circuit breaker holds delivery back.",
+        );
+        let refiner_calls_total = counter_vec(
+            "gateway_refiner_calls_total",
+            "Refiner calls by endpoint and status (code, timeout or connection).",
+            &["endpoint", "status"],
+        );
+        let refiner_call_duration_seconds = histogram_vec(
+            "gateway_refiner_call_duration_seconds",
+            "Refiner call latency by endpoint.",
+            &["endpoint"],
+        );
         Metrics(Arc::new(MetricsInner {
             registry,
             ingest_requests_total,
@@ -157,6 +228,15 @@ impl Metrics {
             spool_commit_seconds,
             spool_group_commands,
             spool_errors_total,
+            dispatch_events_total,
+            dispatch_skipped_total,
+            dispatch_coalesced_total,
+            dispatch_truncated_strings_total,
+            dispatch_delivery_latency_seconds,
+            dispatch_concurrency_limit,
+            dispatch_circuit_open,
+            refiner_calls_total,
+            refiner_call_duration_seconds,
         }))
     }
 

@@ -10,4 +10,5 @@
 //! This module never touches the spool: the dispatcher leases events, maps them here, sends
 //! the calls and acks. The user-facing reference of the mapping is `docs/mapping.md`.
 
+pub mod client;
 pub mod mapping;

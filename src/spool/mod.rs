@@ -8,7 +8,9 @@
 //!   window is not queued again; it is counted in [`AppendReport::duplicates`].
 //! - Per-user order: [`Spool::lease`] hands out a user's events in the order they were
 //!   appended, and never hands out a user's event while an earlier one of the same user is
-//!   still queued or leased.
+//!   leased or waiting for a retry: a lease holds, per user, a prefix of what is deliverable.
+//! - [`Spool::settle`] applies a batch's outcome (acked, retried, released, dead-lettered)
+//!   in one transaction. A dead-lettered event leaves the queue, which releases its user.
 //! - Leased events that are not acked before their lease expires are leased again (after a
 //!   crash too): delivery is at least once.
 //! - Overload is reported as [`SpoolError::Overloaded`] (ingest answers 429) and storage
@@ -56,6 +58,44 @@ pub struct Leased {
     pub received_at_ms: i64,
 }
 
+/// A delivery attempt that failed transiently: the event waits until `next_attempt_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryAt {
+    pub seq: i64,
+    pub next_attempt_at_ms: i64,
+    pub status: Option<u16>,
+    pub error: String,
+}
+
+/// An event given up on: it moves to the dead letters with the last answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRequest {
+    pub seq: i64,
+    pub status: Option<u16>,
+    pub error: String,
+    /// Whether this attempt counts (false when the event was never sent, e.g. too old).
+    pub attempted: bool,
+}
+
+/// The outcome of a leased batch, applied in one transaction by [`Spool::settle`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Delivered (or deliberately not forwarded): removed from the queue.
+    pub acked: Vec<i64>,
+    /// Failed transiently: attempts + 1, wait until the given time.
+    pub retried: Vec<RetryAt>,
+    /// Not attempted (an earlier event of the user failed): the lease is dropped.
+    pub released: Vec<i64>,
+    /// Failed for good: moved to the dead letters.
+    pub dead: Vec<DeadLetterRequest>,
+}
+
+impl Settlement {
+    pub fn is_empty(&self) -> bool {
+        self.acked.is_empty() && self.retried.is_empty() && self.released.is_empty() && self.dead.is_empty()
+    }
+}
+
 /// A point-in-time view of the queue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpoolStats {
@@ -63,6 +103,8 @@ pub struct SpoolStats {
     pub depth: u64,
     /// Arrival time of the oldest queued event, if any.
     pub oldest_received_at_ms: Option<i64>,
+    /// Events in the dead letters.
+    pub dead_letters: u64,
 }
 
 /// Why a spool operation failed.
@@ -85,12 +127,22 @@ pub trait Spool: Send + Sync + 'static {
     /// Appends a request's events durably; see [`AppendReport`].
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError>;
 
-    /// Leases up to `max` deliverable events for `lease_ms` milliseconds, in queue order,
-    /// at most the head event of each user.
+    /// Leases up to `max` deliverable events for `lease_ms` milliseconds, in queue order.
+    /// Per user, the events form a prefix of that user's queue that starts right after the
+    /// last event that is leased or waiting for a retry (so none if there is one).
     async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError>;
 
     /// Removes delivered events from the queue.
-    async fn ack(&self, seqs: Vec<i64>) -> Result<(), SpoolError>;
+    async fn ack(&self, seqs: Vec<i64>) -> Result<(), SpoolError> {
+        self.settle(Settlement {
+            acked: seqs,
+            ..Settlement::default()
+        })
+        .await
+    }
+
+    /// Applies a batch's outcome in one transaction.
+    async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError>;
 
     /// Proves the storage accepts a durable write now (readiness).
     async fn check_writable(&self) -> Result<(), SpoolError>;

@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AppendReport, AppendRequest, Leased, Spool, SpoolError, SpoolStats};
+use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
 use crate::telemetry::Metrics;
 
 /// Settings of the embedded spool.
@@ -57,7 +57,7 @@ enum Command {
         lease_ms: i64,
         reply: Reply<Vec<Leased>>,
     },
-    Ack(Vec<i64>, Reply<()>),
+    Settle(Settlement, Reply<()>),
     Probe(Reply<()>),
     Stats(Reply<SpoolStats>),
     Shutdown(oneshot::Sender<()>),
@@ -94,6 +94,21 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (source, message_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_seen ON dedup (seen_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT    NOT NULL,
+    message_id  TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    user_key    TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,
+    payload     BLOB    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error  TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    queue_seq   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_source ON dead_letters (source, id);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -140,6 +155,9 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "cache_size", -65536)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    // One process owns the file: leases held by a process that is gone (a crash) are void,
+    // so their events are delivered again at once rather than after the lease expires.
+    conn.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0", [])?;
     Ok(conn)
 }
 
@@ -182,8 +200,8 @@ impl Spool for SqliteSpool {
         .await
     }
 
-    async fn ack(&self, seqs: Vec<i64>) -> Result<(), SpoolError> {
-        self.call(|reply| Command::Ack(seqs, reply)).await
+    async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError> {
+        self.call(|reply| Command::Settle(settlement, reply)).await
     }
 
     async fn check_writable(&self) -> Result<(), SpoolError> {
@@ -363,9 +381,9 @@ impl Writer {
                         }
                     })
                 }
-                Command::Ack(seqs, reply) => {
+                Command::Settle(settlement, reply) => {
                     pending.push(Pending::Unit(reply));
-                    self.ack(&seqs)
+                    self.settle(&settlement, now)
                 }
                 Command::Probe(reply) => {
                     pending.push(Pending::Unit(reply));
@@ -440,7 +458,8 @@ impl Writer {
              WHERE e.next_attempt_at <= ?1 AND e.lease_until <= ?1
                AND NOT EXISTS (SELECT 1 FROM events p
                                WHERE p.user_hash = e.user_hash AND p.seq < e.seq
-                                 AND p.user_key = e.user_key)
+                                 AND p.user_key = e.user_key
+                                 AND (p.lease_until > ?1 OR p.next_attempt_at > ?1))
              ORDER BY seq LIMIT ?2",
         )?;
         let leased = select
@@ -466,12 +485,45 @@ impl Writer {
         Ok(leased)
     }
 
-    fn ack(&mut self, seqs: &[i64]) -> rusqlite::Result<()> {
-        let mut delete = self
-            .conn
-            .prepare_cached("DELETE FROM events WHERE seq = ?1")?;
-        for seq in seqs {
+    fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
+        let mut delete = self.conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+        for seq in &settlement.acked {
             delete.execute(params![seq])?;
+        }
+        let mut retry = self.conn.prepare_cached(
+            "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?2, lease_until = 0,
+                    last_error = ?3
+             WHERE seq = ?1",
+        )?;
+        for r in &settlement.retried {
+            let error = match r.status {
+                Some(status) => format!("{status}: {}", r.error),
+                None => r.error.clone(),
+            };
+            retry.execute(params![r.seq, r.next_attempt_at_ms, error])?;
+        }
+        let mut release = self
+            .conn
+            .prepare_cached("UPDATE events SET lease_until = 0 WHERE seq = ?1")?;
+        for seq in &settlement.released {
+            release.execute(params![seq])?;
+        }
+        let mut bury = self.conn.prepare_cached(
+            "INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
+                                       attempts, last_status, last_error, created_at, queue_seq)
+             SELECT source, message_id, kind, user_key, received_at, payload,
+                    attempts + ?2, ?3, ?4, ?5, seq
+             FROM events WHERE seq = ?1",
+        )?;
+        for dead in &settlement.dead {
+            bury.execute(params![
+                dead.seq,
+                i64::from(dead.attempted),
+                dead.status,
+                dead.error,
+                now
+            ])?;
+            delete.execute(params![dead.seq])?;
         }
         Ok(())
     }
@@ -486,9 +538,14 @@ impl Writer {
             .prepare_cached("SELECT received_at FROM events ORDER BY seq LIMIT 1")?
             .query_row([], |row| row.get(0))
             .optional()?;
+        let dead_letters: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM dead_letters")?
+            .query_row([], |row| row.get(0))?;
         Ok(SpoolStats {
             depth: depth.max(0) as u64,
             oldest_received_at_ms: oldest,
+            dead_letters: dead_letters.max(0) as u64,
         })
     }
 

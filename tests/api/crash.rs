@@ -66,6 +66,7 @@ impl Gateway {
                 &["serve"],
                 &[
                     ("GATEWAY_WRITE_KEYS", WRITE_KEY),
+                    ("REFINER_API_KEY", "test-refiner-key"),
                     ("GATEWAY_DATA_DIR", data_dir.to_str().expect("utf-8 path")),
                     ("GATEWAY_LISTEN", &listen),
                     // Nothing listens there: whatever delivers events leaves them queued.
@@ -419,6 +420,20 @@ async fn missing_write_keys_stop_start_up_with_one_line() {
 }
 
 #[tokio::test]
+async fn serve_refuses_to_start_without_a_refiner_api_key() {
+    let (code, _, stderr) = run_to_exit(
+        &["serve"],
+        &[
+            ("GATEWAY_WRITE_KEYS", WRITE_KEY),
+            ("GATEWAY_LISTEN", "127.0.0.1:0"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert_one_line_naming(&stderr, "REFINER_API_KEY");
+}
+
+#[tokio::test]
 async fn a_taken_port_stops_start_up_with_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let listen = taken.local_addr().expect("address").to_string();
@@ -426,6 +441,7 @@ async fn a_taken_port_stops_start_up_with_one_line() {
         &["serve"],
         &[
             ("GATEWAY_WRITE_KEYS", WRITE_KEY),
+            ("REFINER_API_KEY", "test-refiner-key"),
             ("GATEWAY_LISTEN", &listen),
         ],
     )

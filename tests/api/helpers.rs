@@ -28,9 +28,14 @@ pub struct TestApp {
 }
 
 /// Settings for tests: sources `default` (write key [`WRITE_KEY`]), `hooked` (write key
-/// [`OTHER_KEY`], webhook secret [`WEBHOOK_SECRET`]).
+/// [`OTHER_KEY`], webhook secret [`WEBHOOK_SECRET`]). Delivery is off, so what ingest
+/// queued stays in the spool for the test to inspect; delivery tests turn it on.
 pub fn test_settings(data_dir: &std::path::Path) -> Settings {
     Settings {
+        delivery: refiner_gateway::config::DeliverySettings {
+            enabled: false,
+            ..Default::default()
+        },
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
         sources: vec![

@@ -1,0 +1,430 @@
+//! Delivery: lease → map → coalesce → send → settle.
+//!
+//! `workers` loops each lease a batch from the spool, group it by (source, user), map every
+//! event with `refiner::mapping`, merge each user's consecutive identify-user calls
+//! (`mapping::coalesce`) and send each user's calls in order, users concurrently, within
+//! the adaptive concurrency limit. The batch's outcome is settled in one spool transaction.
+//!
+//! Guarantees:
+//! - Per-user order: a user's calls are sent one after the other; when one fails
+//!   transiently, the user's later events in the batch are released unsent, and the spool
+//!   does not lease them again before the failed one's retry time. A dead-lettered event
+//!   does not hold its user.
+//! - At least once: an event is acked only after Refiner answered 2xx (or it was not meant
+//!   to be forwarded). A crash before settling redelivers the batch.
+//! - Retries: full-jitter exponential backoff (`retry_base_ms` × 2^attempts, capped at
+//!   `retry_cap_secs`), never sooner than `Retry-After`, and after a 429 never sooner than
+//!   `retry_floor_429_secs`; a 429 with `Retry-After` also pauses that API key. Events older
+//!   than `max_age_secs` are dead-lettered instead of retried.
+//! - Outages: the circuit breaker stops leasing after repeated transient failures and
+//!   probes with one event, so a long outage does not burn every event's attempts.
+//! - Shutdown: workers stop leasing, in-flight calls finish and their batch is settled.
+
+mod breaker;
+mod limiter;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::watch;
+
+use crate::config::{DeliverySettings, SourceSettings};
+use crate::refiner::client::{Outcome, RefinerClient};
+use crate::refiner::mapping::{self, Mapped, MappingOptions, RefinerCall};
+use crate::spool::{DeadLetterRequest, Leased, RetryAt, Settlement, Spool};
+use crate::telemetry::Metrics;
+use breaker::{Admit, Breaker};
+use limiter::{Limiter, Signal};
+
+/// Everything delivery needs.
+pub struct Dispatcher {
+    spool: Arc<dyn Spool>,
+    client: RefinerClient,
+    /// Refiner API key per source slug.
+    keys: HashMap<String, String>,
+    settings: DeliverySettings,
+    mapping: MappingOptions,
+    metrics: Metrics,
+    limiter: Limiter,
+    breaker: Breaker,
+    /// Last delivered ping per (source, user), in ms.
+    pings: DashMap<String, i64>,
+    /// API keys paused by a 429 with Retry-After, until (ms).
+    paused: DashMap<String, i64>,
+    /// Static requests-per-second limit per API key, when configured.
+    rate_limits: DashMap<String, Arc<DefaultDirectRateLimiter>>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Dispatcher {
+    pub fn new(
+        spool: Arc<dyn Spool>,
+        client: RefinerClient,
+        sources: &[SourceSettings],
+        settings: DeliverySettings,
+        mapping: MappingOptions,
+        metrics: Metrics,
+    ) -> Dispatcher {
+        let keys = sources
+            .iter()
+            .filter_map(|s| {
+                s.refiner_api_key
+                    .as_ref()
+                    .map(|k| (s.slug.clone(), k.expose().to_string()))
+            })
+            .collect();
+        let limiter = Limiter::new(
+            settings.initial_concurrency,
+            settings.max_concurrency,
+            Duration::from_millis(settings.latency_threshold_ms),
+        );
+        let breaker = Breaker::new(
+            settings.breaker_failures,
+            Duration::from_secs(settings.breaker_cooldown_secs.max(1)),
+        );
+        metrics.dispatch_concurrency_limit.set(limiter.limit() as i64);
+        Dispatcher {
+            spool,
+            client,
+            keys,
+            settings,
+            mapping,
+            metrics,
+            limiter,
+            breaker,
+            pings: DashMap::new(),
+            paused: DashMap::new(),
+            rate_limits: DashMap::new(),
+        }
+    }
+
+    /// Starts the workers; they stop when `shutdown` turns true, after settling what they
+    /// hold.
+    pub fn start(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.settings.workers.max(1))
+            .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
+            .collect()
+    }
+
+    async fn worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let poll = Duration::from_millis(self.settings.poll_interval_ms.max(1));
+        let lease_ms = (self.settings.lease_secs * 1000) as i64;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let (max, probe) = match self.breaker.admit() {
+                Admit::Go => (self.settings.batch_size, false),
+                Admit::Probe => (1, true),
+                Admit::Wait(wait) => {
+                    self.metrics.dispatch_circuit_open.set(1);
+                    sleep_or_shutdown(wait.min(Duration::from_secs(1)), &mut shutdown).await;
+                    continue;
+                }
+            };
+            let batch = match self.spool.lease(max, lease_ms).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    if probe {
+                        self.breaker.probe_abandoned();
+                    }
+                    tracing::warn!(error = %e, "leasing from the spool failed");
+                    sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if probe {
+                    self.breaker.probe_abandoned();
+                }
+                sleep_or_shutdown(poll, &mut shutdown).await;
+                continue;
+            }
+            let settlement = self.process(batch, probe).await;
+            self.settle(settlement).await;
+        }
+    }
+
+    /// Settles a batch, retrying storage errors: what was delivered must be acked.
+    async fn settle(&self, settlement: Settlement) {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 0..20 {
+            match self.spool.settle(settlement.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "settling a batch failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // The leases expire and the batch is delivered again: duplicates, never loss.
+        tracing::error!("giving up settling a batch; it will be redelivered");
+    }
+
+    /// Delivers one leased batch and says what became of each event.
+    async fn process(&self, batch: Vec<Leased>, probe: bool) -> Settlement {
+        let mut chains: Vec<Vec<Leased>> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        for event in batch {
+            let key = (event.source.clone(), event.user_key.clone());
+            match index.get(&key) {
+                Some(&i) => chains[i].push(event),
+                None => {
+                    index.insert(key, chains.len());
+                    chains.push(vec![event]);
+                }
+            }
+        }
+        let results =
+            futures_util::future::join_all(chains.into_iter().map(|chain| self.deliver_chain(chain, probe)))
+                .await;
+        let mut settlement = Settlement::default();
+        for part in results {
+            settlement.acked.extend(part.acked);
+            settlement.retried.extend(part.retried);
+            settlement.released.extend(part.released);
+            settlement.dead.extend(part.dead);
+        }
+        settlement
+    }
+
+    /// One user's events, in order.
+    async fn deliver_chain(&self, chain: Vec<Leased>, probe: bool) -> Settlement {
+        let mut out = Settlement::default();
+        let now = now_ms();
+        let Some(first) = chain.first() else {
+            return out;
+        };
+        let source = first.source.clone();
+        let Some(api_key) = self.keys.get(&source).cloned() else {
+            for event in &chain {
+                out.dead.push(DeadLetterRequest {
+                    seq: event.seq,
+                    status: None,
+                    error: format!("no Refiner API key is configured for source `{source}`"),
+                    attempted: false,
+                });
+            }
+            self.count_events(&source, "dead_lettered", chain.len());
+            return out;
+        };
+        let by_seq: HashMap<i64, &Leased> = chain.iter().map(|e| (e.seq, e)).collect();
+        let mut calls: Vec<(i64, RefinerCall)> = Vec::with_capacity(chain.len());
+        for event in &chain {
+            let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    out.dead.push(DeadLetterRequest {
+                        seq: event.seq,
+                        status: None,
+                        error: format!("stored payload is not JSON: {e}"),
+                        attempted: false,
+                    });
+                    self.count_events(&source, "dead_lettered", 1);
+                    continue;
+                }
+            };
+            match mapping::map_named_event(&event.kind, &payload, &self.mapping) {
+                Mapped::Call(call, notes) => {
+                    if notes.truncated > 0 {
+                        self.metrics
+                            .dispatch_truncated_strings_total
+                            .inc_by(notes.truncated as u64);
+                    }
+                    calls.push((event.seq, call));
+                }
+                Mapped::Ping(user) => {
+                    let ping_key = format!("{source}\u{1f}{}", user.key());
+                    let interval = (self.settings.ping_interval_secs * 1000) as i64;
+                    let recent = self
+                        .pings
+                        .get(&ping_key)
+                        .is_some_and(|last| now - *last < interval);
+                    if recent {
+                        out.acked.push(event.seq);
+                        self.skip(&source, "ping_throttled");
+                    } else {
+                        calls.push((event.seq, RefinerCall::ping(user)));
+                    }
+                }
+                Mapped::NotForwarded(reason) => {
+                    out.acked.push(event.seq);
+                    self.skip(&source, reason.as_str());
+                }
+            }
+        }
+        let merged = mapping::coalesce(calls);
+        let mut blocked = false;
+        for (seqs, call) in merged {
+            if blocked || (self.breaker.is_open() && !probe) {
+                out.released.extend(seqs);
+                continue;
+            }
+            self.wait_for_key(&api_key).await;
+            let request = call.to_request();
+            let permit = self.limiter.acquire().await;
+            let started = Instant::now();
+            let outcome = self.client.send(&api_key, &request).await;
+            let latency = started.elapsed();
+            let signal = match &outcome {
+                Outcome::Delivered { .. } => Signal::Fine,
+                Outcome::Retry { status: Some(429), .. } => Signal::Congested,
+                Outcome::Retry { error, status: None, .. } if error.starts_with("timeout") => Signal::Congested,
+                _ => Signal::Neutral,
+            };
+            self.limiter.finish(permit, signal, latency);
+            self.metrics.dispatch_concurrency_limit.set(self.limiter.limit() as i64);
+            let endpoint = call.name();
+            self.metrics
+                .refiner_calls_total
+                .with_label_values(&[endpoint, &outcome.status_label()])
+                .inc();
+            self.metrics
+                .refiner_call_duration_seconds
+                .with_label_values(&[endpoint])
+                .observe(latency.as_secs_f64());
+            match outcome {
+                Outcome::Delivered { .. } => {
+                    self.breaker.success();
+                    self.metrics.dispatch_circuit_open.set(0);
+                    if matches!(&call, RefinerCall::IdentifyUser { traits, account: None, .. } if traits.is_empty())
+                    {
+                        self.pings
+                            .insert(format!("{source}\u{1f}{}", call.user().key()), now_ms());
+                    }
+                    let done = now_ms();
+                    for seq in &seqs {
+                        if let Some(event) = by_seq.get(seq) {
+                            self.metrics
+                                .dispatch_delivery_latency_seconds
+                                .observe((done - event.received_at_ms).max(0) as f64 / 1000.0);
+                        }
+                    }
+                    if seqs.len() > 1 {
+                        self.metrics.dispatch_coalesced_total.inc_by(seqs.len() as u64 - 1);
+                    }
+                    self.count_events(&source, "forwarded", seqs.len());
+                    out.acked.extend(seqs);
+                }
+                Outcome::Retry {
+                    status,
+                    retry_after,
+                    error,
+                } => {
+                    if status == Some(429) {
+                        self.breaker.success();
+                        if let Some(wait) = retry_after {
+                            let until = now_ms() + wait.as_millis() as i64;
+                            self.paused.insert(api_key.clone(), until);
+                        }
+                    } else if self.breaker.failure() {
+                        self.metrics.dispatch_circuit_open.set(1);
+                        tracing::warn!("Refiner keeps failing; delivery paused (circuit open)");
+                    }
+                    tracing::debug!(%error, endpoint, "Refiner call failed; will retry");
+                    let now = now_ms();
+                    for seq in seqs {
+                        let Some(event) = by_seq.get(&seq) else { continue };
+                        let age_ms = now - event.received_at_ms;
+                        if age_ms > (self.settings.max_age_secs * 1000) as i64 {
+                            out.dead.push(DeadLetterRequest {
+                                seq,
+                                status,
+                                error: format!("gave up after {} attempts: {error}", event.attempts + 1),
+                                attempted: true,
+                            });
+                            self.count_events(&source, "dead_lettered", 1);
+                        } else {
+                            let delay = self.retry_delay(event.attempts, status, retry_after);
+                            out.retried.push(RetryAt {
+                                seq,
+                                next_attempt_at_ms: now + delay.as_millis() as i64,
+                                status,
+                                error: error.clone(),
+                            });
+                            self.count_events(&source, "retried", 1);
+                            blocked = true;
+                        }
+                    }
+                }
+                Outcome::Reject { status, body } => {
+                    self.breaker.success();
+                    tracing::warn!(status, endpoint, "Refiner refused a call; dead-lettered");
+                    self.count_events(&source, "dead_lettered", seqs.len());
+                    for seq in seqs {
+                        out.dead.push(DeadLetterRequest {
+                            seq,
+                            status: Some(status),
+                            error: body.clone(),
+                            attempted: true,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Full-jitter exponential backoff, bounded below by Retry-After (and the 429 floor).
+    fn retry_delay(&self, attempts: u32, status: Option<u16>, retry_after: Option<Duration>) -> Duration {
+        let base = self.settings.retry_base_ms.max(1) as f64;
+        let cap = (self.settings.retry_cap_secs * 1000) as f64;
+        let ceiling = (base * 2f64.powi(attempts.min(40) as i32)).min(cap);
+        let mut delay = Duration::from_millis((fastrand::f64() * ceiling) as u64);
+        if let Some(after) = retry_after {
+            delay = delay.max(after);
+        }
+        if status == Some(429) {
+            delay = delay.max(Duration::from_secs(self.settings.retry_floor_429_secs));
+        }
+        delay
+    }
+
+    /// Honours a 429's pause of this key and the static rate limit.
+    async fn wait_for_key(&self, api_key: &str) {
+        let until = self.paused.get(api_key).map(|u| *u);
+        if let Some(until) = until {
+            let wait = until - now_ms();
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            }
+        }
+        if let Some(per_sec) = std::num::NonZeroU32::new(self.settings.rate_limit_per_sec) {
+            let limiter = self
+                .rate_limits
+                .entry(api_key.to_string())
+                .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_second(per_sec))))
+                .clone();
+            limiter.until_ready().await;
+        }
+    }
+
+    fn count_events(&self, source: &str, outcome: &str, n: usize) {
+        self.metrics
+            .dispatch_events_total
+            .with_label_values(&[source, outcome])
+            .inc_by(n as u64);
+    }
+
+    fn skip(&self, source: &str, reason: &str) {
+        self.metrics
+            .dispatch_skipped_total
+            .with_label_values(&[source, reason])
+            .inc();
+        self.count_events(source, "skipped", 1);
+    }
+}
+
+async fn sleep_or_shutdown(duration: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(duration) => {}
+        _ = shutdown.changed() => {}
+    }
+}
