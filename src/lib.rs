@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod dispatch;
 pub mod ingest;
 pub mod refiner;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use refiner_gateway::config::{LogFormat, Settings};
+use refiner_gateway::demo::DemoOptions;
 use refiner_gateway::startup::Application;
 use refiner_gateway::telemetry;
 
@@ -29,17 +30,66 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run the gateway and a Refiner simulator on loopback, to see events flow end to end
+    /// without a Refiner account.
+    Demo {
+        /// Address of the gateway.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Address of the Refiner simulator.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        sim_listen: String,
+        /// Directory of the demo's spool.
+        #[arg(long, default_value = "./demo-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Demo {
+            listen,
+            sim_listen,
+            data_dir,
+        } => demo(DemoOptions {
+            listen,
+            sim_listen,
+            data_dir,
+        }),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("refiner-gateway: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn demo(options: DemoOptions) -> ExitCode {
+    telemetry::init_logging(false);
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(refiner_gateway::demo::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("refiner-gateway: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match Settings::load(config.as_deref()).and_then(|s| s.require_refiner_keys().map(|()| s)) {
+    let settings = match Settings::load(config.as_deref())
+        .and_then(|s| s.require_refiner_keys().map(|()| s))
+    {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("refiner-gateway: {e}");
