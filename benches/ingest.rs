@@ -163,7 +163,8 @@ async fn drive(url: String, connections: usize, seconds: u64, batch: Option<usiz
             .pool_max_idle_per_host(1)
             .build()
             .expect("client");
-        let (stop, requests, errors, url) = (stop.clone(), requests.clone(), errors.clone(), url.clone());
+        let (stop, requests, errors, url) =
+            (stop.clone(), requests.clone(), errors.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let body = match batch {
@@ -239,7 +240,13 @@ fn main() {
                 "single" => ("/v1/track", None),
                 _ => ("/v1/batch", Some(options.batch_size)),
             };
-            let run = drive(format!("{gateway_url}{path}"), options.connections, options.seconds, size).await;
+            let run = drive(
+                format!("{gateway_url}{path}"),
+                options.connections,
+                options.seconds,
+                size,
+            )
+            .await;
             println!(
                 "gateway {only}: {:.0} req/s {:.0} ev/s, errors {}",
                 run.requests_per_sec(),
@@ -249,16 +256,50 @@ fn main() {
             return;
         }
         // Warm-up, then alternate so drift on a shared machine hits both alike.
-        let _ = drive(format!("{gateway_url}/v1/track"), options.connections, 1, None).await;
+        let _ = drive(
+            format!("{gateway_url}/v1/track"),
+            options.connections,
+            1,
+            None,
+        )
+        .await;
         let _ = drive(format!("{bare_url}/v1/track"), options.connections, 1, None).await;
 
-        let baseline = drive(format!("{bare_url}/v1/track"), options.connections, options.seconds, None).await;
-        let gateway = drive(format!("{gateway_url}/v1/track"), options.connections, options.seconds, None).await;
+        let baseline = drive(
+            format!("{bare_url}/v1/track"),
+            options.connections,
+            options.seconds,
+            None,
+        )
+        .await;
+        let gateway = drive(
+            format!("{gateway_url}/v1/track"),
+            options.connections,
+            options.seconds,
+            None,
+        )
+        .await;
         report("single event", &baseline, &gateway);
 
         let size = Some(options.batch_size);
-        let baseline = drive(format!("{bare_url}/v1/batch"), options.connections, options.seconds, size).await;
-        let gateway = drive(format!("{gateway_url}/v1/batch"), options.connections, options.seconds, size).await;
-        report(&format!("batch of {}", options.batch_size), &baseline, &gateway);
+        let baseline = drive(
+            format!("{bare_url}/v1/batch"),
+            options.connections,
+            options.seconds,
+            size,
+        )
+        .await;
+        let gateway = drive(
+            format!("{gateway_url}/v1/batch"),
+            options.connections,
+            options.seconds,
+            size,
+        )
+        .await;
+        report(
+            &format!("batch of {}", options.batch_size),
+            &baseline,
+            &gateway,
+        );
     });
 }

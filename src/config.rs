@@ -475,11 +475,20 @@ impl Settings {
             ("delivery.batch_size", self.delivery.batch_size),
             ("delivery.workers", self.delivery.workers),
             ("delivery.max_concurrency", self.delivery.max_concurrency),
-            ("delivery.initial_concurrency", self.delivery.initial_concurrency),
+            (
+                "delivery.initial_concurrency",
+                self.delivery.initial_concurrency,
+            ),
             ("delivery.lease_secs", self.delivery.lease_secs as usize),
             ("delivery.timeout_secs", self.delivery.timeout_secs as usize),
-            ("delivery.retry_base_ms", self.delivery.retry_base_ms as usize),
-            ("delivery.breaker_failures", self.delivery.breaker_failures as usize),
+            (
+                "delivery.retry_base_ms",
+                self.delivery.retry_base_ms as usize,
+            ),
+            (
+                "delivery.breaker_failures",
+                self.delivery.breaker_failures as usize,
+            ),
             ("mapping.max_string_len", self.mapping.max_string_len),
         ] {
             if value == 0 {

@@ -18,8 +18,8 @@ use actix_web::{middleware, web, App, HttpServer};
 use crate::api::{self, OpsState};
 use crate::config::Settings;
 use crate::dispatch::Dispatcher;
-use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::ingest::{self, auth::Sources, IngestState};
+use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::request_id::request_id;
 use crate::spool::{Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
 use crate::telemetry::Metrics;
@@ -163,7 +163,10 @@ impl Application {
         let result = self.server.await;
         let _ = stop_delivery.send(true);
         let drain = futures_util::future::join_all(workers);
-        if tokio::time::timeout(self.shutdown_timeout, drain).await.is_err() {
+        if tokio::time::timeout(self.shutdown_timeout, drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("delivery did not finish in time; unsettled events will be redelivered");
         }
         self.spool.close().await;

@@ -133,8 +133,9 @@ impl Metrics {
         );
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = HistogramVec::new(
-                HistogramOpts::new(name, help)
-                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
+                HistogramOpts::new(name, help).buckets(
+                    prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
+                ),
                 labels,
             )
             .expect("valid metric");

@@ -129,7 +129,10 @@ mod tests {
         assert!(matches!(breaker.admit(), Admit::Wait(_)));
         std::thread::sleep(Duration::from_millis(25));
         assert_eq!(breaker.admit(), Admit::Probe);
-        assert!(matches!(breaker.admit(), Admit::Wait(_)), "only one probe at a time");
+        assert!(
+            matches!(breaker.admit(), Admit::Wait(_)),
+            "only one probe at a time"
+        );
         breaker.success();
         assert_eq!(breaker.admit(), Admit::Go);
         assert!(!breaker.is_open());

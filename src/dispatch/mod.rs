@@ -88,7 +88,9 @@ impl Dispatcher {
             settings.breaker_failures,
             Duration::from_secs(settings.breaker_cooldown_secs.max(1)),
         );
-        metrics.dispatch_concurrency_limit.set(limiter.limit() as i64);
+        metrics
+            .dispatch_concurrency_limit
+            .set(limiter.limit() as i64);
         Dispatcher {
             spool,
             client,
@@ -106,7 +108,10 @@ impl Dispatcher {
 
     /// Starts the workers; they stop when `shutdown` turns true, after settling what they
     /// hold.
-    pub fn start(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn start(
+        self: Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.settings.workers.max(1))
             .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
             .collect()
@@ -182,9 +187,12 @@ impl Dispatcher {
                 }
             }
         }
-        let results =
-            futures_util::future::join_all(chains.into_iter().map(|chain| self.deliver_chain(chain, probe)))
-                .await;
+        let results = futures_util::future::join_all(
+            chains
+                .into_iter()
+                .map(|chain| self.deliver_chain(chain, probe)),
+        )
+        .await;
         let mut settlement = Settlement::default();
         for part in results {
             settlement.acked.extend(part.acked);
@@ -275,12 +283,20 @@ impl Dispatcher {
             let latency = started.elapsed();
             let signal = match &outcome {
                 Outcome::Delivered { .. } => Signal::Fine,
-                Outcome::Retry { status: Some(429), .. } => Signal::Congested,
-                Outcome::Retry { error, status: None, .. } if error.starts_with("timeout") => Signal::Congested,
+                Outcome::Retry {
+                    status: Some(429), ..
+                } => Signal::Congested,
+                Outcome::Retry {
+                    error,
+                    status: None,
+                    ..
+                } if error.starts_with("timeout") => Signal::Congested,
                 _ => Signal::Neutral,
             };
             self.limiter.finish(permit, signal, latency);
-            self.metrics.dispatch_concurrency_limit.set(self.limiter.limit() as i64);
+            self.metrics
+                .dispatch_concurrency_limit
+                .set(self.limiter.limit() as i64);
             let endpoint = call.name();
             self.metrics
                 .refiner_calls_total
@@ -308,7 +324,9 @@ impl Dispatcher {
                         }
                     }
                     if seqs.len() > 1 {
-                        self.metrics.dispatch_coalesced_total.inc_by(seqs.len() as u64 - 1);
+                        self.metrics
+                            .dispatch_coalesced_total
+                            .inc_by(seqs.len() as u64 - 1);
                     }
                     self.count_events(&source, "forwarded", seqs.len());
                     out.acked.extend(seqs);
@@ -331,13 +349,18 @@ impl Dispatcher {
                     tracing::debug!(%error, endpoint, "Refiner call failed; will retry");
                     let now = now_ms();
                     for seq in seqs {
-                        let Some(event) = by_seq.get(&seq) else { continue };
+                        let Some(event) = by_seq.get(&seq) else {
+                            continue;
+                        };
                         let age_ms = now - event.received_at_ms;
                         if age_ms > (self.settings.max_age_secs * 1000) as i64 {
                             out.dead.push(DeadLetterRequest {
                                 seq,
                                 status,
-                                error: format!("gave up after {} attempts: {error}", event.attempts + 1),
+                                error: format!(
+                                    "gave up after {} attempts: {error}",
+                                    event.attempts + 1
+                                ),
                                 attempted: true,
                             });
                             self.count_events(&source, "dead_lettered", 1);
@@ -373,7 +396,12 @@ impl Dispatcher {
     }
 
     /// Full-jitter exponential backoff, bounded below by Retry-After (and the 429 floor).
-    fn retry_delay(&self, attempts: u32, status: Option<u16>, retry_after: Option<Duration>) -> Duration {
+    fn retry_delay(
+        &self,
+        attempts: u32,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let base = self.settings.retry_base_ms.max(1) as f64;
         let cap = (self.settings.retry_cap_secs * 1000) as f64;
         let ceiling = (base * 2f64.powi(attempts.min(40) as i32)).min(cap);

@@ -105,11 +105,19 @@ impl RefinerClient {
             HttpMethod::Post => self.http.post(&url),
             HttpMethod::Delete => self.http.delete(&url),
         };
-        let result = builder.bearer_auth(api_key).json(&request.body).send().await;
+        let result = builder
+            .bearer_auth(api_key)
+            .json(&request.body)
+            .send()
+            .await;
         let response = match result {
             Ok(response) => response,
             Err(e) => {
-                let kind = if e.is_timeout() { "timeout" } else { "connection error" };
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "connection error"
+                };
                 return Outcome::Retry {
                     status: None,
                     retry_after: None,
@@ -161,7 +169,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     }
     let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let delta = date.timestamp_millis() - chrono::Utc::now().timestamp_millis();
-    Some(Duration::from_millis(delta.clamp(0, 24 * 3600 * 1000) as u64))
+    Some(Duration::from_millis(
+        delta.clamp(0, 24 * 3600 * 1000) as u64
+    ))
 }
 
 fn truncate(bytes: &[u8]) -> String {
@@ -202,8 +212,14 @@ mod tests {
                 body: "{\"error\":\"x\"}".into()
             }
         );
-        let retry = classify(StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(3)), String::new());
-        assert!(matches!(retry, Outcome::Retry { status: Some(429), retry_after: Some(d), .. } if d == Duration::from_secs(3)));
+        let retry = classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(3)),
+            String::new(),
+        );
+        assert!(
+            matches!(retry, Outcome::Retry { status: Some(429), retry_after: Some(d), .. } if d == Duration::from_secs(3))
+        );
     }
 
     #[test]
@@ -214,7 +230,10 @@ mod tests {
         let later = chrono::Utc::now() + chrono::Duration::seconds(30);
         headers.insert(RETRY_AFTER, later.to_rfc2822().parse().expect("header"));
         let parsed = retry_after(&headers).expect("date");
-        assert!(parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30), "{parsed:?}");
+        assert!(
+            parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30),
+            "{parsed:?}"
+        );
         headers.insert(RETRY_AFTER, "soon".parse().expect("header"));
         assert_eq!(retry_after(&headers), None);
     }

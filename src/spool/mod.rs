@@ -92,7 +92,10 @@ pub struct Settlement {
 
 impl Settlement {
     pub fn is_empty(&self) -> bool {
-        self.acked.is_empty() && self.retried.is_empty() && self.released.is_empty() && self.dead.is_empty()
+        self.acked.is_empty()
+            && self.retried.is_empty()
+            && self.released.is_empty()
+            && self.dead.is_empty()
     }
 }
 

@@ -157,7 +157,10 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.execute_batch(SCHEMA)?;
     // One process owns the file: leases held by a process that is gone (a crash) are void,
     // so their events are delivered again at once rather than after the lease expires.
-    conn.execute("UPDATE events SET lease_until = 0 WHERE lease_until > 0", [])?;
+    conn.execute(
+        "UPDATE events SET lease_until = 0 WHERE lease_until > 0",
+        [],
+    )?;
     Ok(conn)
 }
 
@@ -486,7 +489,9 @@ impl Writer {
     }
 
     fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
-        let mut delete = self.conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+        let mut delete = self
+            .conn
+            .prepare_cached("DELETE FROM events WHERE seq = ?1")?;
         for seq in &settlement.acked {
             delete.execute(params![seq])?;
         }
