@@ -1,0 +1,533 @@
+//! The user-facing documentation in `docs/` is checked against the code, so that a setting,
+//! an environment variable, an error code, a skip reason or a metric added without being
+//! documented fails the build.
+//!
+//! Settings are discovered from the `Settings` type itself: every section rejects unknown
+//! keys, and serde's "unknown field" error lists the fields the section expects. Probing each
+//! section (and each field that turns out to be a table, or an array of tables) with an
+//! unknown key therefore yields every key path, without a list to keep up to date by hand.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use actix_web::ResponseError;
+use refiner_gateway::config::{Settings, ENV_VARS};
+use refiner_gateway::ingest::error::IngestError;
+use refiner_gateway::refiner::mapping::NotForwardedReason;
+use refiner_gateway::segment::{Reject, Skip};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(relative: &str) -> String {
+    let path = root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The documents this test owns, which must exist and whose relative links must resolve.
+const DOCS: [&str; 6] = [
+    "docs/README.md",
+    "docs/configuration.md",
+    "docs/segment-setup.md",
+    "docs/limits-and-errors.md",
+    "docs/delivery.md",
+    "docs/architecture.md",
+];
+
+// ---------------------------------------------------------------------------------------
+// Discovering the settings' keys
+// ---------------------------------------------------------------------------------------
+
+const PROBE: &str = "zz_docs_probe";
+
+/// One segment of a key path: a field, and whether it is an array of tables.
+#[derive(Debug, Clone)]
+struct Segment {
+    name: String,
+    array: bool,
+}
+
+/// The TOML that puts the probe key inside the table at `path`.
+fn probe_document(path: &[Segment]) -> String {
+    let mut text = String::new();
+    for end in 1..=path.len() {
+        let dotted: Vec<&str> = path[..end].iter().map(|s| s.name.as_str()).collect();
+        let dotted = dotted.join(".");
+        if path[end - 1].array {
+            text.push_str(&format!("[[{dotted}]]\n"));
+        } else if end == path.len() {
+            text.push_str(&format!("[{dotted}]\n"));
+        }
+    }
+    text.push_str(&format!("{PROBE} = 1\n"));
+    text
+}
+
+/// The fields serde expects at `path`, when `path` is a struct that rejects unknown fields;
+/// `None` when it is something else (a scalar, a list of scalars, an enum).
+fn fields_at(path: &[Segment]) -> Option<Vec<String>> {
+    let document = probe_document(path);
+    let error = match toml::from_str::<Settings>(&document) {
+        Ok(_) => {
+            panic!("the probe key was accepted at {path:?}: does a section accept unknown keys?")
+        }
+        Err(e) => e.message().to_string(),
+    };
+    let marker = format!("unknown field `{PROBE}`");
+    let rest = &error[error.find(&marker)? + marker.len()..];
+    if rest.contains("there are no fields") {
+        return Some(Vec::new());
+    }
+    let expected = &rest[rest.find("expected")?..];
+    let fields: Vec<String> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    assert!(!fields.is_empty(), "cannot read the fields from: {error}");
+    Some(fields)
+}
+
+/// Every key path of `Settings`, dotted (`delivery.max_concurrency`, `sources.slug`).
+fn setting_keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    walk(&[], &mut keys);
+    assert!(keys.len() > 20, "too few settings found: {keys:?}");
+    keys
+}
+
+fn walk(path: &[Segment], keys: &mut BTreeSet<String>) {
+    let fields = fields_at(path).unwrap_or_else(|| panic!("{path:?} is not a section"));
+    for field in fields {
+        let mut child = path.to_vec();
+        child.push(Segment {
+            name: field.clone(),
+            array: false,
+        });
+        let dotted: Vec<&str> = child.iter().map(|s| s.name.as_str()).collect();
+        keys.insert(dotted.join("."));
+        if fields_at(&child).is_some() {
+            walk(&child, keys);
+            continue;
+        }
+        let last = child.len() - 1;
+        child[last].array = true;
+        if fields_at(&child).is_some() {
+            walk(&child, keys);
+        }
+    }
+}
+
+/// Keys that are sections (tables or arrays of tables) rather than values.
+fn sections(keys: &BTreeSet<String>) -> BTreeSet<String> {
+    keys.iter()
+        .filter(|key| {
+            let prefix = format!("{key}.");
+            keys.iter().any(|other| other.starts_with(&prefix))
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_key_discovery_finds_known_settings() {
+    let keys = setting_keys();
+    for known in [
+        "listen",
+        "delivery.max_concurrency",
+        "limits.max_event_bytes",
+        "mapping.page_mode",
+        "sources.slug",
+        "sources.write_keys",
+    ] {
+        assert!(keys.contains(known), "{known} not in {keys:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/configuration.md
+// ---------------------------------------------------------------------------------------
+
+/// The ```toml block of `doc` whose first line is `# <title>`.
+fn toml_block(doc: &str, title: &str) -> String {
+    let heading = format!("# {title}");
+    let mut blocks = doc.split("```toml\n").skip(1);
+    let block = blocks
+        .find(|block| block.lines().next().map(str::trim) == Some(heading.as_str()))
+        .unwrap_or_else(|| panic!("no ```toml block starting with `{heading}`"));
+    block[..block.find("```").expect("unterminated block")].to_string()
+}
+
+/// Every dotted key a TOML document sets (array elements merged).
+fn keys_in(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                out.insert(path.clone());
+                keys_in(value, &path, out);
+            }
+        }
+        toml::Value::Array(items) => {
+            for item in items.iter().filter(|item| item.is_table()) {
+                keys_in(item, prefix, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_setting_is_documented() {
+    let doc = read("docs/configuration.md");
+    let keys = setting_keys();
+    let sections = sections(&keys);
+    let mut missing = Vec::new();
+    for key in keys.difference(&sections) {
+        // A value is documented in a table row that names it in backticks.
+        let named = format!("`{key}`");
+        if !doc
+            .lines()
+            .any(|line| line.starts_with('|') && line.contains(&named))
+        {
+            missing.push(key.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "settings without a row in docs/configuration.md: {missing:?}"
+    );
+}
+
+#[test]
+fn every_environment_variable_is_documented_with_its_setting() {
+    let doc = read("docs/configuration.md");
+    let keys = setting_keys();
+    for (variable, setting) in ENV_VARS {
+        // The setting the variable names exists (`sources[default].x` is `sources.x`).
+        let plain = setting.replace("[default]", "");
+        assert!(
+            keys.contains(&plain),
+            "ENV_VARS names `{setting}` for {variable}, which is not a setting"
+        );
+        let variable = format!("`{variable}`");
+        let setting = format!("`{setting}`");
+        assert!(
+            doc.lines().any(|line| line.starts_with('|')
+                && line.contains(&variable)
+                && line.contains(&setting)),
+            "docs/configuration.md has no table row with both {variable} and {setting}"
+        );
+    }
+}
+
+#[test]
+fn the_documented_defaults_are_the_defaults() {
+    let doc = read("docs/configuration.md");
+    let block = toml_block(&doc, "defaults");
+    let parsed: Settings =
+        toml::from_str(&block).unwrap_or_else(|e| panic!("the defaults block does not parse: {e}"));
+    assert_eq!(
+        parsed,
+        Settings::default(),
+        "the defaults block of docs/configuration.md differs from Settings::default()"
+    );
+    // It shows every value that has a default; only absent-by-default keys are left out.
+    let value: toml::Value = toml::from_str(&block).expect("TOML");
+    let mut shown = BTreeSet::new();
+    keys_in(&value, "", &mut shown);
+    let keys = setting_keys();
+    let absent_by_default =
+        |key: &str| key == "admin_token" || key.split('.').next() == Some("sources");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|key| !absent_by_default(key) && !shown.contains(*key))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the defaults block of docs/configuration.md lacks {missing:?}"
+    );
+}
+
+#[test]
+fn the_full_example_sets_every_key_and_is_valid() {
+    let doc = read("docs/configuration.md");
+    let block = toml_block(&doc, "full example");
+    let value: toml::Value =
+        toml::from_str(&block).unwrap_or_else(|e| panic!("the full example is not TOML: {e}"));
+    let mut shown = BTreeSet::new();
+    keys_in(&value, "", &mut shown);
+    let keys = setting_keys();
+    let missing: Vec<&String> = keys.difference(&shown).collect();
+    assert!(
+        missing.is_empty(),
+        "the full example of docs/configuration.md lacks {missing:?}"
+    );
+    let sources = value
+        .get("sources")
+        .and_then(toml::Value::as_array)
+        .map_or(0, Vec::len);
+    assert!(
+        sources >= 2,
+        "the full example should show several [[sources]]"
+    );
+
+    // Loaded as `serve` loads it (unknown keys refused), it passes validation and has the
+    // Refiner API keys `serve` needs.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &block).expect("write");
+    let settings = Settings::load_with(Some(Path::new(&path)), |_| None)
+        .unwrap_or_else(|e| panic!("the full example is refused: {e}"));
+    settings
+        .require_refiner_keys()
+        .unwrap_or_else(|e| panic!("the full example cannot serve: {e}"));
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/limits-and-errors.md and docs/delivery.md
+// ---------------------------------------------------------------------------------------
+
+fn every_reject() -> Vec<Reject> {
+    let all = vec![
+        Reject::InvalidJson(String::new()),
+        Reject::NotAnObject,
+        Reject::InvalidBatch,
+        Reject::TooManyEvents { count: 2, limit: 1 },
+        Reject::EventTooLarge {
+            index: 0,
+            size: 2,
+            limit: 1,
+        },
+        Reject::MessageIdTooLong { index: 0, limit: 1 },
+        Reject::InvalidMessageId { index: 0 },
+    ];
+    // Fails to compile when a variant is added: add it above, and document its code.
+    for reject in &all {
+        match reject {
+            Reject::InvalidJson(_)
+            | Reject::NotAnObject
+            | Reject::InvalidBatch
+            | Reject::TooManyEvents { .. }
+            | Reject::EventTooLarge { .. }
+            | Reject::MessageIdTooLong { .. }
+            | Reject::InvalidMessageId { .. } => {}
+        }
+    }
+    all
+}
+
+/// The `code: "..."` and `"code": "..."` literals of the sources that build error answers:
+/// the codes of `IngestError::Unauthorized` and of the operational routes.
+fn code_literals() -> BTreeSet<String> {
+    let mut codes = BTreeSet::new();
+    for file in [
+        "src/ingest/mod.rs",
+        "src/ingest/auth.rs",
+        "src/ingest/error.rs",
+        "src/api/mod.rs",
+    ] {
+        let text = read(file);
+        for marker in ["code: \"", "\"code\": \""] {
+            for piece in text.split(marker).skip(1) {
+                if let Some(end) = piece.find('"') {
+                    codes.insert(piece[..end].to_string());
+                }
+            }
+        }
+    }
+    codes
+}
+
+fn every_ingest_error() -> Vec<IngestError> {
+    let mut all: Vec<IngestError> = every_reject().into_iter().map(IngestError::from).collect();
+    all.extend([
+        IngestError::PayloadTooLarge { limit: 1 },
+        IngestError::InvalidGzip,
+        IngestError::UnsupportedEncoding("br".into()),
+        IngestError::UnreadableBody(String::new()),
+        IngestError::Overloaded,
+        IngestError::Unavailable(String::new()),
+        IngestError::NotFound,
+    ]);
+    for code in [
+        "unauthorized",
+        "write_key_mismatch",
+        "invalid_signature",
+        "missing_signature",
+    ] {
+        all.push(IngestError::Unauthorized { code, message: "" });
+    }
+    // Fails to compile when a variant is added: add it above, and document its code.
+    for error in &all {
+        match error {
+            IngestError::Rejected(_)
+            | IngestError::PayloadTooLarge { .. }
+            | IngestError::InvalidGzip
+            | IngestError::UnsupportedEncoding(_)
+            | IngestError::UnreadableBody(_)
+            | IngestError::Unauthorized { .. }
+            | IngestError::Overloaded
+            | IngestError::Unavailable(_)
+            | IngestError::NotFound => {}
+        }
+    }
+    all
+}
+
+#[test]
+fn every_error_code_is_documented_with_its_status() {
+    let doc = read("docs/limits-and-errors.md");
+    let rows: Vec<&str> = doc.lines().filter(|line| line.starts_with('|')).collect();
+    let errors = every_ingest_error();
+    for error in &errors {
+        let code = format!("`{}`", error.code());
+        let status = error.status_code().as_u16().to_string();
+        assert!(
+            rows.iter()
+                .any(|row| row.contains(&code) && row.contains(&status)),
+            "docs/limits-and-errors.md has no table row with {code} and status {status}"
+        );
+    }
+    // Codes written as literals in the sources (401 codes, `not_ready`) are documented too,
+    // including any added later without a matching variant above.
+    let constructed: BTreeSet<&str> = errors.iter().map(IngestError::code).collect();
+    for code in code_literals() {
+        let named = format!("`{code}`");
+        assert!(
+            rows.iter().any(|row| row.contains(&named)),
+            "error code {named} (found in the sources) is not in docs/limits-and-errors.md"
+        );
+        if !constructed.contains(code.as_str()) && code != "not_ready" {
+            panic!(
+                "error code `{code}` is not constructed by this test; add it to every_ingest_error"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_skip_reason_is_documented() {
+    let doc = read("docs/limits-and-errors.md");
+    for skip in Skip::ALL {
+        let reason = format!("`{}`", skip.as_str());
+        assert!(
+            doc.lines()
+                .any(|line| line.starts_with('|') && line.contains(&reason)),
+            "skip reason {reason} is not in docs/limits-and-errors.md"
+        );
+    }
+    assert!(doc.contains("gateway_ingest_events_skipped_total"));
+}
+
+#[test]
+fn every_not_forwarded_reason_is_documented() {
+    let doc = read("docs/delivery.md");
+    let reasons = NotForwardedReason::ALL
+        .iter()
+        .map(|reason| reason.as_str())
+        .chain(["ping_throttled"]);
+    for reason in reasons {
+        let named = format!("`{reason}`");
+        assert!(
+            doc.lines()
+                .any(|line| line.starts_with('|') && line.contains(&named)),
+            "not-forwarded reason {named} is not in docs/delivery.md"
+        );
+    }
+    assert!(read("src/dispatch/mod.rs").contains("\"ping_throttled\""));
+}
+
+#[test]
+fn every_metric_is_documented() {
+    let telemetry = read("src/telemetry.rs");
+    let metrics: BTreeSet<&str> = telemetry
+        .split('"')
+        .filter(|piece| {
+            piece.starts_with("gateway_")
+                && piece
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .collect();
+    assert!(metrics.len() > 10, "too few metrics found: {metrics:?}");
+    let doc = read("docs/architecture.md");
+    for metric in metrics {
+        let named = format!("`{metric}`");
+        assert!(
+            doc.lines()
+                .any(|line| line.starts_with('|') && line.contains(&named)),
+            "metric {named} is not in the metrics table of docs/architecture.md"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Links
+// ---------------------------------------------------------------------------------------
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as dashes.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn anchors(doc: &str) -> BTreeSet<String> {
+    let mut in_code = false;
+    let mut out = BTreeSet::new();
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            out.insert(anchor(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn relative_links_resolve() {
+    for file in DOCS {
+        let doc = read(file);
+        for piece in doc.split("](").skip(1) {
+            let Some(end) = piece.find(')') else { continue };
+            let target = &piece[..end];
+            if target.starts_with("http://") || target.starts_with("https://") {
+                continue;
+            }
+            let (path, fragment) = match target.split_once('#') {
+                Some((path, fragment)) => (path, Some(fragment)),
+                None => (target, None),
+            };
+            let linked = if path.is_empty() {
+                file.to_string()
+            } else {
+                format!("docs/{path}")
+            };
+            assert!(
+                root().join(&linked).is_file(),
+                "{file} links to {target}, which does not exist"
+            );
+            if let Some(fragment) = fragment {
+                assert!(
+                    anchors(&read(&linked)).contains(fragment),
+                    "{file} links to {target}, but {linked} has no heading #{fragment}"
+                );
+            }
+        }
+    }
+}
