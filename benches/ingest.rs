@@ -105,10 +105,20 @@ fn spawn_gateway(data_dir: &std::path::Path) -> String {
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
+/// A uuid4-like id: real clients send random ids, which land at random places in the dedup
+/// index (sequential ids would flatter it).
+fn message_id(n: u64) -> String {
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    x ^= x >> 31;
+    let y = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    format!("{x:016x}-{y:016x}")
+}
+
 fn track(n: u64) -> String {
     format!(
-        r#"{{"type":"track","userId":"user-{user}","event":"Order Completed","messageId":"m-{n}","timestamp":"2026-11-23T10:00:00.000Z","properties":{{"revenue":42.5,"currency":"EUR","items":3}},"context":{{"library":{{"name":"analytics-node","version":"3.1.0"}},"ip":"127.0.0.1"}}}}"#,
-        user = n % 1000
+        r#"{{"type":"track","userId":"user-{user}","event":"Order Completed","messageId":"{id}","timestamp":"2026-11-23T10:00:00.000Z","properties":{{"revenue":42.5,"currency":"EUR","items":3}},"context":{{"library":{{"name":"analytics-node","version":"3.1.0"}},"ip":"127.0.0.1"}}}}"#,
+        user = n % 1000,
+        id = message_id(n)
     )
 }
 
@@ -217,6 +227,62 @@ fn report(name: &str, baseline: &Run, gateway: &Run) {
     );
 }
 
+/// The spool alone: one task appending requests of `batch` events back to back, then 64
+/// tasks appending single events, no HTTP. Shows the writer's ceiling on this machine.
+async fn spool_ceiling(seconds: u64, batch: usize) {
+    use refiner_gateway::segment::{Event, EventType};
+    use refiner_gateway::spool::{AppendRequest, Spool, SqliteSpool, SqliteSpoolOptions};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool: Arc<dyn Spool> = Arc::new(
+        SqliteSpool::open(
+            SqliteSpoolOptions::new(dir.path()),
+            refiner_gateway::telemetry::Metrics::new(),
+        )
+        .expect("spool"),
+    );
+    for (label, size, tasks) in [("batches", batch, 8usize), ("single events", 1, 64)] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (spool, stop, events) = (spool.clone(), stop.clone(), events.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let batch: Vec<Event> = (0..size)
+                            .map(|_| {
+                                let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+                                Event {
+                                    kind: EventType::Track,
+                                    message_id: message_id(n),
+                                    user_key: format!("u:user-{}", n % 1000),
+                                    payload: track(n).into_bytes(),
+                                }
+                            })
+                            .collect();
+                        let request = AppendRequest {
+                            source: "default".into(),
+                            received_at_ms: 0,
+                            events: batch,
+                        };
+                        if spool.append(request).await.is_ok() {
+                            events.fetch_add(size as u64, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        stop.store(true, Ordering::Relaxed);
+        for handle in handles {
+            let _ = handle.await;
+        }
+        let rate = events.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        println!("spool alone, {label}: {rate:.0} events/s");
+    }
+    spool.close().await;
+}
+
 fn main() {
     let options = options();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -235,6 +301,10 @@ fn main() {
             options.batch_size,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
+        if options.only.as_deref() == Some("spool") {
+            spool_ceiling(options.seconds, options.batch_size).await;
+            return;
+        }
         if let Some(only) = &options.only {
             let (path, size) = match only.as_str() {
                 "single" => ("/v1/track", None),

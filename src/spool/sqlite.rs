@@ -15,8 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use std::collections::{HashMap, HashSet};
+
 use rusqlite::{params, Connection, OptionalExtension};
-use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
@@ -78,15 +79,20 @@ CREATE TABLE IF NOT EXISTS events (
     message_id      TEXT    NOT NULL,
     kind            TEXT    NOT NULL,
     user_key        TEXT    NOT NULL,
-    user_hash       INTEGER NOT NULL,
     received_at     INTEGER NOT NULL,
     payload         BLOB    NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL DEFAULT 0,
-    lease_until     INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT
 );
-CREATE INDEX IF NOT EXISTS events_user ON events (user_hash, seq);
+-- Users whose events are leased or waiting for a retry: per-user order is kept by holding
+-- the user here instead of indexing every event by user, so an append touches only the
+-- tail of `events` and `dedup`. Rows exist only while a user is held.
+CREATE TABLE IF NOT EXISTS holds (
+    user_key    TEXT    PRIMARY KEY,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    retry_at    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dedup (
     source     TEXT    NOT NULL,
     message_id TEXT    NOT NULL,
@@ -152,14 +158,29 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
-    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(None, "cache_size", -32768)?;
+    conn.pragma_update(None, "mmap_size", 268_435_456)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let has_tables: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_tables && version != SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "{} has spool schema version {version}; this gateway reads version {SCHEMA_VERSION}",
+            path.display()
+        )));
+    }
     conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     // One process owns the file: leases held by a process that is gone (a crash) are void,
     // so their events are delivered again at once rather than after the lease expires.
+    conn.execute("UPDATE holds SET lease_until = 0 WHERE lease_until > 0", [])?;
     conn.execute(
-        "UPDATE events SET lease_until = 0 WHERE lease_until > 0",
-        [],
+        "DELETE FROM holds WHERE lease_until = 0 AND retry_at <= ?1",
+        params![now_ms()],
     )?;
     Ok(conn)
 }
@@ -168,14 +189,8 @@ fn storage(e: rusqlite::Error) -> SpoolError {
     SpoolError::Storage(e.to_string())
 }
 
-/// A stable 63-bit hash of a user key: the per-user index is on this integer (smaller and
-/// cheaper to keep than the text); queries compare the text too, so collisions are harmless.
-fn user_hash(user_key: &str) -> i64 {
-    let digest = sha2::Sha256::digest(user_key.as_bytes());
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest[..8]);
-    (u64::from_le_bytes(bytes) >> 1) as i64
-}
+/// The layout this code reads and writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -430,8 +445,8 @@ impl Writer {
              WHERE dedup.seen_at < ?4",
         )?;
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (source, message_id, kind, user_key, user_hash, received_at, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut report = AppendReport::default();
         for event in &request.events {
@@ -445,7 +460,6 @@ impl Writer {
                 event.message_id,
                 event.kind.as_str(),
                 event.user_key,
-                user_hash(&event.user_key),
                 request.received_at_ms,
                 event.payload,
             ])?;
@@ -458,11 +472,9 @@ impl Writer {
         let mut select = self.conn.prepare_cached(
             "SELECT seq, source, message_id, kind, user_key, payload, attempts, received_at
              FROM events e
-             WHERE e.next_attempt_at <= ?1 AND e.lease_until <= ?1
-               AND NOT EXISTS (SELECT 1 FROM events p
-                               WHERE p.user_hash = e.user_hash AND p.seq < e.seq
-                                 AND p.user_key = e.user_key
-                                 AND (p.lease_until > ?1 OR p.next_attempt_at > ?1))
+             WHERE NOT EXISTS (SELECT 1 FROM holds h
+                               WHERE h.user_key = e.user_key
+                                 AND (h.lease_until > ?1 OR h.retry_at > ?1))
              ORDER BY seq LIMIT ?2",
         )?;
         let leased = select
@@ -479,39 +491,65 @@ impl Writer {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut mark = self
-            .conn
-            .prepare_cached("UPDATE events SET lease_until = ?1 WHERE seq = ?2")?;
+        // Every user is eligible as a whole, so the rows are each user's oldest events; hold
+        // the users until the batch settles (or the lease expires).
+        let mut hold = self.conn.prepare_cached(
+            "INSERT INTO holds (user_key, lease_until, retry_at) VALUES (?1, ?2, 0)
+             ON CONFLICT(user_key) DO UPDATE SET lease_until = excluded.lease_until",
+        )?;
+        let mut held = HashSet::new();
         for event in &leased {
-            mark.execute(params![now + lease_ms, event.seq])?;
+            if held.insert(event.user_key.as_str()) {
+                hold.execute(params![event.user_key, now + lease_ms])?;
+            }
         }
         Ok(leased)
     }
 
     fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
+        // Users touched by this batch, and the retry time of those that must wait.
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut waiting: HashMap<String, i64> = HashMap::new();
         let mut delete = self
             .conn
-            .prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+            .prepare_cached("DELETE FROM events WHERE seq = ?1 RETURNING user_key")?;
         for seq in &settlement.acked {
-            delete.execute(params![seq])?;
+            if let Some(user) = delete
+                .query_row(params![seq], |row| row.get::<_, String>(0))
+                .optional()?
+            {
+                touched.insert(user);
+            }
         }
         let mut retry = self.conn.prepare_cached(
-            "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?2, lease_until = 0,
-                    last_error = ?3
-             WHERE seq = ?1",
+            "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
+             WHERE seq = ?1 RETURNING user_key",
         )?;
         for r in &settlement.retried {
             let error = match r.status {
                 Some(status) => format!("{status}: {}", r.error),
                 None => r.error.clone(),
             };
-            retry.execute(params![r.seq, r.next_attempt_at_ms, error])?;
+            if let Some(user) = retry
+                .query_row(params![r.seq, r.next_attempt_at_ms, error], |row| {
+                    row.get::<_, String>(0)
+                })
+                .optional()?
+            {
+                let at = waiting.entry(user).or_insert(r.next_attempt_at_ms);
+                *at = (*at).max(r.next_attempt_at_ms);
+            }
         }
-        let mut release = self
+        let mut user_of = self
             .conn
-            .prepare_cached("UPDATE events SET lease_until = 0 WHERE seq = ?1")?;
+            .prepare_cached("SELECT user_key FROM events WHERE seq = ?1")?;
         for seq in &settlement.released {
-            release.execute(params![seq])?;
+            if let Some(user) = user_of
+                .query_row(params![seq], |row| row.get::<_, String>(0))
+                .optional()?
+            {
+                touched.insert(user);
+            }
         }
         let mut bury = self.conn.prepare_cached(
             "INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
@@ -528,7 +566,25 @@ impl Writer {
                 dead.error,
                 now
             ])?;
-            delete.execute(params![dead.seq])?;
+            if let Some(user) = delete
+                .query_row(params![dead.seq], |row| row.get::<_, String>(0))
+                .optional()?
+            {
+                touched.insert(user);
+            }
+        }
+        let mut wait = self.conn.prepare_cached(
+            "INSERT INTO holds (user_key, lease_until, retry_at) VALUES (?1, 0, ?2)
+             ON CONFLICT(user_key) DO UPDATE SET lease_until = 0, retry_at = excluded.retry_at",
+        )?;
+        for (user, at) in &waiting {
+            wait.execute(params![user, at])?;
+        }
+        let mut free = self
+            .conn
+            .prepare_cached("DELETE FROM holds WHERE user_key = ?1")?;
+        for user in touched.iter().filter(|u| !waiting.contains_key(*u)) {
+            free.execute(params![user])?;
         }
         Ok(())
     }
