@@ -78,7 +78,8 @@ impl Breaker {
             .unwrap_or(false)
     }
 
-    /// A probe that found nothing to send gives its turn back.
+    /// A probe that found nothing to send, or whose event made no call, gives its turn
+    /// back.
     pub fn probe_abandoned(&self) {
         if let Ok(mut state) = self.state.lock() {
             state.probing = false;

@@ -152,6 +152,13 @@ impl Dispatcher {
                 continue;
             }
             let settlement = self.process(batch, probe).await;
+            if probe {
+                // A probe whose event made no call (an alias, a throttled ping, no key)
+                // recorded no outcome and still holds the probe turn: give it back, or no
+                // worker would ever probe again. After a call this is a no-op, since every
+                // answer already ended the probe.
+                self.breaker.probe_abandoned();
+            }
             self.settle(settlement).await;
         }
     }
@@ -275,9 +282,16 @@ impl Dispatcher {
                 out.released.extend(seqs);
                 continue;
             }
-            self.wait_for_key(&api_key).await;
             let request = call.to_request();
-            let permit = self.limiter.acquire().await;
+            let permit = loop {
+                self.wait_for_key(&api_key).await;
+                let permit = self.limiter.acquire().await;
+                // A 429 may have paused the key while this call waited for a slot.
+                if !self.key_paused(&api_key) {
+                    break permit;
+                }
+                drop(permit);
+            };
             let started = Instant::now();
             let outcome = self.client.send(&api_key, &request).await;
             let latency = started.elapsed();
@@ -413,6 +427,13 @@ impl Dispatcher {
             delay = delay.max(Duration::from_secs(self.settings.retry_floor_429_secs));
         }
         delay
+    }
+
+    /// Whether a 429's Retry-After still pauses this key.
+    fn key_paused(&self, api_key: &str) -> bool {
+        self.paused
+            .get(api_key)
+            .is_some_and(|until| *until > now_ms())
     }
 
     /// Honours a 429's pause of this key and the static rate limit.

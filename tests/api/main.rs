@@ -8,3 +8,4 @@ mod crash;
 mod properties;
 mod python_client;
 mod spool;
+mod delivery;
