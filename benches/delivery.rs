@@ -93,11 +93,15 @@ fn event(n: usize, users: usize, mix: Mix) -> String {
         Mix::Product => (n / users * 7 + user) % 10,
     };
     match kind {
-        0..=4 => format!(r#"{{"type":"page","userId":"user-{user}","name":"Pricing","messageId":"m-{n}"}}"#),
+        0..=4 => format!(
+            r#"{{"type":"page","userId":"user-{user}","name":"Pricing","messageId":"m-{n}"}}"#
+        ),
         5 | 6 => format!(
             r#"{{"type":"identify","userId":"user-{user}","messageId":"m-{n}","traits":{{"email":"user-{user}@example.com","plan":"pro","seats":{n}}}}}"#
         ),
-        _ => format!(r#"{{"type":"track","userId":"user-{user}","event":"Report Exported","messageId":"m-{n}"}}"#),
+        _ => format!(
+            r#"{{"type":"track","userId":"user-{user}","event":"Report Exported","messageId":"m-{n}"}}"#
+        ),
     }
 }
 
@@ -109,14 +113,21 @@ async fn fill(data_dir: &std::path::Path, events: usize, users: usize, mix: Mix)
     let client = reqwest::Client::new();
     for chunk in (0..events).collect::<Vec<_>>().chunks(500) {
         let items: Vec<String> = chunk.iter().map(|&n| event(n, users, mix)).collect();
-        let body = format!(r#"{{"writeKey":"{WRITE_KEY}","batch":[{}]}}"#, items.join(","));
+        let body = format!(
+            r#"{{"writeKey":"{WRITE_KEY}","batch":[{}]}}"#,
+            items.join(",")
+        );
         let response = client
             .post(format!("{url}/v1/batch"))
             .body(body)
             .send()
             .await
             .expect("ingest");
-        assert!(response.status().is_success(), "ingest failed: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "ingest failed: {}",
+            response.status()
+        );
     }
     handle.stop(true).await;
     let _ = task.await;
@@ -136,7 +147,10 @@ async fn drain(data_dir: &std::path::Path, simulator: &SimHandle) -> (Duration, 
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
-            panic!("delivery did not drain within 10 minutes ({} left)", stats.depth);
+            panic!(
+                "delivery did not drain within 10 minutes ({} left)",
+                stats.depth
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

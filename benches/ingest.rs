@@ -240,7 +240,11 @@ async fn spool_ceiling(seconds: u64, batch: usize) {
         )
         .expect("spool"),
     );
+    let only_singles = std::env::var("SPOOL_ONLY_SINGLES").is_ok();
     for (label, size, tasks) in [("batches", batch, 8usize), ("single events", 1, 64)] {
+        if only_singles && size != 1 {
+            continue;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let events = Arc::new(AtomicU64::new(0));
         let started = Instant::now();

@@ -151,7 +151,7 @@ impl Dispatcher {
                 sleep_or_shutdown(poll, &mut shutdown).await;
                 continue;
             }
-            let settlement = self.process(batch, probe).await;
+            self.process(batch, probe).await;
             if probe {
                 // A probe whose event made no call (an alias, a throttled ping, no key)
                 // recorded no outcome and still holds the probe turn: give it back, or no
@@ -159,11 +159,10 @@ impl Dispatcher {
                 // answer already ended the probe.
                 self.breaker.probe_abandoned();
             }
-            self.settle(settlement).await;
         }
     }
 
-    /// Settles a batch, retrying storage errors: what was delivered must be acked.
+    /// Settles a user's outcome, retrying storage errors: what was delivered must be acked.
     async fn settle(&self, settlement: Settlement) {
         let mut delay = Duration::from_millis(100);
         for attempt in 0..20 {
@@ -180,8 +179,10 @@ impl Dispatcher {
         tracing::error!("giving up settling a batch; it will be redelivered");
     }
 
-    /// Delivers one leased batch and says what became of each event.
-    async fn process(&self, batch: Vec<Leased>, probe: bool) -> Settlement {
+    /// Delivers one leased batch. Each user's outcome is settled as soon as that user's
+    /// calls are done, so a crash redelivers only what was still in flight; settles that
+    /// finish together share one spool transaction (group commit).
+    async fn process(&self, batch: Vec<Leased>, probe: bool) {
         let mut chains: Vec<Vec<Leased>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for event in batch {
@@ -194,20 +195,13 @@ impl Dispatcher {
                 }
             }
         }
-        let results = futures_util::future::join_all(
-            chains
-                .into_iter()
-                .map(|chain| self.deliver_chain(chain, probe)),
-        )
+        futures_util::future::join_all(chains.into_iter().map(|chain| async move {
+            let settlement = self.deliver_chain(chain, probe).await;
+            if !settlement.is_empty() {
+                self.settle(settlement).await;
+            }
+        }))
         .await;
-        let mut settlement = Settlement::default();
-        for part in results {
-            settlement.acked.extend(part.acked);
-            settlement.retried.extend(part.retried);
-            settlement.released.extend(part.released);
-            settlement.dead.extend(part.dead);
-        }
-        settlement
     }
 
     /// One user's events, in order.
@@ -281,6 +275,17 @@ impl Dispatcher {
             if blocked || (self.breaker.is_open() && !probe) {
                 out.released.extend(seqs);
                 continue;
+            }
+            // Ack what is done before the next call, keeping the user held: a crash then
+            // redelivers at most the call in flight, not the user's whole run.
+            if !out.acked.is_empty() || !out.dead.is_empty() {
+                self.settle(Settlement {
+                    acked: std::mem::take(&mut out.acked),
+                    dead: std::mem::take(&mut out.dead),
+                    keep_holds: true,
+                    ..Settlement::default()
+                })
+                .await;
             }
             let request = call.to_request();
             let permit = loop {

@@ -9,6 +9,7 @@
 //! - Per-user order: [`Spool::lease`] hands out a user's events in the order they were
 //!   appended, and never hands out a user's event while an earlier one of the same user is
 //!   leased or waiting for a retry: a lease holds, per user, a prefix of what is deliverable.
+//!   A user is a source and a user key.
 //! - [`Spool::settle`] applies a batch's outcome (acked, retried, released, dead-lettered)
 //!   in one transaction. A dead-lettered event leaves the queue, which releases its user.
 //! - Leased events that are not acked before their lease expires are leased again (after a
@@ -88,6 +89,9 @@ pub struct Settlement {
     pub released: Vec<i64>,
     /// Failed for good: moved to the dead letters.
     pub dead: Vec<DeadLetterRequest>,
+    /// A partial outcome of a batch still in progress: the users stay held (their later
+    /// events are still being delivered). The final settlement of a batch leaves it false.
+    pub keep_holds: bool,
 }
 
 impl Settlement {

@@ -87,9 +87,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 -- Users whose events are leased or waiting for a retry: per-user order is kept by holding
 -- the user here instead of indexing every event by user, so an append touches only the
--- tail of `events` and `dedup`. Rows exist only while a user is held.
+-- tail of `events` and `dedup`. Rows exist only while a user is held. A user is a source
+-- and a user key: `hold_key` is `source || char(31) || user_key`.
 CREATE TABLE IF NOT EXISTS holds (
-    user_key    TEXT    PRIMARY KEY,
+    hold_key    TEXT    PRIMARY KEY,
     lease_until INTEGER NOT NULL DEFAULT 0,
     retry_at    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
@@ -158,7 +159,9 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
-    conn.pragma_update(None, "cache_size", -32768)?;
+    // SQLite's default 2 MiB page cache: with reads memory-mapped, misses are cheap, and a
+    // larger cache makes every commit slower (the page-cache hash is walked per commit).
+    conn.pragma_update(None, "cache_size", -2000)?;
     conn.pragma_update(None, "mmap_size", 268_435_456)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -187,6 +190,11 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 
 fn storage(e: rusqlite::Error) -> SpoolError {
     SpoolError::Storage(e.to_string())
+}
+
+/// The key a user is held under: per source, like the dispatcher's per-user chains.
+fn hold_key(source: &str, user_key: &str) -> String {
+    format!("{source}\u{1f}{user_key}")
 }
 
 /// The layout this code reads and writes (`PRAGMA user_version`).
@@ -473,7 +481,7 @@ impl Writer {
             "SELECT seq, source, message_id, kind, user_key, payload, attempts, received_at
              FROM events e
              WHERE NOT EXISTS (SELECT 1 FROM holds h
-                               WHERE h.user_key = e.user_key
+                               WHERE h.hold_key = e.source || char(31) || e.user_key
                                  AND (h.lease_until > ?1 OR h.retry_at > ?1))
              ORDER BY seq LIMIT ?2",
         )?;
@@ -494,13 +502,15 @@ impl Writer {
         // Every user is eligible as a whole, so the rows are each user's oldest events; hold
         // the users until the batch settles (or the lease expires).
         let mut hold = self.conn.prepare_cached(
-            "INSERT INTO holds (user_key, lease_until, retry_at) VALUES (?1, ?2, 0)
-             ON CONFLICT(user_key) DO UPDATE SET lease_until = excluded.lease_until",
+            "INSERT INTO holds (hold_key, lease_until, retry_at) VALUES (?1, ?2, 0)
+             ON CONFLICT(hold_key) DO UPDATE SET lease_until = excluded.lease_until",
         )?;
         let mut held = HashSet::new();
         for event in &leased {
-            if held.insert(event.user_key.as_str()) {
-                hold.execute(params![event.user_key, now + lease_ms])?;
+            let key = hold_key(&event.source, &event.user_key);
+            if !held.contains(&key) {
+                hold.execute(params![key, now + lease_ms])?;
+                held.insert(key);
             }
         }
         Ok(leased)
@@ -510,9 +520,9 @@ impl Writer {
         // Users touched by this batch, and the retry time of those that must wait.
         let mut touched: HashSet<String> = HashSet::new();
         let mut waiting: HashMap<String, i64> = HashMap::new();
-        let mut delete = self
-            .conn
-            .prepare_cached("DELETE FROM events WHERE seq = ?1 RETURNING user_key")?;
+        let mut delete = self.conn.prepare_cached(
+            "DELETE FROM events WHERE seq = ?1 RETURNING source || char(31) || user_key",
+        )?;
         for seq in &settlement.acked {
             if let Some(user) = delete
                 .query_row(params![seq], |row| row.get::<_, String>(0))
@@ -523,7 +533,7 @@ impl Writer {
         }
         let mut retry = self.conn.prepare_cached(
             "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
-             WHERE seq = ?1 RETURNING user_key",
+             WHERE seq = ?1 RETURNING source || char(31) || user_key",
         )?;
         for r in &settlement.retried {
             let error = match r.status {
@@ -542,7 +552,7 @@ impl Writer {
         }
         let mut user_of = self
             .conn
-            .prepare_cached("SELECT user_key FROM events WHERE seq = ?1")?;
+            .prepare_cached("SELECT source || char(31) || user_key FROM events WHERE seq = ?1")?;
         for seq in &settlement.released {
             if let Some(user) = user_of
                 .query_row(params![seq], |row| row.get::<_, String>(0))
@@ -574,17 +584,19 @@ impl Writer {
             }
         }
         let mut wait = self.conn.prepare_cached(
-            "INSERT INTO holds (user_key, lease_until, retry_at) VALUES (?1, 0, ?2)
-             ON CONFLICT(user_key) DO UPDATE SET lease_until = 0, retry_at = excluded.retry_at",
+            "INSERT INTO holds (hold_key, lease_until, retry_at) VALUES (?1, 0, ?2)
+             ON CONFLICT(hold_key) DO UPDATE SET lease_until = 0, retry_at = excluded.retry_at",
         )?;
         for (user, at) in &waiting {
             wait.execute(params![user, at])?;
         }
         let mut free = self
             .conn
-            .prepare_cached("DELETE FROM holds WHERE user_key = ?1")?;
-        for user in touched.iter().filter(|u| !waiting.contains_key(*u)) {
-            free.execute(params![user])?;
+            .prepare_cached("DELETE FROM holds WHERE hold_key = ?1")?;
+        if !settlement.keep_holds {
+            for user in touched.iter().filter(|u| !waiting.contains_key(*u)) {
+                free.execute(params![user])?;
+            }
         }
         Ok(())
     }
