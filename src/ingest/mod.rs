@@ -38,7 +38,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
             .wrap(cors())
-            .route("/{kind:batch|b|import}", web::post().to(batch))
+            .route("/batch", web::post().to(batch))
+            .route("/b", web::post().to(batch))
+            .route("/import", web::post().to(batch))
             .route("/{kind}", web::post().to(single)),
     )
     .route("/webhook", web::post().to(webhook))
@@ -225,21 +227,35 @@ async fn accept(
     if events.is_empty() {
         return Ok(success());
     }
+    let mut per_type = [0u64; EventType::ALL.len()];
     for event in &events {
-        state
-            .metrics
-            .ingest_events_total
-            .with_label_values(&[&*source.slug, event.kind.as_str()])
-            .inc();
+        per_type[event.kind as usize] += 1;
     }
-    let report = state
+    let appended = state
         .spool
         .append(AppendRequest {
             source: source.slug.to_string(),
             received_at_ms,
             events,
         })
-        .await?;
+        .await;
+    // `accepted`: durable and answered 200; `refused`: answered 429/503, the client keeps
+    // the events and sends them again.
+    let outcome = if appended.is_ok() {
+        "accepted"
+    } else {
+        "refused"
+    };
+    for (kind, count) in EventType::ALL.iter().zip(per_type) {
+        if count > 0 {
+            state
+                .metrics
+                .ingest_events_total
+                .with_label_values(&[&*source.slug, kind.as_str(), outcome])
+                .inc_by(count);
+        }
+    }
+    let report = appended?;
     if report.duplicates > 0 {
         state
             .metrics

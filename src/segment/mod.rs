@@ -37,7 +37,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    /// Every type, in a fixed order (for metrics and docs).
+    /// Every type, in a fixed order (for metrics and docs); `ALL[kind as usize] == kind`.
     pub const ALL: [EventType; 7] = [
         EventType::Identify,
         EventType::Track,

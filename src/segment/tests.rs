@@ -1424,3 +1424,10 @@ fn first_array_element_is_none_unless_a_non_empty_array() {
         );
     }
 }
+
+#[test]
+fn all_types_are_indexed_by_their_discriminant() {
+    for (index, kind) in EventType::ALL.iter().enumerate() {
+        assert_eq!(*kind as usize, index, "{kind:?}");
+    }
+}
