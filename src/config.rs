@@ -52,8 +52,13 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// JSON lines, except when stdout is a terminal (then text): containers and service
+    /// managers get JSON, a developer's shell gets readable lines.
     #[default]
+    Auto,
+    /// Human-readable lines (coloured in a terminal).
     Text,
+    /// One JSON object per line.
     Json,
 }
 
@@ -138,6 +143,9 @@ pub struct SpoolSettings {
     pub queue_capacity: usize,
     /// Most requests sharing one transaction (one fsync).
     pub max_group: usize,
+    /// How often the spool's depth, oldest event and dead letters are sampled for the
+    /// metrics, in ms (each sample counts the queue: keep it in seconds).
+    pub stats_interval_ms: u64,
 }
 
 impl Default for SpoolSettings {
@@ -146,6 +154,7 @@ impl Default for SpoolSettings {
             dedup_window_secs: 24 * 3600,
             queue_capacity: 4096,
             max_group: 512,
+            stats_interval_ms: 5000,
         }
     }
 }
@@ -241,7 +250,7 @@ impl Default for Settings {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./data"),
             admin_token: None,
-            log_format: LogFormat::Text,
+            log_format: LogFormat::Auto,
             shutdown_timeout_secs: 30,
             refiner: RefinerSettings::default(),
             limits: LimitSettings::default(),
@@ -325,10 +334,11 @@ impl Settings {
             self.log_format = match v.trim() {
                 "json" => LogFormat::Json,
                 "text" => LogFormat::Text,
+                "auto" => LogFormat::Auto,
                 other => {
                     return Err(error(
                         "log_format (GATEWAY_LOG_FORMAT)",
-                        format!("expected `text` or `json`, got `{other}`"),
+                        format!("expected `auto`, `text` or `json`, got `{other}`"),
                     ))
                 }
             };
@@ -472,6 +482,10 @@ impl Settings {
             ("limits.max_message_id_len", limits.max_message_id_len),
             ("spool.queue_capacity", self.spool.queue_capacity),
             ("spool.max_group", self.spool.max_group),
+            (
+                "spool.stats_interval_ms",
+                self.spool.stats_interval_ms as usize,
+            ),
             ("delivery.batch_size", self.delivery.batch_size),
             ("delivery.workers", self.delivery.workers),
             ("delivery.max_concurrency", self.delivery.max_concurrency),

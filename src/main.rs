@@ -1,9 +1,13 @@
 //! The `refiner-gateway` command: parse the command line, load settings, start logging,
 //! build the application and run it until a signal. Errors end the process with one line
 //! on stderr and exit code 2 (configuration) or 1 (start-up).
+//!
+//! `healthcheck` is a tiny HTTP probe for container health checks (runtime images need no
+//! curl): exit 0 when the URL answers 2xx within the timeout, 1 otherwise.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use refiner_gateway::config::{LogFormat, Settings};
@@ -43,6 +47,17 @@ enum Command {
         #[arg(long, default_value = "./demo-data")]
         data_dir: PathBuf,
     },
+    /// Probe a running gateway over HTTP: exit 0 if the URL answers 2xx, else 1 (for
+    /// container health checks).
+    Healthcheck {
+        /// URL to probe. Default: `/healthz` on the port of `GATEWAY_LISTEN` (8080) on
+        /// 127.0.0.1.
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +73,46 @@ fn main() -> ExitCode {
             sim_listen,
             data_dir,
         }),
+        Command::Healthcheck { url, timeout_secs } => healthcheck(url, timeout_secs),
+    }
+}
+
+/// The default probe URL: `/healthz` on loopback, at the port `GATEWAY_LISTEN` names.
+fn default_probe_url() -> String {
+    let port = std::env::var("GATEWAY_LISTEN")
+        .ok()
+        .and_then(|listen| listen.trim().parse::<std::net::SocketAddr>().ok())
+        .map_or(8080, |address| address.port());
+    format!("http://127.0.0.1:{port}/healthz")
+}
+
+fn healthcheck(url: Option<String>, timeout_secs: u64) -> ExitCode {
+    let url = url.unwrap_or_else(default_probe_url);
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(timeout_secs.max(1)))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(response.status())
+    });
+    match result {
+        Ok(status) if status.is_success() => {
+            println!("{url}: {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("refiner-gateway: {url}: {status}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("refiner-gateway: {url}: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -72,7 +127,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn demo(options: DemoOptions) -> ExitCode {
-    telemetry::init_logging(false);
+    telemetry::init_logging(LogFormat::Text);
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -96,7 +151,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(settings.log_format == LogFormat::Json);
+    telemetry::init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,11 +2,16 @@
 //!
 //! Shutdown order (SIGTERM, SIGINT, or [`Application::handle`]): the server stops
 //! accepting connections, in-flight requests finish (up to `shutdown_timeout_secs`), the
-//! dispatcher stops leasing and settles the calls it has in flight, then the spool writer
-//! drains its queue, checkpoints and closes. Nothing that was answered 200 depends on those
-//! last steps: it was durable before the answer.
+//! dispatcher stops leasing and settles the calls it has in flight, the spool sampler
+//! stops, then the spool writer drains its queue, checkpoints and closes. Nothing that was
+//! answered 200 depends on those last steps: it was durable before the answer.
+//!
+//! Readiness: `/readyz` answers 503 until [`Application::run_until_stopped`] has started
+//! delivery and the sampler (the spool's start-up recovery runs inside `build`, before), and
+//! again from the moment the server has stopped.
 
 use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +51,8 @@ pub struct Application {
     metrics: Metrics,
     dispatcher: Option<Arc<Dispatcher>>,
     shutdown_timeout: Duration,
+    stats_interval: Duration,
+    started: Arc<AtomicBool>,
 }
 
 impl Application {
@@ -103,9 +110,11 @@ impl Application {
             limits: settings.limits.to_limits(),
             metrics: metrics.clone(),
         });
+        let started = Arc::new(AtomicBool::new(false));
         let ops_state = web::Data::new(OpsState {
             spool: spool.clone(),
             metrics: metrics.clone(),
+            started: started.clone(),
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -130,6 +139,8 @@ impl Application {
             metrics,
             dispatcher,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
+            stats_interval: Duration::from_millis(settings.spool.stats_interval_ms),
+            started,
         })
     }
 
@@ -156,11 +167,19 @@ impl Application {
     /// the spool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let (stop_delivery, stopped) = watch::channel(false);
+        let sampler = crate::sampler::spawn(
+            self.spool.clone(),
+            self.metrics.clone(),
+            self.stats_interval,
+            stopped.clone(),
+        );
         let workers = match &self.dispatcher {
             Some(dispatcher) => dispatcher.clone().start(stopped),
             None => Vec::new(),
         };
+        self.started.store(true, Ordering::Release);
         let result = self.server.await;
+        self.started.store(false, Ordering::Release);
         let _ = stop_delivery.send(true);
         let drain = futures_util::future::join_all(workers);
         if tokio::time::timeout(self.shutdown_timeout, drain)
@@ -169,6 +188,8 @@ impl Application {
         {
             tracing::warn!("delivery did not finish in time; unsettled events will be redelivered");
         }
+        // The sampler stops at its next await; a sample in flight is bounded by the writer.
+        let _ = tokio::time::timeout(Duration::from_secs(5), sampler).await;
         self.spool.close().await;
         tracing::info!("gateway stopped");
         result

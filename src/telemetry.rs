@@ -1,29 +1,55 @@
 //! Logging and metrics.
 //!
-//! Logs go through `tracing`: JSON lines when `GATEWAY_LOG_FORMAT=json` (production),
-//! human-readable otherwise; the level comes from `RUST_LOG` (default `info`). Nothing at
-//! info level carries a write key, an API key or an event payload.
+//! Logs go through `tracing` to stdout: JSON lines or human-readable text (see
+//! [`LogFormat`]; by default JSON unless stdout is a terminal, so a container logs JSON and
+//! a developer's shell gets readable, coloured lines); the level comes from `RUST_LOG`
+//! (default `info`). Every request's lines carry its request id (`request_id` span field).
+//! Nothing at info level carries a write key, an API key or an event payload.
 //!
 //! Metrics live in one Prometheus [`Registry`] per application (so tests running several
 //! gateways in one process do not share counters), named
-//! `gateway_<subsystem>_<name>_<unit>`.
+//! `gateway_<subsystem>_<name>_<unit>`. Counters and histograms are updated where things
+//! happen; the gauges that describe the spool as a whole (depth, oldest event's age, dead
+//! letters) are refreshed by [`crate::sampler`] every `spool.stats_interval_ms`, never
+//! computed per scrape. The process collector adds the standard `process_*` metrics (CPU,
+//! resident memory, open file descriptors) on Linux.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber. Safe to call more than once (later calls are
-/// no-ops), so tests may call it too.
-pub fn init_logging(json: bool) {
+use crate::config::LogFormat;
+
+/// Whether `format` means JSON lines for a process whose stdout is (or is not) a terminal:
+/// `auto` is JSON except in a terminal.
+pub fn is_json(format: LogFormat, stdout_is_terminal: bool) -> bool {
+    match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !stdout_is_terminal,
+    }
+}
+
+/// Installs the global tracing subscriber, writing to stdout. Safe to call more than once
+/// (later calls are no-ops), so tests may call it too. Colours only in a terminal.
+pub fn init_logging(format: LogFormat) {
+    let terminal = std::io::stdout().is_terminal();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let _ = if is_json(format, terminal) {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
     } else {
-        builder.try_init()
+        builder.with_ansi(terminal).try_init()
     };
 }
 
@@ -36,7 +62,8 @@ pub struct MetricsInner {
     pub registry: Registry,
     /// Requests by route and status code.
     pub ingest_requests_total: IntCounterVec,
-    /// Valid events received, by source and type (duplicates included).
+    /// Valid events received, by source, type and outcome (`accepted`: durable and answered
+    /// 200, duplicates included; `refused`: the request was answered 429/503).
     pub ingest_events_total: IntCounterVec,
     /// Events not queued again because their `messageId` was seen, by source.
     pub ingest_duplicates_total: IntCounterVec,
@@ -52,6 +79,14 @@ pub struct MetricsInner {
     pub spool_group_commands: Histogram,
     /// Failed spool transactions.
     pub spool_errors_total: IntCounter,
+    /// Events queued and not yet acked (leased and waiting ones included), sampled.
+    pub spool_depth_events: IntGauge,
+    /// Age of the oldest queued event, 0 when the queue is empty, sampled.
+    pub spool_oldest_event_age_seconds: Gauge,
+    /// Events in the dead letters, sampled.
+    pub spool_dead_letters_events: IntGauge,
+    /// Time one sampling of the spool's statistics took.
+    pub spool_stats_seconds: Histogram,
     /// Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.
     pub dispatch_events_total: IntCounterVec,
     /// Events not forwarded to Refiner, by source and reason.
@@ -64,12 +99,18 @@ pub struct MetricsInner {
     pub dispatch_delivery_latency_seconds: Histogram,
     /// The adaptive limit of concurrent Refiner calls.
     pub dispatch_concurrency_limit: IntGauge,
+    /// Refiner calls in flight now.
+    pub dispatch_in_flight_calls: IntGauge,
     /// 1 while the circuit breaker holds delivery back.
     pub dispatch_circuit_open: IntGauge,
     /// Refiner calls by endpoint and status (code, `timeout` or `connection`).
     pub refiner_calls_total: IntCounterVec,
     /// Refiner call latency by endpoint.
     pub refiner_call_duration_seconds: HistogramVec,
+    /// 1 when the last readiness check passed, 0 when it failed.
+    pub ready: IntGauge,
+    /// Always 1, labelled with the gateway's version.
+    pub build_info: IntGaugeVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -113,8 +154,8 @@ impl Metrics {
         );
         let ingest_events_total = counter_vec(
             "gateway_ingest_events_total",
-            "Valid events received, by source and type (duplicates included).",
-            &["source", "type"],
+            "Valid events received, by source, type and outcome (accepted, refused).",
+            &["source", "type", "outcome"],
         );
         let ingest_duplicates_total = counter_vec(
             "gateway_ingest_duplicates_total",
@@ -177,6 +218,27 @@ impl Metrics {
             "gateway_spool_errors_total",
             "Spool transactions that failed.",
         );
+        let spool_depth_events = gauge(
+            "gateway_spool_depth_events",
+            "Events queued and not yet acked, leased and waiting ones included (sampled).",
+        );
+        let spool_oldest_event_age_seconds = Gauge::new(
+            "gateway_spool_oldest_event_age_seconds",
+            "Age of the oldest queued event, 0 when the queue is empty (sampled).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(spool_oldest_event_age_seconds.clone()))
+            .expect("unique metric");
+        let spool_dead_letters_events = gauge(
+            "gateway_spool_dead_letters_events",
+            "Events in the dead letters (sampled).",
+        );
+        let spool_stats_seconds = histogram(
+            "gateway_spool_stats_seconds",
+            "Duration of one sampling of the spool's statistics.",
+            prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
+        );
         let dispatch_events_total = counter_vec(
             "gateway_dispatch_events_total",
             "Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.",
@@ -204,6 +266,10 @@ impl Metrics {
             "gateway_dispatch_concurrency_limit",
             "Current adaptive limit of concurrent Refiner calls.",
         );
+        let dispatch_in_flight_calls = gauge(
+            "gateway_dispatch_in_flight_calls",
+            "Refiner calls in flight now.",
+        );
         let dispatch_circuit_open = gauge(
             "gateway_dispatch_circuit_open",
             "1 while the circuit breaker holds delivery back.",
@@ -218,6 +284,25 @@ impl Metrics {
             "Refiner call latency by endpoint.",
             &["endpoint"],
         );
+        let ready = gauge(
+            "gateway_ready",
+            "1 when the last readiness check passed, 0 when it failed.",
+        );
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "gateway_build_info",
+                "Always 1, labelled with the gateway's version.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        register_process_collector(&registry);
         Metrics(Arc::new(MetricsInner {
             registry,
             ingest_requests_total,
@@ -229,15 +314,22 @@ impl Metrics {
             spool_commit_seconds,
             spool_group_commands,
             spool_errors_total,
+            spool_depth_events,
+            spool_oldest_event_age_seconds,
+            spool_dead_letters_events,
+            spool_stats_seconds,
             dispatch_events_total,
             dispatch_skipped_total,
             dispatch_coalesced_total,
             dispatch_truncated_strings_total,
             dispatch_delivery_latency_seconds,
             dispatch_concurrency_limit,
+            dispatch_in_flight_calls,
             dispatch_circuit_open,
             refiner_calls_total,
             refiner_call_duration_seconds,
+            ready,
+            build_info,
         }))
     }
 
@@ -255,3 +347,16 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 }
+
+/// The standard `process_*` metrics (CPU seconds, resident memory, open and maximum file
+/// descriptors, start time), on Linux.
+#[cfg(target_os = "linux")]
+fn register_process_collector(registry: &Registry) {
+    let collector = prometheus::process_collector::ProcessCollector::for_self();
+    if let Err(e) = registry.register(Box::new(collector)) {
+        tracing::warn!(error = %e, "cannot export process metrics");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn register_process_collector(_registry: &Registry) {}

@@ -1,9 +1,12 @@
 //! Operational routes: liveness, readiness and Prometheus metrics.
 //!
-//! `/healthz` answers 200 while the process serves HTTP. `/readyz` answers 200 only when
-//! the spool has just accepted a durable write, and 503 with `Retry-After` otherwise, so
-//! a load balancer stops sending traffic to a node that could not keep it.
+//! `/healthz` answers 200 while the process serves HTTP. `/readyz` answers 200 only once
+//! start-up has finished (the spool opened and recovered, delivery started) and while the
+//! spool accepts a durable write, and 503 with `Retry-After` otherwise, so a load balancer
+//! stops sending traffic to a node that could not keep it. Each check also sets the
+//! `gateway_ready` gauge.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use actix_web::{http::header, web, HttpResponse};
@@ -15,6 +18,8 @@ use crate::telemetry::Metrics;
 pub struct OpsState {
     pub spool: Arc<dyn Spool>,
     pub metrics: Metrics,
+    /// False until start-up has finished; see [`crate::startup::Application`].
+    pub started: Arc<AtomicBool>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -28,9 +33,19 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
+    if !state.started.load(Ordering::Acquire) {
+        state.metrics.ready.set(0);
+        return HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "5"))
+            .json(serde_json::json!({"code": "not_ready", "message": "the gateway is starting"}));
+    }
     match state.spool.check_writable().await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Ok(()) => {
+            state.metrics.ready.set(1);
+            HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+        }
         Err(e) => {
+            state.metrics.ready.set(0);
             tracing::warn!(error = %e, "readiness probe failed");
             HttpResponse::ServiceUnavailable()
                 .insert_header((header::RETRY_AFTER, "5"))

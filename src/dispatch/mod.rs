@@ -298,7 +298,9 @@ impl Dispatcher {
                 drop(permit);
             };
             let started = Instant::now();
+            self.metrics.dispatch_in_flight_calls.inc();
             let outcome = self.client.send(&api_key, &request).await;
+            self.metrics.dispatch_in_flight_calls.dec();
             let latency = started.elapsed();
             let signal = match &outcome {
                 Outcome::Delivered { .. } => Signal::Fine,
