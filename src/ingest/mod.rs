@@ -77,27 +77,19 @@ async fn single(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
-    let started = Instant::now();
     let Some(kind) = EventType::from_path(&path) else {
-        return observe(&state, "unknown", started, Err(IngestError::NotFound));
+        return observe(
+            &state,
+            "unknown",
+            Instant::now(),
+            Err(IngestError::NotFound),
+        );
     };
-    let result = async {
-        let body =
-            body::read_body(request.headers(), payload, state.limits.max_event_bytes).await?;
-        state
-            .metrics
-            .ingest_request_size_bytes
-            .observe(body.len() as f64);
-        let received_at_ms = now_ms();
-        let parsed = segment::parse_single(&body, kind, arrival(&state.limits, received_at_ms))?;
-        let basic = basic_write_key(request.headers());
-        let source = state
-            .sources
-            .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
-        accept(&state, source, parsed.items, received_at_ms).await
-    }
-    .await;
-    observe(&state, "single", started, result)
+    let limit = state.limits.max_event_bytes;
+    write_key_route(request, payload, state, "single", limit, |body, arrival| {
+        segment::parse_single(body, kind, arrival)
+    })
+    .await
 }
 
 /// `POST /v1/batch`, `/v1/b`, `/v1/import`.
@@ -106,16 +98,37 @@ async fn batch(
     payload: web::Payload,
     state: web::Data<IngestState>,
 ) -> Result<HttpResponse, IngestError> {
+    let limit = state.limits.max_batch_bytes;
+    write_key_route(
+        request,
+        payload,
+        state,
+        "batch",
+        limit,
+        segment::parse_batch,
+    )
+    .await
+}
+
+/// The `/v1/*` flow: read the body within `limit`, parse, authenticate by write key
+/// (Basic user name and/or the body's `writeKey`), append, answer.
+async fn write_key_route(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<IngestState>,
+    route: &str,
+    limit: usize,
+    parse: impl FnOnce(&[u8], Arrival<'_>) -> Result<segment::Parsed, segment::Reject>,
+) -> Result<HttpResponse, IngestError> {
     let started = Instant::now();
     let result = async {
-        let body =
-            body::read_body(request.headers(), payload, state.limits.max_batch_bytes).await?;
+        let body = body::read_body(request.headers(), payload, limit).await?;
         state
             .metrics
             .ingest_request_size_bytes
             .observe(body.len() as f64);
         let received_at_ms = now_ms();
-        let parsed = segment::parse_batch(&body, arrival(&state.limits, received_at_ms))?;
+        let parsed = parse(&body, arrival(&state.limits, received_at_ms))?;
         let basic = basic_write_key(request.headers());
         let source = state
             .sources
@@ -123,7 +136,7 @@ async fn batch(
         accept(&state, source, parsed.items, received_at_ms).await
     }
     .await;
-    observe(&state, "batch", started, result)
+    observe(&state, route, started, result)
 }
 
 /// `POST /webhook[/{source}]`: Segment's Webhooks destination (Classic or Actions).
