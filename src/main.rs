@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use refiner_gateway::config::{LogFormat, Settings};
+use refiner_gateway::config::{ConfigError, LogFormat, Settings};
 use refiner_gateway::demo::DemoOptions;
 use refiner_gateway::startup::Application;
 use refiner_gateway::telemetry;
@@ -47,6 +47,13 @@ enum Command {
         #[arg(long, default_value = "./demo-data")]
         data_dir: PathBuf,
     },
+    /// Load and check the settings as `serve` does, without starting anything: exit 0 if
+    /// `serve` would accept them, else 2 with the problem on stderr.
+    CheckConfig {
+        /// TOML settings file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Probe a running gateway over HTTP: exit 0 if the URL answers 2xx, else 1 (for
     /// container health checks).
     Healthcheck {
@@ -73,7 +80,39 @@ fn main() -> ExitCode {
             sim_listen,
             data_dir,
         }),
+        Command::CheckConfig { config } => check_config(config),
         Command::Healthcheck { url, timeout_secs } => healthcheck(url, timeout_secs),
+    }
+}
+
+/// The settings `serve` would run with, or the configuration error it would stop on.
+fn load_for_serve(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
+    let settings = Settings::load(config)?;
+    settings.require_refiner_keys()?;
+    Ok(settings)
+}
+
+fn check_config(config: Option<PathBuf>) -> ExitCode {
+    match load_for_serve(config.as_deref()) {
+        Ok(settings) => {
+            let slugs: Vec<&str> = settings.sources.iter().map(|s| s.slug.as_str()).collect();
+            println!(
+                "configuration OK: listen {}, data_dir {}, sources {}, delivery {}",
+                settings.listen,
+                settings.data_dir.display(),
+                slugs.join(", "),
+                if settings.delivery.enabled {
+                    "on"
+                } else {
+                    "off"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("refiner-gateway: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -142,9 +181,7 @@ fn demo(options: DemoOptions) -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match Settings::load(config.as_deref())
-        .and_then(|s| s.require_refiner_keys().map(|()| s))
-    {
+    let settings = match load_for_serve(config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("refiner-gateway: {e}");

@@ -26,13 +26,14 @@ fn read(relative: &str) -> String {
 }
 
 /// The documents this test owns, which must exist and whose relative links must resolve.
-const DOCS: [&str; 6] = [
+const DOCS: [&str; 7] = [
     "docs/README.md",
     "docs/configuration.md",
     "docs/segment-setup.md",
     "docs/limits-and-errors.md",
     "docs/delivery.md",
     "docs/architecture.md",
+    "docs/operations.md",
 ];
 
 // ---------------------------------------------------------------------------------------
