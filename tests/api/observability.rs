@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -652,4 +652,56 @@ async fn the_binary_logs_json_lines_with_request_ids_and_no_secrets() {
     ] {
         assert!(!text.contains(secret), "the log contains {secret}: {text}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// check-config
+
+#[tokio::test]
+async fn check_config_accepts_what_serve_accepts_and_names_what_it_refuses() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "log_format = \"json\"\n[spool]\nstats_interval_ms = 2000\n[delivery]\nmax_concurrency = 32\n",
+    )
+    .expect("write config");
+    let run = |env: &'static [(&'static str, &'static str)], file: PathBuf| async move {
+        let output = tokio::process::Command::new(BINARY)
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run check-config");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file.clone(),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("configuration OK"), "{stdout}");
+    assert!(!stdout.contains("wk") && !stdout.contains("rk"), "{stdout}");
+    // Delivery on and no Refiner API key: refused as `serve` refuses it.
+    let (code, _, stderr) = run(&[("GATEWAY_WRITE_KEYS", "wk")], file.clone()).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("REFINER_API_KEY"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // An unknown key is named.
+    std::fs::write(&file, "[spool]\nstats_interval = 1\n").expect("write config");
+    let (code, _, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file,
+    )
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("stats_interval"), "{stderr}");
 }
