@@ -19,12 +19,14 @@
 
 #[doc(hidden)]
 pub mod conformance;
+pub mod nats;
 mod sqlite;
 
 use async_trait::async_trait;
 
 use crate::segment::Event;
 
+pub use nats::{NatsSpool, NatsSpoolOptions};
 pub use sqlite::{SqliteSpool, SqliteSpoolOptions};
 
 /// The events of one request, all from one source.

@@ -1,0 +1,445 @@
+//! The in-memory side of the JetStream spool: the events a node has pulled from the
+//! partitions it owns, and the holds that keep each user's events in order.
+//!
+//! Pure bookkeeping, no IO: every method takes the current time and returns what must be
+//! said to JetStream (ack, nak with delay), so the rules are unit-tested without a server.
+//!
+//! Invariants:
+//! - A partition is consumed by one node at a time, so this node sees every pending event of
+//!   the users it holds: holding them here is enough to keep their order.
+//! - `entries` is ordered by stream sequence, which increases with append order, so a scan
+//!   in key order is the queue order, whatever order JetStream redelivered them in.
+//! - A user is held while one of its events is leased (until the lease runs out or the batch
+//!   settles), or while an earlier event of the user is out with a delayed nak (`outstanding`):
+//!   none of its later events is handed out before that one came back and was settled.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::spool::{Leased, Settlement};
+
+/// Where an event came from and how to answer JetStream about it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub event: Leased,
+    pub partition: u32,
+    /// The reply subject of the delivery (`$JS.ACK...`): acks, naks and progress go there.
+    pub reply: String,
+    /// JetStream's delivery count of this event (includes held-back redeliveries).
+    pub delivered: u64,
+}
+
+/// What a node must tell JetStream about an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Remove it from the stream (delivered, skipped, or copied to the dead letters).
+    Ack { seq: u64, reply: String },
+    /// Deliver it again after `delay_ms` (a retry, or a held-back later event of a user
+    /// who waits for a retry). Never a bare nak: that redelivers at once.
+    Nak {
+        seq: u64,
+        reply: String,
+        delay_ms: u64,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+struct Hold {
+    partition: u32,
+    /// The user's leased events may not be leased again before this (ms).
+    lease_until: i64,
+    /// When the user's last retried event is due back (ms); informs held-back naks.
+    retry_at: i64,
+    /// Events of this user that are out with a delayed nak and not back yet.
+    outstanding: BTreeSet<u64>,
+}
+
+impl Hold {
+    fn blocks(&self, seq: u64, now: i64) -> bool {
+        self.lease_until > now || self.outstanding.range(..seq).next().is_some()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.lease_until == 0 && self.outstanding.is_empty()
+    }
+}
+
+/// A partition this node owns.
+#[derive(Debug, Default, Clone)]
+pub struct PartitionState {
+    /// Whether leases may hand out its events (owned, ownership fresh, not draining).
+    pub leasable: bool,
+    /// The highest stream sequence pulled from it.
+    pub seen_high: u64,
+    /// The highest stream sequence known to be in it (from this node's own appends and
+    /// from the stream when the partition was taken): a lease waits until it was pulled.
+    pub target_high: u64,
+}
+
+/// Held-back events of a waiting user come back this long after the retried one, one step
+/// per event, so they are redelivered behind it.
+const HELD_BACK_STEP_MS: u64 = 5;
+/// A later event of a user whose retry is due within this long stays in memory instead of
+/// being nakked with a delay.
+const KEEP_IN_MEMORY_MS: i64 = 1_000;
+
+/// Events pulled and not yet settled, and the holds that keep per-user order.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    entries: BTreeMap<u64, Entry>,
+    holds: HashMap<String, Hold>,
+    /// Delivery attempts per event (retries settled on this node).
+    attempts: HashMap<u64, u32>,
+    pub partitions: HashMap<u32, PartitionState>,
+}
+
+fn hold_key(source: &str, user_key: &str) -> String {
+    format!("{source}\u{1f}{user_key}")
+}
+
+impl QueueState {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Takes in an event pulled from JetStream. Returns a nak when the event belongs behind
+    /// an event of its user that is out with a delayed nak for a while yet.
+    pub fn insert(&mut self, mut entry: Entry, now: i64) -> Option<Reply> {
+        let seq = entry.event.seq as u64;
+        let partition = self.partitions.entry(entry.partition).or_default();
+        partition.seen_high = partition.seen_high.max(seq);
+        let key = hold_key(&entry.event.source, &entry.event.user_key);
+        if let Some(existing) = self.entries.get_mut(&seq) {
+            // Redelivered while still here (its ack wait ran out): answer on the new reply.
+            existing.reply = entry.reply;
+            existing.delivered = entry.delivered;
+            return None;
+        }
+        if let Some(hold) = self.holds.get_mut(&key) {
+            hold.outstanding.remove(&seq);
+            let wait = hold.retry_at - now;
+            if wait > KEEP_IN_MEMORY_MS && hold.outstanding.range(..seq).next().is_some() {
+                hold.outstanding.insert(seq);
+                return Some(Reply::Nak {
+                    seq,
+                    reply: entry.reply,
+                    delay_ms: wait as u64 + HELD_BACK_STEP_MS,
+                });
+            }
+            if hold.is_idle() {
+                self.holds.remove(&key);
+            }
+        }
+        entry.event.attempts = self.attempts.get(&seq).copied().unwrap_or(0);
+        self.entries.insert(seq, entry);
+        None
+    }
+
+    /// Whether every leasable partition has pulled what it is known to hold (or `full`).
+    pub fn caught_up(&self) -> bool {
+        self.partitions
+            .values()
+            .filter(|p| p.leasable)
+            .all(|p| p.seen_high >= p.target_high)
+    }
+
+    /// Records that `seq` is in `partition` (an append of this node).
+    pub fn appended(&mut self, partition: u32, seq: u64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.target_high = p.target_high.max(seq);
+        }
+    }
+
+    /// Up to `max` deliverable events in queue order; their users are held for `lease_ms`.
+    pub fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> Vec<Leased> {
+        let mut out = Vec::new();
+        let mut taken: HashMap<String, u32> = HashMap::new();
+        for (seq, entry) in &self.entries {
+            if out.len() >= max {
+                break;
+            }
+            if !self
+                .partitions
+                .get(&entry.partition)
+                .is_some_and(|p| p.leasable)
+            {
+                continue;
+            }
+            let key = hold_key(&entry.event.source, &entry.event.user_key);
+            if self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
+                continue;
+            }
+            taken.insert(key, entry.partition);
+            out.push(entry.event.clone());
+        }
+        for (key, partition) in taken {
+            let hold = self.holds.entry(key).or_default();
+            hold.partition = partition;
+            hold.lease_until = now + lease_ms;
+        }
+        out
+    }
+
+    /// The entry behind a leased sequence, if this node still has it.
+    pub fn get(&self, seq: i64) -> Option<&Entry> {
+        u64::try_from(seq).ok().and_then(|s| self.entries.get(&s))
+    }
+
+    /// Applies a settlement to memory; returns what to tell JetStream. Dead letters must
+    /// already be copied to their stream: they are acked here like delivered events.
+    pub fn settle(&mut self, settlement: &Settlement, now: i64) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut waiting: HashSet<String> = HashSet::new();
+        let removed = settlement
+            .acked
+            .iter()
+            .chain(settlement.dead.iter().map(|d| &d.seq));
+        for seq in removed {
+            let Ok(seq) = u64::try_from(*seq) else {
+                continue;
+            };
+            if let Some(entry) = self.entries.remove(&seq) {
+                self.attempts.remove(&seq);
+                touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
+                replies.push(Reply::Ack {
+                    seq,
+                    reply: entry.reply,
+                });
+            }
+        }
+        for retry in &settlement.retried {
+            let Ok(seq) = u64::try_from(retry.seq) else {
+                continue;
+            };
+            let Some(entry) = self.entries.remove(&seq) else {
+                continue;
+            };
+            self.attempts.insert(seq, entry.event.attempts + 1);
+            let key = hold_key(&entry.event.source, &entry.event.user_key);
+            let hold = self.holds.entry(key.clone()).or_default();
+            hold.partition = entry.partition;
+            hold.lease_until = 0;
+            hold.retry_at = hold.retry_at.max(retry.next_attempt_at_ms);
+            hold.outstanding.insert(seq);
+            waiting.insert(key);
+            replies.push(Reply::Nak {
+                seq,
+                reply: entry.reply,
+                delay_ms: (retry.next_attempt_at_ms - now).max(1) as u64,
+            });
+        }
+        for seq in &settlement.released {
+            if let Some(entry) = self.get(*seq) {
+                touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
+            }
+        }
+        if !waiting.is_empty() {
+            replies.extend(self.hold_back(&waiting, now));
+        }
+        if !settlement.keep_holds {
+            for key in touched.difference(&waiting) {
+                if let Some(hold) = self.holds.get_mut(key) {
+                    hold.lease_until = 0;
+                    if hold.is_idle() {
+                        self.holds.remove(key);
+                    }
+                }
+            }
+        }
+        replies
+    }
+
+    /// Sends the in-memory later events of users who wait for a retry back to JetStream
+    /// with a delay that brings them back right behind the retried event, so memory does
+    /// not fill with events that cannot be delivered for minutes.
+    fn hold_back(&mut self, waiting: &HashSet<String>, now: i64) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        let mut step: HashMap<String, u64> = HashMap::new();
+        let behind: Vec<u64> = self
+            .entries
+            .iter()
+            .filter_map(|(seq, entry)| {
+                let key = hold_key(&entry.event.source, &entry.event.user_key);
+                let hold = self.holds.get(&key)?;
+                let wait = hold.retry_at - now;
+                (waiting.contains(&key)
+                    && wait > KEEP_IN_MEMORY_MS
+                    && hold.outstanding.range(..*seq).next().is_some())
+                .then_some(*seq)
+            })
+            .collect();
+        for seq in behind {
+            let Some(entry) = self.entries.remove(&seq) else {
+                continue;
+            };
+            let key = hold_key(&entry.event.source, &entry.event.user_key);
+            let Some(hold) = self.holds.get_mut(&key) else {
+                continue;
+            };
+            hold.outstanding.insert(seq);
+            let n = step.entry(key).or_insert(0);
+            *n += 1;
+            replies.push(Reply::Nak {
+                seq,
+                reply: entry.reply,
+                delay_ms: (hold.retry_at - now).max(1) as u64 + *n * HELD_BACK_STEP_MS,
+            });
+        }
+        replies
+    }
+
+    /// Forgets a partition this node no longer owns: its events will be delivered by the
+    /// next owner, from the stream.
+    pub fn drop_partition(&mut self, partition: u32) {
+        self.partitions.remove(&partition);
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.partition == partition)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in gone {
+            self.entries.remove(&seq);
+            self.attempts.remove(&seq);
+        }
+        self.holds.retain(|_, hold| hold.partition != partition);
+    }
+
+    /// Whether a partition has events leased right now (a graceful hand-over waits).
+    pub fn has_leases(&self, partition: u32, now: i64) -> bool {
+        self.holds
+            .values()
+            .any(|h| h.partition == partition && h.lease_until > now)
+    }
+
+    /// Entries held in memory per partition that are leased or waiting, for progress acks.
+    pub fn replies(&self) -> Vec<String> {
+        self.entries.values().map(|e| e.reply.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{RetryAt, Settlement};
+
+    fn entry(seq: u64, user: &str, partition: u32) -> Entry {
+        Entry {
+            event: Leased {
+                seq: seq as i64,
+                source: "s".into(),
+                message_id: format!("m{seq}"),
+                kind: "track".into(),
+                user_key: user.into(),
+                payload: Vec::new(),
+                attempts: 0,
+                received_at_ms: 0,
+            },
+            partition,
+            reply: format!("r{seq}"),
+            delivered: 1,
+        }
+    }
+
+    fn state() -> QueueState {
+        let mut state = QueueState::default();
+        for p in 0..2 {
+            state.partitions.insert(
+                p,
+                PartitionState {
+                    leasable: true,
+                    ..Default::default()
+                },
+            );
+        }
+        state
+    }
+
+    fn seqs(leased: &[Leased]) -> Vec<i64> {
+        leased.iter().map(|l| l.seq).collect()
+    }
+
+    #[test]
+    fn redelivery_order_does_not_matter() {
+        let mut s = state();
+        assert_eq!(s.insert(entry(3, "a", 0), 0), None);
+        assert_eq!(s.insert(entry(1, "a", 0), 0), None);
+        assert_eq!(seqs(&s.lease(10, 100, 0)), [1, 3]);
+    }
+
+    #[test]
+    fn a_retry_holds_the_user_until_the_event_is_back() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "a", 0), 0);
+        s.insert(entry(3, "b", 1), 0);
+        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
+        let replies = s.settle(
+            &Settlement {
+                retried: vec![RetryAt {
+                    seq: 1,
+                    next_attempt_at_ms: 10_000,
+                    status: None,
+                    error: "x".into(),
+                }],
+                ..Default::default()
+            },
+            0,
+        );
+        // The retry and the held-back later event, both nakked with a delay, in order.
+        assert_eq!(
+            replies,
+            [
+                Reply::Nak {
+                    seq: 1,
+                    reply: "r1".into(),
+                    delay_ms: 10_000
+                },
+                Reply::Nak {
+                    seq: 2,
+                    reply: "r2".into(),
+                    delay_ms: 10_005
+                }
+            ]
+        );
+        assert_eq!(seqs(&s.lease(10, 100, 20_000)), [3]);
+        // A later event that arrives early while the retry is far off goes back again.
+        assert!(matches!(
+            s.insert(entry(2, "a", 0), 5_000),
+            Some(Reply::Nak { seq: 2, .. })
+        ));
+        // Once the retry is due it waits in memory behind 1, which is not back yet.
+        assert_eq!(s.insert(entry(2, "a", 0), 20_000), None);
+        assert!(s.lease(10, 100, 20_000).is_empty(), "2 waits for 1");
+        assert_eq!(s.insert(entry(1, "a", 0), 20_000), None);
+        let again = s.lease(10, 100, 20_000);
+        assert_eq!(seqs(&again), [1, 2], "the user's queue, in order");
+        assert_eq!(again[0].attempts, 1);
+        assert!(s.lease(10, 100, 20_001).is_empty(), "both are leased");
+        s.settle(
+            &Settlement {
+                acked: vec![1],
+                released: vec![2],
+                ..Default::default()
+            },
+            20_002,
+        );
+        assert_eq!(seqs(&s.lease(10, 100, 20_002)), [2]);
+    }
+
+    #[test]
+    fn dropping_a_partition_forgets_its_events_and_holds() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "b", 1), 0);
+        assert_eq!(seqs(&s.lease(10, 100, 0)), [1, 2]);
+        s.drop_partition(0);
+        assert_eq!(s.len(), 1);
+        assert!(!s.has_leases(0, 0));
+        assert!(s.has_leases(1, 0));
+    }
+}

