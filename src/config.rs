@@ -223,6 +223,20 @@ impl Default for DeliverySettings {
     }
 }
 
+/// Dead letters (events delivery gave up on), kept for the management API.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterSettings {
+    /// Days a dead letter is kept; the spool removes older ones every minute.
+    pub retention_days: u64,
+}
+
+impl Default for DeadLetterSettings {
+    fn default() -> Self {
+        DeadLetterSettings { retention_days: 14 }
+    }
+}
+
 /// Everything the gateway is configured with.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -241,6 +255,7 @@ pub struct Settings {
     pub spool: SpoolSettings,
     pub delivery: DeliverySettings,
     pub mapping: MappingOptions,
+    pub dead_letters: DeadLetterSettings,
     pub sources: Vec<SourceSettings>,
 }
 
@@ -257,6 +272,7 @@ impl Default for Settings {
             spool: SpoolSettings::default(),
             delivery: DeliverySettings::default(),
             mapping: MappingOptions::default(),
+            dead_letters: DeadLetterSettings::default(),
             sources: Vec::new(),
         }
     }
@@ -520,6 +536,31 @@ impl Settings {
                 "delivery.initial_concurrency",
                 "must not exceed delivery.max_concurrency",
             ));
+        }
+        if !(1..=36_500).contains(&self.dead_letters.retention_days) {
+            return Err(error(
+                "dead_letters.retention_days",
+                "must be between 1 and 36500",
+            ));
+        }
+        if let Some(token) = &self.admin_token {
+            if token.expose().trim().is_empty() {
+                return Err(error(
+                    "admin_token (GATEWAY_ADMIN_TOKEN)",
+                    "must not be empty",
+                ));
+            }
+            let is_write_key = self
+                .sources
+                .iter()
+                .flat_map(|s| &s.write_keys)
+                .any(|k| k.expose() == token.expose());
+            if is_write_key {
+                return Err(error(
+                    "admin_token (GATEWAY_ADMIN_TOKEN)",
+                    "must differ from every write key",
+                ));
+            }
         }
         if self.spool.dedup_window_secs == 0 {
             return Err(error(

@@ -5,9 +5,14 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
+use actix_web::HttpMessage;
 use tracing::Instrument;
 
 pub const HEADER: &str = "x-request-id";
+
+/// The request's id, in the request's extensions for handlers that put it in a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
 
 fn incoming(request: &ServiceRequest) -> Option<String> {
     let value = request.headers().get(HEADER)?.to_str().ok()?;
@@ -25,6 +30,7 @@ pub async fn request_id(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let id = incoming(&request).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
     let span = tracing::info_span!(
         "request",
         request_id = %id,

@@ -76,6 +76,9 @@ impl Application {
         options.dedup_window = std::time::Duration::from_secs(settings.spool.dedup_window_secs);
         options.queue_capacity = settings.spool.queue_capacity;
         options.max_group = settings.spool.max_group;
+        options.dead_letter_retention =
+            Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
+        options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
         let spool: Arc<dyn Spool> = Arc::new(SqliteSpool::open(options, metrics.clone())?);
 
         let dispatcher = if settings.delivery.enabled {
@@ -111,6 +114,10 @@ impl Application {
             metrics: metrics.clone(),
         });
         let started = Arc::new(AtomicBool::new(false));
+        let management_state = web::Data::new(api::management::ManagementState::new(
+            settings,
+            spool.clone(),
+        ));
         let ops_state = web::Data::new(OpsState {
             spool: spool.clone(),
             metrics: metrics.clone(),
@@ -121,6 +128,7 @@ impl Application {
                 .wrap(middleware::from_fn(request_id))
                 .app_data(ingest_state.clone())
                 .app_data(ops_state.clone())
+                .app_data(management_state.clone())
                 .configure(ingest::configure)
                 .configure(api::configure)
                 .default_service(web::to(ingest::not_found))

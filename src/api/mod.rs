@@ -6,6 +6,8 @@
 //! stops sending traffic to a node that could not keep it. Each check also sets the
 //! `gateway_ready` gauge.
 
+pub mod management;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
+    management::configure(cfg);
 }
 
 async fn healthz() -> HttpResponse {

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use crate::config::{DeliverySettings, SourceSettings};
 use crate::refiner::client::{Outcome, RefinerClient};
 use crate::refiner::mapping::{self, Mapped, MappingOptions, RefinerCall};
-use crate::spool::{DeadLetterRequest, Leased, RetryAt, Settlement, Spool};
+use crate::spool::{DeadLetterRequest, Leased, RetryAt, Settlement, Skipped, Spool};
 use crate::telemetry::Metrics;
 use breaker::{Admit, Breaker};
 use limiter::{Limiter, Signal};
@@ -257,14 +257,20 @@ impl Dispatcher {
                         .get(&ping_key)
                         .is_some_and(|last| now - *last < interval);
                     if recent {
-                        out.acked.push(event.seq);
+                        out.skipped.push(Skipped {
+                            seq: event.seq,
+                            reason: "ping_throttled".into(),
+                        });
                         self.skip(&source, "ping_throttled");
                     } else {
                         calls.push((event.seq, RefinerCall::ping(user)));
                     }
                 }
                 Mapped::NotForwarded(reason) => {
-                    out.acked.push(event.seq);
+                    out.skipped.push(Skipped {
+                        seq: event.seq,
+                        reason: reason.as_str().into(),
+                    });
                     self.skip(&source, reason.as_str());
                 }
             }
@@ -278,9 +284,10 @@ impl Dispatcher {
             }
             // Ack what is done before the next call, keeping the user held: a crash then
             // redelivers at most the call in flight, not the user's whole run.
-            if !out.acked.is_empty() || !out.dead.is_empty() {
+            if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
                 self.settle(Settlement {
                     acked: std::mem::take(&mut out.acked),
+                    skipped: std::mem::take(&mut out.skipped),
                     dead: std::mem::take(&mut out.dead),
                     keep_holds: true,
                     ..Settlement::default()

@@ -17,14 +17,20 @@
 //! - Overload is reported as [`SpoolError::Overloaded`] (ingest answers 429) and storage
 //!   trouble as [`SpoolError::Storage`] (ingest answers 503); neither loses accepted data.
 
+pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
 pub mod nats;
 mod sqlite;
+mod sqlite_admin;
 
 use async_trait::async_trait;
 
 use crate::segment::Event;
+use admin::{
+    CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery, ReplayReport,
+    SourceUsage,
+};
 
 pub use nats::{NatsSpool, NatsSpoolOptions};
 pub use sqlite::{SqliteSpool, SqliteSpoolOptions};
@@ -80,11 +86,25 @@ pub struct DeadLetterRequest {
     pub attempted: bool,
 }
 
+/// An event deliberately not forwarded (an alias, an unidentifiable event, a throttled
+/// ping): removed from the queue like an ack, and counted under its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub seq: i64,
+    pub reason: String,
+}
+
 /// The outcome of a leased batch, applied in one transaction by [`Spool::settle`].
+///
+/// Besides the queue, settling keeps the hourly counters (`forwarded` per acked event,
+/// `skipped:<reason>`, `retried`, `dead_lettered`) and the attempts history (one row per
+/// retried event and per dead event that was attempted) in the same transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settlement {
-    /// Delivered (or deliberately not forwarded): removed from the queue.
+    /// Delivered: removed from the queue.
     pub acked: Vec<i64>,
+    /// Deliberately not forwarded: removed from the queue.
+    pub skipped: Vec<Skipped>,
     /// Failed transiently: attempts + 1, wait until the given time.
     pub retried: Vec<RetryAt>,
     /// Not attempted (an earlier event of the user failed): the lease is dropped.
@@ -99,6 +119,7 @@ pub struct Settlement {
 impl Settlement {
     pub fn is_empty(&self) -> bool {
         self.acked.is_empty()
+            && self.skipped.is_empty()
             && self.retried.is_empty()
             && self.released.is_empty()
             && self.dead.is_empty()
@@ -161,4 +182,60 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Finishes queued work and releases the storage. Later calls fail with `Closed`.
     async fn close(&self);
+
+    // The management API's operations (see [`admin`]). Backends without them answer
+    // `Storage`, which the API reports as 503.
+
+    /// A page of a source's dead letters.
+    async fn list_dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> Result<DeadLetterPage, SpoolError> {
+        let _ = query;
+        Err(unsupported())
+    }
+
+    /// One dead letter with its payload and attempts, if it exists in that source.
+    async fn dead_letter(&self, source: &str, id: i64) -> Result<Option<DeadLetter>, SpoolError> {
+        let _ = (source, id);
+        Err(unsupported())
+    }
+
+    /// Moves up to `limit` matching dead letters (all when `None`) back to the tail of the
+    /// queue, oldest first; see [`admin`] for the order guarantee.
+    async fn replay_dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+        limit: Option<u64>,
+    ) -> Result<ReplayReport, SpoolError> {
+        let _ = (filter, limit);
+        Err(unsupported())
+    }
+
+    /// Deletes the matching dead letters and their attempts; returns how many.
+    async fn delete_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64, SpoolError> {
+        let _ = filter;
+        Err(unsupported())
+    }
+
+    /// A source's usage for the month of `now_ms`, and its backlog.
+    async fn usage(&self, source: &str, now_ms: i64) -> Result<SourceUsage, SpoolError> {
+        let _ = (source, now_ms);
+        Err(unsupported())
+    }
+
+    /// A source's hourly counters for hours `from_hour..to_hour` (hours since the epoch).
+    async fn counters(
+        &self,
+        source: &str,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Vec<CounterRow>, SpoolError> {
+        let _ = (source, from_hour, to_hour);
+        Err(unsupported())
+    }
+}
+
+fn unsupported() -> SpoolError {
+    SpoolError::Storage("not supported by this spool backend".into())
 }

@@ -8,19 +8,34 @@
 //!
 //! A full channel means the writer cannot keep up: appends fail fast with
 //! [`SpoolError::Overloaded`] instead of queueing without bound.
+//!
+//! Besides the queue, the same transactions keep the management API's bookkeeping (see
+//! [`super::admin`]): usage per source and month (one `INSERT OR IGNORE` per distinct
+//! identified user of a request, one upsert per source for the whole group), hourly event
+//! counters and queue depth per source (one upsert per key for the whole group), and the
+//! attempts history of retried and dead events. Reads for the API run on separate read-only
+//! connections and never wait for the writer. Expired dead letters are pruned by the writer
+//! every minute, a bounded chunk per transaction.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use std::collections::{HashMap, HashSet};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use super::admin::{
+    month_of, CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
+    ReplayReport, SourceUsage, HOUR_MS,
+};
+use super::sqlite_admin::{self as admin_sql, Tally};
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
+use crate::segment::EventType;
 use crate::telemetry::Metrics;
 
 /// Settings of the embedded spool.
@@ -34,17 +49,26 @@ pub struct SqliteSpoolOptions {
     pub queue_capacity: usize,
     /// Most commands that share one transaction.
     pub max_group: usize,
+    /// How long dead letters are kept before the writer removes them.
+    pub dead_letter_retention: Duration,
+    /// How often the writer prunes expired dedup ids and dead letters (while it has work).
+    pub prune_interval: Duration,
+    /// The configured sources' slugs: the spool records when it first saw each.
+    pub sources: Vec<String>,
 }
 
 impl SqliteSpoolOptions {
     /// Defaults for a data directory: 24 h dedup window, 4,096 waiting requests, groups
-    /// of up to 512 commands.
+    /// of up to 512 commands, dead letters kept 14 days, pruning every minute.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         SqliteSpoolOptions {
             data_dir: data_dir.into(),
             dedup_window: Duration::from_secs(24 * 3600),
             queue_capacity: 4096,
             max_group: 512,
+            dead_letter_retention: Duration::from_secs(14 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            sources: Vec::new(),
         }
     }
 }
@@ -61,6 +85,18 @@ enum Command {
     Settle(Settlement, Reply<()>),
     Probe(Reply<()>),
     Stats(Reply<SpoolStats>),
+    /// Replay up to `limit` dead letters (one chunk).
+    Replay {
+        filter: DeadLetterFilter,
+        limit: u64,
+        reply: Reply<u64>,
+    },
+    /// Delete up to `limit` dead letters (one chunk).
+    Delete {
+        filter: DeadLetterFilter,
+        limit: u64,
+        reply: Reply<u64>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -68,7 +104,19 @@ enum Command {
 pub struct SqliteSpool {
     sender: mpsc::Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// `spool.db`, for the read connections.
+    path: PathBuf,
+    /// Idle read-only connections (the management API's reads).
+    readers: Arc<Mutex<Vec<Connection>>>,
+    closed: AtomicBool,
 }
+
+/// Idle read connections kept for reuse.
+const MAX_IDLE_READERS: usize = 4;
+/// Dead letters replayed per writer transaction: a large replay never stalls ingest long.
+const REPLAY_CHUNK: u64 = 1_000;
+/// Dead letters deleted per writer transaction.
+const DELETE_CHUNK: u64 = 5_000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -113,13 +161,86 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     last_status INTEGER,
     last_error  TEXT    NOT NULL,
     created_at  INTEGER NOT NULL,
-    queue_seq   INTEGER NOT NULL
+    queue_seq   INTEGER NOT NULL,
+    -- From the payload, for listing, sorting and searching ('' when absent).
+    user_id     TEXT    NOT NULL DEFAULT '',
+    event_name  TEXT    NOT NULL DEFAULT ''
 );
+-- One index per listing order, so any page is an index range read.
 CREATE INDEX IF NOT EXISTS dead_letters_source ON dead_letters (source, id);
+CREATE INDEX IF NOT EXISTS dead_letters_created ON dead_letters (source, created_at, id);
+CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (source, received_at, id);
+CREATE INDEX IF NOT EXISTS dead_letters_attempts ON dead_letters (source, attempts, id);
+CREATE INDEX IF NOT EXISTS dead_letters_kind ON dead_letters (source, kind, id);
+CREATE INDEX IF NOT EXISTS dead_letters_event ON dead_letters (source, event_name, id);
+CREATE INDEX IF NOT EXISTS dead_letters_user ON dead_letters (source, user_id, id);
+CREATE INDEX IF NOT EXISTS dead_letters_message ON dead_letters (source, message_id, id);
+-- Retention: expired dead letters are found by age across sources.
+CREATE INDEX IF NOT EXISTS dead_letters_age ON dead_letters (created_at);
+-- Delivery attempts of queued and dead events, by the event's queue seq.
+CREATE TABLE IF NOT EXISTS event_attempts (
+    id        INTEGER PRIMARY KEY,
+    queue_seq INTEGER NOT NULL,
+    at        INTEGER NOT NULL,
+    status    INTEGER,
+    error     TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_attempts_seq ON event_attempts (queue_seq);
+-- Usage per source and calendar month (UTC): counts and when each last grew.
+CREATE TABLE IF NOT EXISTS usage (
+    source TEXT    NOT NULL,
+    month  TEXT    NOT NULL,
+    mtu    INTEGER NOT NULL DEFAULT 0,
+    mtu_at INTEGER,
+    mte    INTEGER NOT NULL DEFAULT 0,
+    mte_at INTEGER,
+    mpv    INTEGER NOT NULL DEFAULT 0,
+    mpv_at INTEGER,
+    PRIMARY KEY (source, month)
+) WITHOUT ROWID;
+-- The users counted in a month's `mtu` (only the current month's are kept).
+CREATE TABLE IF NOT EXISTS usage_users (
+    month    TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    user_key TEXT NOT NULL,
+    PRIMARY KEY (month, source, user_key)
+) WITHOUT ROWID;
+-- Hourly counters: received, duplicates, forwarded, skipped:<reason>, retried,
+-- dead_lettered, replayed. `hour` is hours since the epoch.
+CREATE TABLE IF NOT EXISTS event_counters (
+    source TEXT    NOT NULL,
+    hour   INTEGER NOT NULL,
+    name   TEXT    NOT NULL,
+    value  INTEGER NOT NULL,
+    PRIMARY KEY (source, hour, name)
+) WITHOUT ROWID;
+-- Queued (undelivered) events per source, kept with the queue in the same transactions.
+CREATE TABLE IF NOT EXISTS queue_depth (
+    source TEXT    PRIMARY KEY,
+    depth  INTEGER NOT NULL
+) WITHOUT ROWID;
+-- When the spool first saw each configured source.
+CREATE TABLE IF NOT EXISTS sources (
+    slug       TEXT    PRIMARY KEY,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+";
+
+/// From version 1: dead letters gain `user_id` and `event_name`, filled from their payload.
+const MIGRATE_FROM_1: &str = "
+ALTER TABLE dead_letters ADD COLUMN user_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE dead_letters ADD COLUMN event_name TEXT NOT NULL DEFAULT '';
+UPDATE dead_letters SET
+    user_id = CASE WHEN json_valid(CAST(payload AS TEXT))
+                   THEN coalesce(json_extract(CAST(payload AS TEXT), '$.userId'), '') ELSE '' END,
+    event_name = CASE WHEN json_valid(CAST(payload AS TEXT))
+                      THEN coalesce(json_extract(CAST(payload AS TEXT), '$.event'),
+                                    json_extract(CAST(payload AS TEXT), '$.name'), '')
+                      ELSE '' END;
 ";
 
 impl SqliteSpool {
@@ -131,7 +252,8 @@ impl SqliteSpool {
                 options.data_dir.display()
             ))
         })?;
-        let conn = open_connection(&options.data_dir.join("spool.db")).map_err(storage)?;
+        let path = options.data_dir.join("spool.db");
+        let conn = open_connection(&path, &options.sources).map_err(storage)?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -140,7 +262,39 @@ impl SqliteSpool {
         Ok(SqliteSpool {
             sender,
             thread: Mutex::new(Some(thread)),
+            path,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// Runs `read` on a read-only connection on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, SpoolError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.lock().ok().and_then(|mut idle| idle.pop());
+            let conn = match idle {
+                Some(conn) => conn,
+                None => open_reader(&path)?,
+            };
+            let result = read(&conn);
+            if let Ok(mut idle) = readers.lock() {
+                if idle.len() < MAX_IDLE_READERS {
+                    idle.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| SpoolError::Storage(format!("spool read task failed: {e}")))?
+        .map_err(storage)
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, SpoolError> {
@@ -153,7 +307,17 @@ impl SqliteSpool {
     }
 }
 
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.pragma_update(None, "mmap_size", 268_435_456)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -170,14 +334,39 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
         [],
         |row| row.get(0),
     )?;
-    if has_tables && version != SCHEMA_VERSION {
+    let upgrade = has_tables && version == 1;
+    if has_tables && version != SCHEMA_VERSION && !upgrade {
         return Err(rusqlite::Error::InvalidParameterName(format!(
             "{} has spool schema version {version}; this gateway reads version {SCHEMA_VERSION}",
             path.display()
         )));
     }
-    conn.execute_batch(SCHEMA)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let setup = (|| {
+        if upgrade {
+            conn.execute_batch(MIGRATE_FROM_1)?;
+        }
+        conn.execute_batch(SCHEMA)?;
+        if upgrade {
+            conn.execute_batch(
+                "INSERT INTO queue_depth (source, depth)
+                 SELECT source, count(*) FROM events GROUP BY source",
+            )?;
+        }
+        let mut known =
+            conn.prepare("INSERT OR IGNORE INTO sources (slug, created_at) VALUES (?1, ?2)")?;
+        for slug in sources {
+            known.execute(params![slug, now_ms()])?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+    })();
+    match setup {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
     // One process owns the file: leases held by a process that is gone (a crash) are void,
     // so their events are delivered again at once rather than after the lease expires.
     conn.execute("UPDATE holds SET lease_until = 0 WHERE lease_until > 0", [])?;
@@ -186,6 +375,11 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
         params![now_ms()],
     )?;
     Ok(conn)
+}
+
+/// The source of a hold key (`source || char(31) || user_key`).
+fn source_of(hold_key: &str) -> &str {
+    hold_key.split('\u{1f}').next().unwrap_or(hold_key)
 }
 
 fn storage(e: rusqlite::Error) -> SpoolError {
@@ -197,8 +391,9 @@ fn hold_key(source: &str, user_key: &str) -> String {
     format!("{source}\u{1f}{user_key}")
 }
 
-/// The layout this code reads and writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// The layout this code reads and writes (`PRAGMA user_version`); version 1 files are
+/// upgraded in place.
+const SCHEMA_VERSION: i64 = 2;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -239,6 +434,10 @@ impl Spool for SqliteSpool {
     }
 
     async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Ok(mut idle) = self.readers.lock() {
+            idle.clear();
+        }
         let (done, finished) = oneshot::channel();
         if self.sender.send(Command::Shutdown(done)).await.is_ok() {
             let _ = finished.await;
@@ -248,6 +447,99 @@ impl Spool for SqliteSpool {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
     }
+
+    async fn list_dead_letters(
+        &self,
+        query: DeadLetterQuery,
+    ) -> Result<DeadLetterPage, SpoolError> {
+        self.read(move |conn| admin_sql::list(conn, &query)).await
+    }
+
+    async fn dead_letter(&self, source: &str, id: i64) -> Result<Option<DeadLetter>, SpoolError> {
+        let source = source.to_string();
+        self.read(move |conn| admin_sql::get(conn, &source, id))
+            .await
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        mut filter: DeadLetterFilter,
+        limit: Option<u64>,
+    ) -> Result<ReplayReport, SpoolError> {
+        // Bound the replay to the dead letters that exist now: events that fail again while
+        // it runs get new ids and are not replayed again.
+        if filter.max_id.is_none() {
+            let bound = filter.clone();
+            let (_, max_id) = self
+                .read(move |conn| admin_sql::count_and_max_id(conn, &bound))
+                .await?;
+            match max_id {
+                Some(max_id) => filter.max_id = Some(max_id),
+                None => return Ok(ReplayReport::default()),
+            }
+        }
+        let mut left = limit.unwrap_or(u64::MAX);
+        let mut replayed = 0;
+        while left > 0 {
+            let chunk = left.min(REPLAY_CHUNK);
+            let filter = filter.clone();
+            let n = self
+                .call(|reply| Command::Replay {
+                    filter,
+                    limit: chunk,
+                    reply,
+                })
+                .await?;
+            replayed += n;
+            left -= n;
+            if n < chunk {
+                break;
+            }
+        }
+        let (remaining, _) = self
+            .read(move |conn| admin_sql::count_and_max_id(conn, &filter))
+            .await?;
+        Ok(ReplayReport {
+            replayed,
+            remaining,
+        })
+    }
+
+    async fn delete_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64, SpoolError> {
+        let mut deleted = 0;
+        loop {
+            let filter = filter.clone();
+            let n = self
+                .call(|reply| Command::Delete {
+                    filter,
+                    limit: DELETE_CHUNK,
+                    reply,
+                })
+                .await?;
+            deleted += n;
+            if n < DELETE_CHUNK {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    async fn usage(&self, source: &str, now_ms: i64) -> Result<SourceUsage, SpoolError> {
+        let source = source.to_string();
+        let month = month_of(now_ms);
+        self.read(move |conn| admin_sql::usage(conn, &source, &month))
+            .await
+    }
+
+    async fn counters(
+        &self,
+        source: &str,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Vec<CounterRow>, SpoolError> {
+        let source = source.to_string();
+        self.read(move |conn| admin_sql::counters(conn, &source, from_hour, to_hour))
+            .await
+    }
 }
 
 /// The writer thread's state.
@@ -256,6 +548,10 @@ struct Writer {
     options: SqliteSpoolOptions,
     metrics: Metrics,
     last_prune: Instant,
+    /// Counter increments of the transaction in progress.
+    tally: Tally,
+    /// The month of the last append, and the range of times it covers.
+    month: (i64, i64, String),
 }
 
 /// A command's result, held until the transaction commits.
@@ -264,6 +560,7 @@ enum Pending {
     Lease(Reply<Vec<Leased>>, Vec<Leased>),
     Unit(Reply<()>),
     Stats(Reply<SpoolStats>, SpoolStats),
+    Count(Reply<u64>, u64),
 }
 
 impl Pending {
@@ -274,6 +571,7 @@ impl Pending {
             Pending::Lease(reply, _) => drop(reply.send(Err(error))),
             Pending::Unit(reply) => drop(reply.send(Err(error))),
             Pending::Stats(reply, _) => drop(reply.send(Err(error))),
+            Pending::Count(reply, _) => drop(reply.send(Err(error))),
         }
     }
 
@@ -283,14 +581,18 @@ impl Pending {
             Pending::Lease(reply, leased) => drop(reply.send(Ok(leased))),
             Pending::Unit(reply) => drop(reply.send(Ok(()))),
             Pending::Stats(reply, stats) => drop(reply.send(Ok(stats))),
+            Pending::Count(reply, n) => drop(reply.send(Ok(n))),
         }
     }
 }
 
-/// How often the dedup table is pruned of expired ids (only while there is traffic).
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Rows removed per pruning statement, so one pass never stalls the writer for long.
 const PRUNE_CHUNK: i64 = 20_000;
+/// Expired dead letters removed per pruning transaction (each has index entries and
+/// attempts to remove too).
+const PRUNE_DEAD_CHUNK: i64 = 2_000;
+/// Hourly counters are kept this many hours (400 days), then pruned.
+const COUNTER_RETENTION_HOURS: i64 = 400 * 24;
 
 impl Writer {
     fn new(conn: Connection, options: SqliteSpoolOptions, metrics: Metrics) -> Writer {
@@ -299,7 +601,31 @@ impl Writer {
             options,
             metrics,
             last_prune: Instant::now(),
+            tally: Tally::default(),
+            month: (0, 0, String::new()),
         }
+    }
+
+    /// `YYYY-MM` of `ms`, recomputed only when the month changes.
+    fn month_of(&mut self, ms: i64) -> String {
+        let (start, end, name) = &self.month;
+        if ms >= *start && ms < *end {
+            return name.clone();
+        }
+        let name = month_of(ms);
+        let start = chrono::NaiveDate::parse_from_str(&format!("{name}-01"), "%Y-%m-%d")
+            .ok()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| t.and_utc().timestamp_millis());
+        let end = start.and_then(|start| {
+            chrono::DateTime::from_timestamp_millis(start)
+                .and_then(|t| t.checked_add_months(chrono::Months::new(1)))
+                .map(|t| t.timestamp_millis())
+        });
+        if let (Some(start), Some(end)) = (start, end) {
+            self.month = (start, end, name.clone());
+        }
+        name
     }
 
     fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
@@ -325,8 +651,9 @@ impl Writer {
             if !commands.is_empty() {
                 self.run_group(commands);
             }
-            if self.last_prune.elapsed() >= PRUNE_EVERY {
+            if self.last_prune.elapsed() >= self.options.prune_interval {
                 self.prune_dedup();
+                self.prune_bookkeeping();
             }
         }
         // Refuse whatever arrives from now on, answer what is already queued.
@@ -384,6 +711,7 @@ impl Writer {
         // each one is pushed to `pending` before its work, and failed with the group.
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let now = now_ms();
+        self.tally = Tally::default();
         let mut failure = None;
         for command in commands {
             let outcome = match command {
@@ -429,6 +757,32 @@ impl Writer {
                         }
                     })
                 }
+                Command::Replay {
+                    filter,
+                    limit,
+                    reply,
+                } => {
+                    pending.push(Pending::Count(reply, 0));
+                    admin_sql::replay_chunk(&self.conn, &filter, limit, now, &mut self.tally).map(
+                        |n| {
+                            if let Some(Pending::Count(_, slot)) = pending.last_mut() {
+                                *slot = n;
+                            }
+                        },
+                    )
+                }
+                Command::Delete {
+                    filter,
+                    limit,
+                    reply,
+                } => {
+                    pending.push(Pending::Count(reply, 0));
+                    admin_sql::delete_chunk(&self.conn, &filter, limit).map(|n| {
+                        if let Some(Pending::Count(_, slot)) = pending.last_mut() {
+                            *slot = n;
+                        }
+                    })
+                }
                 Command::Shutdown(done) => {
                     let _ = done.send(());
                     Ok(())
@@ -438,6 +792,10 @@ impl Writer {
                 failure = Some(e);
                 break;
             }
+        }
+        if failure.is_none() {
+            let tally = std::mem::take(&mut self.tally);
+            failure = tally.flush(&self.conn, now).err();
         }
         match failure {
             Some(e) => Err(e),
@@ -457,6 +815,9 @@ impl Writer {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut report = AppendReport::default();
+        let mut views = 0;
+        // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
+        let mut users: HashSet<&str> = HashSet::new();
         for event in &request.events {
             let fresh = dedup.execute(params![request.source, event.message_id, now, cutoff])?;
             if fresh == 0 {
@@ -472,8 +833,57 @@ impl Writer {
                 event.payload,
             ])?;
             report.queued += 1;
+            if matches!(event.kind, EventType::Page | EventType::Screen) {
+                views += 1;
+            }
+            let key = event.user_key.as_str();
+            if key.starts_with("u:") || key.starts_with("e:") {
+                users.insert(key);
+            }
         }
+        drop((dedup, insert));
+        self.count_append(request, &report, views, &users)?;
         Ok(report)
+    }
+
+    /// Usage and counters of an append: one `INSERT OR IGNORE` per distinct identified user,
+    /// the rest added to the transaction's tally.
+    fn count_append(
+        &mut self,
+        request: &AppendRequest,
+        report: &AppendReport,
+        views: i64,
+        users: &HashSet<&str>,
+    ) -> rusqlite::Result<()> {
+        let source = request.source.as_str();
+        let hour = request.received_at_ms.div_euclid(HOUR_MS);
+        self.tally
+            .count(source, hour, "duplicates", report.duplicates as i64);
+        if report.queued == 0 {
+            return Ok(());
+        }
+        let month = self.month_of(request.received_at_ms);
+        let mut new_users = 0;
+        {
+            let mut seen = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO usage_users (month, source, user_key) VALUES (?1, ?2, ?3)",
+            )?;
+            for user in users {
+                new_users += seen.execute(params![month, source, user])? as i64;
+            }
+        }
+        let queued = report.queued as i64;
+        self.tally.count(source, hour, "received", queued);
+        self.tally.depth(source, queued);
+        let delta = self
+            .tally
+            .usage
+            .entry((source.to_string(), month))
+            .or_default();
+        delta.mtu += new_users;
+        delta.mte += queued;
+        delta.mpv += views;
+        Ok(())
     }
 
     fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> rusqlite::Result<Vec<Leased>> {
@@ -517,18 +927,47 @@ impl Writer {
     }
 
     fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
+        let hour = now.div_euclid(HOUR_MS);
         // Users touched by this batch, and the retry time of those that must wait.
         let mut touched: HashSet<String> = HashSet::new();
         let mut waiting: HashMap<String, i64> = HashMap::new();
         let mut delete = self.conn.prepare_cached(
-            "DELETE FROM events WHERE seq = ?1 RETURNING source || char(31) || user_key",
+            "DELETE FROM events WHERE seq = ?1 RETURNING source || char(31) || user_key, attempts",
         )?;
-        for seq in &settlement.acked {
-            if let Some(user) = delete
-                .query_row(params![seq], |row| row.get::<_, String>(0))
+        // Removes a queued event: its user is touched, its source's depth drops, and its
+        // attempts (if it had any) are forgotten. Returns its source.
+        let mut remove = |seq: i64,
+                          touched: &mut HashSet<String>,
+                          tally: &mut Tally|
+         -> rusqlite::Result<Option<String>> {
+            let Some((user, attempts)) = delete
+                .query_row(params![seq], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
                 .optional()?
-            {
-                touched.insert(user);
+            else {
+                return Ok(None);
+            };
+            if attempts > 0 {
+                admin_sql::forget_attempts(&self.conn, seq)?;
+            }
+            let source = source_of(&user).to_string();
+            tally.depth(&source, -1);
+            touched.insert(user);
+            Ok(Some(source))
+        };
+        for seq in &settlement.acked {
+            if let Some(source) = remove(*seq, &mut touched, &mut self.tally)? {
+                self.tally.count(&source, hour, "forwarded", 1);
+            }
+        }
+        for skipped in &settlement.skipped {
+            if let Some(source) = remove(skipped.seq, &mut touched, &mut self.tally)? {
+                *self
+                    .tally
+                    .skipped
+                    .entry((source, hour, skipped.reason.clone()))
+                    .or_default() += 1;
             }
         }
         let mut retry = self.conn.prepare_cached(
@@ -546,6 +985,8 @@ impl Writer {
                 })
                 .optional()?
             {
+                admin_sql::record_attempt(&self.conn, r.seq, now, r.status, &r.error)?;
+                self.tally.count(source_of(&user), hour, "retried", 1);
                 let at = waiting.entry(user).or_insert(r.next_attempt_at_ms);
                 *at = (*at).max(r.next_attempt_at_ms);
             }
@@ -563,23 +1004,42 @@ impl Writer {
         }
         let mut bury = self.conn.prepare_cached(
             "INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
-                                       attempts, last_status, last_error, created_at, queue_seq)
+                                       attempts, last_status, last_error, created_at, queue_seq,
+                                       user_id, event_name)
              SELECT source, message_id, kind, user_key, received_at, payload,
-                    attempts + ?2, ?3, ?4, ?5, seq
+                    attempts + ?2, ?3, ?4, ?5, seq,
+                    CASE WHEN json_valid(CAST(payload AS TEXT))
+                         THEN coalesce(json_extract(CAST(payload AS TEXT), '$.userId'), '')
+                         ELSE '' END,
+                    CASE WHEN json_valid(CAST(payload AS TEXT))
+                         THEN coalesce(json_extract(CAST(payload AS TEXT), '$.event'),
+                                       json_extract(CAST(payload AS TEXT), '$.name'), '')
+                         ELSE '' END
              FROM events WHERE seq = ?1",
         )?;
         for dead in &settlement.dead {
-            bury.execute(params![
+            let buried = bury.execute(params![
                 dead.seq,
                 i64::from(dead.attempted),
                 dead.status,
                 dead.error,
                 now
             ])?;
+            if buried == 0 {
+                continue;
+            }
+            // The history goes with the dead letter (same `seq`): recorded before the
+            // removal, which forgets attempts only of events that leave for good.
+            if dead.attempted {
+                admin_sql::record_attempt(&self.conn, dead.seq, now, dead.status, &dead.error)?;
+            }
             if let Some(user) = delete
                 .query_row(params![dead.seq], |row| row.get::<_, String>(0))
                 .optional()?
             {
+                let source = source_of(&user);
+                self.tally.depth(source, -1);
+                self.tally.count(source, hour, "dead_lettered", 1);
                 touched.insert(user);
             }
         }
@@ -620,6 +1080,48 @@ impl Writer {
             oldest_received_at_ms: oldest,
             dead_letters: dead_letters.max(0) as u64,
         })
+    }
+
+    /// Removes expired dead letters (with their attempts), the users of past months'
+    /// usage, and hourly counters past their retention.
+    fn prune_bookkeeping(&mut self) {
+        let now = now_ms();
+        let cutoff = now - self.options.dead_letter_retention.as_millis() as i64;
+        loop {
+            match admin_sql::prune_dead_letters(&self.conn, cutoff, PRUNE_DEAD_CHUNK) {
+                Ok(n) if (n as i64) < PRUNE_DEAD_CHUNK => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning expired dead letters failed");
+                    break;
+                }
+            }
+        }
+        let month = self.month_of(now);
+        let oldest_hour = now.div_euclid(HOUR_MS) - COUNTER_RETENTION_HOURS;
+        for (sql, value) in [
+            (
+                "DELETE FROM usage_users WHERE (month, source, user_key) IN
+                   (SELECT month, source, user_key FROM usage_users WHERE month < ?1 LIMIT ?2)",
+                rusqlite::types::Value::Text(month),
+            ),
+            (
+                "DELETE FROM event_counters WHERE (source, hour, name) IN
+                   (SELECT source, hour, name FROM event_counters WHERE hour < ?1 LIMIT ?2)",
+                rusqlite::types::Value::Integer(oldest_hour),
+            ),
+        ] {
+            loop {
+                match self.conn.execute(sql, params![value, PRUNE_CHUNK]) {
+                    Ok(n) if (n as i64) < PRUNE_CHUNK => break,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning usage and counters failed");
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Removes dedup ids older than the window, a chunk per statement.
