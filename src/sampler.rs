@@ -11,6 +11,11 @@
 //! long, the next one waits at least [`BUSY_FACTOR`] times as long, so sampling never takes
 //! more than about 2 % of the writer's time, whatever the backlog.
 //!
+//! Each sample also reads every source's usage for the current month ([`Spool::usage`]:
+//! distinct users, events, page views) into the `gateway_usage_monthly_*` gauges; those are
+//! kept counters read on a read-only connection, not counts, and a backend without usage
+//! leaves the gauges out.
+//!
 //! A failed sample leaves the gauges as they were and is logged once per streak of
 //! failures; the task ends when `shutdown` turns true, before the spool closes.
 
@@ -20,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::spool::admin::SourceUsage;
 use crate::spool::{Spool, SpoolStats};
 use crate::telemetry::Metrics;
 
@@ -45,23 +51,53 @@ pub fn record(metrics: &Metrics, stats: &SpoolStats, now_ms: i64) {
     metrics.spool_oldest_event_age_seconds.set(age);
 }
 
-/// Takes one sample now and records it.
-pub async fn sample(spool: &dyn Spool, metrics: &Metrics) -> Result<SpoolStats, String> {
+/// Writes one source's usage for the month to the gauges.
+pub fn record_usage(metrics: &Metrics, source: &str, usage: &SourceUsage) {
+    let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    metrics
+        .usage_monthly_users
+        .with_label_values(&[source])
+        .set(as_i64(usage.mtu));
+    metrics
+        .usage_monthly_events
+        .with_label_values(&[source])
+        .set(as_i64(usage.mte));
+    metrics
+        .usage_monthly_page_views
+        .with_label_values(&[source])
+        .set(as_i64(usage.mpv));
+}
+
+/// Takes one sample now and records it: the queue's statistics, then each source's usage.
+/// A usage the backend cannot give is skipped (the queue's statistics are what matter).
+pub async fn sample(
+    spool: &dyn Spool,
+    metrics: &Metrics,
+    sources: &[String],
+) -> Result<SpoolStats, String> {
     let started = Instant::now();
     let stats = spool.stats().await.map_err(|e| e.to_string())?;
     metrics
         .spool_stats_seconds
         .observe(started.elapsed().as_secs_f64());
-    record(metrics, &stats, chrono::Utc::now().timestamp_millis());
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    record(metrics, &stats, now_ms);
+    for source in sources {
+        match spool.usage(source, now_ms).await {
+            Ok(usage) => record_usage(metrics, source, &usage),
+            Err(e) => tracing::debug!(source = %source, error = %e, "no usage for the metrics"),
+        }
+    }
     Ok(stats)
 }
 
 /// Starts the sampler: a sample at once, then one every `interval`, until `shutdown` is
-/// true.
+/// true. `sources` are the slugs whose usage is exported.
 pub fn spawn(
     spool: Arc<dyn Spool>,
     metrics: Metrics,
     interval: Duration,
+    sources: Vec<String>,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let interval = interval.max(Duration::from_millis(10));
@@ -72,7 +108,7 @@ pub fn spawn(
                 break;
             }
             let started = Instant::now();
-            match sample(spool.as_ref(), &metrics).await {
+            match sample(spool.as_ref(), &metrics, &sources).await {
                 Ok(_) => {
                     if failing {
                         tracing::info!("sampling the spool works again");

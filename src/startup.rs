@@ -52,6 +52,7 @@ pub struct Application {
     dispatcher: Option<Arc<Dispatcher>>,
     shutdown_timeout: Duration,
     stats_interval: Duration,
+    source_slugs: Vec<String>,
     started: Arc<AtomicBool>,
 }
 
@@ -148,6 +149,7 @@ impl Application {
             dispatcher,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
             stats_interval: Duration::from_millis(settings.spool.stats_interval_ms),
+            source_slugs: settings.sources.iter().map(|s| s.slug.clone()).collect(),
             started,
         })
     }
@@ -179,6 +181,7 @@ impl Application {
             self.spool.clone(),
             self.metrics.clone(),
             self.stats_interval,
+            self.source_slugs.clone(),
             stopped.clone(),
         );
         let workers = match &self.dispatcher {

@@ -107,6 +107,12 @@ pub struct MetricsInner {
     pub refiner_calls_total: IntCounterVec,
     /// Refiner call latency by endpoint.
     pub refiner_call_duration_seconds: HistogramVec,
+    /// Distinct identified users with an event accepted this month, by source (sampled).
+    pub usage_monthly_users: IntGaugeVec,
+    /// Events accepted this month (duplicates not counted), by source (sampled).
+    pub usage_monthly_events: IntGaugeVec,
+    /// `page` and `screen` events accepted this month, by source (sampled).
+    pub usage_monthly_page_views: IntGaugeVec,
     /// 1 when the last readiness check passed, 0 when it failed.
     pub ready: IntGauge,
     /// Always 1, labelled with the gateway's version.
@@ -284,6 +290,28 @@ impl Metrics {
             "Refiner call latency by endpoint.",
             &["endpoint"],
         );
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let usage_monthly_users = gauge_vec(
+            "gateway_usage_monthly_users",
+            "Distinct identified users with an event accepted this month, by source (sampled).",
+            &["source"],
+        );
+        let usage_monthly_events = gauge_vec(
+            "gateway_usage_monthly_events",
+            "Events accepted this month, duplicates not counted, by source (sampled).",
+            &["source"],
+        );
+        let usage_monthly_page_views = gauge_vec(
+            "gateway_usage_monthly_page_views",
+            "Page and screen events accepted this month, by source (sampled).",
+            &["source"],
+        );
         let ready = gauge(
             "gateway_ready",
             "1 when the last readiness check passed, 0 when it failed.",
@@ -328,6 +356,9 @@ impl Metrics {
             dispatch_circuit_open,
             refiner_calls_total,
             refiner_call_duration_seconds,
+            usage_monthly_users,
+            usage_monthly_events,
+            usage_monthly_page_views,
             ready,
             build_info,
         }))

@@ -409,6 +409,29 @@ async fn the_metrics_add_up_after_a_known_stream() {
         1.0
     );
 
+    // Usage for the month, per source: distinct identified users, events (duplicates not
+    // counted, skipped ones never accepted), page views.
+    for (source, users, events, page_views) in
+        [("default", 7.0, 18.0, 1.0), ("nokey", 2.0, 2.0, 0.0)]
+    {
+        let labels = [("source", source)];
+        assert_eq!(
+            scrape.sum("gateway_usage_monthly_users", &labels),
+            users,
+            "{source} users"
+        );
+        assert_eq!(
+            scrape.sum("gateway_usage_monthly_events", &labels),
+            events,
+            "{source} events"
+        );
+        assert_eq!(
+            scrape.sum("gateway_usage_monthly_page_views", &labels),
+            page_views,
+            "{source} page views"
+        );
+    }
+
     // Every metric the operations guide and the dashboard rely on is exported.
     for family in [
         "gateway_ingest_requests_total",
@@ -430,6 +453,9 @@ async fn the_metrics_add_up_after_a_known_stream() {
         "gateway_refiner_calls_total",
         "gateway_refiner_call_duration_seconds",
         "gateway_build_info",
+        "gateway_usage_monthly_users",
+        "gateway_usage_monthly_events",
+        "gateway_usage_monthly_page_views",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
     ] {
