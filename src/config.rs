@@ -14,6 +14,9 @@ use serde::Deserialize;
 use crate::refiner::mapping::MappingOptions;
 use crate::segment::Limits;
 
+mod nats;
+pub use nats::{NatsSettings, SpoolBackend};
+
 /// The slug of the source the environment variables define.
 pub const DEFAULT_SOURCE: &str = "default";
 
@@ -137,6 +140,8 @@ impl LimitSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolSettings {
+    /// Which spool holds accepted events: `sqlite` (embedded) or `nats` (distributed).
+    pub backend: SpoolBackend,
     /// Seconds a `messageId` suppresses repeats from the same source.
     pub dedup_window_secs: u64,
     /// Requests that may wait for the spool writer before ingest answers 429.
@@ -151,6 +156,7 @@ pub struct SpoolSettings {
 impl Default for SpoolSettings {
     fn default() -> Self {
         SpoolSettings {
+            backend: SpoolBackend::Sqlite,
             dedup_window_secs: 24 * 3600,
             queue_capacity: 4096,
             max_group: 512,
@@ -255,6 +261,7 @@ pub struct Settings {
     pub spool: SpoolSettings,
     pub delivery: DeliverySettings,
     pub mapping: MappingOptions,
+    pub nats: NatsSettings,
     pub dead_letters: DeadLetterSettings,
     pub sources: Vec<SourceSettings>,
 }
@@ -272,6 +279,7 @@ impl Default for Settings {
             spool: SpoolSettings::default(),
             delivery: DeliverySettings::default(),
             mapping: MappingOptions::default(),
+            nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
             sources: Vec::new(),
         }
@@ -308,6 +316,17 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GATEWAY_WRITE_KEYS", "sources[default].write_keys"),
     ("GATEWAY_WEBHOOK_SECRET", "sources[default].webhook_secret"),
     ("REFINER_API_KEY", "sources[default].refiner_api_key"),
+    ("GATEWAY_SPOOL", "spool.backend"),
+    ("GATEWAY_NATS_URL", "nats.url"),
+    ("GATEWAY_NATS_TOKEN", "nats.token"),
+    ("GATEWAY_NATS_USER", "nats.user"),
+    ("GATEWAY_NATS_PASSWORD", "nats.password"),
+    ("GATEWAY_NATS_CREDS", "nats.credentials_file"),
+    ("GATEWAY_NATS_STREAM", "nats.stream"),
+    ("GATEWAY_NATS_CONSUMER", "nats.consumer"),
+    ("GATEWAY_NATS_REPLICAS", "nats.replicas"),
+    ("GATEWAY_NATS_PARTITIONS", "nats.partitions"),
+    ("GATEWAY_NODE_NAME", "nats.node_name"),
 ];
 
 impl Settings {
@@ -337,6 +356,7 @@ impl Settings {
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.apply_nats_env(&env)?;
         if let Some(v) = env("GATEWAY_LISTEN") {
             self.listen = v;
         }
@@ -562,6 +582,7 @@ impl Settings {
                 ));
             }
         }
+        self.validate_nats()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
                 "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",

@@ -21,12 +21,12 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::api::{self, OpsState};
-use crate::config::Settings;
+use crate::config::{Settings, SpoolBackend};
 use crate::dispatch::Dispatcher;
 use crate::ingest::{self, auth::Sources, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::request_id::request_id;
-use crate::spool::{Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
+use crate::spool::{NatsSpool, Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
 use crate::telemetry::Metrics;
 
 /// Why the application could not start.
@@ -80,7 +80,13 @@ impl Application {
         options.dead_letter_retention =
             Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
         options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
-        let spool: Arc<dyn Spool> = Arc::new(SqliteSpool::open(options, metrics.clone())?);
+        let spool: Arc<dyn Spool> = match settings.spool.backend {
+            SpoolBackend::Sqlite => Arc::new(SqliteSpool::open(options, metrics.clone())?),
+            SpoolBackend::Nats => Arc::new(NatsSpool::open(
+                settings.nats_spool_options(),
+                metrics.clone(),
+            )?),
+        };
 
         let dispatcher = if settings.delivery.enabled {
             let client = RefinerClient::new(&ClientOptions {

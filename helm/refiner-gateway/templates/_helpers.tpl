@@ -175,6 +175,21 @@ spec:
           value: nats
         - name: GATEWAY_NATS_URL
           value: {{ .Values.spool.nats.url | quote }}
+        - name: GATEWAY_NATS_REPLICAS
+          value: {{ .Values.spool.nats.replicas | quote }}
+        - name: GATEWAY_NATS_PARTITIONS
+          value: {{ .Values.spool.nats.partitions | quote }}
+        - name: GATEWAY_NODE_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        {{- if .Values.spool.nats.tokenSecret }}
+        - name: GATEWAY_NATS_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ .Values.spool.nats.tokenSecret }}
+              key: {{ .Values.spool.nats.tokenKey }}
+        {{- end }}
         {{- if .Values.spool.nats.credentialsSecret }}
         - name: GATEWAY_NATS_CREDS
           value: /etc/refiner-gateway/nats/creds
