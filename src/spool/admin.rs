@@ -69,7 +69,8 @@ impl SortField {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SearchField {
     MessageId,
-    UserId,
+    /// The user's identity: userId, else email, else anonymousId.
+    User,
     Event,
     Type,
     Error,
@@ -78,7 +79,7 @@ pub enum SearchField {
 impl SearchField {
     pub const ALL: [SearchField; 5] = [
         SearchField::MessageId,
-        SearchField::UserId,
+        SearchField::User,
         SearchField::Event,
         SearchField::Type,
         SearchField::Error,
@@ -87,7 +88,7 @@ impl SearchField {
     pub fn name(self) -> &'static str {
         match self {
             SearchField::MessageId => "messageId",
-            SearchField::UserId => "userId",
+            SearchField::User => "user",
             SearchField::Event => "event",
             SearchField::Type => "type",
             SearchField::Error => "last_error",

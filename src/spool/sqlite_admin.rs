@@ -156,7 +156,7 @@ fn sort_column(field: SortField) -> &'static str {
 fn search_column(field: SearchField) -> &'static str {
     match field {
         SearchField::MessageId => "message_id",
-        SearchField::UserId => "user_id",
+        SearchField::User => "user_key",
         SearchField::Event => "event_name",
         SearchField::Type => "kind",
         SearchField::Error => "last_error",

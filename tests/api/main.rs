@@ -5,6 +5,7 @@ mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
+mod management;
 mod observability;
 mod properties;
 mod python_client;
