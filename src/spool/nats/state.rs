@@ -197,6 +197,7 @@ impl QueueState {
         let removed = settlement
             .acked
             .iter()
+            .chain(settlement.skipped.iter().map(|s| &s.seq))
             .chain(settlement.dead.iter().map(|d| &d.seq));
         for seq in removed {
             let Ok(seq) = u64::try_from(*seq) else {
@@ -429,6 +430,32 @@ mod tests {
             20_002,
         );
         assert_eq!(seqs(&s.lease(10, 100, 20_002)), [2]);
+    }
+
+    #[test]
+    fn skipped_events_leave_like_acked_ones() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "a", 0), 0);
+        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
+        let replies = s.settle(
+            &Settlement {
+                skipped: vec![crate::spool::Skipped {
+                    seq: 1,
+                    reason: "alias".into(),
+                }],
+                ..Default::default()
+            },
+            1,
+        );
+        assert_eq!(
+            replies,
+            [Reply::Ack {
+                seq: 1,
+                reply: "r1".into()
+            }]
+        );
+        assert_eq!(seqs(&s.lease(10, 100, 1)), [2]);
     }
 
     #[test]
