@@ -5,6 +5,7 @@
 //! `spool` (durable queue) → delivery. See `docs/architecture.md`.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dispatch;

@@ -65,6 +65,8 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         timeout_secs: u64,
     },
+    /// List, show, replay or delete dead letters through a running gateway's management API.
+    DeadLetters(refiner_gateway::cli::DeadLettersArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         }),
         Command::CheckConfig { config } => check_config(config),
         Command::Healthcheck { url, timeout_secs } => healthcheck(url, timeout_secs),
+        Command::DeadLetters(args) => refiner_gateway::cli::run(args),
     }
 }
 

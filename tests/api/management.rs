@@ -1535,3 +1535,126 @@ async fn every_route_of_the_openapi_document_exists() {
     assert_eq!(checked, 8);
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The command line
+
+const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
+
+/// Runs `refiner-gateway dead-letters <args>` against `app`; (exit code, stdout, stderr).
+async fn cli(app: &TestApp, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(BINARY);
+    command
+        .arg("dead-letters")
+        .args(args)
+        .args(["--url", &app.address])
+        .env_remove("GATEWAY_URL")
+        .env_remove("GATEWAY_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("GATEWAY_ADMIN_TOKEN", token);
+    }
+    let output = command.output().await.expect("run refiner-gateway");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_lists_shows_replays_and_purges() {
+    let app = spawn_admin(|_| {}).await;
+    six_dead_letters(&app).await;
+    for sub in [
+        vec![],
+        vec!["list"],
+        vec!["show"],
+        vec!["replay"],
+        vec!["purge"],
+    ] {
+        let mut args = sub.clone();
+        args.push("--help");
+        let (code, out, _) = cli(&app, None, &args).await;
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage: refiner-gateway dead-letters"), "{out}");
+    }
+
+    let (code, out, err) = cli(&app, Some(ADMIN), &["list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("page 1 of 1 (6 dead letters)"), "{out}");
+    assert!(
+        out.contains("Order Completed") && out.contains("email x@y.io"),
+        "{out}"
+    );
+    let (code, out, _) = cli(
+        &app,
+        Some(ADMIN),
+        &["list", "--all", "--page-size", "2", "--o", "-id"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1 + 6 + 1, "{out}");
+    assert!(out.ends_with("6 dead letters\n"), "{out}");
+    let (code, out, _) = cli(
+        &app,
+        Some(ADMIN),
+        &["list", "--json", "--q", "order", "--q-f", "event"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let body: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(body["count"], json!(2));
+
+    let id = ids(&all_rows(&app, "q=m-a1&q_f=messageId").await)[0];
+    let (code, out, _) = cli(
+        &app,
+        Some(ADMIN),
+        &["show", &id.to_string(), "--token", ADMIN],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let body: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(body["messageId"], json!("m-a1"));
+
+    let (code, out, err) = cli(&app, Some(ADMIN), &["replay", "--id", &id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "replayed 1 dead letters\n");
+    let (code, out, _) = cli(
+        &app,
+        Some(ADMIN),
+        &["replay", "--q", "order", "--q-f", "event", "--chunk", "1"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "replayed 2 dead letters\n");
+    assert_eq!(get_ok(&app, LIST).await["count"], json!(3));
+
+    let (code, _, err) = cli(&app, Some(ADMIN), &["purge"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--yes"), "{err}");
+    let left = ids(&all_rows(&app, "o=id").await);
+    let (code, out, _) = cli(&app, Some(ADMIN), &["purge", "--id", &left[0].to_string()]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "deleted 1 dead letters\n");
+    let (code, out, _) = cli(&app, Some(ADMIN), &["purge", "--yes"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "deleted 2 dead letters\n");
+    let (code, out, _) = cli(&app, Some(ADMIN), &["replay"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "no dead letters to replay\n");
+
+    // Refusals: no token, a wrong one, an unknown source, an unreachable gateway.
+    let (code, _, err) = cli(&app, None, &["list"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("GATEWAY_ADMIN_TOKEN"), "{err}");
+    let (code, _, err) = cli(&app, Some(WRITE_KEY), &["list"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("401") && err.contains("invalid_token"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&app, Some(ADMIN), &["list", "--source", "nope"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown_source"), "{err}");
+    app.stop().await;
+}
