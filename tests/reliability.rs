@@ -1,0 +1,33 @@
+//! The reliability suite, quick forms (CI): crash loop, Refiner outage, 429 storm, disk
+//! full, bad input and a short soak, each against the real `refiner-gateway serve` binary
+//! and the in-process Refiner simulator on 127.0.0.1. Each scenario prints its figures
+//! (`cargo test --test reliability -- --nocapture`) and asserts its checks.
+//!
+//! The long forms (100 crash cycles, ≥ 1,000,000 bad inputs, a 10-minute soak, a
+//! 10-million-event backlog) run the same code with bigger parameters:
+//! `cargo run --release --example reliability -- --long`, which also regenerates the results
+//! table of `docs/reliability.md`.
+
+#[allow(dead_code)]
+#[path = "reliability/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "reliability/load.rs"]
+mod load;
+#[allow(dead_code)]
+#[path = "reliability/report.rs"]
+mod report;
+#[allow(dead_code)]
+#[path = "reliability/witness.rs"]
+mod witness;
+
+#[allow(dead_code)]
+#[path = "reliability/crash.rs"]
+mod crash;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_loses_nothing_answered_200() {
+    crash::run(crash::CrashParams::quick())
+        .await
+        .assert_passed();
+}

@@ -1,0 +1,318 @@
+//! Crash loop: under steady load from several concurrent clients, SIGKILL the real gateway
+//! binary at random moments, restart it on the same data dir, and repeat. Afterwards every
+//! event that was answered 200 must have reached the simulator at least once.
+//!
+//! The load keeps group commits in flight all the time and delivery runs concurrently, so a
+//! random moment falls during both; each kill records the evidence (ingest requests waiting
+//! for their commit, Refiner calls in flight at the simulator). Replay through the
+//! management API is not exercised: the gateway has no replay route yet.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use refiner_gateway::sim::Faults;
+
+use crate::harness::{mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile};
+use crate::load::{event_id, Load, LoadSpec};
+use crate::report::{percent, secs, Report};
+use crate::witness::Witness;
+
+#[derive(Debug, Clone)]
+pub struct CrashParams {
+    pub cycles: usize,
+    pub clients: usize,
+    pub batch: usize,
+    pub pace: Duration,
+    /// Each cycle runs for a random time in this range before the SIGKILL.
+    pub cycle_ms: (u64, u64),
+    /// Latency the simulator adds to every call (keeps calls in flight).
+    pub sim_latency_ms: u64,
+    pub drain_limit: Duration,
+    pub seed: u64,
+}
+
+impl CrashParams {
+    pub fn quick() -> CrashParams {
+        CrashParams {
+            cycles: 10,
+            clients: 4,
+            batch: 10,
+            pace: Duration::from_millis(20),
+            cycle_ms: (800, 2500),
+            sim_latency_ms: 2,
+            drain_limit: Duration::from_secs(60),
+            seed: 7,
+        }
+    }
+}
+
+pub async fn run(params: CrashParams) -> Report {
+    let started = Instant::now();
+    let mut report = Report::new("Crash loop");
+    report.ran = format!(
+        "{} SIGKILL/restart cycles of the real binary, each after a random {}–{} ms; {} \
+         clients sending {}-event batches every {} ms (retrying until 200); simulator \
+         latency {} ms; seed {}",
+        params.cycles,
+        params.cycle_ms.0,
+        params.cycle_ms.1,
+        params.clients,
+        params.batch,
+        params.pace.as_millis(),
+        params.sim_latency_ms,
+        params.seed
+    );
+    let sim = start_sim(
+        0,
+        Faults {
+            latency_ms: params.sim_latency_ms,
+            ..Faults::none()
+        },
+        200_000,
+    )
+    .await;
+    let witness = Witness::start(sim.state(), false);
+    let scratch = scratch_dir("crash");
+    let data_dir = scratch.path().join("data");
+    let spec = Spec::new(&data_dir, &sim.url());
+    let ready_limit = Duration::from_secs(30);
+
+    let mut gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
+    let load_spec = LoadSpec::new("crash", params.clients, params.batch, params.pace);
+    let load = Load::start(load_spec.clone(), &gateway.address);
+    let mut rng = fastrand::Rng::with_seed(params.seed);
+
+    let mut restarts = Vec::new();
+    let mut with_ingest_in_flight = 0;
+    let mut with_calls_in_flight = 0;
+    let mut peak_rss = 0;
+    for cycle in 0..params.cycles {
+        let wait = rng.u64(params.cycle_ms.0..=params.cycle_ms.1);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let ingest_in_flight = load.shared.in_flight.load(Ordering::SeqCst);
+        let calls_in_flight = witness.poll();
+        peak_rss = peak_rss.max(gateway.memory().hwm);
+        gateway.kill().await;
+        if ingest_in_flight > 0 {
+            with_ingest_in_flight += 1;
+        }
+        if calls_in_flight > 0 {
+            with_calls_in_flight += 1;
+        }
+        let acked = load.shared.acked();
+        let delivered = witness.with(|d| d.tracks.len());
+        eprintln!(
+            "[crash] cycle {}/{}: SIGKILL after {wait} ms with {ingest_in_flight} ingest \
+             requests and {calls_in_flight} Refiner calls in flight; {acked} acked, \
+             {delivered} delivered so far",
+            cycle + 1,
+            params.cycles
+        );
+        gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
+        restarts.push(gateway.ready_after);
+        load.shared.set_address(&gateway.address);
+    }
+    // Let the last process take load for a moment, then stop the clients.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shared = load.stop().await;
+    let stopped = Instant::now();
+
+    let acked: Vec<(usize, u64)> = (0..params.clients)
+        .map(|k| (k, shared.acked_upto[k].load(Ordering::SeqCst)))
+        .collect();
+    let accepted: u64 = acked.iter().map(|(_, n)| n).sum();
+    let missing = |delivered: &crate::witness::Delivered| {
+        let mut missing = 0u64;
+        for &(k, upto) in &acked {
+            for n in 0..upto {
+                if !delivered.contains(&event_id("crash", k, n)) {
+                    missing += 1;
+                }
+            }
+        }
+        missing
+    };
+    let drained = wait_for(
+        params.drain_limit,
+        "every acknowledged event delivered",
+        || {
+            let witness = witness.clone();
+            let data_dir = data_dir.clone();
+            async move {
+                let missing = witness.with(missing);
+                let queued = SpoolFile::read(&data_dir)
+                    .map(|f| f.queued)
+                    .unwrap_or(u64::MAX);
+                if missing == 0 && queued == 0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{missing} acknowledged events not delivered, {queued} queued"
+                    ))
+                }
+            }
+        },
+    )
+    .await;
+    let drain_time = stopped.elapsed();
+    peak_rss = peak_rss.max(gateway.memory().hwm);
+    let terminated = gateway.terminate().await;
+    let file = SpoolFile::read(&data_dir);
+    let integrity = SpoolFile::integrity(&data_dir);
+    let delivered = witness.finish();
+    sim.stop().await;
+
+    let lost = missing(&delivered);
+    let unique = delivered.tracks.len() as u64;
+    let duplicates = delivered.duplicates();
+    let sent_unacked: Vec<(usize, u64, u64)> = (0..params.clients)
+        .map(|k| {
+            (
+                k,
+                shared.acked_upto[k].load(Ordering::SeqCst),
+                shared.sent_upto[k].load(Ordering::SeqCst),
+            )
+        })
+        .collect();
+    let unacked: u64 = sent_unacked.iter().map(|(_, a, s)| s - a).sum();
+    let unacked_delivered: u64 = sent_unacked
+        .iter()
+        .map(|&(k, a, s)| {
+            (a..s)
+                .filter(|n| delivered.contains(&event_id("crash", k, *n)))
+                .count() as u64
+        })
+        .sum();
+    let order_violations = order_violations(&delivered, &acked, &load_spec);
+    restarts.sort();
+    let median_restart = restarts
+        .get(restarts.len() / 2)
+        .copied()
+        .unwrap_or_default();
+    let max_restart = restarts.last().copied().unwrap_or_default();
+
+    report.figure("cycles", params.cycles);
+    report.figure("accepted (answered 200)", accepted);
+    report.figure("delivered (distinct events)", unique);
+    report.figure("lost", lost);
+    report.figure(
+        "duplicates",
+        format!(
+            "{duplicates} ({} of delivered)",
+            percent(duplicates, unique)
+        ),
+    );
+    report.figure(
+        "duplicates per kill",
+        format!("{:.1}", duplicates as f64 / params.cycles.max(1) as f64),
+    );
+    report.figure(
+        "sent but unanswered when stopped",
+        format!("{unacked} ({unacked_delivered} of them delivered anyway)"),
+    );
+    report.figure(
+        "kills with ingest requests in flight",
+        format!("{with_ingest_in_flight}/{}", params.cycles),
+    );
+    report.figure(
+        "kills with Refiner calls in flight",
+        format!("{with_calls_in_flight}/{}", params.cycles),
+    );
+    report.figure(
+        "restart to /readyz 200",
+        format!("median {}, max {}", secs(median_restart), secs(max_restart)),
+    );
+    report.figure("drain after the last cycle", secs(drain_time));
+    report.figure("ingest answers", format!("{:?}", shared.status_counts()));
+    report.figure("Refiner calls", format!("{:?}", delivered.statuses));
+    report.figure("peak RSS of a gateway process", mib(peak_rss));
+
+    report.check(
+        "no event answered 200 is lost",
+        lost == 0 && drained.is_ok(),
+        match &drained {
+            Ok(()) => format!("{lost} lost of {accepted}"),
+            Err(e) => e.clone(),
+        },
+    );
+    let unexpected = shared.unexpected.lock().expect("lock").clone();
+    report.check(
+        "only 200, 429 or 503 answers",
+        unexpected.is_empty(),
+        format!("{unexpected:?}"),
+    );
+    report.check(
+        "every kill hit ingest or delivery in flight",
+        with_ingest_in_flight + with_calls_in_flight >= params.cycles,
+        format!(
+            "{with_ingest_in_flight} kills during ingest, {with_calls_in_flight} during delivery"
+        ),
+    );
+    report.check(
+        "per-user order of first deliveries kept",
+        order_violations.is_empty(),
+        format!(
+            "{} users out of order: {order_violations:?}",
+            order_violations.len()
+        ),
+    );
+    match file {
+        Ok(file) => report.check(
+            "spool empty, nothing dead-lettered",
+            file.queued == 0 && file.dead_letters == 0,
+            format!("{} queued, {} dead letters", file.queued, file.dead_letters),
+        ),
+        Err(e) => report.check("spool empty, nothing dead-lettered", false, e),
+    }
+    report.check(
+        "spool file passes integrity_check",
+        integrity.as_deref() == Ok("ok"),
+        format!("{integrity:?}"),
+    );
+    report.check(
+        "the last process stops cleanly on SIGTERM",
+        terminated.is_ok(),
+        format!("{terminated:?}"),
+    );
+    report.figure("duplicate target ≤ 0.1 %", {
+        let rate = if unique == 0 {
+            0.0
+        } else {
+            duplicates as f64 * 100.0 / unique as f64
+        };
+        if rate <= 0.1 {
+            "met".to_string()
+        } else {
+            format!("not met ({rate:.3} %)")
+        }
+    });
+    report.elapsed = started.elapsed();
+    report
+}
+
+/// Users whose events were first delivered out of the order they were accepted in.
+fn order_violations(
+    delivered: &crate::witness::Delivered,
+    acked: &[(usize, u64)],
+    spec: &LoadSpec,
+) -> Vec<String> {
+    let mut last: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut violations = Vec::new();
+    for &(k, upto) in acked {
+        for n in 0..upto {
+            let user = n % spec.users as u64;
+            let Some(&(_, first)) = delivered.tracks.get(&event_id("crash", k, n)) else {
+                continue;
+            };
+            if let Some(previous) = last.insert((k, user), first) {
+                if previous > first {
+                    violations.push(format!("{}-u{k}-{user} at event {n}", spec.prefix));
+                }
+            }
+        }
+    }
+    violations.sort();
+    violations.dedup();
+    violations
+}
