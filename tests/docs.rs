@@ -26,7 +26,7 @@ fn read(relative: &str) -> String {
 }
 
 /// The documents this test owns, which must exist and whose relative links must resolve.
-const DOCS: [&str; 7] = [
+const DOCS: [&str; 8] = [
     "docs/README.md",
     "docs/configuration.md",
     "docs/segment-setup.md",
@@ -34,6 +34,7 @@ const DOCS: [&str; 7] = [
     "docs/delivery.md",
     "docs/architecture.md",
     "docs/operations.md",
+    "docs/api.md",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -530,5 +531,62 @@ fn relative_links_resolve() {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/api.md
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn every_management_error_reason_is_documented_with_its_status() {
+    use refiner_gateway::api::management::error::ApiError;
+    let all = [
+        ApiError::Disabled,
+        ApiError::MissingToken,
+        ApiError::InvalidToken,
+        ApiError::parameter("page", ""),
+        ApiError::UnknownSource(String::new()),
+        ApiError::NotFound(String::new()),
+        ApiError::MethodNotAllowed("GET"),
+        ApiError::BodyTooLarge(1),
+        ApiError::Overloaded,
+        ApiError::Unavailable(String::new()),
+    ];
+    // Fails to compile when a variant is added: add it above, and document its reason.
+    for error in &all {
+        match error {
+            ApiError::Disabled
+            | ApiError::MissingToken
+            | ApiError::InvalidToken
+            | ApiError::InvalidParameter { .. }
+            | ApiError::UnknownSource(_)
+            | ApiError::NotFound(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::BodyTooLarge(_)
+            | ApiError::Overloaded
+            | ApiError::Unavailable(_) => {}
+        }
+    }
+    let reasons: BTreeSet<&str> = all.iter().map(ApiError::reason).collect();
+    assert_eq!(
+        reasons,
+        ApiError::REASONS.into_iter().collect::<BTreeSet<_>>()
+    );
+    let doc = read("docs/api.md");
+    let openapi = read("docs/openapi.yaml");
+    for error in &all {
+        let reason = format!("`{}`", error.reason());
+        let status = error.status().as_u16().to_string();
+        assert!(
+            doc.lines().any(|line| line.starts_with('|')
+                && line.contains(&reason)
+                && line.contains(&status)),
+            "docs/api.md has no table row with {reason} and status {status}"
+        );
+        assert!(
+            openapi.contains(error.reason()),
+            "docs/openapi.yaml does not list the reason {reason}"
+        );
     }
 }
