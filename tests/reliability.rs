@@ -24,10 +24,28 @@ mod witness;
 #[allow(dead_code)]
 #[path = "reliability/crash.rs"]
 mod crash;
+#[path = "reliability/outage.rs"]
+mod outage;
+#[path = "reliability/storm.rs"]
+mod storm;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_loses_nothing_answered_200() {
     crash::run(crash::CrashParams::quick())
+        .await
+        .assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refiner_outage_drains_fully_without_dead_letters() {
+    outage::run(outage::OutageParams::quick())
+        .await
+        .assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_is_honoured_per_user_and_key() {
+    storm::run(storm::StormParams::quick())
         .await
         .assert_passed();
 }

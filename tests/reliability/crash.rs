@@ -4,8 +4,13 @@
 //!
 //! The load keeps group commits in flight all the time and delivery runs concurrently, so a
 //! random moment falls during both; each kill records the evidence (ingest requests waiting
-//! for their commit, Refiner calls in flight at the simulator). Replay through the
-//! management API is not exercised: the gateway has no replay route yet.
+//! for their commit, Refiner calls in flight at the simulator, a replay under way).
+//!
+//! Replay: before the first cycle, a second stream of events is sent to the `hooked` source
+//! while its Refiner key is revoked (the simulator answers 401), so they are dead-lettered.
+//! The first restart fixes the key, as an operator would, and from then on a client replays
+//! the dead letters through the management API in small chunks while the kills go on; after
+//! the last cycle every one of them must have been delivered too.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -13,7 +18,14 @@ use std::time::{Duration, Instant};
 
 use refiner_gateway::sim::Faults;
 
-use crate::harness::{mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::Arc;
+
+use crate::harness::{
+    mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile, ADMIN_TOKEN, OTHER_KEY,
+    OTHER_REFINER_KEY,
+};
+use crate::load::Shared;
 use crate::load::{event_id, Load, LoadSpec};
 use crate::report::{percent, secs, Report};
 use crate::witness::Witness;
@@ -30,6 +42,11 @@ pub struct CrashParams {
     pub sim_latency_ms: u64,
     pub drain_limit: Duration,
     pub seed: u64,
+    /// Events dead-lettered before the first cycle and replayed during the cycles (0: none).
+    pub replay_events: u64,
+    /// Dead letters per replay call, and the pause between calls.
+    pub replay_chunk: u64,
+    pub replay_pace: Duration,
 }
 
 impl CrashParams {
@@ -38,11 +55,14 @@ impl CrashParams {
             cycles: 10,
             clients: 4,
             batch: 10,
-            pace: Duration::from_millis(20),
+            pace: Duration::from_millis(25),
             cycle_ms: (800, 2500),
             sim_latency_ms: 2,
             drain_limit: Duration::from_secs(60),
             seed: 7,
+            replay_events: 2000,
+            replay_chunk: 25,
+            replay_pace: Duration::from_millis(150),
         }
     }
 }
@@ -53,7 +73,8 @@ pub async fn run(params: CrashParams) -> Report {
     report.ran = format!(
         "{} SIGKILL/restart cycles of the real binary, each after a random {}–{} ms; {} \
          clients sending {}-event batches every {} ms (retrying until 200); simulator \
-         latency {} ms; seed {}",
+         latency {} ms; {} dead letters replayed {} per call every {} ms during the cycles; \
+         seed {}",
         params.cycles,
         params.cycle_ms.0,
         params.cycle_ms.1,
@@ -61,6 +82,9 @@ pub async fn run(params: CrashParams) -> Report {
         params.batch,
         params.pace.as_millis(),
         params.sim_latency_ms,
+        params.replay_events,
+        params.replay_chunk,
+        params.replay_pace.as_millis(),
         params.seed
     );
     let sim = start_sim(
@@ -75,25 +99,77 @@ pub async fn run(params: CrashParams) -> Report {
     let witness = Witness::start(sim.state(), false);
     let scratch = scratch_dir("crash");
     let data_dir = scratch.path().join("data");
-    let spec = Spec::new(&data_dir, &sim.url());
+    let mut spec = Spec::new(&data_dir, &sim.url());
     let ready_limit = Duration::from_secs(30);
-
+    if params.replay_events > 0 {
+        spec.hooked_refiner_key = "reliability-revoked-key".into();
+    }
     let mut gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
+
+    // The events to replay: refused by Refiner (401) and dead-lettered.
+    let mut replay_spec = LoadSpec::new("replay", 2, 50, Duration::ZERO);
+    replay_spec.write_key = OTHER_KEY;
+    replay_spec.events_per_client = params.replay_events / 2;
+    let mut dead_lettered = 0;
+    let replay_shared = if params.replay_events > 0 {
+        let shared = Load::start(replay_spec.clone(), &gateway.address)
+            .finish()
+            .await;
+        let acked = shared.acked();
+        let data_dir = data_dir.clone();
+        let result = wait_for(
+            Duration::from_secs(60),
+            "the events to replay are dead letters",
+            || {
+                let data_dir = data_dir.clone();
+                async move {
+                    let dead = SpoolFile::read(&data_dir)
+                        .map(|f| f.dead_letters)
+                        .unwrap_or(0);
+                    if dead >= acked {
+                        Ok(dead)
+                    } else {
+                        Err(format!("{dead} of {acked} dead-lettered"))
+                    }
+                }
+            },
+        )
+        .await;
+        dead_lettered = result.unwrap_or_else(|e| panic!("{e}"));
+        spec.hooked_refiner_key = OTHER_REFINER_KEY.into();
+        Some(shared)
+    } else {
+        None
+    };
+
     let load_spec = LoadSpec::new("crash", params.clients, params.batch, params.pace);
     let load = Load::start(load_spec.clone(), &gateway.address);
+    let replay = Arc::new(Replay::default());
+    let mut replay_task = None;
     let mut rng = fastrand::Rng::with_seed(params.seed);
 
     let mut restarts = Vec::new();
     let mut with_ingest_in_flight = 0;
     let mut with_calls_in_flight = 0;
+    let mut during_replay = 0;
+    let mut replay_call_in_flight = 0;
     let mut peak_rss = 0;
     for cycle in 0..params.cycles {
         let wait = rng.u64(params.cycle_ms.0..=params.cycle_ms.1);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         let ingest_in_flight = load.shared.in_flight.load(Ordering::SeqCst);
         let calls_in_flight = witness.poll();
+        let replay_calls = replay.in_flight.load(Ordering::SeqCst);
+        let replaying =
+            replay.started.load(Ordering::SeqCst) && !replay.done.load(Ordering::SeqCst);
         peak_rss = peak_rss.max(gateway.memory().hwm);
         gateway.kill().await;
+        if replaying || replay_calls > 0 {
+            during_replay += 1;
+        }
+        if replay_calls > 0 {
+            replay_call_in_flight += 1;
+        }
         if ingest_in_flight > 0 {
             with_ingest_in_flight += 1;
         }
@@ -104,14 +180,22 @@ pub async fn run(params: CrashParams) -> Report {
         let delivered = witness.with(|d| d.tracks.len());
         eprintln!(
             "[crash] cycle {}/{}: SIGKILL after {wait} ms with {ingest_in_flight} ingest \
-             requests and {calls_in_flight} Refiner calls in flight; {acked} acked, \
-             {delivered} delivered so far",
+             requests, {calls_in_flight} Refiner calls and {replay_calls} replay calls in \
+             flight (replay under way: {replaying}); {acked} acked, {delivered} delivered so far",
             cycle + 1,
             params.cycles
         );
         gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
         restarts.push(gateway.ready_after);
         load.shared.set_address(&gateway.address);
+        if replay_task.is_none() && params.replay_events > 0 {
+            replay_task = Some(tokio::spawn(drive_replay(
+                load.shared.clone(),
+                replay.clone(),
+                params.replay_chunk,
+                params.replay_pace,
+            )));
+        }
     }
     // Let the last process take load for a moment, then stop the clients.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -121,13 +205,24 @@ pub async fn run(params: CrashParams) -> Report {
     let acked: Vec<(usize, u64)> = (0..params.clients)
         .map(|k| (k, shared.acked_upto[k].load(Ordering::SeqCst)))
         .collect();
+    let replay_acked: Vec<(usize, u64)> = replay_shared
+        .as_ref()
+        .map(|shared| {
+            (0..replay_spec.clients)
+                .map(|k| (k, shared.acked_upto[k].load(Ordering::SeqCst)))
+                .collect()
+        })
+        .unwrap_or_default();
     let accepted: u64 = acked.iter().map(|(_, n)| n).sum();
+    let replay_accepted: u64 = replay_acked.iter().map(|(_, n)| n).sum();
     let missing = |delivered: &crate::witness::Delivered| {
         let mut missing = 0u64;
-        for &(k, upto) in &acked {
-            for n in 0..upto {
-                if !delivered.contains(&event_id("crash", k, n)) {
-                    missing += 1;
+        for (prefix, streams) in [("crash", &acked), ("replay", &replay_acked)] {
+            for &(k, upto) in streams {
+                for n in 0..upto {
+                    if !delivered.contains(&event_id(prefix, k, n)) {
+                        missing += 1;
+                    }
                 }
             }
         }
@@ -156,6 +251,10 @@ pub async fn run(params: CrashParams) -> Report {
     )
     .await;
     let drain_time = stopped.elapsed();
+    replay.stop.store(true, Ordering::SeqCst);
+    if let Some(task) = replay_task {
+        let _ = task.await;
+    }
     peak_rss = peak_rss.max(gateway.memory().hwm);
     let terminated = gateway.terminate().await;
     let file = SpoolFile::read(&data_dir);
@@ -193,7 +292,13 @@ pub async fn run(params: CrashParams) -> Report {
     let max_restart = restarts.last().copied().unwrap_or_default();
 
     report.figure("cycles", params.cycles);
-    report.figure("accepted (answered 200)", accepted);
+    report.figure(
+        "accepted (answered 200)",
+        format!(
+            "{} ({accepted} live, {replay_accepted} dead-lettered then replayed)",
+            accepted + replay_accepted
+        ),
+    );
     report.figure("delivered (distinct events)", unique);
     report.figure("lost", lost);
     report.figure(
@@ -223,6 +328,24 @@ pub async fn run(params: CrashParams) -> Report {
         "restart to /readyz 200",
         format!("median {}, max {}", secs(median_restart), secs(max_restart)),
     );
+    report.figure(
+        "kills during replay",
+        format!(
+            "{during_replay}/{} ({replay_call_in_flight} with a replay call in flight)",
+            params.cycles
+        ),
+    );
+    report.figure(
+        "replay",
+        format!(
+            "{dead_lettered} dead letters; {} replay calls answered 200, reporting {} \
+             replayed (a call killed before its answer may have replayed its chunk); \
+             other answers {:?}",
+            replay.calls.load(Ordering::SeqCst),
+            replay.replayed.load(Ordering::SeqCst),
+            replay.other.lock().expect("lock")
+        ),
+    );
     report.figure("drain after the last cycle", secs(drain_time));
     report.figure("ingest answers", format!("{:?}", shared.status_counts()));
     report.figure("Refiner calls", format!("{:?}", delivered.statuses));
@@ -232,7 +355,7 @@ pub async fn run(params: CrashParams) -> Report {
         "no event answered 200 is lost",
         lost == 0 && drained.is_ok(),
         match &drained {
-            Ok(()) => format!("{lost} lost of {accepted}"),
+            Ok(()) => format!("{lost} lost of {}", accepted + replay_accepted),
             Err(e) => e.clone(),
         },
     );
@@ -249,6 +372,16 @@ pub async fn run(params: CrashParams) -> Report {
             "{with_ingest_in_flight} kills during ingest, {with_calls_in_flight} during delivery"
         ),
     );
+    if params.replay_events > 0 {
+        report.check(
+            "replay finished during the cycles",
+            replay.done.load(Ordering::SeqCst),
+            format!(
+                "{} replayed of {dead_lettered}",
+                replay.replayed.load(Ordering::SeqCst)
+            ),
+        );
+    }
     report.check(
         "per-user order of first deliveries kept",
         order_violations.is_empty(),
@@ -315,4 +448,74 @@ fn order_violations(
     violations.sort();
     violations.dedup();
     violations
+}
+
+/// The replay client's state.
+#[derive(Debug, Default)]
+struct Replay {
+    started: AtomicBool,
+    done: AtomicBool,
+    stop: AtomicBool,
+    in_flight: AtomicUsize,
+    calls: AtomicU64,
+    replayed: AtomicU64,
+    other: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Replays the `hooked` source's dead letters, `chunk` per call every `pace`, following the
+/// gateway across restarts, until a call finds none left.
+async fn drive_replay(shared: Arc<Shared>, replay: Arc<Replay>, chunk: u64, pace: Duration) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client");
+    replay.started.store(true, Ordering::SeqCst);
+    while !replay.stop.load(Ordering::SeqCst) {
+        let address = shared.address.read().expect("lock").clone();
+        replay.in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = client
+            .post(format!(
+                "{address}/api/events/hooked/dead-letters/replay?limit={chunk}"
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await;
+        let answer = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body = response.json::<serde_json::Value>().await;
+                body.map(|body| (status, body)).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        replay.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match answer {
+            Ok((200, body)) => {
+                replay.calls.fetch_add(1, Ordering::SeqCst);
+                let replayed = body["replayed"].as_u64().unwrap_or(0);
+                replay.replayed.fetch_add(replayed, Ordering::SeqCst);
+                if body["remaining"].as_u64() == Some(0) {
+                    replay.done.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            Ok((status, _)) => {
+                *replay
+                    .other
+                    .lock()
+                    .expect("lock")
+                    .entry(status.to_string())
+                    .or_default() += 1;
+            }
+            Err(_) => {
+                *replay
+                    .other
+                    .lock()
+                    .expect("lock")
+                    .entry("error".into())
+                    .or_default() += 1;
+            }
+        }
+        tokio::time::sleep(pace).await;
+    }
 }

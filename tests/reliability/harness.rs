@@ -95,6 +95,8 @@ pub struct Spec {
     pub spool: Vec<(&'static str, String)>,
     /// Top-level keys (TOML literals), e.g. `shutdown_timeout_secs`.
     pub top: Vec<(&'static str, String)>,
+    /// The Refiner API key the `hooked` source delivers with.
+    pub hooked_refiner_key: String,
 }
 
 impl Spec {
@@ -112,7 +114,11 @@ impl Spec {
                 ("timeout_secs", "5".into()),
             ],
             spool: Vec::new(),
-            top: vec![("shutdown_timeout_secs", "10".into())],
+            top: vec![
+                ("shutdown_timeout_secs", "10".into()),
+                ("admin_token", format!("\"{ADMIN_TOKEN}\"")),
+            ],
+            hooked_refiner_key: OTHER_REFINER_KEY.into(),
         }
     }
 
@@ -168,7 +174,7 @@ impl Spec {
             "\n[[sources]]\nslug = \"hooked\"\nwrite_keys = [{}]\nwebhook_secret = {}\nrefiner_api_key = {}\n",
             quote(OTHER_KEY),
             quote(WEBHOOK_SECRET),
-            quote(OTHER_REFINER_KEY)
+            quote(&self.hooked_refiner_key)
         ));
         text
     }

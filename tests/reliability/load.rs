@@ -21,6 +21,8 @@ use crate::harness::{basic, WRITE_KEY};
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     pub prefix: String,
+    /// The write key (and so the source) the clients send with.
+    pub write_key: &'static str,
     pub clients: usize,
     /// Events per request; 1 posts `/v1/track`, more post `/v1/batch`.
     pub batch: usize,
@@ -42,6 +44,7 @@ impl LoadSpec {
     pub fn new(prefix: &str, clients: usize, batch: usize, pace: Duration) -> LoadSpec {
         LoadSpec {
             prefix: prefix.to_string(),
+            write_key: WRITE_KEY,
             clients,
             batch,
             pace,
@@ -210,7 +213,7 @@ async fn run_client(
         let size = (spec.batch as u64).min(spec.events_per_client - n);
         let (path, body) = if spec.batch == 1 {
             let mut body = event(&spec, k, n);
-            body["writeKey"] = json!(WRITE_KEY);
+            body["writeKey"] = json!(spec.write_key);
             ("/v1/track", body)
         } else {
             let batch: Vec<Value> = (n..n + size).map(|i| event(&spec, k, i)).collect();
@@ -225,7 +228,7 @@ async fn run_client(
             let started = Instant::now();
             let result = client
                 .post(format!("{address}{path}"))
-                .header("Authorization", basic(WRITE_KEY))
+                .header("Authorization", basic(spec.write_key))
                 .header("Content-Type", "application/json")
                 .body(body.clone())
                 .send()
