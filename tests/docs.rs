@@ -552,6 +552,7 @@ fn every_management_error_reason_is_documented_with_its_status() {
         ApiError::BodyTooLarge(1),
         ApiError::Overloaded,
         ApiError::Unavailable(String::new()),
+        ApiError::NotSupported(String::new()),
     ];
     // Fails to compile when a variant is added: add it above, and document its reason.
     for error in &all {
@@ -565,7 +566,8 @@ fn every_management_error_reason_is_documented_with_its_status() {
             | ApiError::MethodNotAllowed(_)
             | ApiError::BodyTooLarge(_)
             | ApiError::Overloaded
-            | ApiError::Unavailable(_) => {}
+            | ApiError::Unavailable(_)
+            | ApiError::NotSupported(_) => {}
         }
     }
     let reasons: BTreeSet<&str> = all.iter().map(ApiError::reason).collect();

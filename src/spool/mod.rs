@@ -149,6 +149,9 @@ pub enum SpoolError {
     /// The spool is shutting down.
     #[error("the spool is closed")]
     Closed,
+    /// This backend does not offer the operation (a management API operation).
+    #[error("this spool backend does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// The durable queue. See the module header for the guarantees.
@@ -184,7 +187,7 @@ pub trait Spool: Send + Sync + 'static {
     async fn close(&self);
 
     // The management API's operations (see [`admin`]). Backends without them answer
-    // `Storage`, which the API reports as 503.
+    // `Unsupported`, which the API reports as 501.
 
     /// A page of a source's dead letters.
     async fn list_dead_letters(
@@ -192,13 +195,13 @@ pub trait Spool: Send + Sync + 'static {
         query: DeadLetterQuery,
     ) -> Result<DeadLetterPage, SpoolError> {
         let _ = query;
-        Err(unsupported())
+        Err(SpoolError::Unsupported("listing dead letters"))
     }
 
     /// One dead letter with its payload and attempts, if it exists in that source.
     async fn dead_letter(&self, source: &str, id: i64) -> Result<Option<DeadLetter>, SpoolError> {
         let _ = (source, id);
-        Err(unsupported())
+        Err(SpoolError::Unsupported("reading dead letters"))
     }
 
     /// Moves up to `limit` matching dead letters (all when `None`) back to the tail of the
@@ -209,19 +212,19 @@ pub trait Spool: Send + Sync + 'static {
         limit: Option<u64>,
     ) -> Result<ReplayReport, SpoolError> {
         let _ = (filter, limit);
-        Err(unsupported())
+        Err(SpoolError::Unsupported("replaying dead letters"))
     }
 
     /// Deletes the matching dead letters and their attempts; returns how many.
     async fn delete_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64, SpoolError> {
         let _ = filter;
-        Err(unsupported())
+        Err(SpoolError::Unsupported("deleting dead letters"))
     }
 
     /// A source's usage for the month of `now_ms`, and its backlog.
     async fn usage(&self, source: &str, now_ms: i64) -> Result<SourceUsage, SpoolError> {
         let _ = (source, now_ms);
-        Err(unsupported())
+        Err(SpoolError::Unsupported("usage counters"))
     }
 
     /// A source's hourly counters for hours `from_hour..to_hour` (hours since the epoch).
@@ -232,10 +235,6 @@ pub trait Spool: Send + Sync + 'static {
         to_hour: i64,
     ) -> Result<Vec<CounterRow>, SpoolError> {
         let _ = (source, from_hour, to_hour);
-        Err(unsupported())
+        Err(SpoolError::Unsupported("event counters"))
     }
-}
-
-fn unsupported() -> SpoolError {
-    SpoolError::Storage("not supported by this spool backend".into())
 }

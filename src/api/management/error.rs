@@ -36,6 +36,9 @@ pub enum ApiError {
     Overloaded,
     #[error("the spool is unavailable; retry later")]
     Unavailable(String),
+    /// The configured spool backend does not offer the operation.
+    #[error("{0}")]
+    NotSupported(String),
 }
 
 impl ApiError {
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -72,11 +76,12 @@ impl ApiError {
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::NotSupported(_) => "not_supported",
         }
     }
 
     /// Every reason, for the documentation check.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "api_disabled",
         "missing_token",
         "invalid_token",
@@ -87,6 +92,7 @@ impl ApiError {
         "body_too_large",
         "overloaded",
         "unavailable",
+        "not_supported",
     ];
 
     /// The answer, carrying the request's id.
@@ -126,6 +132,7 @@ impl From<SpoolError> for ApiError {
     fn from(e: SpoolError) -> Self {
         match e {
             SpoolError::Overloaded => ApiError::Overloaded,
+            SpoolError::Unsupported(_) => ApiError::NotSupported(e.to_string()),
             other => ApiError::Unavailable(other.to_string()),
         }
     }
