@@ -75,3 +75,192 @@ conformance_reopen!(
     close_keeps_every_acknowledged_append,
     concurrent_appends_are_all_durable,
 );
+
+mod dead_letters {
+    use super::*;
+    use refiner_gateway::spool::admin::{
+        Cursor, DeadLetterFilter, DeadLetterQuery, PageAt, SortField, SortValue,
+    };
+    use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+    use refiner_gateway::spool::{DeadLetterRequest, RetryAt, Settlement};
+
+    fn all(source: &str) -> DeadLetterFilter {
+        DeadLetterFilter {
+            source: source.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn query(at: PageAt, limit: u32) -> DeadLetterQuery {
+        DeadLetterQuery {
+            filter: all(SOURCE),
+            sort: SortField::Id,
+            descending: false,
+            at,
+            limit,
+        }
+    }
+
+    /// Buries `ids` (one user each) after one failed attempt each.
+    async fn bury(spool: &Arc<dyn Spool>, ids: &[&str]) {
+        let events = ids.iter().map(|id| event(id, &format!("u:{id}"))).collect();
+        spool
+            .append(request(SOURCE, 1_000, events))
+            .await
+            .expect("append");
+        let leased = spool.lease(100, LONG_LEASE_MS).await.expect("lease");
+        assert_eq!(leased.len(), ids.len());
+        // One retry first, so the history has two attempts.
+        spool
+            .settle(Settlement {
+                retried: leased
+                    .iter()
+                    .map(|l| RetryAt {
+                        seq: l.seq,
+                        next_attempt_at_ms: 0,
+                        status: Some(503),
+                        error: "unavailable".into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("retry");
+        let mut again = Vec::new();
+        for _ in 0..200 {
+            again.extend(spool.lease(100, LONG_LEASE_MS).await.expect("lease"));
+            if again.len() == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(again.len(), ids.len(), "the retried events came back");
+        assert!(again.iter().all(|l| l.attempts == 1), "{again:?}");
+        spool
+            .settle(Settlement {
+                dead: again
+                    .iter()
+                    .map(|l| DeadLetterRequest {
+                        seq: l.seq,
+                        status: Some(400),
+                        error: format!("refused {}", l.message_id),
+                        attempted: true,
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("bury");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_shown_replayed_and_deleted() {
+        let Some(server) = NatsServer::start("dead_letters_are_listed") else {
+            return;
+        };
+        let spool = open(&server);
+        bury(&spool, &["d1", "d2", "d3"]).await;
+        let stats = spool.stats().await.expect("stats");
+        assert_eq!((stats.depth, stats.dead_letters), (0, 3));
+
+        let page = spool
+            .list_dead_letters(query(PageAt::Offset(0), 2))
+            .await
+            .expect("list");
+        assert_eq!(page.count, 3);
+        assert!(page.more);
+        let ids: Vec<&str> = page.items.iter().map(|i| i.message_id.as_str()).collect();
+        assert_eq!(ids, ["d1", "d2"]);
+        assert_eq!(page.items[0].attempts, 2);
+        assert_eq!(page.items[0].last_status, Some(400));
+        let next = spool
+            .list_dead_letters(query(PageAt::After(page.items[1].cursor.clone()), 2))
+            .await
+            .expect("list after");
+        assert_eq!(next.items.len(), 1);
+        assert_eq!(next.items[0].message_id, "d3");
+        assert!(!next.more);
+        let back = spool
+            .list_dead_letters(query(PageAt::Before(next.items[0].cursor.clone()), 1))
+            .await
+            .expect("list before");
+        assert_eq!(back.items[0].message_id, "d2");
+        assert!(back.more);
+        let searched = spool
+            .list_dead_letters(DeadLetterQuery {
+                filter: DeadLetterFilter {
+                    q: Some("REFUSED D3".into()),
+                    ..all(SOURCE)
+                },
+                ..query(PageAt::Offset(0), 10)
+            })
+            .await
+            .expect("search");
+        assert_eq!(searched.count, 1);
+        let descending = spool
+            .list_dead_letters(DeadLetterQuery {
+                sort: SortField::MessageId,
+                descending: true,
+                ..query(PageAt::Offset(0), 10)
+            })
+            .await
+            .expect("sorted");
+        let ids: Vec<&str> = descending
+            .items
+            .iter()
+            .map(|i| i.message_id.as_str())
+            .collect();
+        assert_eq!(ids, ["d3", "d2", "d1"]);
+        assert_eq!(
+            descending.items[0].cursor,
+            Cursor {
+                value: SortValue::Text("d3".into()),
+                id: descending.items[0].id
+            }
+        );
+
+        let d1 = page.items[0].id;
+        let shown = spool
+            .dead_letter(SOURCE, d1)
+            .await
+            .expect("show")
+            .expect("exists");
+        assert_eq!(shown.summary.message_id, "d1");
+        assert_eq!(shown.attempts.len(), 2, "{:?}", shown.attempts);
+        assert_eq!(shown.attempts[0].status, Some(503));
+        assert!(spool
+            .dead_letter("other-source", d1)
+            .await
+            .expect("show")
+            .is_none());
+
+        let report = spool
+            .replay_dead_letters(
+                DeadLetterFilter {
+                    ids: Some(vec![d1]),
+                    ..all(SOURCE)
+                },
+                None,
+            )
+            .await
+            .expect("replay");
+        assert_eq!((report.replayed, report.remaining), (1, 0));
+        let back = spool.lease(100, LONG_LEASE_MS).await.expect("lease");
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].message_id, "d1");
+        assert_eq!(back[0].attempts, 2, "a replayed event keeps its attempts");
+        spool
+            .ack(vec![back[0].seq])
+            .await
+            .expect("ack the replayed event");
+
+        let deleted = spool
+            .delete_dead_letters(all(SOURCE))
+            .await
+            .expect("delete");
+        assert_eq!(deleted, 2);
+        assert_eq!(spool.stats().await.expect("stats").dead_letters, 0);
+        assert!(spool.usage(SOURCE, 0).await.is_err(), "usage is not kept");
+        spool.close().await;
+    }
+}

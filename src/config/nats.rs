@@ -258,6 +258,9 @@ impl Settings {
         options.ownership_ttl = Duration::from_secs(nats.ownership_ttl_secs);
         options.ack_wait = Duration::from_secs(nats.ack_wait_secs);
         options.max_deliver = nats.max_deliver;
+        options.dead_letter_retention = Some(Duration::from_secs(
+            self.dead_letters.retention_days.saturating_mul(24 * 3600),
+        ));
         options.max_ack_pending = nats.max_ack_pending;
         options.max_buffered = nats.max_buffered;
         options.fetch_batch = nats.fetch_batch;

@@ -31,6 +31,7 @@
 //! The spool runs on its own small Tokio runtime (one thread, its tasks), so it can be
 //! opened from synchronous start-up code and outlives the caller's runtime flavour.
 
+mod dead;
 pub mod state;
 #[doc(hidden)]
 pub mod testing;
@@ -86,6 +87,8 @@ pub struct NatsSpoolOptions {
     pub ack_wait: Duration,
     /// Deliveries after which an event goes to the dead letters; 0 = no limit.
     pub max_deliver: u64,
+    /// How long dead letters are kept (the dead-letter stream's max age); none: forever.
+    pub dead_letter_retention: Option<Duration>,
     /// Unacked events JetStream lets one partition's consumer have.
     pub max_ack_pending: i64,
     /// Events a node holds in memory before it stops pulling.
@@ -118,6 +121,7 @@ impl NatsSpoolOptions {
             ownership_ttl: Duration::from_secs(10),
             ack_wait: Duration::from_secs(60),
             max_deliver: 1000,
+            dead_letter_retention: Some(Duration::from_secs(14 * 24 * 3600)),
             max_ack_pending: 20_000,
             max_buffered: 20_000,
             fetch_batch: 256,
@@ -161,6 +165,13 @@ struct Meta {
     k: String,
     u: String,
     r: i64,
+    /// Attempts made before (a replayed dead letter keeps its own).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    a: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A dead letter's record, before the payload (one JSON line).
@@ -176,6 +187,9 @@ pub struct DeadMeta {
     pub error: String,
     pub created_at_ms: i64,
     pub queue_seq: i64,
+    /// The failed attempts the last owner saw: when (ms), the status, the error.
+    #[serde(default)]
+    pub history: Vec<(i64, Option<u16>, String)>,
 }
 
 fn encode(meta: &impl Serialize, payload: &[u8]) -> Vec<u8> {
@@ -409,6 +423,7 @@ impl Inner {
                 name: options.dead_letter_stream.clone(),
                 subjects: vec![format!("{}.dead.*", options.subject_prefix)],
                 retention: stream::RetentionPolicy::Limits,
+                max_age: options.dead_letter_retention.unwrap_or_default(),
                 storage: stream::StorageType::File,
                 num_replicas: options.replicas,
                 allow_direct: true,
@@ -848,6 +863,7 @@ impl Inner {
                 error: "the stored event cannot be read".into(),
                 created_at_ms: now_ms(),
                 queue_seq: seq as i64,
+                history: Vec::new(),
             };
             if self.bury(&dead, &message.payload).await.is_ok() {
                 self.answer(vec![Reply::Ack { seq, reply }]).await;
@@ -866,6 +882,7 @@ impl Inner {
                 error: format!("delivered {} times (max_deliver)", delivered - 1),
                 created_at_ms: now_ms(),
                 queue_seq: seq as i64,
+                history: Vec::new(),
             };
             if self.bury(&dead, &payload).await.is_ok() {
                 self.answer(vec![Reply::Ack { seq, reply }]).await;
@@ -880,7 +897,7 @@ impl Inner {
                 kind: meta.k,
                 user_key: meta.u,
                 payload,
-                attempts: 0,
+                attempts: meta.a,
                 received_at_ms: meta.r,
             },
             partition,
@@ -958,6 +975,7 @@ impl Inner {
                     k: event.kind.as_str().to_owned(),
                     u: event.user_key.clone(),
                     r: request.received_at_ms,
+                    a: 0,
                 };
                 let mut headers = HeaderMap::new();
                 headers.insert(
@@ -1029,6 +1047,10 @@ impl Inner {
             for dead in &settlement.dead {
                 if let Some(entry) = state.get(dead.seq) {
                     let event = &entry.event;
+                    let mut history = state.history(dead.seq);
+                    if dead.attempted {
+                        history.push((now, dead.status, dead.error.clone()));
+                    }
                     burials.push((
                         DeadMeta {
                             source: event.source.clone(),
@@ -1041,6 +1063,7 @@ impl Inner {
                             error: dead.error.clone(),
                             created_at_ms: now,
                             queue_seq: event.seq,
+                            history,
                         },
                         event.payload.clone(),
                     ));
@@ -1140,6 +1163,62 @@ impl Spool for NatsSpool {
         self.run(|inner| async move { inner.stats().await }).await
     }
 
+    async fn list_dead_letters(
+        &self,
+        query: crate::spool::admin::DeadLetterQuery,
+    ) -> Result<crate::spool::admin::DeadLetterPage, SpoolError> {
+        self.run(|inner| async move { inner.list_dead_letters(query).await })
+            .await
+    }
+
+    async fn dead_letter(
+        &self,
+        source: &str,
+        id: i64,
+    ) -> Result<Option<crate::spool::admin::DeadLetter>, SpoolError> {
+        let source = source.to_owned();
+        self.run(move |inner| async move { inner.dead_letter(&source, id).await })
+            .await
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        filter: crate::spool::admin::DeadLetterFilter,
+        limit: Option<u64>,
+    ) -> Result<crate::spool::admin::ReplayReport, SpoolError> {
+        self.run(move |inner| async move { inner.replay_dead_letters(filter, limit).await })
+            .await
+    }
+
+    async fn delete_dead_letters(
+        &self,
+        filter: crate::spool::admin::DeadLetterFilter,
+    ) -> Result<u64, SpoolError> {
+        self.run(|inner| async move { inner.delete_dead_letters(filter).await })
+            .await
+    }
+
+    async fn usage(
+        &self,
+        _source: &str,
+        _now_ms: i64,
+    ) -> Result<crate::spool::admin::SourceUsage, SpoolError> {
+        Err(SpoolError::Storage(
+            "usage (monthly users and events) is not kept by the JetStream spool".into(),
+        ))
+    }
+
+    async fn counters(
+        &self,
+        _source: &str,
+        _from_hour: i64,
+        _to_hour: i64,
+    ) -> Result<Vec<crate::spool::admin::CounterRow>, SpoolError> {
+        Err(SpoolError::Storage(
+            "hourly counters are not kept by the JetStream spool".into(),
+        ))
+    }
+
     async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
@@ -1191,6 +1270,7 @@ mod tests {
             k: "track".into(),
             u: "u:1".into(),
             r: 42,
+            a: 0,
         };
         let body = encode(&meta, b"{\"a\":\n1}");
         let (back, payload) = decode::<Meta>(&body).expect("decodes");

@@ -89,6 +89,8 @@ pub struct QueueState {
     holds: HashMap<String, Hold>,
     /// Delivery attempts per event (retries settled on this node).
     attempts: HashMap<u64, u32>,
+    /// The failed attempts per event: when, the status, the error.
+    history: HashMap<u64, Vec<(i64, Option<u16>, String)>>,
     pub partitions: HashMap<u32, PartitionState>,
 }
 
@@ -133,7 +135,13 @@ impl QueueState {
                 self.holds.remove(&key);
             }
         }
-        entry.event.attempts = self.attempts.get(&seq).copied().unwrap_or(0);
+        // A replayed dead letter arrives with the attempts it had.
+        entry.event.attempts = self
+            .attempts
+            .get(&seq)
+            .copied()
+            .unwrap_or(0)
+            .max(entry.event.attempts);
         self.entries.insert(seq, entry);
         None
     }
@@ -205,6 +213,7 @@ impl QueueState {
             };
             if let Some(entry) = self.entries.remove(&seq) {
                 self.attempts.remove(&seq);
+                self.history.remove(&seq);
                 touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
                 replies.push(Reply::Ack {
                     seq,
@@ -220,6 +229,10 @@ impl QueueState {
                 continue;
             };
             self.attempts.insert(seq, entry.event.attempts + 1);
+            self.history
+                .entry(seq)
+                .or_default()
+                .push((now, retry.status, retry.error.clone()));
             let key = hold_key(&entry.event.source, &entry.event.user_key);
             let hold = self.holds.entry(key.clone()).or_default();
             hold.partition = entry.partition;
@@ -306,8 +319,18 @@ impl QueueState {
         for seq in gone {
             self.entries.remove(&seq);
             self.attempts.remove(&seq);
+            self.history.remove(&seq);
         }
         self.holds.retain(|_, hold| hold.partition != partition);
+    }
+
+    /// The failed attempts of an event this node retried.
+    pub fn history(&self, seq: i64) -> Vec<(i64, Option<u16>, String)> {
+        u64::try_from(seq)
+            .ok()
+            .and_then(|s| self.history.get(&s))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Whether a partition has events leased right now (a graceful hand-over waits).

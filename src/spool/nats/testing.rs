@@ -106,6 +106,16 @@ impl NatsServer {
         Some(server)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The store directory (`-sd`).
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
