@@ -214,6 +214,9 @@ CREATE TABLE IF NOT EXISTS event_counters (
     value  INTEGER NOT NULL,
     PRIMARY KEY (source, hour, name)
 ) WITHOUT ROWID;
+-- Retention: old hours are found across sources. Only a new (source, hour, name) row
+-- writes to it, a few per hour; counting into an existing row does not.
+CREATE INDEX IF NOT EXISTS event_counters_hour ON event_counters (hour);
 -- Queued (undelivered) events per source, kept with the queue in the same transactions.
 CREATE TABLE IF NOT EXISTS queue_depth (
     source TEXT    PRIMARY KEY,
