@@ -1198,27 +1198,6 @@ impl Spool for NatsSpool {
             .await
     }
 
-    async fn usage(
-        &self,
-        _source: &str,
-        _now_ms: i64,
-    ) -> Result<crate::spool::admin::SourceUsage, SpoolError> {
-        Err(SpoolError::Storage(
-            "usage (monthly users and events) is not kept by the JetStream spool".into(),
-        ))
-    }
-
-    async fn counters(
-        &self,
-        _source: &str,
-        _from_hour: i64,
-        _to_hour: i64,
-    ) -> Result<Vec<crate::spool::admin::CounterRow>, SpoolError> {
-        Err(SpoolError::Storage(
-            "hourly counters are not kept by the JetStream spool".into(),
-        ))
-    }
-
     async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;

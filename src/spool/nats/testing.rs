@@ -6,6 +6,7 @@
 //! returns `None` after printing why, so the caller skips; with `GATEWAY_REQUIRE_NATS=1`
 //! (set in CI) it panics instead.
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,7 +35,8 @@ fn unavailable(test: &str, why: &str) -> Option<NatsServer> {
     if required() {
         panic!("{test}: {why} (GATEWAY_REQUIRE_NATS is set)");
     }
-    eprintln!("skipping {test}: {why}");
+    // Straight to stderr, not through the test harness's capture: a skip must be seen.
+    let _ = writeln!(std::io::stderr(), "skipping {test}: {why}");
     None
 }
 
