@@ -24,6 +24,8 @@ mod witness;
 #[allow(dead_code)]
 #[path = "reliability/crash.rs"]
 mod crash;
+#[path = "reliability/disk.rs"]
+mod disk;
 #[path = "reliability/outage.rs"]
 mod outage;
 #[path = "reliability/storm.rs"]
@@ -48,4 +50,9 @@ async fn a_429_storm_is_honoured_per_user_and_key() {
     storm::run(storm::StormParams::quick())
         .await
         .assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_loses_nothing_answered_200() {
+    disk::run(disk::DiskParams::quick()).await.assert_passed();
 }

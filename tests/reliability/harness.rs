@@ -192,12 +192,14 @@ pub struct Gateway {
 
 /// A fresh directory for logs and config files, kept when `RELIABILITY_KEEP` is set.
 pub fn scratch_dir(name: &str) -> tempfile::TempDir {
+    let keep = std::env::var_os("RELIABILITY_KEEP").is_some();
     let dir = tempfile::Builder::new()
         .prefix(&format!("reliability-{name}-"))
+        .disable_cleanup(keep)
         .tempdir()
         .expect("temp dir");
-    if std::env::var_os("RELIABILITY_KEEP").is_some() {
-        eprintln!("[{name}] scratch dir {}", dir.path().display());
+    if keep {
+        eprintln!("[{name}] scratch dir {} (kept)", dir.path().display());
     }
     dir
 }
