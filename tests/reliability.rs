@@ -26,6 +26,8 @@ mod witness;
 mod crash;
 #[path = "reliability/disk.rs"]
 mod disk;
+#[path = "reliability/fuzz.rs"]
+mod fuzz;
 #[path = "reliability/outage.rs"]
 mod outage;
 #[path = "reliability/storm.rs"]
@@ -55,4 +57,9 @@ async fn a_429_storm_is_honoured_per_user_and_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_loses_nothing_answered_200() {
     disk::run(disk::DiskParams::quick()).await.assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_never_gets_a_5xx_and_memory_stays_bounded() {
+    fuzz::run(fuzz::FuzzParams::quick()).await.assert_passed();
 }
