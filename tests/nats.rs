@@ -264,3 +264,48 @@ mod dead_letters {
         spool.close().await;
     }
 }
+
+/// JetStream keeps the duplicate window's ids in memory and rebuilds them at start-up from
+/// the messages still stored: an acked (deleted) event's id survives a server restart only
+/// if the spool keeps it elsewhere.
+#[tokio::test]
+async fn dedup_survives_a_server_restart() {
+    use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+    let Some(mut server) = NatsServer::start("dedup_survives_a_server_restart") else {
+        return;
+    };
+    let spool = open(&server);
+    let report = spool
+        .append(request(
+            SOURCE,
+            1_000,
+            vec![event("m1", "u:1"), event("m2", "u:2")],
+        ))
+        .await
+        .expect("append");
+    assert_eq!(report.queued, 2);
+    let leased = spool.lease(10, LONG_LEASE_MS).await.expect("lease");
+    let m1: Vec<i64> = leased
+        .iter()
+        .filter(|l| l.message_id == "m1")
+        .map(|l| l.seq)
+        .collect();
+    spool.ack(m1).await.expect("ack m1");
+    spool.close().await;
+    server.restart();
+    let spool = open(&server);
+    let report = spool
+        .append(request(
+            SOURCE,
+            2_000,
+            vec![event("m1", "u:1"), event("m2", "u:2")],
+        ))
+        .await
+        .expect("append after restart");
+    assert_eq!(
+        (report.queued, report.duplicates),
+        (0, 2),
+        "m1 (delivered) and m2 (queued) are duplicates after the restart"
+    );
+    spool.close().await;
+}

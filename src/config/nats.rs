@@ -40,6 +40,8 @@ pub struct NatsSettings {
     pub consumer: String,
     /// Key-value bucket of partition ownership.
     pub bucket: String,
+    /// Key-value bucket of accepted message ids (TTL: the dedup window); empty: none.
+    pub dedup_bucket: String,
     /// Replicas of the streams and the bucket.
     pub replicas: usize,
     /// Partitions of the events stream; per-user order is kept within one.
@@ -77,6 +79,7 @@ impl Default for NatsSettings {
             subject_prefix: defaults.subject_prefix,
             consumer: defaults.consumer,
             bucket: defaults.bucket,
+            dedup_bucket: defaults.dedup_bucket.unwrap_or_default(),
             replicas: defaults.replicas,
             partitions: defaults.partitions,
             publish_timeout_ms: defaults.publish_timeout.as_millis() as u64,
@@ -169,6 +172,18 @@ impl Settings {
                 ));
             }
         }
+        if !nats.dedup_bucket.is_empty() && !valid_name(&nats.dedup_bucket) {
+            return Err(error(
+                "nats.dedup_bucket",
+                format!(
+                    "`{}` must be empty or 1-64 characters of A-Z, a-z, 0-9, - and _",
+                    nats.dedup_bucket
+                ),
+            ));
+        }
+        if !nats.dedup_bucket.is_empty() && nats.dedup_bucket == nats.bucket {
+            return Err(error("nats.dedup_bucket", "must differ from nats.bucket"));
+        }
         if nats.stream == nats.dead_letter_stream {
             return Err(error(
                 "nats.dead_letter_stream",
@@ -251,6 +266,7 @@ impl Settings {
         options.subject_prefix = nats.subject_prefix.clone();
         options.consumer = nats.consumer.clone();
         options.bucket = nats.bucket.clone();
+        options.dedup_bucket = set(&nats.dedup_bucket);
         options.replicas = nats.replicas;
         options.partitions = nats.partitions;
         options.dedup_window = Duration::from_secs(self.spool.dedup_window_secs);

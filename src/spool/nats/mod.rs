@@ -72,6 +72,10 @@ pub struct NatsSpoolOptions {
     pub consumer: String,
     /// The key-value bucket of partition ownership.
     pub bucket: String,
+    /// The key-value bucket that remembers accepted `(source, messageId)` pairs for the
+    /// dedup window (JetStream's own duplicate window forgets delivered events when the
+    /// server restarts); `None`: rely on the duplicate window alone.
+    pub dedup_bucket: Option<String>,
     /// Replicas of the streams and the bucket (3 in production).
     pub replicas: usize,
     /// Partitions (fixed for the life of the stream: changing it moves users).
@@ -114,6 +118,7 @@ impl NatsSpoolOptions {
             subject_prefix: "gateway".into(),
             consumer: "gateway".into(),
             bucket: "gateway_partitions".into(),
+            dedup_bucket: Some("gateway_dedup".into()),
             replicas: 1,
             partitions: 16,
             dedup_window: Duration::from_secs(24 * 3600),
@@ -219,6 +224,14 @@ fn msg_id(source: &str, message_id: &str) -> String {
     }
 }
 
+/// The dedup bucket's key of a `(source, messageId)`: KV keys allow few characters, so the
+/// id is hashed (128 bits of SHA-256).
+fn dedup_key(source: &str, message_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(message_id.as_bytes());
+    format!("{source}.{}", hex::encode(&digest[..16]))
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -243,6 +256,7 @@ struct Inner {
     events: stream::Stream,
     dead: stream::Stream,
     kv: kv::Store,
+    dedup: Option<kv::Store>,
     state: Mutex<QueueState>,
     owned: tokio::sync::Mutex<HashMap<u32, Owned>>,
     closed: AtomicBool,
@@ -452,6 +466,21 @@ impl Inner {
             .await
             .map_err(|e| storage(&format!("cannot set up bucket {}", options.bucket), e))?;
 
+        let dedup = match &options.dedup_bucket {
+            Some(bucket) => Some(
+                js.create_or_update_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    max_age: options.dedup_window,
+                    storage: stream::StorageType::File,
+                    num_replicas: options.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| storage(&format!("cannot set up bucket {bucket}"), e))?,
+            ),
+            None => None,
+        };
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             options,
@@ -461,6 +490,7 @@ impl Inner {
             events,
             dead,
             kv,
+            dedup,
             state: Mutex::new(QueueState::default()),
             owned: tokio::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -966,8 +996,34 @@ impl Inner {
         }
         let partitions = self.options.partitions;
         let publish = async {
+            // Ids accepted before (within the window, across server restarts): not again.
+            let keys: Vec<String> = request
+                .events
+                .iter()
+                .map(|e| dedup_key(&request.source, &e.message_id))
+                .collect();
+            let seen: Vec<bool> = match &self.dedup {
+                Some(dedup) => {
+                    let lookups = keys.iter().map(|key| dedup.get(key.as_str()));
+                    futures_util::future::join_all(lookups)
+                        .await
+                        .into_iter()
+                        .map(|found| {
+                            found
+                                .map(|v| v.is_some())
+                                .map_err(|e| storage("cannot read the dedup bucket", e))
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                None => vec![false; keys.len()],
+            };
+            let mut report = AppendReport::default();
             let mut pending = Vec::with_capacity(request.events.len());
-            for event in &request.events {
+            for (i, event) in request.events.iter().enumerate() {
+                if seen[i] {
+                    report.duplicates += 1;
+                    continue;
+                }
                 let partition = partition_of(&request.source, &event.user_key, partitions);
                 let meta = Meta {
                     s: request.source.clone(),
@@ -991,19 +1047,32 @@ impl Inner {
                     )
                     .await
                     .map_err(|e| storage("publishing an event failed", e))?;
-                pending.push((partition, ack));
+                pending.push((i, partition, ack));
             }
-            let mut report = AppendReport::default();
             let mut appended = Vec::new();
-            for (partition, ack) in pending {
+            let mut stored = Vec::new();
+            for (i, partition, ack) in pending {
                 let ack = ack
                     .await
                     .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
+                stored.push(i);
                 if ack.duplicate {
                     report.duplicates += 1;
                 } else {
                     report.queued += 1;
                     appended.push((partition, ack.sequence));
+                }
+            }
+            // Remember what is now stored. A failure here loses no event: the stream's
+            // duplicate window still covers a retry unless the server restarts meanwhile.
+            if let Some(dedup) = &self.dedup {
+                let records = stored
+                    .iter()
+                    .map(|i| dedup.put(keys[*i].as_str(), Vec::new().into()));
+                for record in futures_util::future::join_all(records).await {
+                    if let Err(e) = record {
+                        tracing::warn!(error = %e, "cannot record an accepted messageId");
+                    }
                 }
             }
             Ok::<_, SpoolError>((report, appended))
@@ -1021,11 +1090,13 @@ impl Inner {
     async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError> {
         // Wait (briefly) until what is known to be in the owned partitions has arrived, so
         // an event appended before this call can be leased by it.
+        // Only what was appended before this call: later appends do not hold it up.
         let deadline = Instant::now() + self.options.catch_up_wait;
+        let targets = self.state().targets();
         loop {
             {
                 let state = self.state();
-                if state.caught_up() || state.len() >= self.options.max_buffered {
+                if state.caught_up(&targets) || state.len() >= self.options.max_buffered {
                     break;
                 }
             }

@@ -146,12 +146,23 @@ impl QueueState {
         None
     }
 
-    /// Whether every leasable partition has pulled what it is known to hold (or `full`).
-    pub fn caught_up(&self) -> bool {
+    /// What each leasable partition is known to hold now (its highest sequence).
+    pub fn targets(&self) -> Vec<(u32, u64)> {
         self.partitions
-            .values()
-            .filter(|p| p.leasable)
-            .all(|p| p.seen_high >= p.target_high)
+            .iter()
+            .filter(|(_, p)| p.leasable)
+            .map(|(n, p)| (*n, p.target_high))
+            .collect()
+    }
+
+    /// Whether every partition of `targets` (still leasable) has pulled up to its target.
+    pub fn caught_up(&self, targets: &[(u32, u64)]) -> bool {
+        targets
+            .iter()
+            .all(|(n, target)| match self.partitions.get(n) {
+                Some(p) => !p.leasable || p.seen_high >= *target,
+                None => true,
+            })
     }
 
     /// Records that `seq` is in `partition` (an append of this node).
