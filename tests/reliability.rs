@@ -22,14 +22,22 @@ mod report;
 mod witness;
 
 #[allow(dead_code)]
+#[allow(dead_code)]
 #[path = "reliability/crash.rs"]
 mod crash;
+#[allow(dead_code)]
 #[path = "reliability/disk.rs"]
 mod disk;
+#[allow(dead_code)]
 #[path = "reliability/fuzz.rs"]
 mod fuzz;
+#[allow(dead_code)]
 #[path = "reliability/outage.rs"]
 mod outage;
+#[allow(dead_code)]
+#[path = "reliability/soak.rs"]
+mod soak;
+#[allow(dead_code)]
 #[path = "reliability/storm.rs"]
 mod storm;
 
@@ -62,4 +70,16 @@ async fn a_full_disk_answers_503_and_loses_nothing_answered_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_never_gets_a_5xx_and_memory_stays_bounded() {
     fuzz::run(fuzz::FuzzParams::quick()).await.assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_keeps_memory_flat() {
+    soak::soak(soak::SoakParams::quick()).await.assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_with_refiner_down_keeps_memory_bounded_and_restarts_ready() {
+    soak::backlog(soak::BacklogParams::quick())
+        .await
+        .assert_passed();
 }
