@@ -8,20 +8,7 @@
 //! `cargo run --release --example reliability -- --long`, which also regenerates the results
 //! table of `docs/reliability.md`.
 
-#[allow(dead_code)]
-#[path = "reliability/harness.rs"]
-mod harness;
-#[allow(dead_code)]
-#[path = "reliability/load.rs"]
-mod load;
-#[allow(dead_code)]
-#[path = "reliability/report.rs"]
-mod report;
-#[allow(dead_code)]
-#[path = "reliability/witness.rs"]
-mod witness;
-
-#[allow(dead_code)]
+// Shared with the `reliability` example (the long forms), which uses every function.
 #[allow(dead_code)]
 #[path = "reliability/crash.rs"]
 mod crash;
@@ -32,14 +19,26 @@ mod disk;
 #[path = "reliability/fuzz.rs"]
 mod fuzz;
 #[allow(dead_code)]
+#[path = "reliability/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "reliability/load.rs"]
+mod load;
+#[allow(dead_code)]
 #[path = "reliability/outage.rs"]
 mod outage;
+#[allow(dead_code)]
+#[path = "reliability/report.rs"]
+mod report;
 #[allow(dead_code)]
 #[path = "reliability/soak.rs"]
 mod soak;
 #[allow(dead_code)]
 #[path = "reliability/storm.rs"]
 mod storm;
+#[allow(dead_code)]
+#[path = "reliability/witness.rs"]
+mod witness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_loses_nothing_answered_200() {
