@@ -145,7 +145,7 @@ impl CallLog {
             .iter()
             .skip(skip)
             .filter(|c| filter.user.is_none() || c.user == filter.user)
-            .filter(|c| filter.path.as_deref().map_or(true, |p| c.path == p))
+            .filter(|c| filter.path.as_deref().is_none_or(|p| c.path == p))
             .take(filter.limit.unwrap_or(usize::MAX))
             .cloned()
             .collect()
