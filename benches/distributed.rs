@@ -40,7 +40,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_node(name: &str, nats_url: &str, sim_url: &str, dir: &Path) -> (Child, String) {
+async fn start_node(
+    name: &str,
+    nats_url: &str,
+    sim_url: &str,
+    dir: &Path,
+    dedup_bucket: bool,
+) -> (Child, String) {
     let port = free_port();
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -61,6 +67,7 @@ backend = "nats"
 url = "{nats_url}"
 ownership_ttl_secs = 2
 node_name = "{name}"
+dedup_bucket = "{dedup}"
 
 [[sources]]
 slug = "default"
@@ -68,6 +75,7 @@ write_keys = ["{WRITE_KEY}"]
 refiner_api_key = "{REFINER_KEY}"
 "#,
             data = dir.join(name).display(),
+            dedup = if dedup_bucket { "gateway_dedup" } else { "" },
         ),
     )
     .expect("config");
@@ -103,7 +111,7 @@ struct Run {
     duplicates: usize,
 }
 
-async fn run(nodes: usize, events: usize) -> Option<Run> {
+async fn run(nodes: usize, events: usize, dedup_bucket: bool) -> Option<Run> {
     let server = NatsServer::start("distributed benchmark")?;
     let dir = tempfile::tempdir().expect("temp dir");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -119,8 +127,14 @@ async fn run(nodes: usize, events: usize) -> Option<Run> {
     let mut children = Vec::new();
     let mut addresses = Vec::new();
     for n in 0..nodes {
-        let (child, address) =
-            start_node(&format!("node-{n}"), &server.url(), &sim.url(), dir.path()).await;
+        let (child, address) = start_node(
+            &format!("node-{n}"),
+            &server.url(),
+            &sim.url(),
+            dir.path(),
+            dedup_bucket,
+        )
+        .await;
         children.push(child);
         addresses.push(address);
     }
@@ -345,18 +359,21 @@ fn main() {
         "distributed: {events} track events, {USERS} users, batches of {BATCH}, {SENDERS} requests in flight, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!(
-        "| nodes | ingest (events/s, 200 = JetStream ack) | end to end (events/s) | duplicates |"
-    );
-    println!("| --- | --- | --- | --- |");
-    for nodes in [1, 2] {
-        let Some(result) = runtime.block_on(run(nodes, events)) else {
-            return;
-        };
-        println!(
-            "| {nodes} | {:.0} | {:.0} | {} |",
-            result.ingest_per_sec, result.end_to_end_per_sec, result.duplicates
-        );
+    println!("| nodes | dedup bucket | ingest (events/s, 200 = JetStream ack) | end to end (events/s) | duplicates |");
+    println!("| --- | --- | --- | --- | --- |");
+    for dedup_bucket in [true, false] {
+        for nodes in [1, 2] {
+            let Some(result) = runtime.block_on(run(nodes, events, dedup_bucket)) else {
+                return;
+            };
+            println!(
+                "| {nodes} | {} | {:.0} | {:.0} | {} |",
+                if dedup_bucket { "on" } else { "off" },
+                result.ingest_per_sec,
+                result.end_to_end_per_sec,
+                result.duplicates
+            );
+        }
     }
     let ids: usize = std::env::var("BENCH_DEDUP_IDS")
         .ok()

@@ -373,8 +373,31 @@ fn settings(nats_url: &str, sim_url: &str, data_dir: &Path) -> Settings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ingest_answers_503_while_jetstream_is_down_and_recovers() {
+    outage(
+        "ingest_answers_503_while_jetstream_is_down",
+        Outage::Restart,
+    )
+    .await;
+}
+
+/// A frozen server (SIGSTOP for longer than the pull heartbeats and the ownership TTL):
+/// no disconnect, just silence. Pulls notice the missed heartbeats and start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumers_survive_a_heartbeat_stall() {
+    outage("consumers_survive_a_heartbeat_stall", Outage::Stall).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Outage {
+    /// Killed for 4 s, then started again on the same store.
+    Restart,
+    /// Frozen for 12 s, then resumed.
+    Stall,
+}
+
+async fn outage(test: &str, kind: Outage) {
     const SENDERS: usize = 4;
-    let Some(mut server) = NatsServer::start("ingest_answers_503_while_jetstream_is_down") else {
+    let Some(mut server) = NatsServer::start(test) else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -451,16 +474,28 @@ async fn ingest_answers_503_while_jetstream_is_down_and_recovers() {
         .map(Vec::len)
         .sum::<usize>();
     down.store(true, Ordering::SeqCst);
-    server.stop();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    match kind {
+        Outage::Restart => server.stop(),
+        Outage::Stall => server.pause(),
+    }
+    tokio::time::sleep(Duration::from_secs(match kind {
+        Outage::Restart => 4,
+        Outage::Stall => 12,
+    }))
+    .await;
     let during = accepted
         .lock()
         .expect("lock")
         .values()
         .map(Vec::len)
         .sum::<usize>();
-    server.restart();
+    // Cleared before the server is back: a request sent while it was down may be answered
+    // 200 once it is back, and only what was sent and answered while down counts below.
     down.store(false, Ordering::SeqCst);
+    match kind {
+        Outage::Restart => server.restart(),
+        Outage::Stall => server.resume(),
+    }
     // Recovers by itself: events are accepted again within a while.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -517,8 +552,8 @@ async fn ingest_answers_503_while_jetstream_is_down_and_recovers() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     eprintln!(
-        "JetStream restart under load: {expected} accepted ({before} before the outage), {} \
-         answered 503, {total} deliveries, {duplicates} duplicates, nothing lost",
+        "{test}: {expected} accepted ({before} before the outage), {} answered 503, \
+         {total} deliveries, {duplicates} duplicates, nothing lost",
         refused.load(Ordering::SeqCst)
     );
     handle.stop(true).await;
