@@ -1,7 +1,8 @@
 //! Distributed mode end to end: gateway nodes on one JetStream delivering to the Refiner
 //! simulator.
 //!
-//! - Two real `refiner-gateway serve` processes share one JetStream; events for 500 users go
+//! - Two real `refiner-gateway serve` processes share one JetStream (Refiner answering 5 % of
+//!   calls with 503 and dropping 1 % after handling them); events for 500 users go
 //!   to both; one node is SIGKILLed mid-stream and the other takes over its partitions. Every
 //!   accepted event reaches the simulator, each user's events arrive in order, and the
 //!   duplicates (the killed node's in-flight events, delivered again) are counted and
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use futures_util::StreamExt;
 use refiner_gateway::config::{Secret, Settings, SourceSettings, SpoolBackend};
-use refiner_gateway::sim::{self, CallRecord, SimHandle, SimOptions};
+use refiner_gateway::sim::{self, CallRecord, Faults, SimHandle, SimOptions};
 use refiner_gateway::spool::nats::testing::NatsServer;
 use refiner_gateway::startup::Application;
 use serde_json::json;
@@ -47,9 +48,14 @@ fn free_port() -> u16 {
 }
 
 async fn start_sim() -> SimHandle {
+    start_sim_with(Faults::default()).await
+}
+
+async fn start_sim_with(faults: Faults) -> SimHandle {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let options = SimOptions {
         log_capacity: 1_000_000,
+        faults,
         ..SimOptions::with_key(REFINER_KEY)
     };
     sim::spawn(listener, options).await.expect("simulator")
@@ -89,6 +95,8 @@ node_name = "{name}"
 
 [delivery]
 poll_interval_ms = 20
+retry_base_ms = 200
+retry_cap_secs = 2
 
 [[sources]]
 slug = "default"
@@ -258,7 +266,14 @@ async fn two_nodes_share_the_stream_and_one_takes_over_from_a_killed_one() {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let sim = start_sim().await;
+    // Refiner fails now and then, so retries (naks with a delay) and held-back events are
+    // part of the run, on both nodes and across the take-over.
+    let sim = start_sim_with(Faults {
+        rate_503: 0.05,
+        rate_drop_after: 0.01,
+        ..Faults::default()
+    })
+    .await;
     let mut a = Node::start("node-a", &server.url(), &sim.url(), dir.path()).await;
     let mut b = Node::start("node-b", &server.url(), &sim.url(), dir.path()).await;
 
@@ -335,9 +350,21 @@ async fn two_nodes_share_the_stream_and_one_takes_over_from_a_killed_one() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    let refused = sim
+        .state()
+        .call_stats()
+        .by_status
+        .get("503")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        refused > 0,
+        "no call was refused: the retry path was not exercised"
+    );
     eprintln!(
         "two nodes, one killed: {expected} events accepted for {USERS} users, {total} \
-         deliveries, {duplicates} duplicates, per-user order kept"
+         deliveries, {duplicates} duplicates, {refused} calls answered 503 and retried, \
+         per-user order kept"
     );
     let owners = owners(&server.url()).await;
     assert_eq!(
