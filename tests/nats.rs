@@ -309,3 +309,74 @@ async fn dedup_survives_a_server_restart() {
     );
     spool.close().await;
 }
+
+/// A node that dies leaves its retried events' attempts and retry times behind: the next
+/// owner retries them on schedule (not at once) with their attempts, and holds their users'
+/// later events until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
+    use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+    use refiner_gateway::spool::{RetryAt, Settlement};
+    let Some(server) = NatsServer::start("a_take_over_keeps_the_retry_schedule") else {
+        return;
+    };
+    let first = open(&server);
+    first
+        .append(request(
+            SOURCE,
+            1_000,
+            vec![event("a1", "u:a"), event("a2", "u:a"), event("b1", "u:b")],
+        ))
+        .await
+        .expect("append");
+    let leased = first.lease(10, LONG_LEASE_MS).await.expect("lease");
+    let seq = |id: &str| {
+        leased
+            .iter()
+            .find(|l| l.message_id == id)
+            .map(|l| l.seq)
+            .expect("leased")
+    };
+    let retry_at = chrono::Utc::now().timestamp_millis() + 6_000;
+    first
+        .settle(Settlement {
+            acked: vec![seq("b1")],
+            retried: vec![RetryAt {
+                seq: seq("a1"),
+                next_attempt_at_ms: retry_at,
+                status: Some(503),
+                error: "unavailable".into(),
+            }],
+            released: vec![seq("a2")],
+            ..Default::default()
+        })
+        .await
+        .expect("settle");
+    // The node dies: no close, its ownership keys expire.
+    drop(first);
+
+    let second = open(&server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let a1 = loop {
+        let leased = second.lease(10, LONG_LEASE_MS).await.expect("lease");
+        let now = chrono::Utc::now().timestamp_millis();
+        let ids: Vec<&str> = leased.iter().map(|l| l.message_id.as_str()).collect();
+        assert!(
+            !ids.contains(&"a2") || ids.starts_with(&["a1", "a2"]),
+            "a2 was leased before a1: {ids:?}"
+        );
+        if let Some(a1) = leased.into_iter().find(|l| l.message_id == "a1") {
+            // A retry due within a second may be handed out that much early.
+            assert!(
+                now >= retry_at - 1_100,
+                "a1 was retried {} ms before its retry time",
+                retry_at - now
+            );
+            break a1;
+        }
+        assert!(std::time::Instant::now() < deadline, "a1 never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(a1.attempts, 1, "the attempt made by the dead node counts");
+    second.close().await;
+}

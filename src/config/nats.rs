@@ -42,6 +42,8 @@ pub struct NatsSettings {
     pub bucket: String,
     /// Key-value bucket of accepted message ids (TTL: the dedup window); empty: none.
     pub dedup_bucket: String,
+    /// Key-value bucket of retried events' attempts and retry times; empty: none.
+    pub retry_bucket: String,
     /// Replicas of the streams and the bucket.
     pub replicas: usize,
     /// Partitions of the events stream; per-user order is kept within one.
@@ -80,6 +82,7 @@ impl Default for NatsSettings {
             consumer: defaults.consumer,
             bucket: defaults.bucket,
             dedup_bucket: defaults.dedup_bucket.unwrap_or_default(),
+            retry_bucket: defaults.retry_bucket.unwrap_or_default(),
             replicas: defaults.replicas,
             partitions: defaults.partitions,
             publish_timeout_ms: defaults.publish_timeout.as_millis() as u64,
@@ -184,6 +187,23 @@ impl Settings {
         if !nats.dedup_bucket.is_empty() && nats.dedup_bucket == nats.bucket {
             return Err(error("nats.dedup_bucket", "must differ from nats.bucket"));
         }
+        if !nats.retry_bucket.is_empty() && !valid_name(&nats.retry_bucket) {
+            return Err(error(
+                "nats.retry_bucket",
+                format!(
+                    "`{}` must be empty or 1-64 characters of A-Z, a-z, 0-9, - and _",
+                    nats.retry_bucket
+                ),
+            ));
+        }
+        if !nats.retry_bucket.is_empty()
+            && (nats.retry_bucket == nats.bucket || nats.retry_bucket == nats.dedup_bucket)
+        {
+            return Err(error(
+                "nats.retry_bucket",
+                "must differ from nats.bucket and nats.dedup_bucket",
+            ));
+        }
         if nats.stream == nats.dead_letter_stream {
             return Err(error(
                 "nats.dead_letter_stream",
@@ -267,6 +287,7 @@ impl Settings {
         options.consumer = nats.consumer.clone();
         options.bucket = nats.bucket.clone();
         options.dedup_bucket = set(&nats.dedup_bucket);
+        options.retry_bucket = set(&nats.retry_bucket);
         options.replicas = nats.replicas;
         options.partitions = nats.partitions;
         options.dedup_window = Duration::from_secs(self.spool.dedup_window_secs);

@@ -50,7 +50,7 @@ use tokio::sync::{oneshot, watch, RwLock};
 
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
 use crate::telemetry::Metrics;
-use state::{Entry, PartitionState, QueueState, Reply};
+use state::{Entry, PartitionState, QueueState, RecordChange, Reply};
 
 /// Settings of the JetStream spool.
 #[derive(Debug, Clone)]
@@ -76,6 +76,9 @@ pub struct NatsSpoolOptions {
     /// dedup window (JetStream's own duplicate window forgets delivered events when the
     /// server restarts); `None`: rely on the duplicate window alone.
     pub dedup_bucket: Option<String>,
+    /// The key-value bucket of retried events' attempts and retry times, so that a new
+    /// owner of a partition continues their backoff; `None`: a new owner starts over.
+    pub retry_bucket: Option<String>,
     /// Replicas of the streams and the bucket (3 in production).
     pub replicas: usize,
     /// Partitions (fixed for the life of the stream: changing it moves users).
@@ -119,6 +122,7 @@ impl NatsSpoolOptions {
             consumer: "gateway".into(),
             bucket: "gateway_partitions".into(),
             dedup_bucket: Some("gateway_dedup".into()),
+            retry_bucket: Some("gateway_retries".into()),
             replicas: 1,
             partitions: 16,
             dedup_window: Duration::from_secs(24 * 3600),
@@ -232,6 +236,13 @@ fn dedup_key(source: &str, message_id: &str) -> String {
     format!("{source}.{}", hex::encode(&digest[..16]))
 }
 
+/// How long a retry record outlives its last write if nothing removes it.
+const RETRY_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn retry_key(partition: u32, seq: u64) -> String {
+    format!("p{partition}.{seq}")
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -257,6 +268,7 @@ struct Inner {
     dead: stream::Stream,
     kv: kv::Store,
     dedup: Option<kv::Store>,
+    retries: Option<kv::Store>,
     state: Mutex<QueueState>,
     owned: tokio::sync::Mutex<HashMap<u32, Owned>>,
     closed: AtomicBool,
@@ -481,6 +493,22 @@ impl Inner {
             ),
             None => None,
         };
+        let retries = match &options.retry_bucket {
+            Some(bucket) => Some(
+                js.create_or_update_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    // Records are removed with their event; the TTL only sweeps leftovers.
+                    max_age: RETRY_RECORD_TTL,
+                    storage: stream::StorageType::File,
+                    num_replicas: options.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| storage(&format!("cannot set up bucket {bucket}"), e))?,
+            ),
+            None => None,
+        };
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             options,
@@ -491,6 +519,7 @@ impl Inner {
             dead,
             kv,
             dedup,
+            retries,
             state: Mutex::new(QueueState::default()),
             owned: tokio::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -710,6 +739,7 @@ impl Inner {
         partition: u32,
     ) -> Result<watch::Sender<bool>, SpoolError> {
         let consumer = self.fresh_consumer(partition).await?;
+        self.restore_retries(partition).await?;
         let subject = self.options.event_subject(partition);
         let target = match self.events.get_last_raw_message_by_subject(&subject).await {
             Ok(message) => message.sequence,
@@ -727,6 +757,38 @@ impl Inner {
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(self.clone().pull_loop(partition, consumer, stopped));
         Ok(stop)
+    }
+
+    /// Loads what previous owners recorded about the partition's retried events.
+    async fn restore_retries(&self, partition: u32) -> Result<(), SpoolError> {
+        let Some(retries) = &self.retries else {
+            return Ok(());
+        };
+        let prefix = format!("p{partition}.");
+        let mut keys = retries
+            .keys()
+            .await
+            .map_err(|e| storage("cannot list the retry records", e))?;
+        let mut found = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| storage("cannot list the retry records", e))?;
+            if let Some(seq) = key
+                .strip_prefix(&prefix)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                found.push((seq, key));
+            }
+        }
+        for (seq, key) in found {
+            let value = retries
+                .get(&key)
+                .await
+                .map_err(|e| storage("cannot read a retry record", e))?;
+            if let Some(record) = value.and_then(|v| serde_json::from_slice(&v).ok()) {
+                self.state().restore(seq, record);
+            }
+        }
+        Ok(())
     }
 
     async fn fresh_consumer(&self, partition: u32) -> Result<consumer::PullConsumer, SpoolError> {
@@ -1144,7 +1206,39 @@ impl Inner {
         for (dead, payload) in &burials {
             self.bury(dead, payload).await?;
         }
-        let replies = self.state().settle(&settlement, now_ms());
+        let (replies, changes) = {
+            let mut state = self.state();
+            let replies = state.settle(&settlement, now_ms());
+            (replies, state.take_record_changes())
+        };
+        // Retry records before the naks: a node that dies right after a nak has left the
+        // event's attempts and retry time for the next owner.
+        if let Some(retries) = &self.retries {
+            let writes = changes.into_iter().map(|change| async move {
+                let written = match change {
+                    RecordChange::Put {
+                        partition,
+                        seq,
+                        record,
+                    } => retries
+                        .put(
+                            retry_key(partition, seq),
+                            serde_json::to_vec(&record).unwrap_or_default().into(),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    RecordChange::Remove { partition, seq } => retries
+                        .delete(retry_key(partition, seq))
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "cannot update a retry record");
+                }
+            });
+            futures_util::future::join_all(writes).await;
+        }
         self.answer(replies).await;
         Ok(())
     }

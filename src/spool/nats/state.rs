@@ -42,6 +42,35 @@ pub enum Reply {
     },
 }
 
+/// What the owner of a partition remembers of a retried event, kept in JetStream so that
+/// the next owner continues its backoff instead of starting over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetryRecord {
+    /// Attempts made so far.
+    #[serde(rename = "a")]
+    pub attempts: u32,
+    /// When the event is due again (ms).
+    #[serde(rename = "t")]
+    pub retry_at_ms: i64,
+    /// The failed attempts: when, status, error.
+    #[serde(rename = "h", default)]
+    pub history: Vec<(i64, Option<u16>, String)>,
+}
+
+/// A change to the retry records that settling made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordChange {
+    Put {
+        partition: u32,
+        seq: u64,
+        record: RetryRecord,
+    },
+    Remove {
+        partition: u32,
+        seq: u64,
+    },
+}
+
 #[derive(Debug, Default, Clone)]
 struct Hold {
     partition: u32,
@@ -91,6 +120,10 @@ pub struct QueueState {
     attempts: HashMap<u64, u32>,
     /// The failed attempts per event: when, the status, the error.
     history: HashMap<u64, Vec<(i64, Option<u16>, String)>>,
+    /// Retry times of events a previous owner retried, until they arrive.
+    restored: HashMap<u64, i64>,
+    /// Retry records to write or remove, drained by [`QueueState::take_record_changes`].
+    record_changes: Vec<RecordChange>,
     pub partitions: HashMap<u32, PartitionState>,
 }
 
@@ -119,6 +152,20 @@ impl QueueState {
             existing.reply = entry.reply;
             existing.delivered = entry.delivered;
             return None;
+        }
+        if let Some(retry_at) = self.restored.remove(&seq) {
+            // A previous owner retried it: keep its schedule, and hold its user meanwhile.
+            if retry_at - now > KEEP_IN_MEMORY_MS {
+                let hold = self.holds.entry(key).or_default();
+                hold.partition = entry.partition;
+                hold.retry_at = hold.retry_at.max(retry_at);
+                hold.outstanding.insert(seq);
+                return Some(Reply::Nak {
+                    seq,
+                    reply: entry.reply,
+                    delay_ms: (retry_at - now) as u64,
+                });
+            }
         }
         if let Some(hold) = self.holds.get_mut(&key) {
             hold.outstanding.remove(&seq);
@@ -223,7 +270,12 @@ impl QueueState {
                 continue;
             };
             if let Some(entry) = self.entries.remove(&seq) {
-                self.attempts.remove(&seq);
+                if self.attempts.remove(&seq).is_some() {
+                    self.record_changes.push(RecordChange::Remove {
+                        partition: entry.partition,
+                        seq,
+                    });
+                }
                 self.history.remove(&seq);
                 touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
                 replies.push(Reply::Ack {
@@ -240,10 +292,17 @@ impl QueueState {
                 continue;
             };
             self.attempts.insert(seq, entry.event.attempts + 1);
-            self.history
-                .entry(seq)
-                .or_default()
-                .push((now, retry.status, retry.error.clone()));
+            let history = self.history.entry(seq).or_default();
+            history.push((now, retry.status, retry.error.clone()));
+            self.record_changes.push(RecordChange::Put {
+                partition: entry.partition,
+                seq,
+                record: RetryRecord {
+                    attempts: entry.event.attempts + 1,
+                    retry_at_ms: retry.next_attempt_at_ms,
+                    history: history.clone(),
+                },
+            });
             let key = hold_key(&entry.event.source, &entry.event.user_key);
             let hold = self.holds.entry(key.clone()).or_default();
             hold.partition = entry.partition;
@@ -333,6 +392,18 @@ impl QueueState {
             self.history.remove(&seq);
         }
         self.holds.retain(|_, hold| hold.partition != partition);
+    }
+
+    /// Takes in what a previous owner recorded about an event it retried.
+    pub fn restore(&mut self, seq: u64, record: RetryRecord) {
+        self.attempts.insert(seq, record.attempts);
+        self.history.insert(seq, record.history);
+        self.restored.insert(seq, record.retry_at_ms);
+    }
+
+    /// The retry records settling changed since the last call.
+    pub fn take_record_changes(&mut self) -> Vec<RecordChange> {
+        std::mem::take(&mut self.record_changes)
     }
 
     /// The failed attempts of an event this node retried.
@@ -490,6 +561,52 @@ mod tests {
             }]
         );
         assert_eq!(seqs(&s.lease(10, 100, 1)), [2]);
+    }
+
+    #[test]
+    fn a_restored_retry_keeps_its_schedule_and_holds_its_user() {
+        let mut s = state();
+        s.restore(
+            1,
+            RetryRecord {
+                attempts: 3,
+                retry_at_ms: 10_000,
+                history: vec![(0, Some(503), "x".into())],
+            },
+        );
+        assert!(matches!(
+            s.insert(entry(1, "a", 0), 0),
+            Some(Reply::Nak {
+                seq: 1,
+                delay_ms: 10_000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.insert(entry(2, "a", 0), 0),
+            Some(Reply::Nak { seq: 2, .. })
+        ));
+        assert_eq!(s.insert(entry(3, "b", 0), 0), None);
+        assert_eq!(seqs(&s.lease(10, 100_000, 0)), [3], "a waits for its retry");
+        assert_eq!(s.insert(entry(1, "a", 0), 10_000), None);
+        let leased = s.lease(10, 100, 10_000);
+        assert_eq!(seqs(&leased), [1]);
+        assert_eq!(leased[0].attempts, 3);
+        assert_eq!(s.history(1).len(), 1);
+        s.settle(
+            &Settlement {
+                acked: vec![1],
+                ..Default::default()
+            },
+            10_001,
+        );
+        assert_eq!(
+            s.take_record_changes(),
+            [RecordChange::Remove {
+                partition: 0,
+                seq: 1
+            }]
+        );
     }
 
     #[test]
