@@ -380,3 +380,49 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
     assert_eq!(a1.attempts, 1, "the attempt made by the dead node counts");
     second.close().await;
 }
+
+/// JetStream has no dead-letter queue: an event it delivered more than `max_deliver` times
+/// is copied to the dead-letter stream by the node that receives it once more.
+#[tokio::test]
+async fn an_event_past_max_deliver_is_dead_lettered() {
+    use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+    use refiner_gateway::spool::{RetryAt, Settlement};
+    let Some(server) = NatsServer::start("an_event_past_max_deliver_is_dead_lettered") else {
+        return;
+    };
+    let mut options = options(&server);
+    options.max_deliver = 3;
+    let spool: Arc<dyn Spool> = open_with(options);
+    spool
+        .append(request(SOURCE, 1_000, vec![event("p1", "u:1")]))
+        .await
+        .expect("append");
+    let mut deliveries = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while spool.stats().await.expect("stats").dead_letters == 0 {
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        for leased in spool.lease(10, LONG_LEASE_MS).await.expect("lease") {
+            deliveries += 1;
+            spool
+                .settle(Settlement {
+                    retried: vec![RetryAt {
+                        seq: leased.seq,
+                        next_attempt_at_ms: 0,
+                        status: Some(500),
+                        error: "boom".into(),
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .expect("retry");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        deliveries, 3,
+        "delivered max_deliver times, then dead-lettered"
+    );
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!((stats.depth, stats.dead_letters), (0, 1));
+    spool.close().await;
+}

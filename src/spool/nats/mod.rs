@@ -962,7 +962,10 @@ impl Inner {
             }
             return;
         };
-        if self.options.max_deliver > 0 && delivered > self.options.max_deliver {
+        // An event still in memory (redelivered after its ack wait) is being handled here:
+        // only an event that comes back from JetStream counts against max_deliver.
+        let in_memory = self.state().get(seq as i64).is_some();
+        if !in_memory && self.options.max_deliver > 0 && delivered > self.options.max_deliver {
             let dead = DeadMeta {
                 source: meta.s.clone(),
                 message_id: meta.m.clone(),
