@@ -587,3 +587,108 @@ async fn outage(test: &str, kind: Outage) {
     let _ = task.await;
     sim.stop().await;
 }
+
+/// The management API over the JetStream spool: dead letters made by Refiner refusing the
+/// source's API key are listed, shown, replayed (and refused again) and purged over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_management_api_works_on_the_jetstream_spool() {
+    const ADMIN: &str = "distributed-admin-token";
+    let Some(server) = NatsServer::start("the_management_api_works_on_the_jetstream_spool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sim = start_sim().await;
+    let mut settings = settings(&server.url(), &sim.url(), dir.path());
+    settings.admin_token = Some(Secret::new(ADMIN));
+    settings.sources[0].refiner_api_key = Some(Secret::new("a-key-refiner-refuses"));
+    let app = Application::build_with_listener(
+        &settings,
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+    )
+    .expect("build the gateway");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    let task = tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+    let batch: Vec<serde_json::Value> =
+        (0..5).map(|i| track(&format!("u{i}"), "Refused")).collect();
+    assert_eq!(post_batch(&client, &address, &batch).await, Ok(200));
+
+    let api = |path: &str| format!("{address}/api/events/default/dead-letters{path}");
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(url)
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.expect("JSON")
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listing = loop {
+        let listing = get(api("?o=id")).await;
+        if listing["count"] == 5 {
+            break listing;
+        }
+        assert!(Instant::now() < deadline, "no dead letters: {listing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first = listing["results"][0].clone();
+    assert_eq!(first["last_status"], 401, "{first}");
+    assert_eq!(first["event"], "Refused");
+    let one = get(api(&format!("/{}", first["id"]))).await;
+    assert_eq!(one["messageId"], first["messageId"], "{one}");
+
+    let replayed: serde_json::Value = client
+        .post(api("/replay"))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "ids": [first["id"]] }))
+        .send()
+        .await
+        .expect("replay")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+    // Refused again: back among the dead letters, with two attempts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listing = get(api("?o=-id")).await;
+        if listing["count"] == 5 && listing["results"][0]["attempts"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay did not come back: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let purged: serde_json::Value = client
+        .delete(api(""))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("purge")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(purged["deleted"], 5, "{purged}");
+    let profile = client
+        .get(format!("{address}/api/profile/default"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("profile");
+    assert_eq!(
+        profile.status(),
+        501,
+        "usage is not kept by the JetStream spool"
+    );
+    handle.stop(true).await;
+    let _ = task.await;
+    sim.stop().await;
+}

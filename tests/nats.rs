@@ -249,16 +249,43 @@ mod dead_letters {
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].message_id, "d1");
         assert_eq!(back[0].attempts, 2, "a replayed event keeps its attempts");
+        // It fails for good again: the new dead letter has its whole history.
         spool
-            .ack(vec![back[0].seq])
+            .settle(Settlement {
+                dead: vec![DeadLetterRequest {
+                    seq: back[0].seq,
+                    status: Some(400),
+                    error: "refused again".into(),
+                    attempted: true,
+                }],
+                ..Default::default()
+            })
             .await
-            .expect("ack the replayed event");
+            .expect("bury again");
+        let again = spool
+            .list_dead_letters(DeadLetterQuery {
+                filter: DeadLetterFilter {
+                    q: Some("refused again".into()),
+                    ..all(SOURCE)
+                },
+                ..query(PageAt::Offset(0), 10)
+            })
+            .await
+            .expect("list");
+        assert_eq!(again.count, 1);
+        assert_eq!(again.items[0].attempts, 3);
+        let shown = spool
+            .dead_letter(SOURCE, again.items[0].id)
+            .await
+            .expect("show")
+            .expect("exists");
+        assert_eq!(shown.attempts.len(), 3, "{:?}", shown.attempts);
 
         let deleted = spool
             .delete_dead_letters(all(SOURCE))
             .await
             .expect("delete");
-        assert_eq!(deleted, 2);
+        assert_eq!(deleted, 3);
         assert_eq!(spool.stats().await.expect("stats").dead_letters, 0);
         assert!(spool.usage(SOURCE, 0).await.is_err(), "usage is not kept");
         spool.close().await;

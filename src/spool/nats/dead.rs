@@ -130,6 +130,14 @@ fn compare(sort: SortField, a: (&SortValue, i64), b: (&SortValue, i64)) -> Order
     compare_values(a.0, b.0).then(a.1.cmp(&b.1))
 }
 
+/// A track's event name, else a page's or screen's name.
+fn event_name(payload: &serde_json::Value) -> String {
+    match field(payload, "event") {
+        "" => field(payload, "name").to_owned(),
+        event => event.to_owned(),
+    }
+}
+
 fn field<'a>(payload: &'a serde_json::Value, name: &str) -> &'a str {
     payload.get(name).and_then(|v| v.as_str()).unwrap_or("")
 }
@@ -177,7 +185,7 @@ impl Inner {
                 records.push(Record {
                     id,
                     user_id: field(&parsed, "userId").to_owned(),
-                    event: field(&parsed, "event").to_owned(),
+                    event: event_name(&parsed),
                     meta,
                     payload,
                 });
@@ -286,7 +294,7 @@ impl Inner {
         let record = Record {
             id,
             user_id: field(&parsed, "userId").to_owned(),
-            event: field(&parsed, "event").to_owned(),
+            event: event_name(&parsed),
             meta,
             payload,
         };
@@ -326,6 +334,7 @@ impl Inner {
                 u: record.meta.user_key.clone(),
                 r: now,
                 a: record.meta.attempts,
+                h: record.meta.history.clone(),
             };
             let mut headers = HeaderMap::new();
             let id = format!(

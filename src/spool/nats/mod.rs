@@ -177,6 +177,9 @@ struct Meta {
     /// Attempts made before (a replayed dead letter keeps its own).
     #[serde(default, skip_serializing_if = "is_zero")]
     a: u32,
+    /// Failed attempts before (a replayed dead letter keeps its history).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    h: Vec<(i64, Option<u16>, String)>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -998,6 +1001,7 @@ impl Inner {
             partition,
             reply,
             delivered,
+            history: meta.h,
         };
         let nak = self.state().insert(entry, now_ms());
         if let Some(nak) = nak {
@@ -1097,6 +1101,7 @@ impl Inner {
                     u: event.user_key.clone(),
                     r: request.received_at_ms,
                     a: 0,
+                    h: Vec::new(),
                 };
                 let mut headers = HeaderMap::new();
                 headers.insert(
@@ -1418,6 +1423,7 @@ mod tests {
             u: "u:1".into(),
             r: 42,
             a: 0,
+            h: Vec::new(),
         };
         let body = encode(&meta, b"{\"a\":\n1}");
         let (back, payload) = decode::<Meta>(&body).expect("decodes");

@@ -26,6 +26,8 @@ pub struct Entry {
     pub reply: String,
     /// JetStream's delivery count of this event (includes held-back redeliveries).
     pub delivered: u64,
+    /// Failed attempts recorded with the event (a replayed dead letter's history).
+    pub history: Vec<(i64, Option<u16>, String)>,
 }
 
 /// What a node must tell JetStream about an event.
@@ -181,6 +183,11 @@ impl QueueState {
             if hold.is_idle() {
                 self.holds.remove(&key);
             }
+        }
+        if !entry.history.is_empty() {
+            self.history
+                .entry(seq)
+                .or_insert_with(|| std::mem::take(&mut entry.history));
         }
         // A replayed dead letter arrives with the attempts it had.
         entry.event.attempts = self
@@ -448,6 +455,7 @@ mod tests {
             partition,
             reply: format!("r{seq}"),
             delivered: 1,
+            history: Vec::new(),
         }
     }
 
