@@ -281,7 +281,7 @@ fn json_value(rng: &mut fastrand::Rng, depth: u32) -> String {
         let fields: Vec<String> = (0..rng.usize(0..6))
             .map(|_| {
                 let key = if rng.bool() {
-                    quote(*pick(rng, SEGMENT_KEYS))
+                    quote(pick::<&str>(rng, SEGMENT_KEYS))
                 } else {
                     string_literal(rng)
                 };
@@ -294,7 +294,7 @@ fn json_value(rng: &mut fastrand::Rng, depth: u32) -> String {
 
 fn segment_event(rng: &mut fastrand::Rng) -> String {
     let mut fields = vec![
-        format!("\"type\":{}", quote(*pick(rng, TYPES))),
+        format!("\"type\":{}", quote(pick::<&str>(rng, TYPES))),
         format!("\"userId\":{}", quote(&format!("fuzz-{}", rng.u8(..50)))),
         format!("\"event\":{}", quote(&random_string(rng))),
     ];
@@ -311,7 +311,7 @@ fn segment_event(rng: &mut fastrand::Rng) -> String {
     if rng.u8(..4) == 0 {
         fields.push(format!(
             "\"writeKey\":{}",
-            quote(*pick(rng, &[WRITE_KEY, OTHER_KEY, "nope"]))
+            quote(pick::<&str>(rng, &[WRITE_KEY, OTHER_KEY, "nope"]))
         ));
     }
     format!("{{{}}}", fields.join(","))
@@ -389,7 +389,7 @@ fn body(rng: &mut fastrand::Rng) -> Vec<u8> {
     };
     if rng.u8(..8) == 0 {
         // Invalid UTF-8, often inside a string.
-        let bad: &[u8] = *pick(
+        let bad: &[u8] = pick::<&[u8]>(
             rng,
             &[
                 &[0xff_u8][..],
