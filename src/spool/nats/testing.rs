@@ -104,7 +104,7 @@ impl NatsServer {
             store,
             child: None,
         };
-        server.spawn();
+        server.spawn_on(true);
         Some(server)
     }
 
@@ -123,26 +123,53 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server on `self.port`; if that port was taken in the meantime (the
+    /// server exits), a first start moves to another port (`fresh`), a restart fails.
     fn spawn(&mut self) {
-        let child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        self.spawn_on(false);
+    }
+
+    fn spawn_on(&mut self, fresh: bool) {
+        for _attempt in 0..5 {
+            let mut child = Command::new(&self.binary)
+                .args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(&self.store)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let listening = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    // The port answers; make sure it is this server that does.
+                    std::thread::sleep(Duration::from_millis(50));
+                    break !matches!(child.try_wait(), Ok(Some(_)));
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server did not listen on 127.0.0.1:{}",
+                    self.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if listening {
+                self.child = Some(child);
+                return;
+            }
+            let _ = child.wait();
             assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on 127.0.0.1:{}",
+                fresh,
+                "nats-server could not listen on 127.0.0.1:{} again",
                 self.port
             );
-            std::thread::sleep(Duration::from_millis(20));
+            self.port = free_port();
         }
+        panic!("nats-server could not find a free port in 5 attempts");
     }
 
     /// Stops the server (SIGKILL, like a crash; the store stays).
