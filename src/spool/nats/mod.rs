@@ -239,6 +239,12 @@ fn dedup_key(source: &str, message_id: &str) -> String {
     format!("{source}.{}", hex::encode(&digest[..16]))
 }
 
+/// Idle heartbeat of a pull: two missed ones end it and a new pull starts (a stalled or
+/// restarted server, a consumer leader that moved).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long one pull request waits for events.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+
 /// How long a retry record outlives its last write if nothing removes it.
 const RETRY_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -421,8 +427,16 @@ impl Inner {
                 .await
                 .map_err(|e| storage("cannot read the NATS credentials file", e))?;
         }
+        let servers = options
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| storage(&format!("bad NATS URL `{}`", options.url), e))?;
         let client = connect
-            .connect(options.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| storage(&format!("cannot connect to NATS at {}", options.url), e))?;
         let js = jetstream::ContextBuilder::new()
@@ -851,8 +865,8 @@ impl Inner {
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.options.fetch_batch)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
+                .heartbeat(PULL_HEARTBEAT)
+                .expires(PULL_EXPIRES)
                 .messages()
                 .await;
             let mut messages = match messages {
@@ -899,6 +913,9 @@ impl Inner {
             if self.sleep_or_stop(backoff, &mut stopped).await {
                 return;
             }
+            // Until a message arrives again, each failed pull waits twice as long (a consumer
+            // leader being elected answers "no responders" for seconds).
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 

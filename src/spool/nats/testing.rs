@@ -21,6 +21,8 @@ pub struct NatsServer {
     pub version: String,
     binary: PathBuf,
     store: PathBuf,
+    /// Arguments beyond port and store (a cluster member's name and routes).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -72,6 +74,13 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a server for `test`, or explains why not (see the module header).
     pub fn start(test: &str) -> Option<NatsServer> {
+        let mut server = NatsServer::prepare(test)?;
+        server.spawn_on(true);
+        Some(server)
+    }
+
+    /// A server not started yet: the binary checked, a store made, a port picked.
+    fn prepare(test: &str) -> Option<NatsServer> {
         let Some(binary) = binary() else {
             return unavailable(
                 test,
@@ -97,15 +106,14 @@ impl NatsServer {
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&store).expect("temp dir");
-        let mut server = NatsServer {
+        Some(NatsServer {
             port: free_port(),
             version,
             binary,
             store,
+            extra: Vec::new(),
             child: None,
-        };
-        server.spawn_on(true);
-        Some(server)
+        })
     }
 
     /// The server's process id, while it runs.
@@ -136,6 +144,7 @@ impl NatsServer {
                 .arg(self.port.to_string())
                 .arg("-sd")
                 .arg(&self.store)
+                .args(&self.extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -210,5 +219,50 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// A JetStream cluster of `n` servers on loopback (routes between all of them), for the
+/// replicated layout production uses (`replicas = 3`).
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts the cluster for `test`, or explains why not (see the module header).
+    pub fn start(test: &str, n: usize) -> Option<NatsCluster> {
+        let mut servers = Vec::with_capacity(n);
+        for _ in 0..n {
+            servers.push(NatsServer::prepare(test)?);
+        }
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (i, server) in servers.iter_mut().enumerate() {
+            server.extra = vec![
+                "-n".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "gateway-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", cluster_ports[i]),
+                "--routes".into(),
+                routes.clone(),
+            ];
+            server.spawn_on(false);
+        }
+        Some(NatsCluster { servers })
+    }
+
+    /// Every member's URL, comma separated (the client fails over between them).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
