@@ -372,6 +372,33 @@ async fn two_nodes_share_the_stream_and_one_takes_over_from_a_killed_one() {
         16,
         "node-a owns every partition after the take-over: {owners:?}"
     );
+    // The node says so in its metrics (updated every quarter of the TTL).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = client
+            .get(format!("{}/metrics", a.address))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if metrics.contains("gateway_nats_partitions_owned 16")
+            && metrics.contains("gateway_nats_connected 1")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node-a's metrics do not show the 16 partitions: {}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("gateway_nats"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     a.kill();
     sim.stop().await;
 }

@@ -260,6 +260,46 @@ fn storage(what: &str, e: impl std::fmt::Display) -> SpoolError {
     SpoolError::Storage(format!("{what}: {e}"))
 }
 
+/// This node's view of the distributed spool, for Prometheus.
+struct NodeGauges {
+    partitions: prometheus::IntGauge,
+    buffered: prometheus::IntGauge,
+    connected: prometheus::IntGauge,
+    takeovers: prometheus::IntCounter,
+}
+
+impl NodeGauges {
+    fn register(metrics: &Metrics) -> NodeGauges {
+        let gauge = |name: &str, help: &str| {
+            let gauge = prometheus::IntGauge::new(name, help).expect("a valid metric");
+            // Already there when a second spool shares the registry (tests): not exported.
+            let _ = metrics.registry.register(Box::new(gauge.clone()));
+            gauge
+        };
+        let takeovers = prometheus::IntCounter::new(
+            "gateway_nats_partitions_taken_total",
+            "Partitions this node took (at start, from a dead node, or handed over).",
+        )
+        .expect("a valid metric");
+        let _ = metrics.registry.register(Box::new(takeovers.clone()));
+        NodeGauges {
+            partitions: gauge(
+                "gateway_nats_partitions_owned",
+                "Partitions of the events stream this node owns.",
+            ),
+            buffered: gauge(
+                "gateway_nats_buffered_events",
+                "Events this node pulled and has not settled yet.",
+            ),
+            connected: gauge(
+                "gateway_nats_connected",
+                "1 while this node is connected to NATS.",
+            ),
+            takeovers,
+        }
+    }
+}
+
 /// A partition this node owns.
 struct Owned {
     revision: u64,
@@ -284,8 +324,7 @@ struct Inner {
     /// Appends hold it shared; `close` takes it exclusively, so it waits for them.
     gate: RwLock<()>,
     stop: watch::Sender<bool>,
-    #[allow(dead_code)]
-    metrics: Metrics,
+    gauges: NodeGauges,
 }
 
 /// The JetStream-backed [`Spool`].
@@ -542,7 +581,7 @@ impl Inner {
             closed: AtomicBool::new(false),
             gate: RwLock::new(()),
             stop,
-            metrics,
+            gauges: NodeGauges::register(&metrics),
         });
         inner.balance().await;
         tokio::spawn(inner.clone().ownership_loop());
@@ -581,6 +620,8 @@ impl Inner {
     /// towards an even share.
     async fn balance(self: &Arc<Self>) {
         let ttl = self.options.ownership_ttl;
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        self.gauges.connected.set(i64::from(connected));
         if let Err(e) = self
             .kv
             .put(
@@ -653,6 +694,7 @@ impl Inner {
         }
         let partitions = self.options.partitions;
         let share = (partitions as usize).div_ceil(nodes.max(1));
+        self.gauges.buffered.set(self.state().len() as i64);
 
         // Give up extras gracefully: stop leasing, wait for leased events to settle.
         let active = owned
@@ -708,10 +750,12 @@ impl Inner {
                 }
                 if let Some(own) = self.acquire(partition).await {
                     owned.insert(partition, own);
+                    self.gauges.takeovers.inc();
                     wanted -= 1;
                 }
             }
         }
+        self.gauges.partitions.set(owned.len() as i64);
     }
 
     fn set_leasable(&self, partition: u32, leasable: bool) {
