@@ -85,52 +85,32 @@ impl ManagementState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api")
+            .service(resource("", "GET").route(web::get().to(version)))
             .service(
-                web::resource("")
-                    .route(web::get().to(version))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "GET")
-                    })),
-            )
-            .service(
-                web::resource("/events/{source}/dead-letters")
+                resource("/events/{source}/dead-letters", "GET, DELETE")
                     .route(web::get().to(list))
-                    .route(web::delete().to(purge))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "GET, DELETE")
-                    })),
+                    .route(web::delete().to(purge)),
             )
             .service(
-                web::resource("/events/{source}/dead-letters/replay")
-                    .route(web::post().to(replay))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "POST")
-                    })),
+                resource("/events/{source}/dead-letters/replay", "POST")
+                    .route(web::post().to(replay)),
             )
             .service(
-                web::resource("/events/{source}/dead-letters/{id}")
+                resource("/events/{source}/dead-letters/{id}", "GET, DELETE")
                     .route(web::get().to(show))
-                    .route(web::delete().to(delete_one))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "GET, DELETE")
-                    })),
+                    .route(web::delete().to(delete_one)),
             )
-            .service(
-                web::resource("/profile/{source}")
-                    .route(web::get().to(profile))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "GET")
-                    })),
-            )
-            .service(
-                web::resource("/metrics/{source}/events")
-                    .route(web::get().to(metrics))
-                    .default_service(web::to(|r: HttpRequest, s: web::Data<ManagementState>| {
-                        not_allowed(r, s, "GET")
-                    })),
-            )
+            .service(resource("/profile/{source}", "GET").route(web::get().to(profile)))
+            .service(resource("/metrics/{source}/events", "GET").route(web::get().to(metrics)))
             .default_service(web::to(not_found)),
     );
+}
+
+/// A route whose other methods answer 405 with `Allow: allowed`, in the API's envelope.
+fn resource(path: &str, allowed: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(
+        move |r: HttpRequest, s: web::Data<ManagementState>| not_allowed(r, s, allowed),
+    ))
 }
 
 fn request_id(request: &HttpRequest) -> String {
