@@ -38,6 +38,8 @@ pub struct SoakParams {
     pub drain_limit: Duration,
     /// Where the rate came from, for the report.
     pub rate_note: String,
+    /// Resident memory the gateway must stay under (VmHWM).
+    pub rss_limit_mib: u64,
 }
 
 impl SoakParams {
@@ -52,6 +54,7 @@ impl SoakParams {
             growth_mib: 8,
             drain_limit: Duration::from_secs(60),
             rate_note: "a moderate fixed rate".into(),
+            rss_limit_mib: 200,
         }
     }
 }
@@ -248,6 +251,23 @@ pub async fn soak(params: SoakParams) -> Report {
             params.growth_fraction * 100.0,
             params.growth_mib
         ),
+    );
+    let allowed_anon =
+        (start.anon as f64 * params.growth_fraction) as u64 + params.growth_mib * 1024;
+    report.check(
+        "heap (RssAnon) flat",
+        end.anon <= start.anon + allowed_anon,
+        format!(
+            "end {} vs start {} (allowed +{})",
+            mib(end.anon),
+            mib(start.anon),
+            mib(allowed_anon)
+        ),
+    );
+    report.check(
+        &format!("RSS < {} MiB", params.rss_limit_mib),
+        final_memory.hwm < params.rss_limit_mib * 1024,
+        format!("VmHWM {}", mib(final_memory.hwm)),
     );
     report.check(
         "everything accepted was delivered",
