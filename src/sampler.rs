@@ -2,12 +2,12 @@
 //! whole (`gateway_spool_depth_events`, `gateway_spool_oldest_event_age_seconds`,
 //! `gateway_spool_dead_letters_events`) from [`Spool::stats`].
 //!
-//! Why a sampler rather than a query per scrape: counting the queue costs time proportional
-//! to its length (SQLite keeps no row count), and it runs on the spool's single writer, so
-//! scrapes (several Prometheus replicas, a curious operator) must not decide how often it
-//! happens. One sample every `spool.stats_interval_ms` (5 s by default) bounds the cost; the
-//! gauges are at most that old. `gateway_spool_stats_seconds` shows what a sample costs
-//! (about 0.1 s per million queued events with a warm page cache). When a sample takes
+//! Why a sampler rather than a query per scrape: a sample runs on the spool's single writer
+//! (SQLite reads the per-source queue depth it keeps in its transactions, not a count of
+//! the queue), so scrapes (several Prometheus replicas, a curious operator) must not decide
+//! how often it happens. One sample every `spool.stats_interval_ms` (5 s by default) bounds
+//! the cost; the gauges are at most that old. `gateway_spool_stats_seconds` shows what a
+//! sample costs. When a sample takes
 //! long, the next one waits at least [`BUSY_FACTOR`] times as long, so sampling never takes
 //! more than about 2 % of the writer's time, whatever the backlog.
 //!
