@@ -85,6 +85,8 @@ pub struct MetricsInner {
     pub spool_oldest_event_age_seconds: Gauge,
     /// Events in the dead letters, sampled.
     pub spool_dead_letters_events: IntGauge,
+    /// Events accepted but not yet sorted into the delivery queue (embedded spool).
+    pub spool_inbound_events: IntGauge,
     /// Time one sampling of the spool's statistics took.
     pub spool_stats_seconds: Histogram,
     /// Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.
@@ -236,6 +238,10 @@ impl Metrics {
         registry
             .register(Box::new(spool_oldest_event_age_seconds.clone()))
             .expect("unique metric");
+        let spool_inbound_events = gauge(
+            "gateway_spool_inbound_events",
+            "Events accepted but not yet sorted into the delivery queue (embedded spool).",
+        );
         let spool_dead_letters_events = gauge(
             "gateway_spool_dead_letters_events",
             "Events in the dead letters (sampled).",
@@ -345,6 +351,7 @@ impl Metrics {
             spool_depth_events,
             spool_oldest_event_age_seconds,
             spool_dead_letters_events,
+            spool_inbound_events,
             spool_stats_seconds,
             dispatch_events_total,
             dispatch_skipped_total,

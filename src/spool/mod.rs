@@ -21,6 +21,7 @@ pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
 pub mod nats;
+mod inbound;
 mod sqlite;
 mod sqlite_admin;
 

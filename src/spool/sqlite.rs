@@ -18,7 +18,7 @@
 //! every minute, a bounded chunk per transaction.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use super::admin::{
     month_of, CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     ReplayReport, SourceUsage, HOUR_MS,
 };
+use super::inbound::{decode_events, decode_ids, dedup_key, key_columns, Encoder, PendingIds};
 use super::sqlite_admin::{self as admin_sql, Tally};
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
 use crate::segment::EventType;
@@ -55,11 +56,15 @@ pub struct SqliteSpoolOptions {
     pub prune_interval: Duration,
     /// The configured sources' slugs: the spool records when it first saw each.
     pub sources: Vec<String>,
+    /// Events accepted but not yet sorted into the queue; beyond this, appends are refused
+    /// as overload. Bounds the memory of the pending-id set (about 20–40 bytes per event).
+    pub max_inbound_events: u64,
 }
 
 impl SqliteSpoolOptions {
     /// Defaults for a data directory: 24 h dedup window, 4,096 waiting requests, groups
-    /// of up to 512 commands, dead letters kept 14 days, pruning every minute.
+    /// of up to 512 commands, dead letters kept 14 days, pruning every minute, 2,000,000
+    /// inbound (unsorted) events.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         SqliteSpoolOptions {
             data_dir: data_dir.into(),
@@ -69,6 +74,7 @@ impl SqliteSpoolOptions {
             dead_letter_retention: Duration::from_secs(14 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             sources: Vec::new(),
+            max_inbound_events: 2_000_000,
         }
     }
 }
@@ -109,6 +115,9 @@ pub struct SqliteSpool {
     /// Idle read-only connections (the management API's reads).
     readers: Arc<Mutex<Vec<Connection>>>,
     closed: AtomicBool,
+    /// Inbound (unsorted) events after the writer's last commit, and their limit.
+    inbound: Arc<AtomicU64>,
+    max_inbound: u64,
 }
 
 /// Idle read connections kept for reuse.
@@ -137,16 +146,42 @@ CREATE TABLE IF NOT EXISTS events (
 -- the user here instead of indexing every event by user, so an append touches only the
 -- tail of `events` and `dedup`. Rows exist only while a user is held. A user is a source
 -- and a user key: `hold_key` is `source || char(31) || user_key`.
+-- Requests accepted but not yet sorted into `events` and `dedup` (layout in `inbound.rs`).
+-- Ingest makes a request durable as one row here: a few sequential page writes. The writer
+-- sorts rows into the queue in `id` order, off the path that answers the client, so the
+-- random pages of the dedup index are written in large batches, not per request.
+CREATE TABLE IF NOT EXISTS inbound (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,
+    -- When the spool accepted the request: the ids' `seen_at` in `dedup`.
+    accepted_at INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    ids         BLOB    NOT NULL,
+    body        BLOB    NOT NULL
+);
+-- Inbound rows that could not be decoded (a damaged file), kept for inspection.
+CREATE TABLE IF NOT EXISTS inbound_damaged (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,
+    accepted_at INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    ids         BLOB    NOT NULL,
+    body        BLOB    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS holds (
     hold_key    TEXT    PRIMARY KEY,
     lease_until INTEGER NOT NULL DEFAULT 0,
     retry_at    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+-- Accepted ids, for deduplication: `(hi, lo)` is the 128-bit `dedup_key` of
+-- `(source, messageId)` (see `inbound.rs`): short fixed-size keys keep the index compact.
 CREATE TABLE IF NOT EXISTS dedup (
-    source     TEXT    NOT NULL,
-    message_id TEXT    NOT NULL,
-    seen_at    INTEGER NOT NULL,
-    PRIMARY KEY (source, message_id)
+    hi      INTEGER NOT NULL,
+    lo      INTEGER NOT NULL,
+    seen_at INTEGER NOT NULL,
+    PRIMARY KEY (hi, lo)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_seen ON dedup (seen_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -257,10 +292,15 @@ impl SqliteSpool {
         })?;
         let path = options.data_dir.join("spool.db");
         let conn = open_connection(&path, &options.sources).map_err(storage)?;
+        let pending = load_pending(&conn).map_err(storage)?;
+        let inbound = Arc::new(AtomicU64::new(pending.events()));
+        metrics.spool_inbound_events.set(pending.events() as i64);
+        let max_inbound = options.max_inbound_events;
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
+        let writer = Writer::new(conn, options, metrics, pending, inbound.clone());
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || Writer::new(conn, options, metrics).run(receiver))
+            .spawn(move || writer.run(receiver))
             .map_err(|e| SpoolError::Storage(format!("cannot start the spool writer: {e}")))?;
         Ok(SqliteSpool {
             sender,
@@ -268,6 +308,8 @@ impl SqliteSpool {
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
             closed: AtomicBool::new(false),
+            inbound,
+            max_inbound,
         })
     }
 
@@ -343,7 +385,7 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
         [],
         |row| row.get(0),
     )?;
-    let upgrade = has_tables && version == 1;
+    let upgrade = has_tables && (version == 1 || version == 2);
     if has_tables && version != SCHEMA_VERSION && !upgrade {
         return Err(rusqlite::Error::InvalidParameterName(format!(
             "{} has spool schema version {version}; this gateway reads version {SCHEMA_VERSION}",
@@ -352,11 +394,20 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let setup = (|| {
-        if upgrade {
+        if has_tables && version == 1 {
             conn.execute_batch(MIGRATE_FROM_1)?;
+        }
+        if upgrade {
+            conn.execute_batch(
+                "ALTER TABLE dedup RENAME TO dedup_by_text;
+                 DROP INDEX IF EXISTS dedup_seen;",
+            )?;
         }
         conn.execute_batch(SCHEMA)?;
         if upgrade {
+            rekey_dedup(&conn)?;
+        }
+        if has_tables && version == 1 {
             conn.execute_batch(
                 "INSERT INTO queue_depth (source, depth)
                  SELECT source, count(*) FROM events GROUP BY source",
@@ -386,6 +437,43 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
     Ok(conn)
 }
 
+/// Upgrading from version 1 or 2: the dedup ids kept by text move to their 128-bit keys.
+fn rekey_dedup(conn: &Connection) -> rusqlite::Result<()> {
+    let mut insert = conn.prepare(
+        "INSERT INTO dedup (hi, lo, seen_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(hi, lo) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
+    )?;
+    let mut select = conn.prepare("SELECT source, message_id, seen_at FROM dedup_by_text")?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let source: String = row.get(0)?;
+        let message_id: String = row.get(1)?;
+        let (hi, lo) = key_columns(dedup_key(&source, &message_id));
+        insert.execute(params![hi, lo, row.get::<_, i64>(2)?])?;
+    }
+    drop(rows);
+    drop((select, insert));
+    conn.execute_batch("DROP TABLE dedup_by_text")
+}
+
+/// The pending-id set of the inbound rows a previous process left unsorted.
+fn load_pending(conn: &Connection) -> rusqlite::Result<PendingIds> {
+    let mut pending = PendingIds::default();
+    let mut select = conn.prepare("SELECT source, ids FROM inbound ORDER BY id")?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let source: String = row.get(0)?;
+        let ids: Vec<u8> = row.get(1)?;
+        // A row that does not decode is moved aside when the writer reaches it.
+        for id in decode_ids(&ids).unwrap_or_default() {
+            let key = pending.key(&source, id);
+            pending.add(key);
+        }
+    }
+    pending.commit();
+    Ok(pending)
+}
+
 /// The source of a hold key (`source || char(31) || user_key`).
 fn source_of(hold_key: &str) -> &str {
     hold_key.split('\u{1f}').next().unwrap_or(hold_key)
@@ -400,9 +488,9 @@ fn hold_key(source: &str, user_key: &str) -> String {
     format!("{source}\u{1f}{user_key}")
 }
 
-/// The layout this code reads and writes (`PRAGMA user_version`); version 1 files are
-/// upgraded in place.
-const SCHEMA_VERSION: i64 = 2;
+/// The layout this code reads and writes (`PRAGMA user_version`); version 1 and 2 files
+/// are upgraded in place (version 3 added `inbound`).
+const SCHEMA_VERSION: i64 = 3;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -411,6 +499,9 @@ fn now_ms() -> i64 {
 #[async_trait]
 impl Spool for SqliteSpool {
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
+        if self.inbound.load(Ordering::Relaxed) >= self.max_inbound {
+            return Err(SpoolError::Overloaded);
+        }
         let (reply, answer) = oneshot::channel();
         self.sender
             .try_send(Command::Append(request, reply))
@@ -561,7 +652,31 @@ struct Writer {
     tally: Tally,
     /// The month of the last append, and the range of times it covers.
     month: (i64, i64, String),
+    /// Ids of the events in `inbound`, with this transaction's changes staged.
+    pending: PendingIds,
+    /// The committed number of inbound events, read by [`SqliteSpool::append`].
+    inbound: Arc<AtomicU64>,
+    /// When sorting may be tried again after it failed (disk full, IO error).
+    sort_retry_at: Instant,
+    /// When the last sort ran.
+    last_sort: Instant,
+    /// False once `synchronous = FULL` could not be restored: every transaction then fails.
+    durable: bool,
+    /// The wait before the next try after consecutive failures.
+    sort_backoff: Duration,
 }
+
+/// Sorting budgets: how many inbound events a transaction sorts, and for how long at most.
+/// Ingest goes first: when no command waits, the writer sorts in larger transactions that
+/// stop as soon as one arrives; before a lease, enough that the dispatcher sees what was
+/// just accepted; and while commands keep the writer busy, a small share at least every
+/// [`BUSY_SORT_EVERY`], so the backlog is sorted even if nothing leases.
+const BUSY_SORT: (usize, Duration) = (256, Duration::from_millis(4));
+const BUSY_SORT_EVERY: Duration = Duration::from_millis(100);
+const IDLE_SORT: (usize, Duration) = (4_096, Duration::from_millis(50));
+const LEASE_SORT: (usize, Duration) = (2_048, Duration::from_millis(25));
+/// The longest wait before sorting is tried again after failures.
+const MAX_SORT_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A command's result, held until the transaction commits.
 enum Pending {
@@ -604,7 +719,13 @@ const PRUNE_DEAD_CHUNK: i64 = 2_000;
 const COUNTER_RETENTION_HOURS: i64 = 400 * 24;
 
 impl Writer {
-    fn new(conn: Connection, options: SqliteSpoolOptions, metrics: Metrics) -> Writer {
+    fn new(
+        conn: Connection,
+        options: SqliteSpoolOptions,
+        metrics: Metrics,
+        pending: PendingIds,
+        inbound: Arc<AtomicU64>,
+    ) -> Writer {
         Writer {
             conn,
             options,
@@ -612,7 +733,191 @@ impl Writer {
             last_prune: Instant::now(),
             tally: Tally::default(),
             month: (0, 0, String::new()),
+            pending,
+            inbound,
+            sort_retry_at: Instant::now(),
+            last_sort: Instant::now(),
+            durable: true,
+            sort_backoff: Duration::ZERO,
         }
+    }
+
+    /// Keeps the pending-id changes of a committed transaction and publishes the count.
+    fn committed(&mut self) {
+        self.pending.commit();
+        let events = self.pending.events();
+        self.inbound.store(events, Ordering::Relaxed);
+        self.metrics.spool_inbound_events.set(events as i64);
+    }
+
+    /// The next command; `Some(None)` when there is none and inbound events wait to be
+    /// sorted; `None` once every sender is gone.
+    fn next_command(&mut self, receiver: &mut mpsc::Receiver<Command>) -> Option<Option<Command>> {
+        loop {
+            if self.pending.events() == 0 {
+                return receiver.blocking_recv().map(Some);
+            }
+            match receiver.try_recv() {
+                Ok(command) => return Some(Some(command)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now >= self.sort_retry_at {
+                return Some(None);
+            }
+            std::thread::sleep((self.sort_retry_at - now).min(Duration::from_millis(10)));
+        }
+    }
+
+    /// One transaction that only sorts inbound events (no command is waiting).
+    ///
+    /// It commits without its own fsync (`synchronous=NORMAL` for this transaction only):
+    /// sorting moves data that is already durable in `inbound`, and WAL commits stay in
+    /// order, so a crash can only undo the sort (the rows are sorted again), and the next
+    /// durable commit (an append, a lease, an ack) makes it durable too.
+    fn sort_alone(&mut self, receiver: &mpsc::Receiver<Command>) {
+        let started = Instant::now();
+        let result = self
+            .conn
+            .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
+            .and_then(|()| {
+                self.sort(IDLE_SORT.0, started + IDLE_SORT.1, &|| !receiver.is_empty())?;
+                self.conn.execute_batch("COMMIT")
+            });
+        if result.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        // Every other transaction is durable at commit: restoring this must not fail
+        // silently, or later appends would be answered before their fsync.
+        let restored = self.conn.execute_batch("PRAGMA synchronous = FULL");
+        match (result, restored) {
+            (Ok(()), Ok(())) => {
+                self.committed();
+                self.sort_backoff = Duration::ZERO;
+            }
+            (Ok(()), Err(e)) => {
+                self.committed();
+                self.durability_lost(&e);
+            }
+            (Err(e), restored) => {
+                self.pending.rollback();
+                self.sort_failed(&e);
+                if let Err(e) = restored {
+                    self.durability_lost(&e);
+                }
+            }
+        }
+    }
+
+    /// `synchronous = FULL` could not be restored: no append may be answered from now on.
+    fn durability_lost(&mut self, error: &rusqlite::Error) {
+        tracing::error!(error = %error, "cannot restore synchronous=FULL on the spool; refusing writes");
+        self.metrics.spool_errors_total.inc();
+        self.durable = false;
+    }
+
+    fn sort_failed(&mut self, error: &rusqlite::Error) {
+        self.metrics.spool_errors_total.inc();
+        self.sort_backoff = (self.sort_backoff * 2)
+            .max(Duration::from_millis(50))
+            .min(MAX_SORT_BACKOFF);
+        self.sort_retry_at = Instant::now() + self.sort_backoff;
+        tracing::warn!(error = %error, retry_in_ms = self.sort_backoff.as_millis() as u64,
+            "sorting inbound events into the queue failed");
+    }
+
+    /// Sorts the oldest inbound requests into the queue, whole, in arrival order, until
+    /// `budget` events were sorted (at least one request), `deadline` passed or `yield_now`
+    /// says commands are waiting (ingest goes first). Runs inside
+    /// the caller's transaction. Each event gets its dedup row (seen at its arrival) and its
+    /// queue row; the ids leave the pending set when the transaction commits.
+    fn sort(
+        &mut self,
+        budget: usize,
+        deadline: Instant,
+        yield_now: &dyn Fn() -> bool,
+    ) -> rusqlite::Result<usize> {
+        self.last_sort = Instant::now();
+        if self.pending.events() == 0 {
+            return Ok(0);
+        }
+        let mut next = self.conn.prepare_cached(
+            "SELECT id, source, received_at, accepted_at, body FROM inbound ORDER BY id LIMIT 1",
+        )?;
+        let mut remember = self.conn.prepare_cached(
+            "INSERT INTO dedup (hi, lo, seen_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(hi, lo) DO UPDATE SET seen_at = excluded.seen_at",
+        )?;
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut done = self
+            .conn
+            .prepare_cached("DELETE FROM inbound WHERE id = ?1")?;
+        let mut sorted = 0;
+        while sorted < budget {
+            let Some((id, source, received_at, accepted_at, body)) = next
+                .query_row([], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, Vec<u8>>(4)?,
+                    ))
+                })
+                .optional()?
+            else {
+                break;
+            };
+            match decode_events(&body) {
+                Ok(events) => {
+                    for event in &events {
+                        let key = self.pending.key(&source, event.message_id);
+                        let (hi, lo) = key_columns(key);
+                        remember.execute(params![hi, lo, accepted_at])?;
+                        insert.execute(params![
+                            source,
+                            event.message_id,
+                            event.kind.as_str(),
+                            event.user_key,
+                            received_at,
+                            event.payload,
+                        ])?;
+                        self.pending.remove(key);
+                    }
+                    sorted += events.len();
+                }
+                Err(e) => {
+                    // Unreachable unless the file was damaged: keep the row aside for
+                    // inspection rather than block the queue behind it.
+                    tracing::error!(inbound_id = id, error = %e, "moving an undecodable inbound row aside");
+                    self.metrics.spool_errors_total.inc();
+                    self.conn.execute(
+                        "INSERT INTO inbound_damaged SELECT * FROM inbound WHERE id = ?1",
+                        params![id],
+                    )?;
+                    let ids: Vec<u8> = self.conn.query_row(
+                        "SELECT ids FROM inbound WHERE id = ?1",
+                        params![id],
+                        |row| row.get(0),
+                    )?;
+                    let count = decode_ids(&ids).map(|ids| ids.len()).unwrap_or(0);
+                    for message_id in decode_ids(&ids).unwrap_or_default() {
+                        let key = self.pending.key(&source, message_id);
+                        self.pending.remove(key);
+                    }
+                    self.tally.depth(&source, -(count as i64));
+                }
+            }
+            done.execute(params![id])?;
+            if Instant::now() >= deadline || yield_now() {
+                break;
+            }
+        }
+        Ok(sorted)
     }
 
     /// `YYYY-MM` of `ms`, recomputed only when the month changes.
@@ -640,8 +945,13 @@ impl Writer {
     fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         while shutdown.is_none() {
-            let Some(first) = receiver.blocking_recv() else {
-                break;
+            let first = match self.next_command(&mut receiver) {
+                None => break,
+                Some(None) => {
+                    self.sort_alone(&receiver);
+                    continue;
+                }
+                Some(Some(first)) => first,
             };
             let mut group = vec![first];
             while group.len() < self.options.max_group {
@@ -695,6 +1005,7 @@ impl Writer {
         let result = self.execute_group(commands, &mut pending);
         match result {
             Ok(()) => {
+                self.committed();
                 self.metrics
                     .spool_commit_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -703,6 +1014,7 @@ impl Writer {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                self.pending.rollback();
                 tracing::error!(error = %e, commands = count, "spool transaction failed");
                 self.metrics.spool_errors_total.inc();
                 let error = storage(e);
@@ -718,6 +1030,14 @@ impl Writer {
     ) -> rusqlite::Result<()> {
         // Commands that fail before the transaction's outcome is known still need an answer:
         // each one is pushed to `pending` before its work, and failed with the group.
+        if !self.durable {
+            self.durable = self.conn.execute_batch("PRAGMA synchronous = FULL").is_ok();
+            if !self.durable {
+                return Err(rusqlite::Error::InvalidParameterName(
+                    "the spool cannot guarantee durable commits (synchronous=FULL)".into(),
+                ));
+            }
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let now = now_ms();
         self.tally = Tally::default();
@@ -738,11 +1058,14 @@ impl Writer {
                     reply,
                 } => {
                     pending.push(Pending::Lease(reply, Vec::new()));
-                    self.lease(max, lease_ms, now).map(|leased| {
-                        if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
-                            *slot = leased;
-                        }
-                    })
+                    let deadline = Instant::now() + LEASE_SORT.1;
+                    self.sort(LEASE_SORT.0.max(max), deadline, &|| false)
+                        .and_then(|_| self.lease(max, lease_ms, now))
+                        .map(|leased| {
+                            if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
+                                *slot = leased;
+                            }
+                        })
                 }
                 Command::Settle(settlement, reply) => {
                     pending.push(Pending::Unit(reply));
@@ -802,6 +1125,17 @@ impl Writer {
                 break;
             }
         }
+        let now_instant = Instant::now();
+        if failure.is_none()
+            && now_instant >= self.sort_retry_at
+            && now_instant >= self.last_sort + BUSY_SORT_EVERY
+        {
+            let deadline = Instant::now() + BUSY_SORT.1;
+            if let Err(e) = self.sort(BUSY_SORT.0, deadline, &|| false) {
+                self.sort_failed(&e);
+                failure = Some(e);
+            }
+        }
         if failure.is_none() {
             let tally = std::mem::take(&mut self.tally);
             failure = tally.flush(&self.conn, now).err();
@@ -812,35 +1146,33 @@ impl Writer {
         }
     }
 
+    /// Makes a request's new events durable as one inbound row; repeats (pending in
+    /// `inbound`, or in the dedup index within the window) are counted, not kept.
     fn append(&mut self, request: &AppendRequest, now: i64) -> rusqlite::Result<AppendReport> {
         let cutoff = now - self.options.dedup_window.as_millis() as i64;
-        let mut dedup = self.conn.prepare_cached(
-            "INSERT INTO dedup (source, message_id, seen_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(source, message_id) DO UPDATE SET seen_at = excluded.seen_at
-             WHERE dedup.seen_at < ?4",
-        )?;
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
+        let mut seen = self
+            .conn
+            .prepare_cached("SELECT seen_at FROM dedup WHERE hi = ?1 AND lo = ?2")?;
+        let bytes = request.events.iter().map(|e| e.payload.len()).sum();
+        let mut encoder = Encoder::with_capacity(request.events.len(), bytes);
         let mut report = AppendReport::default();
         let mut views = 0;
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
         let mut users: HashSet<&str> = HashSet::new();
         for event in &request.events {
-            let fresh = dedup.execute(params![request.source, event.message_id, now, cutoff])?;
-            if fresh == 0 {
+            let key = self.pending.key(&request.source, &event.message_id);
+            let (hi, lo) = key_columns(key);
+            let repeat = self.pending.contains(key)
+                || seen
+                    .query_row(params![hi, lo], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .is_some_and(|seen_at| seen_at >= cutoff);
+            if repeat {
                 report.duplicates += 1;
                 continue;
             }
-            insert.execute(params![
-                request.source,
-                event.message_id,
-                event.kind.as_str(),
-                event.user_key,
-                request.received_at_ms,
-                event.payload,
-            ])?;
+            self.pending.add(key);
+            encoder.push(event);
             report.queued += 1;
             if matches!(event.kind, EventType::Page | EventType::Screen) {
                 views += 1;
@@ -850,7 +1182,24 @@ impl Writer {
                 users.insert(key);
             }
         }
-        drop((dedup, insert));
+        drop(seen);
+        if !encoder.is_empty() {
+            let count = encoder.len() as i64;
+            let (ids, body) = encoder.finish();
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO inbound (source, received_at, accepted_at, count, ids, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    request.source,
+                    request.received_at_ms,
+                    now,
+                    count,
+                    ids,
+                    body
+                ])?;
+        }
         self.count_append(request, &report, views, &users)?;
         Ok(report)
     }
@@ -1078,11 +1427,21 @@ impl Writer {
             .conn
             .prepare_cached("SELECT coalesce(sum(depth), 0) FROM queue_depth")?
             .query_row([], |row| row.get(0))?;
-        let oldest: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT received_at FROM events ORDER BY seq LIMIT 1")?
-            .query_row([], |row| row.get(0))
-            .optional()?;
+        let mut oldest: Option<i64> = None;
+        for sql in [
+            "SELECT received_at FROM events ORDER BY seq LIMIT 1",
+            "SELECT received_at FROM inbound ORDER BY id LIMIT 1",
+        ] {
+            let head: Option<i64> = self
+                .conn
+                .prepare_cached(sql)?
+                .query_row([], |row| row.get(0))
+                .optional()?;
+            oldest = match (oldest, head) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         let dead_letters: i64 = self
             .conn
             .prepare_cached("SELECT count(*) FROM dead_letters")?
@@ -1142,8 +1501,8 @@ impl Writer {
         let cutoff = now_ms() - self.options.dedup_window.as_millis() as i64;
         loop {
             let removed = self.conn.execute(
-                "DELETE FROM dedup WHERE (source, message_id) IN
-                   (SELECT source, message_id FROM dedup WHERE seen_at < ?1 LIMIT ?2)",
+                "DELETE FROM dedup WHERE (hi, lo) IN
+                   (SELECT hi, lo FROM dedup WHERE seen_at < ?1 LIMIT ?2)",
                 params![cutoff, PRUNE_CHUNK],
             );
             match removed {

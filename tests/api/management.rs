@@ -1679,6 +1679,8 @@ async fn a_version_1_spool_is_upgraded_in_place() {
              CREATE TABLE dedup (source TEXT NOT NULL, message_id TEXT NOT NULL,
                  seen_at INTEGER NOT NULL, PRIMARY KEY (source, message_id)) WITHOUT ROWID;
              CREATE INDEX dedup_seen ON dedup (seen_at);
+             INSERT INTO dedup VALUES ('s', 'q-1', CAST(strftime('%s', 'now') AS INTEGER) * 1000),
+                                      ('s', 'old', 1000);
              CREATE TABLE dead_letters (
                  id INTEGER PRIMARY KEY, source TEXT NOT NULL, message_id TEXT NOT NULL,
                  kind TEXT NOT NULL, user_key TEXT NOT NULL, received_at INTEGER NOT NULL,
@@ -1731,5 +1733,21 @@ async fn a_version_1_spool_is_upgraded_in_place() {
     assert_eq!(leased.len(), 2);
     spool.ack(vec![leased[0].seq]).await.expect("ack");
     assert_eq!(spool.usage("s", 0).await.expect("usage").backlog, 1);
+    // The dedup ids were kept across the upgrade (and the expired one stays expired).
+    let event = |id: &str| refiner_gateway::segment::Event {
+        kind: refiner_gateway::segment::EventType::Track,
+        message_id: id.into(),
+        user_key: "u:w".into(),
+        payload: br#"{"userId":"w"}"#.to_vec(),
+    };
+    let report = spool
+        .append(refiner_gateway::spool::AppendRequest {
+            source: "s".into(),
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            events: vec![event("q-1"), event("old")],
+        })
+        .await
+        .expect("append");
+    assert_eq!((report.queued, report.duplicates), (1, 1));
     spool.close().await;
 }
