@@ -9,11 +9,24 @@
 //!
 //! Invariants of every [`Event`]:
 //! - `payload` is a JSON object whose `type`, `messageId`, `receivedAt` and `timestamp`
-//!   are set, and which no longer carries the `writeKey`;
+//!   are set, in which each top-level key appears once, and which no longer carries the
+//!   `writeKey`;
 //! - `message_id` is non-empty and at most [`Limits::max_message_id_len`] characters;
 //! - `user_key` is the identity the dispatcher orders by (see [`user_key`]).
+//!
+//! Events are not parsed into a tree: serde_json checks the syntax of the body, `scan`
+//! splits each event into its top-level members as raw text (and refuses, as a
+//! `serde_json::Value` parse would, numbers out of range, lone surrogates and nesting
+//! beyond 127 levels), and `normalize` decodes only the members the rules read and writes
+//! the payload from the raw text. The payload is therefore equal *as JSON* to the
+//! normalized event, not byte-equal to any particular serialization: key order, spacing
+//! and the spelling of untouched values are the client's. The test-only `oracle` module
+//! keeps the earlier tree-based parser, and `differential` checks that both agree.
 
 mod normalize;
+#[cfg(test)]
+mod oracle;
+mod scan;
 mod time;
 
 use serde::Deserialize;
@@ -242,13 +255,45 @@ pub fn parse_single(body: &[u8], kind: EventType, arrival: Arrival<'_>) -> Resul
             limit: arrival.limits.max_event_bytes,
         });
     }
-    let mut object = match parse_json(body)? {
-        Value::Object(object) => object,
-        _ => return Err(Reject::NotAnObject),
+    let level = normalize::BatchLevel::default();
+    parse_one(body, Some(kind), &level, false, arrival)
+}
+
+/// Parses one event object that is the whole body (a single-event route, or a webhook
+/// without batching): its `writeKey` is returned, and JSON that is not an object rejects
+/// the request.
+fn parse_one(
+    body: &[u8],
+    kind: Option<EventType>,
+    level: &normalize::BatchLevel,
+    allow_delete: bool,
+    arrival: Arrival<'_>,
+) -> Result<Parsed, Reject> {
+    // serde_json checks the syntax (and words the error); the scan checks the rest of what
+    // a `Value` parse would refuse.
+    let text = match serde_json::from_slice::<&RawValue>(body) {
+        Ok(raw) => raw.get(),
+        Err(e) => return Err(json_error(body, e)),
     };
-    let write_key = take_write_key(&mut object);
-    object.insert("type".into(), Value::String(kind.as_str().into()));
-    let item = normalize::normalize(object, 0, &normalize::BatchLevel::default(), false, arrival)?;
+    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete);
+    match normalizer.scan(text) {
+        scan::Shape::Object => {}
+        scan::Shape::NotObject => {
+            return Err(match parse_json(body) {
+                Ok(_) => Reject::NotAnObject,
+                Err(reject) => reject,
+            })
+        }
+        scan::Shape::Invalid => {
+            return Err(match parse_json(body) {
+                Err(reject) => reject,
+                // Not reached: the scan refuses only what a `Value` parse refuses.
+                Ok(_) => Reject::InvalidJson("the body could not be read".into()),
+            });
+        }
+    }
+    let write_key = normalizer.write_key();
+    let item = normalizer.normalize(0, kind)?;
     Ok(Parsed {
         write_key,
         items: vec![item],
@@ -288,11 +333,11 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
             limit: limits.max_batch_events,
         });
     }
-    let level = normalize::BatchLevel {
-        sent_at: raw.sent_at.filter(|v| !v.is_null()),
-        context: as_object(raw.context),
-        integrations: as_object(raw.integrations),
-    };
+    let level = normalize::BatchLevel::new(
+        raw.sent_at,
+        as_object(raw.context),
+        as_object(raw.integrations),
+    );
     let write_key = raw.write_key.and_then(|v| match v {
         Value::String(s) => Some(s),
         _ => None,
@@ -306,6 +351,7 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
 /// Every event must name its `type`; `delete` is accepted here.
 pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> {
     let limits = arrival.limits;
+    let level = normalize::BatchLevel::default();
     let trimmed = trim_json_start(body);
     if trimmed.first() == Some(&b'[') {
         let items: Vec<&RawValue> =
@@ -316,7 +362,6 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
                 limit: limits.max_webhook_events,
             });
         }
-        let level = normalize::BatchLevel::default();
         let items = parse_items(&items, &level, true, limits.max_event_bytes, arrival)?;
         let write_key = None;
         return Ok(Parsed { write_key, items });
@@ -328,17 +373,7 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
             limit: limits.max_event_bytes,
         });
     }
-    let mut object = match parse_json(body)? {
-        Value::Object(object) => object,
-        _ => return Err(Reject::NotAnObject),
-    };
-    let write_key = take_write_key(&mut object);
-    let level = normalize::BatchLevel::default();
-    let item = normalize::normalize(object, 0, &level, true, arrival)?;
-    Ok(Parsed {
-        write_key,
-        items: vec![item],
-    })
+    parse_one(body, None, &level, true, arrival)
 }
 
 /// The raw bytes of the first element of a JSON array body, exactly as sent: Segment's
@@ -360,6 +395,7 @@ fn parse_items(
     arrival: Arrival<'_>,
 ) -> Result<Vec<Item>, Reject> {
     let mut items = Vec::with_capacity(raw_items.len());
+    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete);
     for (index, raw) in raw_items.iter().enumerate() {
         let text = raw.get();
         if text.len() > max_event_bytes {
@@ -369,24 +405,13 @@ fn parse_items(
                 limit: max_event_bytes,
             });
         }
-        // The outer parse already validated this span, so only its shape can be wrong.
-        let object = match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(mut object)) => {
-                object.remove("writeKey");
-                object
-            }
-            _ => {
-                items.push(Err(Skip::NotAnObject));
-                continue;
-            }
-        };
-        items.push(normalize::normalize(
-            object,
-            index,
-            level,
-            allow_delete,
-            arrival,
-        )?);
+        // The outer parse already checked this span's syntax; an item that is not an
+        // object, or that a `Value` parse would refuse, is skipped.
+        if normalizer.scan(text) != scan::Shape::Object {
+            items.push(Err(Skip::NotAnObject));
+            continue;
+        }
+        items.push(normalizer.normalize(index, None)?);
     }
     Ok(items)
 }
@@ -395,10 +420,12 @@ fn parse_json(body: &[u8]) -> Result<Value, Reject> {
     serde_json::from_slice(body).map_err(|e| Reject::InvalidJson(e.to_string()))
 }
 
-fn take_write_key(object: &mut Map<String, Value>) -> Option<String> {
-    match object.remove("writeKey") {
-        Some(Value::String(key)) => Some(key),
-        _ => None,
+/// The rejection of a body that is not JSON, worded by the same `Value` parse as always
+/// (`error` is the syntax check's own error, used only if that parse would succeed).
+fn json_error(body: &[u8], error: serde_json::Error) -> Reject {
+    match parse_json(body) {
+        Err(reject) => reject,
+        Ok(_) => Reject::InvalidJson(error.to_string()),
     }
 }
 
@@ -417,5 +444,7 @@ fn trim_json_start(body: &[u8]) -> &[u8] {
     &body[start..]
 }
 
+#[cfg(test)]
+mod differential;
 #[cfg(test)]
 mod tests;
