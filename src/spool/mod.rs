@@ -21,7 +21,7 @@ pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
 pub mod nats;
-mod inbound;
+pub mod inbound;
 mod sqlite;
 mod sqlite_admin;
 

@@ -579,12 +579,23 @@ pub(super) fn usage(conn: &Connection, source: &str, month: &str) -> rusqlite::R
     usage.backlog = depth.unwrap_or(0).max(0) as u64;
     if usage.backlog > 0 {
         // The queue is in arrival order: the source's first row is its oldest.
-        usage.oldest_undelivered_ms = tx
-            .prepare_cached(
-                "SELECT received_at FROM events WHERE source = ?1 ORDER BY seq LIMIT 1",
-            )?
-            .query_row(params![source], |row| row.get(0))
-            .optional()?;
+        // The oldest of the sorted queue's head and the head of the requests not yet
+        // sorted into it (replayed dead letters can make either the older).
+        let mut oldest: Option<i64> = None;
+        for sql in [
+            "SELECT received_at FROM events WHERE source = ?1 ORDER BY seq LIMIT 1",
+            "SELECT received_at FROM inbound WHERE source = ?1 ORDER BY id LIMIT 1",
+        ] {
+            let head: Option<i64> = tx
+                .prepare_cached(sql)?
+                .query_row(params![source], |row| row.get(0))
+                .optional()?;
+            oldest = match (oldest, head) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        usage.oldest_undelivered_ms = oldest;
     }
     let dead: i64 = tx
         .prepare_cached("SELECT count(*) FROM dead_letters WHERE source = ?1")?
