@@ -156,6 +156,7 @@ pub async fn run(params: CrashParams) -> Report {
     let mut peak_rss = 0;
     let mut cut_ingest: HashSet<String> = HashSet::new();
     let mut journaled: Vec<HashSet<String>> = Vec::new();
+    let mut saved_by_journal = 0u64;
     let metrics_client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -188,7 +189,18 @@ pub async fn run(params: CrashParams) -> Report {
         witness.after_kill();
         // What the killed process had written to its delivered journal (answers it had
         // received; absent with a gateway that keeps none).
-        journaled.push(journaled_events(&data_dir));
+        let names = journaled_events(&data_dir);
+        // Events the killed process had been answered 2xx for and had not acked yet: without
+        // the journal, the next process would send each of them again.
+        if !names.is_empty() {
+            if let Ok(queued) = SpoolFile::events(&data_dir) {
+                saved_by_journal += queued
+                    .iter()
+                    .filter(|(message_id, _)| names.contains(message_id))
+                    .count() as u64;
+            }
+        }
+        journaled.push(names);
         if replaying || replay_calls > 0 {
             during_replay += 1;
         }
@@ -210,6 +222,7 @@ pub async fn run(params: CrashParams) -> Report {
             cycle + 1,
             params.cycles
         );
+        witness.restarting();
         gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
         restarts.push(gateway.ready_after);
         load.shared.set_address(&gateway.address);
@@ -344,6 +357,7 @@ pub async fn run(params: CrashParams) -> Report {
     let mut replayed_dups = 0u64;
     let mut cut_dups = 0u64;
     let mut journaled_dups = 0u64;
+    let mut logged_late = 0u64;
     for c in &classified {
         *by_cause.entry(c.cause).or_default() += 1;
         if let Some(i) = c
@@ -355,6 +369,9 @@ pub async fn run(params: CrashParams) -> Report {
         gaps.extend(c.answer_to_kill_ms);
         if c.repeat.event.starts_with("replay-") {
             replayed_dups += 1;
+        }
+        if c.logged_after_kill {
+            logged_late += 1;
         }
         if cut_ingest.contains(&c.repeat.event) {
             cut_dups += 1;
@@ -406,6 +423,10 @@ pub async fn run(params: CrashParams) -> Report {
             .join(", "),
     );
     report.figure(
+        "duplicates whose first call the simulator logged after the killed process was gone",
+        format!("{logged_late} (counted as in flight at the kill)"),
+    );
+    report.figure(
         "duplicates answered before a kill: answer → kill",
         gap_summary(&gaps),
     );
@@ -433,7 +454,8 @@ pub async fn run(params: CrashParams) -> Report {
     report.figure(
         "duplicates whose first answer was in the killed process's delivered journal",
         format!(
-            "{journaled_dups} (of {} journal entries found at the kills)",
+            "{journaled_dups} (of {} journal entries found at the kills; {saved_by_journal} of \
+             them still queued at the kill, acked by the next process without a call)",
             journaled.iter().map(HashSet::len).sum::<usize>()
         ),
     );

@@ -60,6 +60,10 @@ pub struct KillMark {
     pub boundary: u64,
     /// The moment of the SIGKILL on the simulator's clock (ms, estimated).
     pub at_ms: u64,
+    /// When the next process was spawned, on the simulator's clock (ms, estimated; 0 until
+    /// [`Witness::restarting`]). A call logged before it came from the killed process, even
+    /// when the simulator read it from its socket only after that process was gone.
+    pub spawn_ms: u64,
 }
 
 /// Why an event was delivered again, as far as the simulator's log and the kills tell.
@@ -101,6 +105,9 @@ pub struct Classified {
     pub kill: Option<usize>,
     /// For [`Cause::AnsweredBeforeKill`]: ms from the answer to the kill (estimated).
     pub answer_to_kill_ms: Option<i64>,
+    /// The simulator logged the first call only after the killed process was gone (it read
+    /// the request from its socket late).
+    pub logged_after_kill: bool,
 }
 
 /// Per event name: successful track-event calls, and the (global) position of the first.
@@ -146,16 +153,18 @@ impl Delivered {
             .iter()
             .map(|repeat| {
                 let first = repeat.first;
-                // The kill that ended the process that made the first call.
-                let kill = self.kills.iter().position(|k| k.boundary > first.seq);
+                // The kill that ended the process that made each call.
+                let ended_by = |call: &CallTimes| {
+                    self.kills
+                        .iter()
+                        .position(|k| call.seq < k.boundary || call.at_ms < k.spawn_ms)
+                };
+                let kill = ended_by(&first);
+                let again_kill = ended_by(&repeat.again);
                 let (cause, answer_to_kill_ms) = match kill {
-                    Some(i) if repeat.again.seq >= self.kills[i].boundary => {
+                    Some(i) if again_kill != kill => {
                         let mark = &self.kills[i];
-                        let next_ok = self
-                            .kills
-                            .get(i + 1)
-                            .is_none_or(|next| repeat.again.seq < next.boundary);
-                        if !next_ok {
+                        if again_kill.unwrap_or(self.kills.len()) > i + 1 {
                             (Cause::LaterProcess, None)
                         } else if first.answered_ms > mark.at_ms {
                             (Cause::InFlightAtKill, None)
@@ -180,6 +189,7 @@ impl Delivered {
                     cause,
                     kill,
                     answer_to_kill_ms,
+                    logged_after_kill: kill.is_some_and(|i| first.seq >= self.kills[i].boundary),
                 }
             })
             .collect()
@@ -349,6 +359,16 @@ impl Witness {
         let since_start = killed.duration_since(inner.started).as_millis() as i64;
         mark.at_ms = (since_start + inner.sim_ahead_ms).max(0) as u64;
         inner.delivered.kills.push(mark);
+    }
+
+    /// Marks the moment the next process is spawned, after [`Witness::after_kill`].
+    pub fn restarting(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        let since_start = inner.started.elapsed().as_millis() as i64;
+        let spawn_ms = (since_start + inner.sim_ahead_ms).max(0) as u64;
+        if let Some(mark) = inner.delivered.kills.last_mut() {
+            mark.spawn_ms = spawn_ms;
+        }
     }
 
     /// Reads what was delivered so far (polling first).
