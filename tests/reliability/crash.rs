@@ -28,7 +28,7 @@ use crate::harness::{
 use crate::load::Shared;
 use crate::load::{event_id, Load, LoadSpec};
 use crate::report::{percent, secs, Report};
-use crate::witness::{Cause, Witness};
+use crate::witness::{CallTimes, Cause, Witness};
 
 #[derive(Debug, Clone)]
 pub struct CrashParams {
@@ -662,7 +662,9 @@ fn order_violations(
     for &(k, upto) in acked {
         for n in 0..upto {
             let user = n % spec.users as u64;
-            let Some(&(_, first)) = delivered.tracks.get(&event_id("crash", k, n)) else {
+            let Some(&(_, CallTimes { seq: first, .. })) =
+                delivered.tracks.get(&event_id("crash", k, n))
+            else {
                 continue;
             };
             if let Some(previous) = last.insert((k, user), first) {

@@ -110,13 +110,11 @@ pub struct Classified {
     pub logged_after_kill: bool,
 }
 
-/// Per event name: successful track-event calls, and the (global) position of the first.
+/// Per event name: successful track-event calls, and the first of them.
 #[derive(Debug, Default)]
 pub struct Delivered {
-    /// event name → (2xx track-event calls, order of the first of them)
-    pub tracks: HashMap<String, (u32, u64)>,
-    /// event name → times of its first 2xx track-event call.
-    pub first_calls: HashMap<String, CallTimes>,
+    /// event name → (2xx track-event calls, the first of them: global position and times)
+    pub tracks: HashMap<String, (u32, CallTimes)>,
     /// Every 2xx track-event call beyond an event's first.
     pub repeats: Vec<Repeat>,
     /// Completed calls by path and status (`POST /v1/track-event 200`).
@@ -241,14 +239,12 @@ impl Inner {
                     let entry = delivered
                         .tracks
                         .entry(event.to_string())
-                        .or_insert((0, offset + call.seq));
+                        .or_insert((0, times));
                     entry.0 += 1;
-                    if entry.0 == 1 {
-                        delivered.first_calls.insert(event.to_string(), times);
-                    } else if let Some(first) = delivered.first_calls.get(event) {
+                    if entry.0 > 1 {
                         delivered.repeats.push(Repeat {
                             event: event.to_string(),
-                            first: *first,
+                            first: entry.1,
                             again: times,
                         });
                     }
