@@ -22,7 +22,7 @@ use actix_web::{middleware, web, App, HttpServer};
 
 use crate::api::{self, OpsState};
 use crate::config::{Settings, SpoolBackend};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Journal};
 use crate::ingest::{self, auth::Sources, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::request_id::request_id;
@@ -96,14 +96,26 @@ impl Application {
                 max_idle_per_host: settings.delivery.max_concurrency,
             })
             .map_err(StartError::Delivery)?;
-            Some(Arc::new(Dispatcher::new(
+            let mut dispatcher = Dispatcher::new(
                 spool.clone(),
                 client,
                 &settings.sources,
                 settings.delivery.clone(),
                 settings.mapping.clone(),
                 metrics.clone(),
-            )))
+            );
+            // The delivered journal names events by the SQLite spool's `seq`, which is never
+            // reused; without it, delivery is the same, with more duplicates after a crash.
+            if settings.spool.backend == SpoolBackend::Sqlite {
+                match Journal::open(&settings.data_dir.join("delivered")) {
+                    Ok(journal) => dispatcher = dispatcher.with_journal(journal),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot open the delivered journal; delivering without it"
+                    ),
+                }
+            }
+            Some(Arc::new(dispatcher))
         } else {
             None
         };

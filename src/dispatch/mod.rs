@@ -3,7 +3,8 @@
 //! `workers` loops each lease a batch from the spool, group it by (source, user), map every
 //! event with `refiner::mapping`, merge each user's consecutive identify-user calls
 //! (`mapping::coalesce`) and send each user's calls in order, users concurrently, within
-//! the adaptive concurrency limit. The batch's outcome is settled in one spool transaction.
+//! the adaptive concurrency limit. Outcomes are settled as they come: after each answer,
+//! before the user's next call, and when the user's run ends.
 //!
 //! Guarantees:
 //! - Per-user order: a user's calls are sent one after the other; when one fails
@@ -11,7 +12,11 @@
 //!   does not lease them again before the failed one's retry time. A dead-lettered event
 //!   does not hold its user.
 //! - At least once: an event is acked only after Refiner answered 2xx (or it was not meant
-//!   to be forwarded). A crash before settling redelivers the batch.
+//!   to be forwarded). A crash before settling redelivers what was not settled.
+//! - Few duplicates: with a [`Journal`] (the SQLite spool), each 2xx answer is written to the
+//!   delivered journal before its ack goes to the spool, so a process killed before the
+//!   spool's commit does not make the next one send the event again; only calls in flight
+//!   at the crash are. See `journal.rs` for why the journal cannot lose an event.
 //! - Retries: full-jitter exponential backoff (`retry_base_ms` × 2^attempts, capped at
 //!   `retry_cap_secs`), never sooner than `Retry-After`, and after a 429 never sooner than
 //!   `retry_floor_429_secs`; a 429 with `Retry-After` also pauses that API key. Events older
@@ -21,9 +26,11 @@
 //! - Shutdown: workers stop leasing, in-flight calls finish and their batch is settled.
 
 mod breaker;
+mod journal;
 mod limiter;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +45,9 @@ use crate::spool::{DeadLetterRequest, Leased, RetryAt, Settlement, Skipped, Spoo
 use crate::telemetry::Metrics;
 use breaker::{Admit, Breaker};
 use limiter::{Limiter, Signal};
+
+pub use journal::Journal;
+use journal::Ticket;
 
 /// Everything delivery needs.
 pub struct Dispatcher {
@@ -56,6 +66,10 @@ pub struct Dispatcher {
     paused: DashMap<String, i64>,
     /// Static requests-per-second limit per API key, when configured.
     rate_limits: DashMap<String, Arc<DefaultDirectRateLimiter>>,
+    /// Where 2xx answers are recorded before their ack is committed (SQLite spool only).
+    journal: Option<Arc<Journal>>,
+    /// Workers still running; the last one to stop clears the journal.
+    running: AtomicUsize,
 }
 
 fn now_ms() -> i64 {
@@ -103,7 +117,17 @@ impl Dispatcher {
             pings: DashMap::new(),
             paused: DashMap::new(),
             rate_limits: DashMap::new(),
+            journal: None,
+            running: AtomicUsize::new(0),
         }
+    }
+
+    /// Records every 2xx answer in `journal` before its ack is committed, and acks without
+    /// a call the events a killed predecessor had delivered. Only for a spool whose `seq`s
+    /// are never reused and survive a restart (the SQLite spool).
+    pub fn with_journal(mut self, journal: Journal) -> Dispatcher {
+        self.journal = Some(Arc::new(journal));
+        self
     }
 
     /// Starts the workers; they stop when `shutdown` turns true, after settling what they
@@ -112,7 +136,9 @@ impl Dispatcher {
         self: Arc<Self>,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.settings.workers.max(1))
+        let workers = self.settings.workers.max(1);
+        self.running.store(workers, Ordering::SeqCst);
+        (0..workers)
             .map(|_| tokio::spawn(self.clone().worker(shutdown.clone())))
             .collect()
     }
@@ -160,14 +186,32 @@ impl Dispatcher {
                 self.breaker.probe_abandoned();
             }
         }
+        // Every worker settled what it held: the journal's entries are all committed.
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if let Some(journal) = &self.journal {
+                journal.clear_if_settled();
+            }
+        }
     }
 
     /// Settles a user's outcome, retrying storage errors: what was delivered must be acked.
-    async fn settle(&self, settlement: Settlement) {
+    /// Then releases the journal's `tickets` for its acks, or, if the spool never took the
+    /// settlement, keeps their entries so the next process does not send them again.
+    async fn settle(&self, settlement: Settlement, tickets: &mut Vec<Ticket>) {
+        let committed = self.try_settle(settlement).await;
+        for ticket in tickets.drain(..) {
+            if !committed {
+                ticket.keep();
+            }
+        }
+    }
+
+    /// Applies a settlement, retrying storage errors; false if it gave up.
+    async fn try_settle(&self, settlement: Settlement) -> bool {
         let mut delay = Duration::from_millis(100);
         for attempt in 0..20 {
             match self.spool.settle(settlement.clone()).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "settling a batch failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -177,6 +221,7 @@ impl Dispatcher {
         }
         // The leases expire and the batch is delivered again: duplicates, never loss.
         tracing::error!("giving up settling a batch; it will be redelivered");
+        false
     }
 
     /// Delivers one leased batch. Each user's outcome is settled as soon as that user's
@@ -196,16 +241,23 @@ impl Dispatcher {
             }
         }
         futures_util::future::join_all(chains.into_iter().map(|chain| async move {
-            let settlement = self.deliver_chain(chain, probe).await;
+            let mut tickets = Vec::new();
+            let settlement = self.deliver_chain(chain, probe, &mut tickets).await;
             if !settlement.is_empty() {
-                self.settle(settlement).await;
+                self.settle(settlement, &mut tickets).await;
             }
         }))
         .await;
     }
 
-    /// One user's events, in order.
-    async fn deliver_chain(&self, chain: Vec<Leased>, probe: bool) -> Settlement {
+    /// One user's events, in order. `tickets` receives the journal tickets of the acks in
+    /// the returned settlement, for [`Dispatcher::settle`].
+    async fn deliver_chain(
+        &self,
+        chain: Vec<Leased>,
+        probe: bool,
+        tickets: &mut Vec<Ticket>,
+    ) -> Settlement {
         let mut out = Settlement::default();
         let now = now_ms();
         let Some(first) = chain.first() else {
@@ -227,6 +279,15 @@ impl Dispatcher {
         let by_seq: HashMap<i64, &Leased> = chain.iter().map(|e| (e.seq, e)).collect();
         let mut calls: Vec<(i64, RefinerCall)> = Vec::with_capacity(chain.len());
         for event in &chain {
+            if self.journal.as_ref().is_some_and(|journal| {
+                journal.take_recovered(event.seq, &event.source, &event.message_id)
+            }) {
+                // Refiner answered 2xx to a process that was stopped before committing the
+                // ack: acked now, not sent again.
+                out.acked.push(event.seq);
+                self.count_events(&source, "forwarded", 1);
+                continue;
+            }
             let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
                 Ok(payload) => payload,
                 Err(e) => {
@@ -285,13 +346,16 @@ impl Dispatcher {
             // Ack what is done before the next call, keeping the user held: a crash then
             // redelivers at most the call in flight, not the user's whole run.
             if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
-                self.settle(Settlement {
-                    acked: std::mem::take(&mut out.acked),
-                    skipped: std::mem::take(&mut out.skipped),
-                    dead: std::mem::take(&mut out.dead),
-                    keep_holds: true,
-                    ..Settlement::default()
-                })
+                self.settle(
+                    Settlement {
+                        acked: std::mem::take(&mut out.acked),
+                        skipped: std::mem::take(&mut out.skipped),
+                        dead: std::mem::take(&mut out.dead),
+                        keep_holds: true,
+                        ..Settlement::default()
+                    },
+                    tickets,
+                )
                 .await;
             }
             let request = call.to_request();
@@ -307,6 +371,15 @@ impl Dispatcher {
             let started = Instant::now();
             self.metrics.dispatch_in_flight_calls.inc();
             let outcome = self.client.send(&api_key, &request).await;
+            // First of all: record that Refiner has these events, in case the process dies
+            // before their ack is committed (see `journal.rs`).
+            if let (Outcome::Delivered { .. }, Some(journal)) = (&outcome, &self.journal) {
+                let events = seqs
+                    .iter()
+                    .filter_map(|seq| by_seq.get(seq))
+                    .map(|e| (e.seq, e.source.as_str(), e.message_id.as_str()));
+                tickets.extend(journal.record(events));
+            }
             self.metrics.dispatch_in_flight_calls.dec();
             let latency = started.elapsed();
             let signal = match &outcome {
@@ -489,5 +562,150 @@ async fn sleep_or_shutdown(duration: Duration, shutdown: &mut watch::Receiver<bo
     tokio::select! {
         _ = tokio::time::sleep(duration) => {}
         _ = shutdown.changed() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::config::Secret;
+    use crate::refiner::client::ClientOptions;
+    use crate::sim::{self, SimHandle, SimOptions};
+    use crate::spool::{AppendReport, AppendRequest, SpoolError, SpoolStats};
+
+    /// A queue of one event whose settlements either commit or never finish (a process
+    /// killed while waiting for the spool's commit).
+    struct OneEvent {
+        event: Leased,
+        leased: AtomicBool,
+        commits: bool,
+        acked: Mutex<Vec<i64>>,
+    }
+
+    #[async_trait]
+    impl Spool for OneEvent {
+        async fn append(&self, _: AppendRequest) -> Result<AppendReport, SpoolError> {
+            Ok(AppendReport::default())
+        }
+        async fn lease(&self, _: usize, _: i64) -> Result<Vec<Leased>, SpoolError> {
+            Ok(if self.leased.swap(true, Ordering::SeqCst) {
+                Vec::new()
+            } else {
+                vec![self.event.clone()]
+            })
+        }
+        async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError> {
+            if !self.commits {
+                std::future::pending::<()>().await;
+            }
+            self.acked.lock().expect("lock").extend(settlement.acked);
+            Ok(())
+        }
+        async fn check_writable(&self) -> Result<(), SpoolError> {
+            Ok(())
+        }
+        async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+            Ok(SpoolStats::default())
+        }
+        async fn close(&self) {}
+    }
+
+    fn queue(commits: bool) -> Arc<OneEvent> {
+        Arc::new(OneEvent {
+            event: Leased {
+                seq: 42,
+                source: "web".into(),
+                message_id: "m-42".into(),
+                kind: "track".into(),
+                user_key: "u:u1".into(),
+                payload: br#"{"type":"track","event":"Signed Up","userId":"u1"}"#.to_vec(),
+                attempts: 0,
+                received_at_ms: now_ms(),
+            },
+            leased: AtomicBool::new(false),
+            commits,
+            acked: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn dispatcher(spool: Arc<OneEvent>, sim: &SimHandle, journal: &std::path::Path) -> Dispatcher {
+        let client = RefinerClient::new(&ClientOptions {
+            base_url: sim.url(),
+            timeout: Duration::from_secs(5),
+            max_idle_per_host: 4,
+        })
+        .expect("client");
+        let sources = [SourceSettings {
+            slug: "web".into(),
+            write_keys: Vec::new(),
+            webhook_secret: None,
+            refiner_api_key: Some(Secret::new("refiner-key")),
+        }];
+        let settings = DeliverySettings {
+            workers: 1,
+            poll_interval_ms: 5,
+            ..DeliverySettings::default()
+        };
+        Dispatcher::new(
+            spool,
+            client,
+            &sources,
+            settings,
+            MappingOptions::default(),
+            Metrics::new(),
+        )
+        .with_journal(Journal::open(journal).expect("journal"))
+    }
+
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_not_yet_committed_is_not_sent_again_after_a_kill() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let sim = sim::spawn(listener, SimOptions::with_key("refiner-key"))
+            .await
+            .expect("simulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let answered = || {
+            sim.state()
+                .calls()
+                .iter()
+                .filter(|c| c.status == Some(200))
+                .count()
+        };
+
+        // Refiner answers 2xx; the spool never commits the ack; the process is killed.
+        let (_stop, stopped) = watch::channel(false);
+        let killed = Arc::new(dispatcher(queue(false), &sim, dir.path()));
+        let workers = killed.clone().start(stopped.clone());
+        eventually("Refiner answered the call", || answered() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for worker in workers {
+            worker.abort();
+        }
+
+        // The next process leases the same event: acked without a call.
+        let spool = queue(true);
+        let next = Arc::new(dispatcher(spool.clone(), &sim, dir.path()));
+        let _workers = next.start(stopped);
+        eventually("the event acked", || {
+            spool.acked.lock().expect("lock").contains(&42)
+        })
+        .await;
+        assert_eq!(answered(), 1, "the event was sent again");
+        assert_eq!(sim.state().calls().len(), 1);
     }
 }

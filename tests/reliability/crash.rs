@@ -12,7 +12,7 @@
 //! the dead letters through the management API in small chunks while the kills go on; after
 //! the last cycle every one of them must have been delivered too.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -22,13 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use crate::harness::{
-    mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile, ADMIN_TOKEN, OTHER_KEY,
-    OTHER_REFINER_KEY,
+    metric_sum, metrics_text, mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile,
+    ADMIN_TOKEN, OTHER_KEY, OTHER_REFINER_KEY,
 };
 use crate::load::Shared;
 use crate::load::{event_id, Load, LoadSpec};
 use crate::report::{percent, secs, Report};
-use crate::witness::Witness;
+use crate::witness::{CallTimes, Cause, Witness};
 
 #[derive(Debug, Clone)]
 pub struct CrashParams {
@@ -154,16 +154,53 @@ pub async fn run(params: CrashParams) -> Report {
     let mut during_replay = 0;
     let mut replay_call_in_flight = 0;
     let mut peak_rss = 0;
+    let mut cut_ingest: HashSet<String> = HashSet::new();
+    let mut journaled: Vec<HashSet<String>> = Vec::new();
+    let mut saved_by_journal = 0u64;
+    let metrics_client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let mut process_metrics = [0.0f64; PROCESS_METRICS.len()];
     for cycle in 0..params.cycles {
         let wait = rng.u64(params.cycle_ms.0..=params.cycle_ms.1);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         let ingest_in_flight = load.shared.in_flight.load(Ordering::SeqCst);
-        let calls_in_flight = witness.poll();
         let replay_calls = replay.in_flight.load(Ordering::SeqCst);
         let replaying =
             replay.started.load(Ordering::SeqCst) && !replay.done.load(Ordering::SeqCst);
         peak_rss = peak_rss.max(gateway.memory().hwm);
+        // Events of ingest requests the kill may cut: sent, not yet answered 200.
+        for k in 0..params.clients {
+            let acked = load.shared.acked_upto[k].load(Ordering::SeqCst);
+            let sent = load.shared.sent_upto[k].load(Ordering::SeqCst);
+            cut_ingest.extend((acked..sent).map(|n| event_id("crash", k, n)));
+        }
+        // What the dying process measured: commit and call times (each process starts
+        // its counters at zero, so the sums over kills cover the whole run but the tail
+        // of each process's life).
+        if let Ok(text) = metrics_text(&metrics_client, &gateway.address).await {
+            for (i, name) in PROCESS_METRICS.iter().enumerate() {
+                process_metrics[i] += metric_sum(&text, name, &[]);
+            }
+        }
+        let calls_in_flight = witness.before_kill();
         gateway.kill().await;
+        witness.after_kill();
+        // What the killed process had written to its delivered journal (answers it had
+        // received; absent with a gateway that keeps none).
+        let names = journaled_events(&data_dir);
+        // Events the killed process had been answered 2xx for and had not acked yet: without
+        // the journal, the next process would send each of them again.
+        if !names.is_empty() {
+            if let Ok(queued) = SpoolFile::events(&data_dir) {
+                saved_by_journal += queued
+                    .iter()
+                    .filter(|(message_id, _)| names.contains(message_id))
+                    .count() as u64;
+            }
+        }
+        journaled.push(names);
         if replaying || replay_calls > 0 {
             during_replay += 1;
         }
@@ -185,6 +222,7 @@ pub async fn run(params: CrashParams) -> Report {
             cycle + 1,
             params.cycles
         );
+        witness.restarting();
         gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
         restarts.push(gateway.ready_after);
         load.shared.set_address(&gateway.address);
@@ -312,6 +350,136 @@ pub async fn run(params: CrashParams) -> Report {
         "duplicates per kill",
         format!("{:.1}", duplicates as f64 / params.cycles.max(1) as f64),
     );
+    let classified = delivered.classify(LEASE_MS);
+    let mut by_cause: BTreeMap<Cause, u64> = BTreeMap::new();
+    let mut per_kill = vec![0u64; delivered.kills.len()];
+    let mut gaps: Vec<i64> = Vec::new();
+    let mut replayed_dups = 0u64;
+    let mut cut_dups = 0u64;
+    let mut journaled_dups = 0u64;
+    let mut logged_late = 0u64;
+    for c in &classified {
+        *by_cause.entry(c.cause).or_default() += 1;
+        if let Some(i) = c
+            .kill
+            .filter(|_| matches!(c.cause, Cause::InFlightAtKill | Cause::AnsweredBeforeKill))
+        {
+            per_kill[i] += 1;
+        }
+        gaps.extend(c.answer_to_kill_ms);
+        if c.repeat.event.starts_with("replay-") {
+            replayed_dups += 1;
+        }
+        if c.logged_after_kill {
+            logged_late += 1;
+        }
+        if cut_ingest.contains(&c.repeat.event) {
+            cut_dups += 1;
+        }
+        if c.kill
+            .and_then(|i| journaled.get(i))
+            .is_some_and(|names| names.contains(&c.repeat.event))
+        {
+            journaled_dups += 1;
+        }
+    }
+    gaps.sort_unstable();
+    for (i, mark) in delivered.kills.iter().enumerate() {
+        let in_flight_dups = classified
+            .iter()
+            .filter(|c| c.kill == Some(i) && c.cause == Cause::InFlightAtKill)
+            .count();
+        let answered: Vec<i64> = classified
+            .iter()
+            .filter(|c| c.kill == Some(i) && c.cause == Cause::AnsweredBeforeKill)
+            .filter_map(|c| c.answer_to_kill_ms)
+            .collect();
+        if std::env::var_os("RELIABILITY_DUPLICATE_DETAIL").is_some() {
+            for c in classified.iter().filter(|c| c.kill == Some(i)) {
+                eprintln!(
+                    "[crash]   {} {:?}: first {:?}, again {:?}; kill {:?}",
+                    c.repeat.event,
+                    c.cause,
+                    c.repeat.first,
+                    c.repeat.again,
+                    (mark.received_before, mark.boundary, mark.at_ms)
+                );
+            }
+        }
+        eprintln!(
+            "[crash] kill {}: {} calls in flight → {in_flight_dups} repeated; {} answered \
+             before the kill repeated (answer → kill ms: {answered:?})",
+            i + 1,
+            mark.in_flight.len(),
+            answered.len()
+        );
+    }
+    report.figure(
+        "duplicates by cause",
+        by_cause
+            .iter()
+            .map(|(cause, n)| format!("{}: {n}", cause.label()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    report.figure(
+        "duplicates whose first call the simulator logged after the killed process was gone",
+        format!("{logged_late} (counted as in flight at the kill)"),
+    );
+    report.figure(
+        "duplicates answered before a kill: answer → kill",
+        gap_summary(&gaps),
+    );
+    report.figure(
+        "duplicates per kill (kill-caused)",
+        format!(
+            "max {}, median {}, kills with none {}",
+            per_kill.iter().max().copied().unwrap_or(0),
+            {
+                let mut sorted = per_kill.clone();
+                sorted.sort_unstable();
+                sorted.get(sorted.len() / 2).copied().unwrap_or(0)
+            },
+            per_kill.iter().filter(|n| **n == 0).count()
+        ),
+    );
+    report.figure(
+        "duplicates among replayed dead letters",
+        format!("{replayed_dups} (each counted under its cause above)"),
+    );
+    report.figure(
+        "duplicates among events of ingest requests cut by a kill",
+        format!("{cut_dups} (each counted under its cause above)"),
+    );
+    report.figure(
+        "duplicates whose first answer was in the killed process's delivered journal",
+        format!(
+            "{journaled_dups} (of {} journal entries found at the kills; {saved_by_journal} of \
+             them still queued at the kill, acked by the next process without a call)",
+            journaled.iter().map(HashSet::len).sum::<usize>()
+        ),
+    );
+    report.figure(
+        "Refiner calls by endpoint",
+        format!("{:?}", delivered.by_path),
+    );
+    let mean = |sum: usize, count: usize| {
+        if process_metrics[count] > 0.0 {
+            process_metrics[sum] / process_metrics[count]
+        } else {
+            0.0
+        }
+    };
+    report.figure(
+        "gateway-side means (killed processes)",
+        format!(
+            "spool commit {:.2} ms over {} transactions of {:.1} commands; Refiner call {:.2} ms",
+            mean(0, 1) * 1000.0,
+            process_metrics[1],
+            mean(2, 3),
+            mean(4, 5) * 1000.0
+        ),
+    );
     report.figure(
         "sent but unanswered when stopped",
         format!("{unacked} ({unacked_delivered} of them delivered anyway)"),
@@ -425,6 +593,64 @@ pub async fn run(params: CrashParams) -> Report {
     report
 }
 
+/// Sums and counts read from each process's `/metrics` before it is killed.
+const PROCESS_METRICS: [&str; 6] = [
+    "gateway_spool_commit_seconds_sum",
+    "gateway_spool_commit_seconds_count",
+    "gateway_spool_group_commands_sum",
+    "gateway_spool_group_commands_count",
+    "gateway_refiner_call_duration_seconds_sum",
+    "gateway_refiner_call_duration_seconds_count",
+];
+
+/// The `messageId`s in the delivered journal of `data_dir` (`delivered/*.journal`, lines
+/// `[seq, source, messageId]`).
+fn journaled_events(data_dir: &std::path::Path) -> HashSet<String> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("delivered")) else {
+        return HashSet::new();
+    };
+    let mut names = HashSet::new();
+    for entry in entries.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text.lines() {
+            if let Ok((_, _, name)) = serde_json::from_str::<(i64, String, String)>(line) {
+                names.insert(name);
+            }
+        }
+    }
+    names
+}
+
+/// The gateway's lease (`delivery.lease_secs`, left at its default by the scenario).
+const LEASE_MS: u64 = 120_000;
+
+/// Buckets of answer → kill times (ms, estimated to about 1 ms).
+fn gap_summary(gaps: &[i64]) -> String {
+    if gaps.is_empty() {
+        return "none".into();
+    }
+    let buckets = [
+        (i64::MIN, 2, "< 2 ms"),
+        (2, 10, "2–10 ms"),
+        (10, 50, "10–50 ms"),
+        (50, 200, "50–200 ms"),
+        (200, i64::MAX, "≥ 200 ms"),
+    ];
+    let counts: Vec<String> = buckets
+        .iter()
+        .map(|(lo, hi, name)| {
+            let n = gaps.iter().filter(|g| **g >= *lo && **g < *hi).count();
+            format!("{name}: {n}")
+        })
+        .collect();
+    format!(
+        "{}; median {} ms, max {} ms",
+        counts.join(", "),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1]
+    )
+}
+
 /// Users whose events were first delivered out of the order they were accepted in.
 fn order_violations(
     delivered: &crate::witness::Delivered,
@@ -436,7 +662,9 @@ fn order_violations(
     for &(k, upto) in acked {
         for n in 0..upto {
             let user = n % spec.users as u64;
-            let Some(&(_, first)) = delivered.tracks.get(&event_id("crash", k, n)) else {
+            let Some(&(_, CallTimes { seq: first, .. })) =
+                delivered.tracks.get(&event_id("crash", k, n))
+            else {
                 continue;
             };
             if let Some(previous) = last.insert((k, user), first) {
