@@ -3,8 +3,10 @@
 //! event that was answered 200 must have reached the simulator at least once.
 //!
 //! The load keeps group commits in flight all the time and delivery runs concurrently, so a
-//! random moment falls during both; each kill records the evidence (ingest requests waiting
-//! for their commit, Refiner calls in flight at the simulator, a replay under way).
+//! random moment falls during both; every third kill also waits (up to 250 ms) until an
+//! ingest request is in flight, so kills land during group commits however fast they are.
+//! Each kill records the evidence (ingest requests waiting for their commit, Refiner calls
+//! in flight at the simulator, a replay under way).
 //!
 //! Replay: before the first cycle, a second stream of events is sent to the `hooked` source
 //! while its Refiner key is revoked (the simulator answers 401), so they are dead-lettered.
@@ -71,7 +73,8 @@ pub async fn run(params: CrashParams) -> Report {
     let started = Instant::now();
     let mut report = Report::new("Crash loop");
     report.ran = format!(
-        "{} SIGKILL/restart cycles of the real binary, each after a random {}–{} ms; {} \
+        "{} SIGKILL/restart cycles of the real binary, each after a random {}–{} ms (every \
+         third then waits for an ingest request in flight); {} \
          clients sending {}-event batches every {} ms (retrying until 200); simulator \
          latency {} ms; {} dead letters replayed {} per call every {} ms during the cycles; \
          seed {}",
@@ -165,6 +168,23 @@ pub async fn run(params: CrashParams) -> Report {
     for cycle in 0..params.cycles {
         let wait = rng.u64(params.cycle_ms.0..=params.cycle_ms.1);
         tokio::time::sleep(Duration::from_millis(wait)).await;
+        // What the dying process measured: commit and call times (each process starts
+        // its counters at zero, so the sums over kills cover the whole run but the tail
+        // of each process's life).
+        if let Ok(text) = metrics_text(&metrics_client, &gateway.address).await {
+            for (i, name) in PROCESS_METRICS.iter().enumerate() {
+                process_metrics[i] += metric_sum(&text, name, &[]);
+            }
+        }
+        // Every third kill waits (up to 250 ms) for an ingest request to be in flight, so
+        // some kills land during a group commit however fast commits are; the others fall
+        // wherever the random wait ends.
+        if cycle % 3 == 0 {
+            let deadline = Instant::now() + Duration::from_millis(250);
+            while load.shared.in_flight.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
         let ingest_in_flight = load.shared.in_flight.load(Ordering::SeqCst);
         let replay_calls = replay.in_flight.load(Ordering::SeqCst);
         let replaying =
@@ -175,14 +195,6 @@ pub async fn run(params: CrashParams) -> Report {
             let acked = load.shared.acked_upto[k].load(Ordering::SeqCst);
             let sent = load.shared.sent_upto[k].load(Ordering::SeqCst);
             cut_ingest.extend((acked..sent).map(|n| event_id("crash", k, n)));
-        }
-        // What the dying process measured: commit and call times (each process starts
-        // its counters at zero, so the sums over kills cover the whole run but the tail
-        // of each process's life).
-        if let Ok(text) = metrics_text(&metrics_client, &gateway.address).await {
-            for (i, name) in PROCESS_METRICS.iter().enumerate() {
-                process_metrics[i] += metric_sum(&text, name, &[]);
-            }
         }
         let calls_in_flight = witness.before_kill();
         gateway.kill().await;
