@@ -20,8 +20,8 @@
 pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
-pub mod nats;
 pub mod inbound;
+pub mod nats;
 mod sqlite;
 mod sqlite_admin;
 
