@@ -656,7 +656,7 @@ fn email_in_value(value: &Value) -> Option<String> {
 /// `a:<anonymousId>`. A group's `traits` describe the group, so its email does not count.
 ///
 /// This is the rule on a normalized event as a `Value`; the parsers apply the same rule to
-/// the raw event (see [`Normalizer`]).
+/// the raw event (see `Normalizer`).
 pub fn user_key(event: &Map<String, Value>, kind: EventType) -> Option<String> {
     if let Some(id) = event.get("userId").and_then(Value::as_str) {
         return Some(format!("u:{id}"));

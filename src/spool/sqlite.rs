@@ -9,6 +9,14 @@
 //! A full channel means the writer cannot keep up: appends fail fast with
 //! [`SpoolError::Overloaded`] instead of queueing without bound.
 //!
+//! An append decides dedup (ids pending in memory, then a read of the dedup index) and
+//! writes the request's new events as one `inbound` row; the writer sorts inbound rows into
+//! the queue (`events`) and the dedup index later, whole and in arrival order (see
+//! [`BUSY_SORT`] for when). Invariants: an accepted event is in exactly one of `inbound` and
+//! `events` (or gone: delivered, dead-lettered); a dedup decision is final at append; the
+//! pending-id set holds exactly the ids in `inbound` as of the last commit; inbound events are
+//! bounded by `max_inbound_events` (appends beyond it are refused as overload).
+//!
 //! Besides the queue, the same transactions keep the management API's bookkeeping (see
 //! [`super::admin`]): usage per source and month (one `INSERT OR IGNORE` per distinct
 //! identified user of a request, one upsert per source for the whole group), hourly event
