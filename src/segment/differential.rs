@@ -11,8 +11,6 @@
 //! `Value` cannot: duplicate keys, escaped keys and values, odd whitespace and number
 //! spellings, lone surrogates, numbers out of range and nesting at serde_json's limit.
 
-use std::cell::Cell;
-
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -22,27 +20,8 @@ use serde_json::Value;
 use super::scan::{object_members, Shape};
 use super::*;
 
-const RECEIVED_MS: i64 = 1_735_787_045_123;
-
-thread_local! {
-    static NEXT_ID: Cell<u32> = const { Cell::new(0) };
-}
-
-fn sequential_id() -> String {
-    NEXT_ID.with(|next| {
-        next.set(next.get() + 1);
-        format!("gen-{}", next.get())
-    })
-}
-
-fn arrival(limits: &Limits) -> Arrival<'_> {
-    NEXT_ID.with(|next| next.set(0));
-    Arrival {
-        received_at_ms: RECEIVED_MS,
-        limits,
-        new_message_id: sequential_id,
-    }
-}
+/// The same arrival (time, fresh ids `gen-1`, `gen-2`, ...) as the rule tests.
+use super::tests::arrival;
 
 // ---------------------------------------------------------------------------------------
 // Generated JSON text

@@ -28,7 +28,7 @@ fn reset_ids() {
     NEXT_ID.with(|next| next.set(0));
 }
 
-fn arrival(limits: &Limits) -> Arrival<'_> {
+pub(super) fn arrival(limits: &Limits) -> Arrival<'_> {
     reset_ids();
     Arrival {
         received_at_ms: RECEIVED_MS,

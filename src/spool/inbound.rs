@@ -188,11 +188,6 @@ pub fn key_columns(key: u128) -> (i64, i64) {
 }
 
 impl PendingIds {
-    /// The key of a source's message id (its [`dedup_key`]).
-    pub fn key(&self, source: &str, message_id: &str) -> u128 {
-        dedup_key(source, message_id)
-    }
-
     /// Whether the id is pending (committed or added in this transaction).
     pub fn contains(&self, key: u128) -> bool {
         self.committed.contains(&key) || self.added.contains(&key)
@@ -345,11 +340,11 @@ mod tests {
     #[test]
     fn pending_ids_keep_only_committed_changes() {
         let mut pending = PendingIds::default();
-        let a = pending.key("s", "m1");
-        let b = pending.key("s", "m2");
+        let a = dedup_key("s", "m1");
+        let b = dedup_key("s", "m2");
         assert_ne!(a, b);
-        assert_ne!(a, pending.key("t", "m1"), "ids are per source");
-        assert_ne!(pending.key("ab", "c"), pending.key("a", "bc"));
+        assert_ne!(a, dedup_key("t", "m1"), "ids are per source");
+        assert_ne!(dedup_key("ab", "c"), dedup_key("a", "bc"));
         pending.add(a);
         assert!(
             pending.contains(a),
@@ -373,7 +368,7 @@ mod tests {
         pending.commit();
         assert!(!pending.contains(a));
         assert_eq!(pending.events(), 1);
-        let c = pending.key("s", "m3");
+        let c = dedup_key("s", "m3");
         pending.add(c);
         pending.remove(c);
         pending.commit();

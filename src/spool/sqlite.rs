@@ -485,7 +485,7 @@ fn load_pending(conn: &Connection) -> rusqlite::Result<PendingIds> {
         let ids: Vec<u8> = row.get(1)?;
         // A row that does not decode is moved aside when the writer reaches it.
         for id in decode_ids(&ids).unwrap_or_default() {
-            let key = pending.key(&source, id);
+            let key = dedup_key(&source, id);
             pending.add(key);
         }
     }
@@ -909,6 +909,21 @@ impl Writer {
         self.durable = false;
     }
 
+    /// Sorts inside a group's transaction (unless sorting is backing off after a failure);
+    /// a failure fails the group and starts the back-off.
+    fn sort_in_group(&mut self, budget: usize, time: Duration) -> rusqlite::Result<()> {
+        if Instant::now() < self.sort_retry_at {
+            return Ok(());
+        }
+        match self.sort(budget, Instant::now() + time, &|| false) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.sort_failed(&e);
+                Err(e)
+            }
+        }
+    }
+
     fn sort_failed(&mut self, error: &rusqlite::Error) {
         self.metrics.spool_errors_total.inc();
         self.sort_backoff = (self.sort_backoff * 2)
@@ -967,7 +982,7 @@ impl Writer {
             match decode_events(&body) {
                 Ok(events) => {
                     for event in &events {
-                        let key = self.pending.key(&source, event.message_id);
+                        let key = dedup_key(&source, event.message_id);
                         let (hi, lo) = key_columns(key);
                         remember.execute(params![hi, lo, accepted_at])?;
                         insert.execute(params![
@@ -996,12 +1011,11 @@ impl Writer {
                         params![id],
                         |row| row.get(0),
                     )?;
-                    let count = decode_ids(&ids).map(|ids| ids.len()).unwrap_or(0);
-                    for message_id in decode_ids(&ids).unwrap_or_default() {
-                        let key = self.pending.key(&source, message_id);
-                        self.pending.remove(key);
+                    let ids = decode_ids(&ids).unwrap_or_default();
+                    for message_id in &ids {
+                        self.pending.remove(dedup_key(&source, message_id));
                     }
-                    self.tally.depth(&source, -(count as i64));
+                    self.tally.depth(&source, -(ids.len() as i64));
                 }
             }
             done.execute(params![id])?;
@@ -1153,9 +1167,8 @@ impl Writer {
                     reply,
                 } => {
                     pending.push(Pending::Lease(reply, Vec::new()));
-                    let deadline = Instant::now() + LEASE_SORT.1;
-                    self.sort(LEASE_SORT.0.max(max), deadline, &|| false)
-                        .and_then(|_| self.lease(max, lease_ms, now))
+                    self.sort_in_group(LEASE_SORT.0.max(max), LEASE_SORT.1)
+                        .and_then(|()| self.lease(max, lease_ms, now))
                         .map(|leased| {
                             if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
                                 *slot = leased;
@@ -1229,11 +1242,8 @@ impl Writer {
         } else {
             (0, Duration::ZERO)
         };
-        if failure.is_none() && budget > 0 && now_instant >= self.sort_retry_at {
-            if let Err(e) = self.sort(budget, now_instant + time, &|| false) {
-                self.sort_failed(&e);
-                failure = Some(e);
-            }
+        if failure.is_none() && budget > 0 {
+            failure = self.sort_in_group(budget, time).err();
         }
         if failure.is_none() {
             let tally = std::mem::take(&mut self.tally);
@@ -1259,7 +1269,7 @@ impl Writer {
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
         let mut users: HashSet<&str> = HashSet::new();
         for event in &request.events {
-            let key = self.pending.key(&request.source, &event.message_id);
+            let key = dedup_key(&request.source, &event.message_id);
             let (hi, lo) = key_columns(key);
             let repeat = self.pending.contains(key)
                 || seen
@@ -1531,21 +1541,7 @@ impl Writer {
             .conn
             .prepare_cached("SELECT coalesce(sum(depth), 0) FROM queue_depth")?
             .query_row([], |row| row.get(0))?;
-        let mut oldest: Option<i64> = None;
-        for sql in [
-            "SELECT received_at FROM events ORDER BY seq LIMIT 1",
-            "SELECT received_at FROM inbound ORDER BY id LIMIT 1",
-        ] {
-            let head: Option<i64> = self
-                .conn
-                .prepare_cached(sql)?
-                .query_row([], |row| row.get(0))
-                .optional()?;
-            oldest = match (oldest, head) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
+        let oldest = admin_sql::oldest_received_at(&self.conn, None)?;
         let dead_letters: i64 = self
             .conn
             .prepare_cached("SELECT count(*) FROM dead_letters")?

@@ -578,24 +578,7 @@ pub(super) fn usage(conn: &Connection, source: &str, month: &str) -> rusqlite::R
         .optional()?;
     usage.backlog = depth.unwrap_or(0).max(0) as u64;
     if usage.backlog > 0 {
-        // The queue is in arrival order: the source's first row is its oldest.
-        // The oldest of the sorted queue's head and the head of the requests not yet
-        // sorted into it (replayed dead letters can make either the older).
-        let mut oldest: Option<i64> = None;
-        for sql in [
-            "SELECT received_at FROM events WHERE source = ?1 ORDER BY seq LIMIT 1",
-            "SELECT received_at FROM inbound WHERE source = ?1 ORDER BY id LIMIT 1",
-        ] {
-            let head: Option<i64> = tx
-                .prepare_cached(sql)?
-                .query_row(params![source], |row| row.get(0))
-                .optional()?;
-            oldest = match (oldest, head) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        usage.oldest_undelivered_ms = oldest;
+        usage.oldest_undelivered_ms = oldest_received_at(&tx, Some(source))?;
     }
     let dead: i64 = tx
         .prepare_cached("SELECT count(*) FROM dead_letters WHERE source = ?1")?
@@ -603,6 +586,24 @@ pub(super) fn usage(conn: &Connection, source: &str, month: &str) -> rusqlite::R
     usage.dead_letters = dead.max(0) as u64;
     drop(tx);
     Ok(usage)
+}
+
+/// Arrival time of the oldest queued event, of one source or of all: the older of the sorted
+/// queue's head and the head of the requests not yet sorted into it (both are in arrival
+/// order, but a replayed dead letter can make either the older).
+pub(super) fn oldest_received_at(
+    conn: &Connection,
+    source: Option<&str>,
+) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT min(received_at) FROM (
+             SELECT * FROM (SELECT received_at FROM events
+                            WHERE ?1 IS NULL OR source = ?1 ORDER BY seq LIMIT 1)
+             UNION ALL
+             SELECT * FROM (SELECT received_at FROM inbound
+                            WHERE ?1 IS NULL OR source = ?1 ORDER BY id LIMIT 1))",
+    )?
+    .query_row(params![source], |row| row.get(0))
 }
 
 /// A source's hourly counters in `[from_hour, to_hour)`.
