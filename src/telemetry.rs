@@ -87,6 +87,10 @@ pub struct MetricsInner {
     pub spool_dead_letters_events: IntGauge,
     /// Events accepted but not yet sorted into the delivery queue (embedded spool).
     pub spool_inbound_events: IntGauge,
+    /// Message ids the embedded spool's dedup index remembers (in memory and in runs).
+    pub spool_dedup_ids: IntGauge,
+    /// Memory of the dedup index: ids not yet in a run, and the runs' filters and fences.
+    pub spool_dedup_memory_bytes: IntGauge,
     /// Time one sampling of the spool's statistics took.
     pub spool_stats_seconds: Histogram,
     /// Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.
@@ -242,6 +246,14 @@ impl Metrics {
             "gateway_spool_inbound_events",
             "Events accepted but not yet sorted into the delivery queue (embedded spool).",
         );
+        let spool_dedup_ids = gauge(
+            "gateway_spool_dedup_ids",
+            "Message ids the embedded spool's dedup index remembers.",
+        );
+        let spool_dedup_memory_bytes = gauge(
+            "gateway_spool_dedup_memory_bytes",
+            "Memory of the embedded spool's dedup index (ids not yet in a run, run filters).",
+        );
         let spool_dead_letters_events = gauge(
             "gateway_spool_dead_letters_events",
             "Events in the dead letters (sampled).",
@@ -352,6 +364,8 @@ impl Metrics {
             spool_oldest_event_age_seconds,
             spool_dead_letters_events,
             spool_inbound_events,
+            spool_dedup_ids,
+            spool_dedup_memory_bytes,
             spool_stats_seconds,
             dispatch_events_total,
             dispatch_skipped_total,

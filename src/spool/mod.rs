@@ -18,8 +18,10 @@
 //!   trouble as [`SpoolError::Storage`] (ingest answers 503); neither loses accepted data.
 
 pub mod admin;
+mod checkpointer;
 #[doc(hidden)]
 pub mod conformance;
+mod dedup;
 pub mod inbound;
 pub mod nats;
 mod sqlite;

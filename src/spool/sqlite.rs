@@ -43,6 +43,8 @@ use super::admin::{
     month_of, CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     ReplayReport, SourceUsage, HOUR_MS,
 };
+use super::checkpointer::Checkpointer;
+use super::dedup::{self, DedupIndex, Tuning};
 use super::inbound::{
     decode_events, decode_ids, dedup_key, key_columns, Encoder, PassThrough, PendingIds,
 };
@@ -71,6 +73,9 @@ pub struct SqliteSpoolOptions {
     /// Events accepted but not yet sorted into the queue; beyond this, appends are refused
     /// as overload. Bounds the memory of the pending-id set (about 20–40 bytes per event).
     pub max_inbound_events: u64,
+    /// Ids the dedup index keeps in memory before writing them out as a run (see
+    /// `dedup/mod.rs`); sorting pauses at four times as many.
+    pub dedup_flush_ids: usize,
 }
 
 impl SqliteSpoolOptions {
@@ -87,6 +92,7 @@ impl SqliteSpoolOptions {
             prune_interval: Duration::from_secs(60),
             sources: Vec::new(),
             max_inbound_events: 2_000_000,
+            dedup_flush_ids: 131_072,
         }
     }
 }
@@ -187,15 +193,6 @@ CREATE TABLE IF NOT EXISTS holds (
     lease_until INTEGER NOT NULL DEFAULT 0,
     retry_at    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
--- Accepted ids, for deduplication: `(hi, lo)` is the 128-bit `dedup_key` of
--- `(source, messageId)` (see `inbound.rs`): short fixed-size keys keep the index compact.
-CREATE TABLE IF NOT EXISTS dedup (
-    hi      INTEGER NOT NULL,
-    lo      INTEGER NOT NULL,
-    seen_at INTEGER NOT NULL,
-    PRIMARY KEY (hi, lo)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_seen ON dedup (seen_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          INTEGER PRIMARY KEY,
     source      TEXT    NOT NULL,
@@ -304,12 +301,27 @@ impl SqliteSpool {
         })?;
         let path = options.data_dir.join("spool.db");
         let conn = open_connection(&path, &options.sources).map_err(storage)?;
+        let tuning = Tuning {
+            flush_ids: options.dedup_flush_ids.max(1),
+            max_memtable: options.dedup_flush_ids.max(1) * 4,
+        };
+        let dedup =
+            DedupIndex::open(&conn, options.data_dir.join("dedup"), tuning).map_err(storage)?;
         let pending = load_pending(&conn).map_err(storage)?;
+        let checkpointer = Checkpointer::start(&path).map_err(storage)?;
         let inbound = Arc::new(AtomicU64::new(pending.events()));
         metrics.spool_inbound_events.set(pending.events() as i64);
         let max_inbound = options.max_inbound_events;
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
-        let writer = Writer::new(conn, options, metrics, pending, inbound.clone());
+        let writer = Writer::new(
+            conn,
+            options,
+            metrics,
+            pending,
+            dedup,
+            checkpointer,
+            inbound.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run(receiver))
@@ -373,11 +385,12 @@ const MMAP_BYTES: i64 = 0;
 /// bounded, and filled within seconds of traffic, so resident memory stays flat after it.
 /// 16 MiB measured no faster.
 const WRITER_CACHE_KIB: i64 = -2_000;
-/// WAL pages after which a commit checkpoints them into the database file (SQLite's
-/// default). The WAL only shrinks at a checkpoint, and a checkpoint needs room to grow the
-/// database file: a larger interval let the WAL fill a small disk before any checkpoint,
-/// after which nothing could be written, not even the checkpoint.
-const WAL_CHECKPOINT_PAGES: i64 = 1000;
+/// WAL pages after which a commit checkpoints them into the database file itself: a
+/// backstop, since [`Checkpointer`] checkpoints every 20 ms beside the writer. The WAL only
+/// shrinks at a checkpoint, and a checkpoint needs room to grow the database file: an
+/// interval of 8,192 pages let the WAL fill a small disk before any checkpoint, after which
+/// nothing could be written, not even the checkpoint.
+const WAL_CHECKPOINT_PAGES: i64 = 2000;
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
@@ -404,7 +417,7 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
         [],
         |row| row.get(0),
     )?;
-    let upgrade = has_tables && (version == 1 || version == 2);
+    let upgrade = has_tables && (1..SCHEMA_VERSION).contains(&version);
     if has_tables && version != SCHEMA_VERSION && !upgrade {
         return Err(rusqlite::Error::InvalidParameterName(format!(
             "{} has spool schema version {version}; this gateway reads version {SCHEMA_VERSION}",
@@ -416,14 +429,19 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
         if has_tables && version == 1 {
             conn.execute_batch(MIGRATE_FROM_1)?;
         }
-        if upgrade {
+        let by_text = has_tables && (version == 1 || version == 2);
+        if by_text {
             conn.execute_batch(
                 "ALTER TABLE dedup RENAME TO dedup_by_text;
-                 DROP INDEX IF EXISTS dedup_seen;",
+                 DROP INDEX IF EXISTS dedup_seen;
+                 CREATE TABLE dedup (hi INTEGER NOT NULL, lo INTEGER NOT NULL,
+                                     seen_at INTEGER NOT NULL,
+                                     PRIMARY KEY (hi, lo)) WITHOUT ROWID;",
             )?;
         }
         conn.execute_batch(SCHEMA)?;
-        if upgrade {
+        conn.execute_batch(dedup::SCHEMA)?;
+        if by_text {
             rekey_dedup(&conn)?;
         }
         if has_tables && version == 1 {
@@ -456,7 +474,8 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
     Ok(conn)
 }
 
-/// Upgrading from version 1 or 2: the dedup ids kept by text move to their 128-bit keys.
+/// Upgrading from version 1 or 2: the dedup ids kept by text move to their 128-bit keys,
+/// in version 3's `dedup` table (which [`DedupIndex::open`] then turns into a run).
 fn rekey_dedup(conn: &Connection) -> rusqlite::Result<()> {
     let mut insert = conn.prepare(
         "INSERT INTO dedup (hi, lo, seen_at) VALUES (?1, ?2, ?3)
@@ -507,9 +526,10 @@ fn hold_key(source: &str, user_key: &str) -> String {
     format!("{source}\u{1f}{user_key}")
 }
 
-/// The layout this code reads and writes (`PRAGMA user_version`); version 1 and 2 files
-/// are upgraded in place (version 3 added `inbound`).
-const SCHEMA_VERSION: i64 = 3;
+/// The layout this code reads and writes (`PRAGMA user_version`); older files are upgraded
+/// in place (version 3 added `inbound`, version 4 moved the dedup index from the `dedup`
+/// table to `dedup_log`, `dedup_runs` and run files).
+const SCHEMA_VERSION: i64 = 4;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -673,6 +693,10 @@ struct Writer {
     month: (i64, i64, String),
     /// Ids of the events in `inbound`, with this transaction's changes staged.
     pending: PendingIds,
+    /// The ids sorted into the queue, for deduplication (this transaction's staged).
+    dedup: DedupIndex,
+    /// Checkpoints the WAL beside the writer.
+    checkpointer: Checkpointer,
     /// Users known to be in `usage_users` (this transaction's additions staged).
     counted: CountedUsers,
     /// The committed number of inbound events, read by [`SqliteSpool::append`].
@@ -801,6 +825,8 @@ impl Writer {
         options: SqliteSpoolOptions,
         metrics: Metrics,
         pending: PendingIds,
+        dedup: DedupIndex,
+        checkpointer: Checkpointer,
         inbound: Arc<AtomicU64>,
     ) -> Writer {
         Writer {
@@ -811,6 +837,8 @@ impl Writer {
             tally: Tally::default(),
             month: (0, 0, String::new()),
             pending,
+            dedup,
+            checkpointer,
             counted: CountedUsers::default(),
             inbound,
             sort_retry_at: Instant::now(),
@@ -824,15 +852,21 @@ impl Writer {
     fn committed(&mut self) {
         self.counted.commit();
         self.pending.commit();
+        self.dedup.commit();
         let events = self.pending.events();
         self.inbound.store(events, Ordering::Relaxed);
         self.metrics.spool_inbound_events.set(events as i64);
+        self.metrics.spool_dedup_ids.set(self.dedup.ids() as i64);
+        self.metrics
+            .spool_dedup_memory_bytes
+            .set(self.dedup.memory() as i64);
     }
 
     /// Forgets the staged changes of a transaction that rolled back.
     fn rolled_back(&mut self) {
         self.counted.rollback();
         self.pending.rollback();
+        self.dedup.rollback();
     }
 
     /// The next command; `Some(None)` when none has come for [`IDLE_BEFORE_SORT`] and
@@ -844,13 +878,19 @@ impl Writer {
     fn next_command(&mut self, receiver: &mut mpsc::Receiver<Command>) -> Option<Option<Command>> {
         let mut idle_since: Option<Instant> = None;
         loop {
-            if self.pending.events() == 0 {
+            if self.pending.events() == 0 && !self.dedup.busy() {
                 return receiver.blocking_recv().map(Some);
             }
             match receiver.try_recv() {
                 Ok(command) => return Some(Some(command)),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            // A background job of the dedup index is waited for here, between commands.
+            self.dedup.maintain(&self.conn, self.dedup_cutoff());
+            if self.pending.events() == 0 {
+                std::thread::sleep(IDLE_POLL);
+                continue;
             }
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
@@ -946,15 +986,11 @@ impl Writer {
         yield_now: &dyn Fn() -> bool,
     ) -> rusqlite::Result<usize> {
         self.last_sort = Instant::now();
-        if self.pending.events() == 0 {
+        if self.pending.events() == 0 || self.dedup.is_full() {
             return Ok(0);
         }
         let mut next = self.conn.prepare_cached(
             "SELECT id, source, received_at, accepted_at, body FROM inbound ORDER BY id LIMIT 1",
-        )?;
-        let mut remember = self.conn.prepare_cached(
-            "INSERT INTO dedup (hi, lo, seen_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(hi, lo) DO UPDATE SET seen_at = excluded.seen_at",
         )?;
         let mut insert = self.conn.prepare_cached(
             "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
@@ -964,6 +1000,7 @@ impl Writer {
             .conn
             .prepare_cached("DELETE FROM inbound WHERE id = ?1")?;
         let mut sorted = 0;
+        let mut remembered = Vec::new();
         while sorted < budget {
             let Some((id, source, received_at, accepted_at, body)) = next
                 .query_row([], |row| {
@@ -983,8 +1020,7 @@ impl Writer {
                 Ok(events) => {
                     for event in &events {
                         let key = dedup_key(&source, event.message_id);
-                        let (hi, lo) = key_columns(key);
-                        remember.execute(params![hi, lo, accepted_at])?;
+                        remembered.push((key, accepted_at));
                         insert.execute(params![
                             source,
                             event.message_id,
@@ -1023,6 +1059,8 @@ impl Writer {
                 break;
             }
         }
+        drop((next, insert, done));
+        self.dedup.record(&self.conn, &remembered)?;
         Ok(sorted)
     }
 
@@ -1048,9 +1086,15 @@ impl Writer {
         name
     }
 
+    /// Ids seen before this are no longer repeats.
+    fn dedup_cutoff(&self) -> i64 {
+        now_ms() - self.options.dedup_window.as_millis() as i64
+    }
+
     fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         while shutdown.is_none() {
+            self.dedup.maintain(&self.conn, self.dedup_cutoff());
             let first = match self.next_command(&mut receiver) {
                 None => break,
                 Some(None) => {
@@ -1095,6 +1139,8 @@ impl Writer {
         if !rest.is_empty() {
             self.run_group(rest);
         }
+        self.dedup.close();
+        self.checkpointer.stop();
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "spool checkpoint on close failed");
         }
@@ -1259,9 +1305,6 @@ impl Writer {
     /// `inbound`, or in the dedup index within the window) are counted, not kept.
     fn append(&mut self, request: &AppendRequest, now: i64) -> rusqlite::Result<AppendReport> {
         let cutoff = now - self.options.dedup_window.as_millis() as i64;
-        let mut seen = self
-            .conn
-            .prepare_cached("SELECT seen_at FROM dedup WHERE hi = ?1 AND lo = ?2")?;
         let bytes = request.events.iter().map(|e| e.payload.len()).sum();
         let mut encoder = Encoder::with_capacity(request.events.len(), bytes);
         let mut report = AppendReport::default();
@@ -1270,12 +1313,7 @@ impl Writer {
         let mut users: HashSet<&str> = HashSet::new();
         for event in &request.events {
             let key = dedup_key(&request.source, &event.message_id);
-            let (hi, lo) = key_columns(key);
-            let repeat = self.pending.contains(key)
-                || seen
-                    .query_row(params![hi, lo], |row| row.get::<_, i64>(0))
-                    .optional()?
-                    .is_some_and(|seen_at| seen_at >= cutoff);
+            let repeat = self.pending.contains(key) || self.dedup.is_repeat(key, cutoff)?;
             if repeat {
                 report.duplicates += 1;
                 continue;
@@ -1291,7 +1329,6 @@ impl Writer {
                 users.insert(key);
             }
         }
-        drop(seen);
         if !encoder.is_empty() {
             let count = encoder.len() as i64;
             let (ids, body) = encoder.finish();
@@ -1595,24 +1632,12 @@ impl Writer {
         }
     }
 
-    /// Removes dedup ids older than the window, a chunk per statement.
+    /// Deletes the dedup runs whose every id is older than the window (merges drop expired
+    /// ids from the others).
     fn prune_dedup(&mut self) {
         self.last_prune = Instant::now();
-        let cutoff = now_ms() - self.options.dedup_window.as_millis() as i64;
-        loop {
-            let removed = self.conn.execute(
-                "DELETE FROM dedup WHERE (hi, lo) IN
-                   (SELECT hi, lo FROM dedup WHERE seen_at < ?1 LIMIT ?2)",
-                params![cutoff, PRUNE_CHUNK],
-            );
-            match removed {
-                Ok(n) if (n as i64) < PRUNE_CHUNK => break,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pruning expired dedup ids failed");
-                    break;
-                }
-            }
+        if let Err(e) = self.dedup.prune(&self.conn, self.dedup_cutoff()) {
+            tracing::warn!(error = %e, "pruning expired dedup runs failed");
         }
     }
 }

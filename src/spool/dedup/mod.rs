@@ -1,0 +1,902 @@
+//! The embedded spool's dedup index, log-structured so that remembering an id is a
+//! sequential write, never a random B-tree insert.
+//!
+//! Ids sorted into the queue are remembered in three places, newest first:
+//! - the **memtable**: a hash map in memory, made durable by `dedup_log` rows (one per sort
+//!   transaction, written in that transaction: ids are never in neither `inbound` nor here);
+//! - a **frozen** memtable while a background thread writes it out as a run;
+//! - **runs**: immutable files of sorted `(key, seen_at)` entries in `<data_dir>/dedup/`,
+//!   each with a Bloom filter in memory, so that a fresh id (nearly every id) costs no read.
+//!   `dedup_runs` lists the live runs.
+//!
+//! Runs of similar size are merged in the background ([`MERGE_FAN_IN`] at a time), which
+//! drops expired entries; a run whose newest entry has expired is deleted whole.
+//!
+//! Invariants:
+//! - A key is a repeat exactly when some place holds it with `seen_at >= cutoff`.
+//! - A run becomes live (registered in `dedup_runs`) only after its file is synced, in the
+//!   same transaction that deletes what it replaces (the `dedup_log` rows of a flush, the
+//!   inputs of a merge); files are unlinked only after that commits. Files not registered
+//!   are orphans of a crash and are deleted at start-up.
+//! - Memory is bounded: the memtable holds at most `max_memtable` ids (sorting pauses
+//!   beyond, see [`DedupIndex::is_full`]), a frozen one as many, and each run keeps about
+//!   1.3 bytes per id (filter and fence).
+//! - Only one background job (a flush or a merge) runs at a time; the writer thread owns
+//!   everything else and never waits for the job.
+
+mod run;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::inbound::PassThrough;
+use run::{Run, RunInfo};
+
+/// Runs merged at once, and how many runs of one size class wait before they are.
+pub const MERGE_FAN_IN: usize = 4;
+/// The longest wait before a failed flush or merge is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The index's tables in `spool.db`.
+pub const SCHEMA: &str = "
+-- Ids sorted into the queue since the last flush: packed (key, seen_at) entries, one row per
+-- sort transaction (see dedup/mod.rs). Rebuilt into the memtable at start-up.
+CREATE TABLE IF NOT EXISTS dedup_log (
+    id      INTEGER PRIMARY KEY,
+    entries BLOB NOT NULL
+);
+-- Live dedup runs: `dedup/run-<id>.dat`, with what the writer needs before opening it.
+CREATE TABLE IF NOT EXISTS dedup_runs (
+    id       INTEGER PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    min_seen INTEGER NOT NULL,
+    max_seen INTEGER NOT NULL
+);
+";
+
+/// Sizes of the index.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Memtable ids that start a flush.
+    pub flush_ids: usize,
+    /// Memtable ids beyond which sorting pauses until a flush lands.
+    pub max_memtable: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            flush_ids: 131_072,
+            max_memtable: 524_288,
+        }
+    }
+}
+
+type Entries = HashMap<u128, i64, PassThrough>;
+
+/// A memtable being written out: still consulted until its run is live.
+struct Frozen {
+    entries: Entries,
+    /// The newest `dedup_log` row it holds.
+    log_upto: i64,
+}
+
+/// A job for the background thread: the new run's id and the file to write it to.
+enum Job {
+    Flush {
+        frozen: Arc<Frozen>,
+        id: i64,
+        path: PathBuf,
+    },
+    Merge {
+        inputs: Vec<Arc<Run>>,
+        id: i64,
+        path: PathBuf,
+        cutoff: i64,
+    },
+}
+
+enum Done {
+    Flushed {
+        id: i64,
+        result: io::Result<RunInfo>,
+    },
+    Merged {
+        id: i64,
+        inputs: Vec<i64>,
+        result: io::Result<Option<RunInfo>>,
+    },
+}
+
+/// The background thread that writes and merges runs.
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Done>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// See the module header.
+pub struct DedupIndex {
+    dir: PathBuf,
+    tuning: Tuning,
+    memtable: Entries,
+    /// Changes of the open transaction: the key and what it replaced.
+    staged: Vec<(u128, Option<i64>)>,
+    /// The newest `dedup_log` row in the memtable (committed), and in the open transaction.
+    log_upto: i64,
+    staged_log: Option<i64>,
+    frozen: Option<Arc<Frozen>>,
+    /// Live runs, oldest first.
+    runs: Vec<Arc<Run>>,
+    next_id: i64,
+    worker: Worker,
+    in_flight: bool,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// A run file's I/O error, reported like SQLite's own (the writer's errors are SQLite's).
+fn storage(e: io::Error) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(format!("dedup index: {e}")),
+    )
+}
+
+/// Packs entries for a `dedup_log` row: key (16 bytes, big-endian) then `seen_at` (8, LE).
+fn pack(entries: &[(u128, i64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 24);
+    for (key, seen) in entries {
+        out.extend_from_slice(&key.to_be_bytes());
+        out.extend_from_slice(&seen.to_le_bytes());
+    }
+    out
+}
+
+fn unpack(bytes: &[u8]) -> impl Iterator<Item = (u128, i64)> + '_ {
+    bytes.chunks_exact(24).map(|entry| {
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&entry[..16]);
+        let mut seen = [0u8; 8];
+        seen.copy_from_slice(&entry[16..]);
+        (u128::from_be_bytes(key), i64::from_le_bytes(seen))
+    })
+}
+
+fn size_class(count: u64, flush_ids: usize) -> u32 {
+    let ratio = (count / flush_ids.max(1) as u64).max(1);
+    ratio.ilog2() / MERGE_FAN_IN.ilog2()
+}
+
+impl DedupIndex {
+    /// Opens the index of the spool at `conn` (inside no transaction): deletes orphan run
+    /// files, converts a legacy `dedup` table into a run, opens the live runs and rebuilds
+    /// the memtable from `dedup_log`.
+    pub fn open(conn: &Connection, dir: PathBuf, tuning: Tuning) -> rusqlite::Result<DedupIndex> {
+        std::fs::create_dir_all(&dir).map_err(storage)?;
+        conn.execute_batch(SCHEMA)?;
+        let mut live: Vec<(i64, RunInfo)> = conn
+            .prepare("SELECT id, count, min_seen, max_seen FROM dedup_runs ORDER BY id")?
+            .query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    RunInfo {
+                        count: row.get::<_, i64>(1)? as u64,
+                        min_seen: row.get(2)?,
+                        max_seen: row.get(3)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut next_id = live.iter().map(|(id, _)| id + 1).max().unwrap_or(1);
+        for entry in std::fs::read_dir(&dir).map_err(storage)? {
+            let entry = entry.map_err(storage)?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(run::id_of) else {
+                continue;
+            };
+            next_id = next_id.max(id + 1);
+            if !live.iter().any(|(live_id, _)| *live_id == id) {
+                std::fs::remove_file(entry.path()).map_err(storage)?;
+            }
+        }
+        if let Some((id, info)) = import_legacy(conn, &dir, next_id)? {
+            live.push((id, info));
+            next_id += 1;
+        }
+        let mut runs = Vec::with_capacity(live.len());
+        for (id, info) in live {
+            let path = dir.join(run::file_name(id));
+            match Run::open(&path, id) {
+                Ok(run) if run.info == info => runs.push(Arc::new(run)),
+                outcome => {
+                    // Losing a run forgets ids (a repeat may be delivered twice); refusing
+                    // to start would stop delivery altogether.
+                    let error = outcome.err().map(|e| e.to_string());
+                    tracing::error!(run = id, error = ?error,
+                        "a dedup run file is missing or damaged; its ids are forgotten");
+                    conn.execute("DELETE FROM dedup_runs WHERE id = ?1", params![id])?;
+                }
+            }
+        }
+        let mut memtable = Entries::default();
+        let mut log_upto = 0;
+        {
+            let mut select = conn.prepare("SELECT id, entries FROM dedup_log ORDER BY id")?;
+            let mut rows = select.query([])?;
+            while let Some(row) = rows.next()? {
+                log_upto = row.get(0)?;
+                let bytes: Vec<u8> = row.get(1)?;
+                for (key, seen) in unpack(&bytes) {
+                    let slot = memtable.entry(key).or_insert(seen);
+                    *slot = (*slot).max(seen);
+                }
+            }
+        }
+        Ok(DedupIndex {
+            dir,
+            tuning,
+            memtable,
+            staged: Vec::new(),
+            log_upto,
+            staged_log: None,
+            frozen: None,
+            runs,
+            next_id,
+            worker: Worker::start()?,
+            in_flight: false,
+            retry_at: Instant::now(),
+            backoff: Duration::ZERO,
+        })
+    }
+
+    /// Whether `key` was seen at or after `cutoff`.
+    pub fn is_repeat(&self, key: u128, cutoff: i64) -> rusqlite::Result<bool> {
+        if self.memtable.get(&key).is_some_and(|seen| *seen >= cutoff) {
+            return Ok(true);
+        }
+        if let Some(frozen) = &self.frozen {
+            if frozen.entries.get(&key).is_some_and(|seen| *seen >= cutoff) {
+                return Ok(true);
+            }
+        }
+        for run in self.runs.iter().rev() {
+            if run.info.max_seen < cutoff {
+                continue;
+            }
+            if run
+                .find(key)
+                .map_err(storage)?
+                .is_some_and(|seen| seen >= cutoff)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Remembers sorted ids inside the caller's transaction: one `dedup_log` row, and the
+    /// memtable (staged until [`commit`](Self::commit)).
+    pub fn record(&mut self, conn: &Connection, entries: &[(u128, i64)]) -> rusqlite::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        conn.prepare_cached("INSERT INTO dedup_log (entries) VALUES (?1)")?
+            .execute(params![pack(entries)])?;
+        self.staged_log = Some(conn.last_insert_rowid());
+        for (key, seen) in entries {
+            let before = self.memtable.insert(*key, *seen);
+            self.staged.push((*key, before));
+        }
+        Ok(())
+    }
+
+    /// The transaction committed: its changes stay.
+    pub fn commit(&mut self) {
+        self.staged.clear();
+        if let Some(id) = self.staged_log.take() {
+            self.log_upto = id;
+        }
+    }
+
+    /// The transaction rolled back: its changes are undone.
+    pub fn rollback(&mut self) {
+        for (key, before) in self.staged.drain(..).rev() {
+            match before {
+                Some(seen) => self.memtable.insert(key, seen),
+                None => self.memtable.remove(&key),
+            };
+        }
+        self.staged_log = None;
+    }
+
+    /// Whether the memtable is full: sorting waits for a flush to land.
+    pub fn is_full(&self) -> bool {
+        self.memtable.len() >= self.tuning.max_memtable
+    }
+
+    /// Whether a background job is running (its result is picked up by [`maintain`]).
+    ///
+    /// [`maintain`]: Self::maintain
+    pub fn busy(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Ids remembered in memory and in runs.
+    pub fn ids(&self) -> u64 {
+        let frozen = self.frozen.as_ref().map_or(0, |f| f.entries.len());
+        (self.memtable.len() + frozen) as u64 + self.runs.iter().map(|r| r.info.count).sum::<u64>()
+    }
+
+    /// Memory held, in bytes: the memtables (about 32 bytes a slot) and the runs' filters
+    /// and fences.
+    pub fn memory(&self) -> u64 {
+        let slots =
+            self.memtable.capacity() + self.frozen.as_ref().map_or(0, |f| f.entries.capacity());
+        (slots * 32 + self.runs.iter().map(|r| r.memory()).sum::<usize>()) as u64
+    }
+
+    /// Live runs.
+    #[cfg(test)]
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Between transactions: lands a finished job (its own small transaction) and starts
+    /// the next one: a flush when the memtable is big enough, else a merge when
+    /// [`MERGE_FAN_IN`] runs share a size class.
+    pub fn maintain(&mut self, conn: &Connection, cutoff: i64) {
+        if self.in_flight {
+            match self.worker.done.try_recv() {
+                Ok(done) => {
+                    self.in_flight = false;
+                    self.land(conn, done);
+                }
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.in_flight = false;
+                    self.failed("the dedup worker stopped");
+                    return;
+                }
+            }
+        }
+        if Instant::now() < self.retry_at {
+            return;
+        }
+        if self.frozen.is_none() && self.memtable.len() >= self.tuning.flush_ids {
+            let frozen = Arc::new(Frozen {
+                entries: std::mem::take(&mut self.memtable),
+                log_upto: self.log_upto,
+            });
+            self.frozen = Some(frozen.clone());
+            self.start(|id, path| Job::Flush { frozen, id, path });
+        } else if let Some(frozen) = self.frozen.clone() {
+            // A flush that failed is tried again.
+            self.start(|id, path| Job::Flush { frozen, id, path });
+        } else if let Some(inputs) = self.merge_candidates() {
+            self.start(|id, path| Job::Merge {
+                inputs,
+                id,
+                path,
+                cutoff,
+            });
+        }
+    }
+
+    fn merge_candidates(&self) -> Option<Vec<Arc<Run>>> {
+        let mut classes: HashMap<u32, Vec<Arc<Run>>> = HashMap::new();
+        for run in &self.runs {
+            let class = size_class(run.info.count, self.tuning.flush_ids);
+            let members = classes.entry(class).or_default();
+            members.push(run.clone());
+            if members.len() == MERGE_FAN_IN {
+                return Some(members.clone());
+            }
+        }
+        None
+    }
+
+    fn start(&mut self, job: impl FnOnce(i64, PathBuf) -> Job) {
+        let id = self.next_id;
+        self.next_id += 1;
+        if self.worker.jobs.send(job(id, self.path(id))).is_ok() {
+            self.in_flight = true;
+        } else {
+            self.failed("the dedup worker stopped");
+        }
+    }
+
+    fn failed(&mut self, error: &str) {
+        self.backoff = (self.backoff * 2)
+            .max(Duration::from_millis(100))
+            .min(MAX_BACKOFF);
+        self.retry_at = Instant::now() + self.backoff;
+        tracing::warn!(
+            error,
+            retry_in_ms = self.backoff.as_millis() as u64,
+            "writing the dedup index failed"
+        );
+    }
+
+    fn land(&mut self, conn: &Connection, done: Done) {
+        let outcome = match done {
+            Done::Flushed { id, result } => result
+                .map_err(|e| e.to_string())
+                .and_then(|info| self.land_flush(conn, id, info).map_err(|e| e.to_string())),
+            Done::Merged { id, inputs, result } => {
+                result.map_err(|e| e.to_string()).and_then(|info| {
+                    self.land_merge(conn, id, &inputs, info)
+                        .map_err(|e| e.to_string())
+                })
+            }
+        };
+        match outcome {
+            Ok(()) => self.backoff = Duration::ZERO,
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn path(&self, id: i64) -> PathBuf {
+        self.dir.join(run::file_name(id))
+    }
+
+    /// Registers a flushed run and drops the log rows it holds, in one transaction.
+    fn land_flush(&mut self, conn: &Connection, id: i64, info: RunInfo) -> rusqlite::Result<()> {
+        let path = self.path(id);
+        let Some(frozen) = self.frozen.clone() else {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        };
+        let opened = Run::open(&path, id).map_err(storage);
+        let result = opened.and_then(|run| {
+            transaction(conn, |conn| {
+                register(conn, id, &info)?;
+                conn.execute(
+                    "DELETE FROM dedup_log WHERE id <= ?1",
+                    params![frozen.log_upto],
+                )?;
+                Ok(())
+            })?;
+            Ok(run)
+        });
+        match result {
+            Ok(run) => {
+                self.runs.push(Arc::new(run));
+                self.frozen = None;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces merged runs by their output, in one transaction; unlinks the inputs after.
+    fn land_merge(
+        &mut self,
+        conn: &Connection,
+        id: i64,
+        inputs: &[i64],
+        info: Option<RunInfo>,
+    ) -> rusqlite::Result<()> {
+        let path = self.path(id);
+        let opened = match info {
+            Some(_) => Run::open(&path, id).map(Some).map_err(storage),
+            None => Ok(None),
+        };
+        let result = opened.and_then(|run| {
+            transaction(conn, |conn| {
+                if let Some(info) = &info {
+                    register(conn, id, info)?;
+                }
+                let mut forget = conn.prepare_cached("DELETE FROM dedup_runs WHERE id = ?1")?;
+                for input in inputs {
+                    forget.execute(params![input])?;
+                }
+                Ok(())
+            })?;
+            Ok(run)
+        });
+        match result {
+            Ok(run) => {
+                let at = self
+                    .runs
+                    .iter()
+                    .position(|r| inputs.contains(&r.id))
+                    .unwrap_or(self.runs.len());
+                self.runs.retain(|r| !inputs.contains(&r.id));
+                if let Some(run) = run {
+                    self.runs.insert(at.min(self.runs.len()), Arc::new(run));
+                }
+                for input in inputs {
+                    let _ = std::fs::remove_file(self.path(*input));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes runs whose newest entry is older than `cutoff` (outside any transaction).
+    pub fn prune(&mut self, conn: &Connection, cutoff: i64) -> rusqlite::Result<()> {
+        let expired: Vec<i64> = self
+            .runs
+            .iter()
+            .filter(|r| r.info.max_seen < cutoff)
+            .map(|r| r.id)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        transaction(conn, |conn| {
+            let mut forget = conn.prepare_cached("DELETE FROM dedup_runs WHERE id = ?1")?;
+            for id in &expired {
+                forget.execute(params![id])?;
+            }
+            Ok(())
+        })?;
+        // A merge still reading one of them keeps its file open; its result then names an
+        // input that is no longer live, which landing tolerates.
+        self.runs.retain(|r| !expired.contains(&r.id));
+        for id in expired {
+            let _ = std::fs::remove_file(self.path(id));
+        }
+        Ok(())
+    }
+
+    /// Stops the background job (a merge is cancelled; its partial file is removed) and
+    /// waits for the thread.
+    pub fn close(&mut self) {
+        self.worker.stop();
+    }
+}
+
+impl Drop for DedupIndex {
+    fn drop(&mut self) {
+        self.worker.stop();
+    }
+}
+
+/// Runs `work` in its own durable transaction.
+fn transaction(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match work(conn).and_then(|()| conn.execute_batch("COMMIT")) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn register(conn: &Connection, id: i64, info: &RunInfo) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO dedup_runs (id, count, min_seen, max_seen) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, info.count as i64, info.min_seen, info.max_seen])?;
+    Ok(())
+}
+
+/// Spool files of schema version 3 kept dedup ids in a B-tree table `dedup (hi, lo,
+/// seen_at)`: its ids become one run, and the table is dropped in the transaction that
+/// registers the run (a crash before leaves the table, and the conversion runs again).
+fn import_legacy(
+    conn: &Connection,
+    dir: &Path,
+    id: i64,
+) -> rusqlite::Result<Option<(i64, RunInfo)>> {
+    let exists: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'dedup'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let entries: Vec<(u128, i64)> = conn
+        .prepare("SELECT hi, lo, seen_at FROM dedup")?
+        .query_map([], |row| {
+            let hi = row.get::<_, i64>(0)? as u64;
+            let lo = row.get::<_, i64>(1)? as u64;
+            Ok(((u128::from(hi) << 64) | u128::from(lo), row.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let info = if entries.is_empty() {
+        None
+    } else {
+        Some(run::write_sorted(&dir.join(run::file_name(id)), entries).map_err(storage)?)
+    };
+    transaction(conn, |conn| {
+        if let Some(info) = &info {
+            register(conn, id, info)?;
+        }
+        conn.execute_batch("DROP TABLE dedup")
+    })?;
+    Ok(info.map(|info| (id, info)))
+}
+
+impl Worker {
+    fn start() -> rusqlite::Result<Worker> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (outbox, done) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("spool-dedup".into())
+            .spawn(move || {
+                while let Ok(job) = inbox.recv() {
+                    let done = match job {
+                        Job::Flush { frozen, id, path } => Done::Flushed {
+                            id,
+                            result: run::write_sorted(
+                                &path,
+                                frozen.entries.iter().map(|(k, s)| (*k, *s)).collect(),
+                            ),
+                        },
+                        Job::Merge {
+                            inputs,
+                            id,
+                            path,
+                            cutoff,
+                        } => {
+                            let refs: Vec<&Run> = inputs.iter().map(|r| r.as_ref()).collect();
+                            Done::Merged {
+                                id,
+                                inputs: inputs.iter().map(|r| r.id).collect(),
+                                result: run::merge(&refs, &path, cutoff, &stop),
+                            }
+                        }
+                    };
+                    if outbox.send(done).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| storage(io::Error::other(e)))?;
+        Ok(Worker {
+            jobs,
+            done,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        // Closing the job channel ends the thread's loop.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> u128 {
+        crate::spool::inbound::dedup_key("s", &format!("m-{i}"))
+    }
+
+    fn open(dir: &Path, flush_ids: usize) -> (Connection, DedupIndex) {
+        let conn = Connection::open(dir.join("spool.db")).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        let index = DedupIndex::open(
+            &conn,
+            dir.join("dedup"),
+            Tuning {
+                flush_ids,
+                max_memtable: flush_ids * 4,
+            },
+        )
+        .unwrap();
+        (conn, index)
+    }
+
+    /// Records `keys` (seen at `seen`) in one committed transaction.
+    fn record(conn: &Connection, index: &mut DedupIndex, keys: &[u128], seen: i64) {
+        conn.execute_batch("BEGIN").unwrap();
+        let entries: Vec<(u128, i64)> = keys.iter().map(|k| (*k, seen)).collect();
+        index.record(conn, &entries).unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        index.commit();
+    }
+
+    /// Lets the background jobs run until none is left to start.
+    fn settle(conn: &Connection, index: &mut DedupIndex, cutoff: i64) {
+        for _ in 0..2_000 {
+            index.maintain(conn, cutoff);
+            if !index.busy() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("dedup jobs did not finish");
+    }
+
+    fn run_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("dedup")).unwrap().count()
+    }
+
+    fn live_runs(conn: &Connection) -> usize {
+        conn.query_row("SELECT count(*) FROM dedup_runs", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as usize
+    }
+
+    #[test]
+    fn a_rolled_back_record_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, mut index) = open(dir.path(), 100);
+        record(&conn, &mut index, &[key(1)], 10);
+        conn.execute_batch("BEGIN").unwrap();
+        index.record(&conn, &[(key(1), 50), (key(2), 50)]).unwrap();
+        assert!(index.is_repeat(key(2), 0).unwrap());
+        conn.execute_batch("ROLLBACK").unwrap();
+        index.rollback();
+        assert!(!index.is_repeat(key(2), 0).unwrap());
+        // The earlier sighting is back as it was.
+        assert!(index.is_repeat(key(1), 10).unwrap());
+        assert!(!index.is_repeat(key(1), 11).unwrap());
+        drop(index);
+        let (_conn, index) = open(dir.path(), 100);
+        assert!(index.is_repeat(key(1), 10).unwrap());
+        assert!(!index.is_repeat(key(2), 0).unwrap());
+    }
+
+    #[test]
+    fn flushed_and_merged_ids_stay_repeats_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, mut index) = open(dir.path(), 100);
+        for round in 0..30u64 {
+            let keys: Vec<u128> = (round * 100..round * 100 + 100).map(key).collect();
+            record(&conn, &mut index, &keys, 1_000 + round as i64);
+            settle(&conn, &mut index, 0);
+        }
+        // 30 flushes of 100 ids, merged four at a time as size classes fill.
+        assert!(index.runs() < 10, "{} runs", index.runs());
+        assert_eq!(index.ids(), 3_000);
+        assert_eq!(run_files(dir.path()), live_runs(&conn));
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM dedup_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 0, "every flushed log row is gone");
+        for i in 0..3_000 {
+            assert!(index.is_repeat(key(i), 0).unwrap(), "id {i}");
+        }
+        for i in 3_000..6_000 {
+            assert!(!index.is_repeat(key(i), 0).unwrap(), "id {i}");
+        }
+        drop(index);
+        let (conn, index) = open(dir.path(), 100);
+        assert_eq!(index.ids(), 3_000);
+        assert_eq!(run_files(dir.path()), live_runs(&conn));
+        assert!((0..3_000).all(|i| index.is_repeat(key(i), 0).unwrap()));
+        // Seen at 1,000 + round: the window decides per id, not per run.
+        assert!(!index.is_repeat(key(0), 1_001).unwrap());
+        assert!(index.is_repeat(key(2_999), 1_029).unwrap());
+    }
+
+    #[test]
+    fn memtable_ids_survive_a_reopen_through_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, mut index) = open(dir.path(), 1_000);
+        record(&conn, &mut index, &[key(1), key(2)], 5);
+        record(&conn, &mut index, &[key(2)], 7);
+        drop(index);
+        let (_conn, index) = open(dir.path(), 1_000);
+        assert!(index.is_repeat(key(1), 5).unwrap());
+        assert!(index.is_repeat(key(2), 7).unwrap());
+        assert_eq!(index.runs(), 0);
+    }
+
+    #[test]
+    fn expired_runs_are_deleted_and_merges_drop_expired_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, mut index) = open(dir.path(), 10);
+        let old: Vec<u128> = (0..10).map(key).collect();
+        record(&conn, &mut index, &old, 100);
+        settle(&conn, &mut index, 0);
+        assert_eq!(index.runs(), 1);
+        let new: Vec<u128> = (10..20).map(key).collect();
+        record(&conn, &mut index, &new, 500);
+        settle(&conn, &mut index, 0);
+        assert_eq!(index.runs(), 2);
+        index.prune(&conn, 200).unwrap();
+        assert_eq!(index.runs(), 1);
+        assert_eq!(run_files(dir.path()), 1);
+        assert!(!index.is_repeat(key(0), 0).unwrap());
+        assert!(index.is_repeat(key(10), 200).unwrap());
+        // Four runs of one size class merge; ids seen before the cutoff are left out.
+        for round in 0..3u64 {
+            let keys: Vec<u128> = (100 + round * 10..110 + round * 10).map(key).collect();
+            record(&conn, &mut index, &keys, 1_000);
+            settle(&conn, &mut index, 600);
+        }
+        assert_eq!(index.runs(), 1);
+        assert_eq!(index.ids(), 30);
+        assert!(!index.is_repeat(key(10), 0).unwrap());
+        assert!(index.is_repeat(key(100), 1_000).unwrap());
+    }
+
+    #[test]
+    fn orphan_files_are_deleted_and_missing_runs_forgotten_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, mut index) = open(dir.path(), 10);
+        let keys: Vec<u128> = (0..10).map(key).collect();
+        record(&conn, &mut index, &keys, 1);
+        settle(&conn, &mut index, 0);
+        drop(index);
+        let orphan = dir.path().join("dedup").join(run::file_name(999));
+        std::fs::write(&orphan, b"half a run").unwrap();
+        let (conn, index) = open(dir.path(), 10);
+        assert!(!orphan.exists());
+        assert!(index.is_repeat(key(3), 0).unwrap());
+        drop(index);
+        for entry in std::fs::read_dir(dir.path().join("dedup")).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        let (conn2, mut index) = open(dir.path(), 10);
+        assert_eq!(index.runs(), 0);
+        assert_eq!(live_runs(&conn2), 0);
+        assert!(!index.is_repeat(key(3), 0).unwrap());
+        // New runs never reuse the id of a forgotten one's file.
+        record(&conn2, &mut index, &keys, 2);
+        settle(&conn2, &mut index, 0);
+        assert_eq!(index.runs(), 1);
+        drop(conn);
+    }
+
+    #[test]
+    fn a_legacy_dedup_table_becomes_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("spool.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE dedup (hi INTEGER NOT NULL, lo INTEGER NOT NULL,
+                                 seen_at INTEGER NOT NULL, PRIMARY KEY (hi, lo)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        for i in 0..500u64 {
+            let (hi, lo) = crate::spool::inbound::key_columns(key(i));
+            conn.execute(
+                "INSERT INTO dedup VALUES (?1, ?2, ?3)",
+                params![hi, lo, i as i64],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let (conn, index) = open(dir.path(), 100);
+        assert_eq!(index.runs(), 1);
+        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64).unwrap()));
+        assert!(!index.is_repeat(key(10), 11).unwrap());
+        assert!(!index.is_repeat(key(600), 0).unwrap());
+        let legacy: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'dedup'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(legacy, 0);
+    }
+}
