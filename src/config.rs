@@ -151,9 +151,6 @@ pub struct SpoolSettings {
     /// How often the spool's depth, oldest event and dead letters are sampled for the
     /// metrics, in ms (each sample counts the queue: keep it in seconds).
     pub stats_interval_ms: u64,
-    /// Events accepted but not yet sorted into the delivery queue (embedded spool) before
-    /// ingest answers 429; bounds the memory of their pending ids (16–32 bytes each).
-    pub max_inbound_events: usize,
 }
 
 impl Default for SpoolSettings {
@@ -164,7 +161,6 @@ impl Default for SpoolSettings {
             queue_capacity: 4096,
             max_group: 512,
             stats_interval_ms: 5000,
-            max_inbound_events: 2_000_000,
         }
     }
 }
@@ -522,7 +518,6 @@ impl Settings {
             ("limits.max_message_id_len", limits.max_message_id_len),
             ("spool.queue_capacity", self.spool.queue_capacity),
             ("spool.max_group", self.spool.max_group),
-            ("spool.max_inbound_events", self.spool.max_inbound_events),
             (
                 "spool.stats_interval_ms",
                 self.spool.stats_interval_ms as usize,

@@ -77,7 +77,6 @@ impl Application {
         options.dedup_window = std::time::Duration::from_secs(settings.spool.dedup_window_secs);
         options.queue_capacity = settings.spool.queue_capacity;
         options.max_group = settings.spool.max_group;
-        options.max_inbound_events = settings.spool.max_inbound_events as u64;
         options.dead_letter_retention =
             Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
         options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();

@@ -85,8 +85,6 @@ pub struct MetricsInner {
     pub spool_oldest_event_age_seconds: Gauge,
     /// Events in the dead letters, sampled.
     pub spool_dead_letters_events: IntGauge,
-    /// Events accepted but not yet sorted into the delivery queue (embedded spool).
-    pub spool_inbound_events: IntGauge,
     /// Message ids the embedded spool's dedup index remembers (in memory and in runs).
     pub spool_dedup_ids: IntGauge,
     /// Memory of the dedup index: ids not yet in a run, and the runs' filters and fences.
@@ -242,10 +240,6 @@ impl Metrics {
         registry
             .register(Box::new(spool_oldest_event_age_seconds.clone()))
             .expect("unique metric");
-        let spool_inbound_events = gauge(
-            "gateway_spool_inbound_events",
-            "Events accepted but not yet sorted into the delivery queue (embedded spool).",
-        );
         let spool_dedup_ids = gauge(
             "gateway_spool_dedup_ids",
             "Message ids the embedded spool's dedup index remembers.",
@@ -363,7 +357,6 @@ impl Metrics {
             spool_depth_events,
             spool_oldest_event_age_seconds,
             spool_dead_letters_events,
-            spool_inbound_events,
             spool_dedup_ids,
             spool_dedup_memory_bytes,
             spool_stats_seconds,

@@ -1,9 +1,10 @@
-//! The encoding of one accepted request in the embedded spool's `inbound` table.
+//! The embedded spool's dedup key, and the encoding of the `inbound` rows of spool files of
+//! schema version 3.
 //!
-//! Ingest makes a request durable as one row: its events' message ids in one column and
-//! the events themselves in another, each a sequence of length-prefixed fields. Writing a
-//! request whole is a few sequential page writes; sorting its events into the queue and the
-//! dedup index (random index pages) happens later, off the path that answers the client.
+//! Version 3 made a request durable as one `inbound` row: its events' message ids in one
+//! column and the events themselves in another, each a sequence of length-prefixed fields,
+//! sorted into the queue later. Version 4 appends straight to the queue; rows a version 3
+//! process left behind are decoded here and moved into the queue at start-up.
 //!
 //! Invariants:
 //! - [`decode_events`] returns exactly the events [`Encoder::push`] was given, in order;
@@ -15,7 +16,6 @@
 //! column is `kind(u8) len message_id len user_key len payload` per event, where `kind` is
 //! the index of the type in [`EventType::ALL`].
 
-use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
 
 use sha2::{Digest, Sha256};
@@ -141,30 +141,6 @@ pub fn decode_events(body: &[u8]) -> Result<Vec<EncodedEvent<'_>>, Corrupt> {
     Ok(out)
 }
 
-/// The message ids of the requests in `inbound`: accepted, not yet sorted into the dedup
-/// index. A repeat must be recognised in that window too, so the spool checks here and
-/// then the index.
-///
-/// Invariants: an id is in the set exactly while its event is in `inbound`, counting only
-/// committed transactions. Changes made during a transaction are staged: [`commit`]
-/// applies them and [`rollback`] forgets them, so a request whose transaction failed is
-/// not taken for a repeat when the client sends it again.
-///
-/// Ids are kept as their [`dedup_key`] (16 bytes each, rebuilt from `inbound` at
-/// start-up), so the set's memory is bounded by the limit on inbound events, not by the
-/// ids' lengths.
-///
-/// [`commit`]: PendingIds::commit
-/// [`rollback`]: PendingIds::rollback
-#[derive(Debug, Default)]
-pub struct PendingIds {
-    committed: HashSet<u128, PassThrough>,
-    events: u64,
-    added: HashSet<u128, PassThrough>,
-    removed: Vec<u128>,
-    delta: i64,
-}
-
 /// The dedup index's key of a source's message id: the first 128 bits of
 /// SHA-256(`len(source)` as u32 LE ‖ source ‖ message id).
 ///
@@ -185,52 +161,6 @@ pub fn dedup_key(source: &str, message_id: &str) -> u128 {
 /// A key as the two signed integers SQLite stores (`hi`, `lo`).
 pub fn key_columns(key: u128) -> (i64, i64) {
     ((key >> 64) as u64 as i64, key as u64 as i64)
-}
-
-impl PendingIds {
-    /// Whether the id is pending (committed or added in this transaction).
-    pub fn contains(&self, key: u128) -> bool {
-        self.committed.contains(&key) || self.added.contains(&key)
-    }
-
-    /// Stages an accepted event's id.
-    pub fn add(&mut self, key: u128) {
-        self.added.insert(key);
-        self.delta += 1;
-    }
-
-    /// Stages the removal of a sorted event's id.
-    pub fn remove(&mut self, key: u128) {
-        self.removed.push(key);
-        self.delta -= 1;
-    }
-
-    /// Events pending, staged changes included.
-    pub fn events(&self) -> u64 {
-        (self.events as i64 + self.delta).max(0) as u64
-    }
-
-    /// Keeps the staged changes: their transaction committed.
-    pub fn commit(&mut self) {
-        // Added first: an event accepted and sorted in one transaction leaves no trace.
-        self.committed.extend(self.added.drain());
-        for key in self.removed.drain(..) {
-            self.committed.remove(&key);
-        }
-        self.events = self.events();
-        self.delta = 0;
-        if self.committed.is_empty() && self.committed.capacity() > 1 << 16 {
-            // A drained backlog gives its memory back.
-            self.committed = HashSet::default();
-        }
-    }
-
-    /// Forgets the staged changes: their transaction rolled back.
-    pub fn rollback(&mut self) {
-        self.added.clear();
-        self.removed.clear();
-        self.delta = 0;
-    }
 }
 
 /// The keys are already uniformly random: the set uses them as their own hash.
@@ -335,48 +265,6 @@ mod tests {
         let key = dedup_key("s", "m");
         let (hi, lo) = key_columns(key);
         assert_eq!((u128::from(hi as u64) << 64) | u128::from(lo as u64), key);
-    }
-
-    #[test]
-    fn pending_ids_keep_only_committed_changes() {
-        let mut pending = PendingIds::default();
-        let a = dedup_key("s", "m1");
-        let b = dedup_key("s", "m2");
-        assert_ne!(a, b);
-        assert_ne!(a, dedup_key("t", "m1"), "ids are per source");
-        assert_ne!(dedup_key("ab", "c"), dedup_key("a", "bc"));
-        pending.add(a);
-        assert!(
-            pending.contains(a),
-            "a staged id is a repeat within its transaction"
-        );
-        assert_eq!(pending.events(), 1);
-        pending.rollback();
-        assert!(!pending.contains(a), "a rolled-back id is not a repeat");
-        assert_eq!(pending.events(), 0);
-        pending.add(a);
-        pending.add(b);
-        pending.commit();
-        assert!(pending.contains(a) && pending.contains(b));
-        pending.remove(a);
-        pending.rollback();
-        assert!(
-            pending.contains(a),
-            "a rolled-back sort keeps the id pending"
-        );
-        pending.remove(a);
-        pending.commit();
-        assert!(!pending.contains(a));
-        assert_eq!(pending.events(), 1);
-        let c = dedup_key("s", "m3");
-        pending.add(c);
-        pending.remove(c);
-        pending.commit();
-        assert!(
-            !pending.contains(c),
-            "accepted and sorted in one transaction"
-        );
-        assert_eq!(pending.events(), 1);
     }
 
     proptest! {

@@ -26,6 +26,7 @@ pub mod inbound;
 pub mod nats;
 mod sqlite;
 mod sqlite_admin;
+mod wal_sync;
 
 use async_trait::async_trait;
 

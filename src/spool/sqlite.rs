@@ -9,13 +9,11 @@
 //! A full channel means the writer cannot keep up: appends fail fast with
 //! [`SpoolError::Overloaded`] instead of queueing without bound.
 //!
-//! An append decides dedup (ids pending in memory, then a read of the dedup index) and
-//! writes the request's new events as one `inbound` row; the writer sorts inbound rows into
-//! the queue (`events`) and the dedup index later, whole and in arrival order (see
-//! [`BUSY_SORT`] for when). Invariants: an accepted event is in exactly one of `inbound` and
-//! `events` (or gone: delivered, dead-lettered); a dedup decision is final at append; the
-//! pending-id set holds exactly the ids in `inbound` as of the last commit; inbound events are
-//! bounded by `max_inbound_events` (appends beyond it are refused as overload).
+//! An append looks each `messageId` up in the dedup index (see [`super::dedup`]: a map in
+//! memory and Bloom-filtered run files, so a fresh id costs no read), inserts the new events
+//! at the tail of `events` and remembers their ids. Invariants: a dedup decision is final at
+//! append, and an accepted event's id is in the dedup index (its `dedup_log` row or a run)
+//! from the same commit on; the queue is in arrival order, except for replayed dead letters.
 //!
 //! Besides the queue, the same transactions keep the management API's bookkeeping (see
 //! [`super::admin`]): usage per source and month (one `INSERT OR IGNORE` per distinct
@@ -26,7 +24,7 @@
 //! every minute, a bounded chunk per transaction.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,10 +43,9 @@ use super::admin::{
 };
 use super::checkpointer::Checkpointer;
 use super::dedup::{self, DedupIndex, Tuning};
-use super::inbound::{
-    decode_events, decode_ids, dedup_key, key_columns, Encoder, PassThrough, PendingIds,
-};
+use super::inbound::{decode_events, dedup_key, key_columns, PassThrough};
 use super::sqlite_admin::{self as admin_sql, Tally};
+use super::wal_sync::WalSync;
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
 use crate::segment::EventType;
 use crate::telemetry::Metrics;
@@ -70,18 +67,15 @@ pub struct SqliteSpoolOptions {
     pub prune_interval: Duration,
     /// The configured sources' slugs: the spool records when it first saw each.
     pub sources: Vec<String>,
-    /// Events accepted but not yet sorted into the queue; beyond this, appends are refused
-    /// as overload. Bounds the memory of the pending-id set (about 20–40 bytes per event).
-    pub max_inbound_events: u64,
     /// Ids the dedup index keeps in memory before writing them out as a run (see
-    /// `dedup/mod.rs`); sorting pauses at four times as many.
+    /// `dedup/mod.rs`); appends are refused as overload at four times as many.
     pub dedup_flush_ids: usize,
 }
 
 impl SqliteSpoolOptions {
     /// Defaults for a data directory: 24 h dedup window, 4,096 waiting requests, groups
-    /// of up to 512 commands, dead letters kept 14 days, pruning every minute, 2,000,000
-    /// inbound (unsorted) events.
+    /// of up to 512 commands, dead letters kept 14 days, pruning every minute, dedup runs
+    /// written every 131,072 ids.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         SqliteSpoolOptions {
             data_dir: data_dir.into(),
@@ -91,7 +85,6 @@ impl SqliteSpoolOptions {
             dead_letter_retention: Duration::from_secs(14 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             sources: Vec::new(),
-            max_inbound_events: 2_000_000,
             dedup_flush_ids: 131_072,
         }
     }
@@ -100,7 +93,8 @@ impl SqliteSpoolOptions {
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 enum Command {
-    Append(AppendRequest, Reply<AppendReport>),
+    /// A request and its events' dedup keys (hashed by the caller, off the writer thread).
+    Append(AppendRequest, Vec<u128>, Reply<AppendReport>),
     Lease {
         max: usize,
         lease_ms: i64,
@@ -133,9 +127,6 @@ pub struct SqliteSpool {
     /// Idle read-only connections (the management API's reads).
     readers: Arc<Mutex<Vec<Connection>>>,
     closed: AtomicBool,
-    /// Inbound (unsorted) events after the writer's last commit, and their limit.
-    inbound: Arc<AtomicU64>,
-    max_inbound: u64,
 }
 
 /// Idle read connections kept for reuse.
@@ -164,10 +155,8 @@ CREATE TABLE IF NOT EXISTS events (
 -- the user here instead of indexing every event by user, so an append touches only the
 -- tail of `events` and `dedup`. Rows exist only while a user is held. A user is a source
 -- and a user key: `hold_key` is `source || char(31) || user_key`.
--- Requests accepted but not yet sorted into `events` and `dedup` (layout in `inbound.rs`).
--- Ingest makes a request durable as one row here: a few sequential page writes. The writer
--- sorts rows into the queue in `id` order, off the path that answers the client, so the
--- random pages of the dedup index are written in large batches, not per request.
+-- Requests accepted by a version 3 process but not yet sorted into `events` (layout in
+-- `inbound.rs`); moved into `events` at start-up, so empty while the gateway runs.
 CREATE TABLE IF NOT EXISTS inbound (
     id          INTEGER PRIMARY KEY,
     source      TEXT    NOT NULL,
@@ -307,21 +296,32 @@ impl SqliteSpool {
         };
         let dedup =
             DedupIndex::open(&conn, options.data_dir.join("dedup"), tuning).map_err(storage)?;
-        let pending = load_pending(&conn).map_err(storage)?;
+        let mut dedup = dedup;
+        drain_inbound(&conn, &mut dedup, &metrics).map_err(storage)?;
         let checkpointer = Checkpointer::start(&path).map_err(storage)?;
-        let inbound = Arc::new(AtomicU64::new(pending.events()));
-        metrics.spool_inbound_events.set(pending.events() as i64);
-        let max_inbound = options.max_inbound_events;
+        // From here on commits return without an fsync; `WalSync` makes them durable
+        // before anyone is answered.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(storage)?;
+        let release_metrics = metrics.clone();
+        let sync = WalSync::start(&path, SYNC_QUEUE, move |result, batches: Vec<Committed>| {
+            let error = result.err().map(|e| {
+                release_metrics.spool_errors_total.inc();
+                SpoolError::Storage(format!("the spool could not make a commit durable: {e}"))
+            });
+            for batch in batches {
+                release_metrics
+                    .spool_commit_seconds
+                    .observe(batch.started.elapsed().as_secs_f64());
+                match &error {
+                    None => batch.pending.into_iter().for_each(Pending::succeed),
+                    Some(e) => batch.pending.into_iter().for_each(|p| p.fail(e.clone())),
+                }
+            }
+        })
+        .map_err(|e| SpoolError::Storage(format!("cannot start the spool's sync thread: {e}")))?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
-        let writer = Writer::new(
-            conn,
-            options,
-            metrics,
-            pending,
-            dedup,
-            checkpointer,
-            inbound.clone(),
-        );
+        let writer = Writer::new(conn, options, metrics, dedup, checkpointer, sync);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run(receiver))
@@ -332,8 +332,6 @@ impl SqliteSpool {
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
             closed: AtomicBool::new(false),
-            inbound,
-            max_inbound,
         })
     }
 
@@ -390,7 +388,7 @@ const WRITER_CACHE_KIB: i64 = -2_000;
 /// shrinks at a checkpoint, and a checkpoint needs room to grow the database file: an
 /// interval of 8,192 pages let the WAL fill a small disk before any checkpoint, after which
 /// nothing could be written, not even the checkpoint.
-const WAL_CHECKPOINT_PAGES: i64 = 2000;
+const WAL_CHECKPOINT_PAGES: i64 = 8000;
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
@@ -494,22 +492,100 @@ fn rekey_dedup(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("DROP TABLE dedup_by_text")
 }
 
-/// The pending-id set of the inbound rows a previous process left unsorted.
-fn load_pending(conn: &Connection) -> rusqlite::Result<PendingIds> {
-    let mut pending = PendingIds::default();
-    let mut select = conn.prepare("SELECT source, ids FROM inbound ORDER BY id")?;
-    let mut rows = select.query([])?;
-    while let Some(row) = rows.next()? {
-        let source: String = row.get(0)?;
-        let ids: Vec<u8> = row.get(1)?;
-        // A row that does not decode is moved aside when the writer reaches it.
-        for id in decode_ids(&ids).unwrap_or_default() {
-            let key = dedup_key(&source, id);
-            pending.add(key);
+/// Rows of `inbound` per transaction when a version 3 file's leftovers are drained.
+const DRAIN_CHUNK: i64 = 64;
+
+/// Spool files of version 3 could hold accepted requests not yet sorted into the queue
+/// (`inbound`, see `inbound.rs`): they are moved into `events` before the writer starts,
+/// oldest first, their ids into the dedup index. A row that does not decode (a damaged
+/// file) is moved to `inbound_damaged` for inspection.
+fn drain_inbound(
+    conn: &Connection,
+    dedup: &mut DedupIndex,
+    metrics: &Metrics,
+) -> rusqlite::Result<()> {
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let moved = drain_chunk(conn, dedup, metrics).and_then(|moved| {
+            dedup.write_log(conn)?;
+            conn.execute_batch("COMMIT")?;
+            Ok(moved)
+        });
+        match moved {
+            Ok(moved) => {
+                dedup.commit();
+                if moved < DRAIN_CHUNK {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                dedup.rollback();
+                return Err(e);
+            }
         }
     }
-    pending.commit();
-    Ok(pending)
+}
+
+fn drain_chunk(
+    conn: &Connection,
+    dedup: &mut DedupIndex,
+    metrics: &Metrics,
+) -> rusqlite::Result<i64> {
+    let rows: Vec<(i64, String, i64, i64, Vec<u8>)> = conn
+        .prepare_cached(
+            "SELECT id, source, received_at, accepted_at, body FROM inbound ORDER BY id LIMIT ?1",
+        )?
+        .query_map(params![DRAIN_CHUNK], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (id, source, received_at, accepted_at, body) in &rows {
+        match decode_events(body) {
+            Ok(events) => {
+                for event in &events {
+                    insert.execute(params![
+                        source,
+                        event.message_id,
+                        event.kind.as_str(),
+                        event.user_key,
+                        received_at,
+                        event.payload,
+                    ])?;
+                    dedup.remember(dedup_key(source, event.message_id), *accepted_at);
+                }
+            }
+            Err(e) => {
+                tracing::error!(inbound_id = id, error = %e, "moving an undecodable inbound row aside");
+                metrics.spool_errors_total.inc();
+                conn.execute(
+                    "INSERT INTO inbound_damaged SELECT * FROM inbound WHERE id = ?1",
+                    params![id],
+                )?;
+                let count: i64 = conn.query_row(
+                    "SELECT count FROM inbound WHERE id = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )?;
+                conn.execute(
+                    "UPDATE queue_depth SET depth = depth - ?2 WHERE source = ?1",
+                    params![source, count],
+                )?;
+            }
+        }
+        conn.execute("DELETE FROM inbound WHERE id = ?1", params![id])?;
+    }
+    Ok(rows.len() as i64)
 }
 
 /// The source of a hold key (`source || char(31) || user_key`).
@@ -538,12 +614,14 @@ fn now_ms() -> i64 {
 #[async_trait]
 impl Spool for SqliteSpool {
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
-        if self.inbound.load(Ordering::Relaxed) >= self.max_inbound {
-            return Err(SpoolError::Overloaded);
-        }
+        let keys = request
+            .events
+            .iter()
+            .map(|event| dedup_key(&request.source, &event.message_id))
+            .collect();
         let (reply, answer) = oneshot::channel();
         self.sender
-            .try_send(Command::Append(request, reply))
+            .try_send(Command::Append(request, keys, reply))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SpoolError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
@@ -691,24 +769,14 @@ struct Writer {
     tally: Tally,
     /// The month of the last append, and the range of times it covers.
     month: (i64, i64, String),
-    /// Ids of the events in `inbound`, with this transaction's changes staged.
-    pending: PendingIds,
-    /// The ids sorted into the queue, for deduplication (this transaction's staged).
+    /// The ids accepted, for deduplication (this transaction's staged).
     dedup: DedupIndex,
     /// Checkpoints the WAL beside the writer.
     checkpointer: Checkpointer,
+    /// Makes each commit durable (fsync of the WAL) before its commands are answered.
+    sync: WalSync<Committed>,
     /// Users known to be in `usage_users` (this transaction's additions staged).
     counted: CountedUsers,
-    /// The committed number of inbound events, read by [`SqliteSpool::append`].
-    inbound: Arc<AtomicU64>,
-    /// When sorting may be tried again after it failed (disk full, IO error).
-    sort_retry_at: Instant,
-    /// When the last sort ran.
-    last_sort: Instant,
-    /// False once `synchronous = FULL` could not be restored: every transaction then fails.
-    durable: bool,
-    /// The wait before the next try after consecutive failures.
-    sort_backoff: Duration,
 }
 
 /// Users already in `usage_users` for a (source, month), so an append skips their
@@ -752,36 +820,24 @@ impl CountedUsers {
     }
 }
 
-/// Sorting budgets: how many inbound events a transaction sorts, and for how long at most.
-///
-/// Ingest goes first while the inbound backlog is small: the writer sorts when it has had
-/// no command for [`IDLE_BEFORE_SORT`] (in transactions that stop as soon as one arrives),
-/// before every lease (enough that the dispatcher sees what was just accepted), and a small
-/// share every [`BUSY_SORT_EVERY`] while commands keep it busy. A burst is thus absorbed at
-/// the append rate. Once the backlog reaches [`SORT_WATERMARK`] of
-/// `max_inbound_events`, every group sorts as many events as it appended, so the backlog
-/// stops growing and ingest proceeds at the rate the writer can append *and* sort; only a
-/// load beyond that reaches the limit and gets 429s.
-const BUSY_SORT: (usize, Duration) = (256, Duration::from_millis(4));
-const BUSY_SORT_EVERY: Duration = Duration::from_millis(100);
-const IDLE_SORT: (usize, Duration) = (4_096, Duration::from_millis(50));
-const LEASE_SORT: (usize, Duration) = (2_048, Duration::from_millis(25));
-/// The longest a group's catch-up sort (above the watermark) may take.
-const CATCH_UP_SORT_TIME: Duration = Duration::from_millis(100);
-/// The fraction of `max_inbound_events` above which groups sort what they append.
-const SORT_WATERMARK: f64 = 0.5;
-/// How long the writer must have had no command before it sorts on its own, and how often
-/// it looks for commands meanwhile. Under load the channel is often empty for a moment
-/// between group commits; sorting in such gaps would take the CPU from the requests
-/// about to arrive.
-const IDLE_BEFORE_SORT: Duration = Duration::from_millis(20);
-const IDLE_POLL: Duration = Duration::from_micros(500);
-/// The longest wait before sorting is tried again after failures.
-const MAX_SORT_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the writer looks for commands while the dedup index's background job runs
+/// (it lands the job's result between transactions).
+const IDLE_POLL: Duration = Duration::from_millis(2);
+
+/// Committed groups waiting for their fsync; beyond this the writer waits for the disk.
+const SYNC_QUEUE: usize = 4;
+
+/// A committed group's answers, released by [`WalSync`] once the commit is durable.
+struct Committed {
+    pending: Vec<Pending>,
+    started: Instant,
+}
 
 /// A command's result, held until the transaction commits.
 enum Pending {
     Append(Reply<AppendReport>, AppendReport),
+    /// An append refused as overload whatever the transaction's outcome.
+    Refused(Reply<AppendReport>),
     Lease(Reply<Vec<Leased>>, Vec<Leased>),
     Unit(Reply<()>),
     Stats(Reply<SpoolStats>, SpoolStats),
@@ -792,7 +848,7 @@ impl Pending {
     fn fail(self, error: SpoolError) {
         // A dropped receiver means the caller gave up; there is nobody left to tell.
         match self {
-            Pending::Append(reply, _) => drop(reply.send(Err(error))),
+            Pending::Append(reply, _) | Pending::Refused(reply) => drop(reply.send(Err(error))),
             Pending::Lease(reply, _) => drop(reply.send(Err(error))),
             Pending::Unit(reply) => drop(reply.send(Err(error))),
             Pending::Stats(reply, _) => drop(reply.send(Err(error))),
@@ -803,6 +859,7 @@ impl Pending {
     fn succeed(self) {
         match self {
             Pending::Append(reply, report) => drop(reply.send(Ok(report))),
+            Pending::Refused(reply) => drop(reply.send(Err(SpoolError::Overloaded))),
             Pending::Lease(reply, leased) => drop(reply.send(Ok(leased))),
             Pending::Unit(reply) => drop(reply.send(Ok(()))),
             Pending::Stats(reply, stats) => drop(reply.send(Ok(stats))),
@@ -824,10 +881,9 @@ impl Writer {
         conn: Connection,
         options: SqliteSpoolOptions,
         metrics: Metrics,
-        pending: PendingIds,
         dedup: DedupIndex,
         checkpointer: Checkpointer,
-        inbound: Arc<AtomicU64>,
+        sync: WalSync<Committed>,
     ) -> Writer {
         Writer {
             conn,
@@ -836,26 +892,17 @@ impl Writer {
             last_prune: Instant::now(),
             tally: Tally::default(),
             month: (0, 0, String::new()),
-            pending,
             dedup,
             checkpointer,
+            sync,
             counted: CountedUsers::default(),
-            inbound,
-            sort_retry_at: Instant::now(),
-            last_sort: Instant::now(),
-            durable: true,
-            sort_backoff: Duration::ZERO,
         }
     }
 
-    /// Keeps the pending-id changes of a committed transaction and publishes the count.
+    /// Keeps the staged changes of a committed transaction.
     fn committed(&mut self) {
         self.counted.commit();
-        self.pending.commit();
         self.dedup.commit();
-        let events = self.pending.events();
-        self.inbound.store(events, Ordering::Relaxed);
-        self.metrics.spool_inbound_events.set(events as i64);
         self.metrics.spool_dedup_ids.set(self.dedup.ids() as i64);
         self.metrics
             .spool_dedup_memory_bytes
@@ -865,203 +912,27 @@ impl Writer {
     /// Forgets the staged changes of a transaction that rolled back.
     fn rolled_back(&mut self) {
         self.counted.rollback();
-        self.pending.rollback();
         self.dedup.rollback();
     }
 
-    /// The next command; `Some(None)` when none has come for [`IDLE_BEFORE_SORT`] and
-    /// inbound events wait to be sorted; `None` once every sender is gone.
-    ///
-    /// Between two group commits under load the channel is often empty for a moment:
-    /// sorting then would take the writer from the requests about to arrive, so only a
-    /// writer idle for a while sorts.
-    fn next_command(&mut self, receiver: &mut mpsc::Receiver<Command>) -> Option<Option<Command>> {
-        let mut idle_since: Option<Instant> = None;
+    /// The next command, `None` once every sender is gone. While the dedup index's
+    /// background job runs, the wait is cut into [`IDLE_POLL`] slices so its result
+    /// lands without waiting for a command.
+    fn next_command(&mut self, receiver: &mut mpsc::Receiver<Command>) -> Option<Command> {
         loop {
-            if self.pending.events() == 0 && !self.dedup.busy() {
-                return receiver.blocking_recv().map(Some);
+            if !self.dedup.busy() {
+                return receiver.blocking_recv();
             }
             match receiver.try_recv() {
-                Ok(command) => return Some(Some(command)),
+                Ok(command) => return Some(command),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            // A background job of the dedup index is waited for here, between commands.
             self.dedup.maintain(&self.conn, self.dedup_cutoff());
-            if self.pending.events() == 0 {
+            if self.dedup.busy() {
                 std::thread::sleep(IDLE_POLL);
-                continue;
-            }
-            let now = Instant::now();
-            let since = *idle_since.get_or_insert(now);
-            let ready = (since + IDLE_BEFORE_SORT).max(self.sort_retry_at);
-            if now >= ready {
-                return Some(None);
-            }
-            std::thread::sleep((ready - now).min(IDLE_POLL));
-        }
-    }
-
-    /// One transaction that only sorts inbound events (no command is waiting).
-    ///
-    /// It commits without its own fsync (`synchronous=NORMAL` for this transaction only):
-    /// sorting moves data that is already durable in `inbound`, and WAL commits stay in
-    /// order, so a crash can only undo the sort (the rows are sorted again), and the next
-    /// durable commit (an append, a lease, an ack) makes it durable too.
-    fn sort_alone(&mut self, receiver: &mpsc::Receiver<Command>) {
-        let started = Instant::now();
-        let result = self
-            .conn
-            .execute_batch("PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE")
-            .and_then(|()| {
-                self.sort(IDLE_SORT.0, started + IDLE_SORT.1, &|| !receiver.is_empty())?;
-                self.conn.execute_batch("COMMIT")
-            });
-        if result.is_err() {
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-        // Every other transaction is durable at commit: restoring this must not fail
-        // silently, or later appends would be answered before their fsync.
-        let restored = self.conn.execute_batch("PRAGMA synchronous = FULL");
-        match (result, restored) {
-            (Ok(()), Ok(())) => {
-                self.committed();
-                self.sort_backoff = Duration::ZERO;
-            }
-            (Ok(()), Err(e)) => {
-                self.committed();
-                self.durability_lost(&e);
-            }
-            (Err(e), restored) => {
-                self.rolled_back();
-                self.sort_failed(&e);
-                if let Err(e) = restored {
-                    self.durability_lost(&e);
-                }
             }
         }
-    }
-
-    /// `synchronous = FULL` could not be restored: no append may be answered from now on.
-    fn durability_lost(&mut self, error: &rusqlite::Error) {
-        tracing::error!(error = %error, "cannot restore synchronous=FULL on the spool; refusing writes");
-        self.metrics.spool_errors_total.inc();
-        self.durable = false;
-    }
-
-    /// Sorts inside a group's transaction (unless sorting is backing off after a failure);
-    /// a failure fails the group and starts the back-off.
-    fn sort_in_group(&mut self, budget: usize, time: Duration) -> rusqlite::Result<()> {
-        if Instant::now() < self.sort_retry_at {
-            return Ok(());
-        }
-        match self.sort(budget, Instant::now() + time, &|| false) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                self.sort_failed(&e);
-                Err(e)
-            }
-        }
-    }
-
-    fn sort_failed(&mut self, error: &rusqlite::Error) {
-        self.metrics.spool_errors_total.inc();
-        self.sort_backoff = (self.sort_backoff * 2)
-            .max(Duration::from_millis(50))
-            .min(MAX_SORT_BACKOFF);
-        self.sort_retry_at = Instant::now() + self.sort_backoff;
-        tracing::warn!(error = %error, retry_in_ms = self.sort_backoff.as_millis() as u64,
-            "sorting inbound events into the queue failed");
-    }
-
-    /// Sorts the oldest inbound requests into the queue, whole, in arrival order, until
-    /// `budget` events were sorted (at least one request), `deadline` passed or `yield_now`
-    /// says commands are waiting (ingest goes first). Runs inside
-    /// the caller's transaction. Each event gets its dedup row (seen at its arrival) and its
-    /// queue row; the ids leave the pending set when the transaction commits.
-    fn sort(
-        &mut self,
-        budget: usize,
-        deadline: Instant,
-        yield_now: &dyn Fn() -> bool,
-    ) -> rusqlite::Result<usize> {
-        self.last_sort = Instant::now();
-        if self.pending.events() == 0 || self.dedup.is_full() {
-            return Ok(0);
-        }
-        let mut next = self.conn.prepare_cached(
-            "SELECT id, source, received_at, accepted_at, body FROM inbound ORDER BY id LIMIT 1",
-        )?;
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        let mut done = self
-            .conn
-            .prepare_cached("DELETE FROM inbound WHERE id = ?1")?;
-        let mut sorted = 0;
-        let mut remembered = Vec::new();
-        while sorted < budget {
-            let Some((id, source, received_at, accepted_at, body)) = next
-                .query_row([], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, i64>(3)?,
-                        row.get::<_, Vec<u8>>(4)?,
-                    ))
-                })
-                .optional()?
-            else {
-                break;
-            };
-            match decode_events(&body) {
-                Ok(events) => {
-                    for event in &events {
-                        let key = dedup_key(&source, event.message_id);
-                        remembered.push((key, accepted_at));
-                        insert.execute(params![
-                            source,
-                            event.message_id,
-                            event.kind.as_str(),
-                            event.user_key,
-                            received_at,
-                            event.payload,
-                        ])?;
-                        self.pending.remove(key);
-                    }
-                    sorted += events.len();
-                }
-                Err(e) => {
-                    // Unreachable unless the file was damaged: keep the row aside for
-                    // inspection rather than block the queue behind it.
-                    tracing::error!(inbound_id = id, error = %e, "moving an undecodable inbound row aside");
-                    self.metrics.spool_errors_total.inc();
-                    self.conn.execute(
-                        "INSERT INTO inbound_damaged SELECT * FROM inbound WHERE id = ?1",
-                        params![id],
-                    )?;
-                    let ids: Vec<u8> = self.conn.query_row(
-                        "SELECT ids FROM inbound WHERE id = ?1",
-                        params![id],
-                        |row| row.get(0),
-                    )?;
-                    let ids = decode_ids(&ids).unwrap_or_default();
-                    for message_id in &ids {
-                        self.pending.remove(dedup_key(&source, message_id));
-                    }
-                    self.tally.depth(&source, -(ids.len() as i64));
-                }
-            }
-            done.execute(params![id])?;
-            if Instant::now() >= deadline || yield_now() {
-                break;
-            }
-        }
-        drop((next, insert, done));
-        self.dedup.record(&self.conn, &remembered)?;
-        Ok(sorted)
     }
 
     /// `YYYY-MM` of `ms`, recomputed only when the month changes.
@@ -1095,13 +966,8 @@ impl Writer {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         while shutdown.is_none() {
             self.dedup.maintain(&self.conn, self.dedup_cutoff());
-            let first = match self.next_command(&mut receiver) {
-                None => break,
-                Some(None) => {
-                    self.sort_alone(&receiver);
-                    continue;
-                }
-                Some(Some(first)) => first,
+            let Some(first) = self.next_command(&mut receiver) else {
+                break;
             };
             let mut group = vec![first];
             while group.len() < self.options.max_group {
@@ -1139,6 +1005,8 @@ impl Writer {
         if !rest.is_empty() {
             self.run_group(rest);
         }
+        // Every answer is released (durable) before the spool reports itself closed.
+        self.sync.stop();
         self.dedup.close();
         self.checkpointer.stop();
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
@@ -1158,11 +1026,14 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.committed();
-                self.metrics
-                    .spool_commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
                 self.metrics.spool_group_commands.observe(count as f64);
-                pending.into_iter().for_each(Pending::succeed);
+                if let Err(batch) = self.sync.submit(Committed { pending, started }) {
+                    let error = SpoolError::Storage("the spool's sync thread stopped".into());
+                    batch
+                        .pending
+                        .into_iter()
+                        .for_each(|p| p.fail(error.clone()));
+                }
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -1182,26 +1053,26 @@ impl Writer {
     ) -> rusqlite::Result<()> {
         // Commands that fail before the transaction's outcome is known still need an answer:
         // each one is pushed to `pending` before its work, and failed with the group.
-        if !self.durable {
-            self.durable = self.conn.execute_batch("PRAGMA synchronous = FULL").is_ok();
-            if !self.durable {
-                return Err(rusqlite::Error::InvalidParameterName(
-                    "the spool cannot guarantee durable commits (synchronous=FULL)".into(),
-                ));
-            }
+        if self.sync.failed() {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("an fsync of the spool's WAL failed: restart the gateway".into()),
+            ));
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let now = now_ms();
         self.tally = Tally::default();
         let mut failure = None;
-        // Events this group appended: above the watermark it sorts as many.
-        let mut appended = 0;
         for command in commands {
             let outcome = match command {
-                Command::Append(request, reply) => {
+                Command::Append(_, _, reply) if self.dedup.is_full() => {
+                    // The dedup index's memory is full until its background flush lands.
+                    pending.push(Pending::Refused(reply));
+                    Ok(())
+                }
+                Command::Append(request, keys, reply) => {
                     pending.push(Pending::Append(reply, AppendReport::default()));
-                    self.append(&request, now).map(|report| {
-                        appended += report.queued;
+                    self.append(&request, &keys, now).map(|report| {
                         if let Some(Pending::Append(_, slot)) = pending.last_mut() {
                             *slot = report;
                         }
@@ -1213,13 +1084,11 @@ impl Writer {
                     reply,
                 } => {
                     pending.push(Pending::Lease(reply, Vec::new()));
-                    self.sort_in_group(LEASE_SORT.0.max(max), LEASE_SORT.1)
-                        .and_then(|()| self.lease(max, lease_ms, now))
-                        .map(|leased| {
-                            if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
-                                *slot = leased;
-                            }
-                        })
+                    self.lease(max, lease_ms, now).map(|leased| {
+                        if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
+                            *slot = leased;
+                        }
+                    })
                 }
                 Command::Settle(settlement, reply) => {
                     pending.push(Pending::Unit(reply));
@@ -1279,17 +1148,8 @@ impl Writer {
                 break;
             }
         }
-        let now_instant = Instant::now();
-        let watermark = (self.options.max_inbound_events as f64 * SORT_WATERMARK) as u64;
-        let (budget, time) = if self.pending.events() >= watermark.max(1) {
-            (appended.max(BUSY_SORT.0), CATCH_UP_SORT_TIME)
-        } else if now_instant >= self.last_sort + BUSY_SORT_EVERY {
-            BUSY_SORT
-        } else {
-            (0, Duration::ZERO)
-        };
-        if failure.is_none() && budget > 0 {
-            failure = self.sort_in_group(budget, time).err();
+        if failure.is_none() {
+            failure = self.dedup.write_log(&self.conn).err();
         }
         if failure.is_none() {
             let tally = std::mem::take(&mut self.tally);
@@ -1301,25 +1161,38 @@ impl Writer {
         }
     }
 
-    /// Makes a request's new events durable as one inbound row; repeats (pending in
-    /// `inbound`, or in the dedup index within the window) are counted, not kept.
-    fn append(&mut self, request: &AppendRequest, now: i64) -> rusqlite::Result<AppendReport> {
+    /// Queues a request's new events; repeats (in the dedup index within the window,
+    /// earlier in this transaction included) are counted, not kept.
+    /// `keys[i]` is the [`dedup_key`] of event `i`.
+    fn append(
+        &mut self,
+        request: &AppendRequest,
+        keys: &[u128],
+        now: i64,
+    ) -> rusqlite::Result<AppendReport> {
         let cutoff = now - self.options.dedup_window.as_millis() as i64;
-        let bytes = request.events.iter().map(|e| e.payload.len()).sum();
-        let mut encoder = Encoder::with_capacity(request.events.len(), bytes);
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
         let mut report = AppendReport::default();
         let mut views = 0;
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
         let mut users: HashSet<&str> = HashSet::new();
-        for event in &request.events {
-            let key = dedup_key(&request.source, &event.message_id);
-            let repeat = self.pending.contains(key) || self.dedup.is_repeat(key, cutoff)?;
-            if repeat {
+        for (event, &key) in request.events.iter().zip(keys) {
+            if self.dedup.is_repeat(key, cutoff)? {
                 report.duplicates += 1;
                 continue;
             }
-            self.pending.add(key);
-            encoder.push(event);
+            insert.execute(params![
+                request.source,
+                event.message_id,
+                event.kind.as_str(),
+                event.user_key,
+                request.received_at_ms,
+                event.payload,
+            ])?;
+            self.dedup.remember(key, now);
             report.queued += 1;
             if matches!(event.kind, EventType::Page | EventType::Screen) {
                 views += 1;
@@ -1329,23 +1202,7 @@ impl Writer {
                 users.insert(key);
             }
         }
-        if !encoder.is_empty() {
-            let count = encoder.len() as i64;
-            let (ids, body) = encoder.finish();
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO inbound (source, received_at, accepted_at, count, ids, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?
-                .execute(params![
-                    request.source,
-                    request.received_at_ms,
-                    now,
-                    count,
-                    ids,
-                    body
-                ])?;
-        }
+        drop(insert);
         self.count_append(request, &report, views, &users)?;
         Ok(report)
     }

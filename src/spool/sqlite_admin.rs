@@ -588,22 +588,17 @@ pub(super) fn usage(conn: &Connection, source: &str, month: &str) -> rusqlite::R
     Ok(usage)
 }
 
-/// Arrival time of the oldest queued event, of one source or of all: the older of the sorted
-/// queue's head and the head of the requests not yet sorted into it (both are in arrival
-/// order, but a replayed dead letter can make either the older).
+/// Arrival time of the oldest queued event, of one source or of all: the queue's head
+/// (a replayed dead letter keeps its arrival time, so the head is the oldest but for those).
 pub(super) fn oldest_received_at(
     conn: &Connection,
     source: Option<&str>,
 ) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached(
-        "SELECT min(received_at) FROM (
-             SELECT * FROM (SELECT received_at FROM events
-                            WHERE ?1 IS NULL OR source = ?1 ORDER BY seq LIMIT 1)
-             UNION ALL
-             SELECT * FROM (SELECT received_at FROM inbound
-                            WHERE ?1 IS NULL OR source = ?1 ORDER BY id LIMIT 1))",
+        "SELECT received_at FROM events WHERE ?1 IS NULL OR source = ?1 ORDER BY seq LIMIT 1",
     )?
     .query_row(params![source], |row| row.get(0))
+    .optional()
 }
 
 /// A source's hourly counters in `[from_hour, to_hour)`.

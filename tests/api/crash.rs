@@ -163,8 +163,7 @@ async fn send(
         .await
 }
 
-/// Every queued `(messageId → payload)` in the spool file, read directly from disk: the
-/// sorted queue and the requests accepted but not yet sorted into it (`inbound`).
+/// Every queued `(messageId → payload)` in the spool file, read directly from disk.
 fn events_on_disk(data_dir: &Path) -> Vec<(String, Vec<u8>)> {
     let connection = rusqlite::Connection::open_with_flags(
         data_dir.join("spool.db"),
@@ -174,28 +173,11 @@ fn events_on_disk(data_dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut select = connection
         .prepare("SELECT message_id, payload FROM events ORDER BY seq")
         .expect("prepare");
-    let mut rows = select
+    let rows = select
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
         .expect("query")
         .collect::<rusqlite::Result<Vec<(String, Vec<u8>)>>>()
         .expect("rows");
-    let mut inbound = connection
-        .prepare("SELECT body FROM inbound ORDER BY id")
-        .expect("prepare");
-    let bodies = inbound
-        .query_map([], |row| row.get::<_, Vec<u8>>(0))
-        .expect("query")
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .expect("inbound rows");
-    for body in bodies {
-        let events =
-            refiner_gateway::spool::inbound::decode_events(&body).expect("an inbound row decodes");
-        rows.extend(
-            events
-                .into_iter()
-                .map(|e| (e.message_id.to_string(), e.payload.to_vec())),
-        );
-    }
     rows
 }
 

@@ -411,8 +411,7 @@ impl SpoolFile {
             .map_err(|e| e.to_string())?;
         let (queued, dead_letters): (i64, i64) = connection
             .query_row(
-                "SELECT (SELECT count(*) FROM events) + (SELECT coalesce(sum(count), 0) FROM inbound),
-                        (SELECT count(*) FROM dead_letters)",
+                "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM dead_letters)",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -435,8 +434,7 @@ impl SpoolFile {
             .map_err(|e| e.to_string())
     }
 
-    /// `(message_id, payload)` of every queued event: the sorted queue, then the requests
-    /// accepted but not yet sorted into it (`inbound`), decoded.
+    /// `(message_id, payload)` of every queued event, in queue order.
     pub fn events(data_dir: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
         let connection = rusqlite::Connection::open_with_flags(
             data_dir.join("spool.db"),
@@ -446,28 +444,11 @@ impl SpoolFile {
         let mut select = connection
             .prepare("SELECT message_id, payload FROM events ORDER BY seq")
             .map_err(|e| e.to_string())?;
-        let mut rows = select
+        let rows = select
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
             .map_err(|e| e.to_string())?
             .collect::<rusqlite::Result<Vec<(String, Vec<u8>)>>>()
             .map_err(|e| e.to_string())?;
-        let mut inbound = connection
-            .prepare("SELECT body FROM inbound ORDER BY id")
-            .map_err(|e| e.to_string())?;
-        let bodies = inbound
-            .query_map([], |row| row.get::<_, Vec<u8>>(0))
-            .map_err(|e| e.to_string())?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| e.to_string())?;
-        for body in bodies {
-            let events =
-                refiner_gateway::spool::inbound::decode_events(&body).map_err(|e| e.to_string())?;
-            rows.extend(
-                events
-                    .into_iter()
-                    .map(|e| (e.message_id.to_string(), e.payload.to_vec())),
-            );
-        }
         Ok(rows)
     }
 }

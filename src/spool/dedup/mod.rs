@@ -3,7 +3,7 @@
 //!
 //! Ids sorted into the queue are remembered in three places, newest first:
 //! - the **memtable**: a hash map in memory, made durable by `dedup_log` rows (one per sort
-//!   transaction, written in that transaction: ids are never in neither `inbound` nor here);
+//!   transaction that accepted events, written in that transaction);
 //! - a **frozen** memtable while a background thread writes it out as a run;
 //! - **runs**: immutable files of sorted `(key, seen_at)` entries in `<data_dir>/dedup/`,
 //!   each with a Bloom filter in memory, so that a fresh id (nearly every id) costs no read.
@@ -130,6 +130,8 @@ pub struct DedupIndex {
     memtable: Entries,
     /// Changes of the open transaction: the key and what it replaced.
     staged: Vec<(u128, Option<i64>)>,
+    /// Ids remembered in the open transaction, not yet in a `dedup_log` row.
+    unlogged: Vec<(u128, i64)>,
     /// The newest `dedup_log` row in the memtable (committed), and in the open transaction.
     log_upto: i64,
     staged_log: Option<i64>,
@@ -246,6 +248,7 @@ impl DedupIndex {
             tuning,
             memtable,
             staged: Vec::new(),
+            unlogged: Vec::new(),
             log_upto,
             staged_log: None,
             frozen: None,
@@ -283,24 +286,34 @@ impl DedupIndex {
         Ok(false)
     }
 
-    /// Remembers sorted ids inside the caller's transaction: one `dedup_log` row, and the
-    /// memtable (staged until [`commit`](Self::commit)).
-    pub fn record(&mut self, conn: &Connection, entries: &[(u128, i64)]) -> rusqlite::Result<()> {
-        if entries.is_empty() {
+    /// Remembers an accepted id in the open transaction: in the memtable at once (a repeat
+    /// later in the transaction is recognised), staged until [`commit`](Self::commit), and
+    /// in the `dedup_log` row that [`write_log`](Self::write_log) writes before the commit.
+    pub fn remember(&mut self, key: u128, seen_at: i64) {
+        let before = self.memtable.insert(key, seen_at);
+        self.staged.push((key, before));
+        self.unlogged.push((key, seen_at));
+    }
+
+    /// Writes the ids remembered in the open transaction as one `dedup_log` row (none if
+    /// there are none): must run in that transaction, before it commits.
+    pub fn write_log(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        if self.unlogged.is_empty() {
             return Ok(());
         }
         conn.prepare_cached("INSERT INTO dedup_log (entries) VALUES (?1)")?
-            .execute(params![pack(entries)])?;
+            .execute(params![pack(&self.unlogged)])?;
+        self.unlogged.clear();
         self.staged_log = Some(conn.last_insert_rowid());
-        for (key, seen) in entries {
-            let before = self.memtable.insert(*key, *seen);
-            self.staged.push((*key, before));
-        }
         Ok(())
     }
 
     /// The transaction committed: its changes stay.
     pub fn commit(&mut self) {
+        debug_assert!(
+            self.unlogged.is_empty(),
+            "write_log runs before every commit"
+        );
         self.staged.clear();
         if let Some(id) = self.staged_log.take() {
             self.log_upto = id;
@@ -316,9 +329,10 @@ impl DedupIndex {
             };
         }
         self.staged_log = None;
+        self.unlogged.clear();
     }
 
-    /// Whether the memtable is full: sorting waits for a flush to land.
+    /// Whether the memtable is full: appends are refused until a flush lands.
     pub fn is_full(&self) -> bool {
         self.memtable.len() >= self.tuning.max_memtable
     }
@@ -569,19 +583,25 @@ impl Drop for DedupIndex {
     }
 }
 
-/// Runs `work` in its own durable transaction.
+/// Runs `work` in its own transaction, durable when it returns (`synchronous=FULL` for
+/// this commit, whatever the connection's setting): files are unlinked only after it.
 fn transaction(
     conn: &Connection,
     work: impl FnOnce(&Connection) -> rusqlite::Result<()>,
 ) -> rusqlite::Result<()> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    match work(conn).and_then(|()| conn.execute_batch("COMMIT")) {
+    let setting: i64 = conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?;
+    conn.execute_batch("PRAGMA synchronous = FULL; BEGIN IMMEDIATE")?;
+    let result = match work(conn).and_then(|()| conn.execute_batch("COMMIT")) {
         Ok(()) => Ok(()),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             Err(e)
         }
-    }
+    };
+    // Back to the connection's own setting (FULL is only ever stricter, so a failure to
+    // restore it costs speed, not safety).
+    let _ = conn.pragma_update(None, "synchronous", setting);
+    result
 }
 
 fn register(conn: &Connection, id: i64, info: &RunInfo) -> rusqlite::Result<()> {
@@ -715,8 +735,8 @@ mod tests {
     /// Records `keys` (seen at `seen`) in one committed transaction.
     fn record(conn: &Connection, index: &mut DedupIndex, keys: &[u128], seen: i64) {
         conn.execute_batch("BEGIN").unwrap();
-        let entries: Vec<(u128, i64)> = keys.iter().map(|k| (*k, seen)).collect();
-        index.record(conn, &entries).unwrap();
+        keys.iter().for_each(|k| index.remember(*k, seen));
+        index.write_log(conn).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         index.commit();
     }
@@ -750,7 +770,9 @@ mod tests {
         let (conn, mut index) = open(dir.path(), 100);
         record(&conn, &mut index, &[key(1)], 10);
         conn.execute_batch("BEGIN").unwrap();
-        index.record(&conn, &[(key(1), 50), (key(2), 50)]).unwrap();
+        index.remember(key(1), 50);
+        index.remember(key(2), 50);
+        index.write_log(&conn).unwrap();
         assert!(index.is_repeat(key(2), 0).unwrap());
         conn.execute_batch("ROLLBACK").unwrap();
         index.rollback();
