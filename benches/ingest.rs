@@ -7,7 +7,7 @@
 //! previous answer arrived) drives each for the same time. The baseline handler reads the
 //! body and parses it as JSON, then answers `{"success":true}`; the gateway does everything
 //! it does in production (auth, validation, normalization, dedup, durable group commit to
-//! SQLite with `synchronous=FULL`). Printed: requests/s and events/s of each, and the ratio
+//! SQLite, the WAL fsync'd before the answer). Printed: requests/s and events/s of each, and the ratio
 //! gateway / baseline. Because both share the machine with the load generator, the ratio is
 //! the figure to compare across machines, not the absolute rates.
 

@@ -1,10 +1,12 @@
-//! The embedded spool: one SQLite file in WAL mode with `synchronous=FULL`.
+//! The embedded spool: one SQLite file in WAL mode.
 //!
 //! One writer thread owns the connection. Requests reach it through a bounded channel;
-//! it takes every command waiting, runs them all in one transaction and answers each only
-//! after `COMMIT` returned, so many requests share one fsync (group commit) and none is
-//! answered before its events are durable. If the transaction fails (disk full, IO
-//! error), every command of the group gets the error and nothing of it is kept.
+//! it takes every command waiting and runs them all in one transaction. The commit returns
+//! without an fsync (`synchronous=NORMAL`); [`WalSync`] fsyncs the WAL on its own thread
+//! and only then answers the group, so many requests share one fsync (group commit), the
+//! flush overlaps the next group's work, and none is answered before its events are
+//! durable. If the transaction fails (disk full, IO error), every command of the group gets
+//! the error and nothing of it is kept.
 //!
 //! A full channel means the writer cannot keep up: appends fail fast with
 //! [`SpoolError::Overloaded`] instead of queueing without bound.

@@ -1,7 +1,7 @@
 //! The embedded spool's dedup index, log-structured so that remembering an id is a
 //! sequential write, never a random B-tree insert.
 //!
-//! Ids sorted into the queue are remembered in three places, newest first:
+//! Ids accepted into the queue are remembered in three places, newest first:
 //! - the **memtable**: a hash map in memory, made durable by `dedup_log` rows (one per sort
 //!   transaction that accepted events, written in that transaction);
 //! - a **frozen** memtable while a background thread writes it out as a run;
@@ -46,7 +46,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The index's tables in `spool.db`.
 pub const SCHEMA: &str = "
--- Ids sorted into the queue since the last flush: packed (key, seen_at) entries, one row per
+-- Ids accepted into the queue since the last flush: packed (key, seen_at) entries, one row per
 -- sort transaction (see dedup/mod.rs). Rebuilt into the memtable at start-up.
 CREATE TABLE IF NOT EXISTS dedup_log (
     id      INTEGER PRIMARY KEY,
