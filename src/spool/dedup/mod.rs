@@ -2,7 +2,7 @@
 //! sequential write, never a random B-tree insert.
 //!
 //! Ids accepted into the queue are remembered in three places, newest first:
-//! - the **memtable**: a hash map in memory, made durable by `dedup_log` rows (one per sort
+//! - the **memtable**: a hash map in memory, made durable by `dedup_log` rows (one per
 //!   transaction that accepted events, written in that transaction);
 //! - a **frozen** memtable while a background thread writes it out as a run;
 //! - **runs**: immutable files of sorted `(key, seen_at)` entries in `<data_dir>/dedup/`,
@@ -18,8 +18,8 @@
 //!   same transaction that deletes what it replaces (the `dedup_log` rows of a flush, the
 //!   inputs of a merge); files are unlinked only after that commits. Files not registered
 //!   are orphans of a crash and are deleted at start-up.
-//! - Memory is bounded: the memtable holds at most `max_memtable` ids (sorting pauses
-//!   beyond, see [`DedupIndex::is_full`]), a frozen one as many, and each run keeps about
+//! - Memory is bounded: the memtable holds at most `max_memtable` ids (appends are
+//!   refused as overload beyond, see [`DedupIndex::is_full`]), a frozen one as many, and each run keeps about
 //!   1.3 bytes per id (filter and fence).
 //! - Only one background job (a flush or a merge) runs at a time; the writer thread owns
 //!   everything else and never waits for the job.
@@ -47,7 +47,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// The index's tables in `spool.db`.
 pub const SCHEMA: &str = "
 -- Ids accepted into the queue since the last flush: packed (key, seen_at) entries, one row per
--- sort transaction (see dedup/mod.rs). Rebuilt into the memtable at start-up.
+-- transaction that accepted events (see dedup/mod.rs). Rebuilt into the memtable at start-up.
 CREATE TABLE IF NOT EXISTS dedup_log (
     id      INTEGER PRIMARY KEY,
     entries BLOB NOT NULL
@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS dedup_runs (
 pub struct Tuning {
     /// Memtable ids that start a flush.
     pub flush_ids: usize,
-    /// Memtable ids beyond which sorting pauses until a flush lands.
+    /// Memtable ids beyond which appends are refused until a flush lands.
     pub max_memtable: usize,
 }
 
