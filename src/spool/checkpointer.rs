@@ -54,10 +54,7 @@ impl Checkpointer {
                 }
             })
             .map_err(|e| {
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                    Some(format!("cannot start the checkpoint thread: {e}")),
-                )
+                super::sqlite_io_error(format!("cannot start the checkpoint thread: {e}"))
             })?;
         Ok(Checkpointer {
             stop,

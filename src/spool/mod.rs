@@ -242,3 +242,12 @@ pub trait Spool: Send + Sync + 'static {
         Err(SpoolError::Unsupported("event counters"))
     }
 }
+
+/// A failure outside SQLite (a run file, a thread, an fsync) reported as SQLite's own I/O
+/// error, so the embedded spool's writer handles every failure one way.
+pub(crate) fn sqlite_io_error(message: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some(message),
+    )
+}

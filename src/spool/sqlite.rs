@@ -1056,9 +1056,8 @@ impl Writer {
         // Commands that fail before the transaction's outcome is known still need an answer:
         // each one is pushed to `pending` before its work, and failed with the group.
         if self.sync.failed() {
-            return Err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                Some("an fsync of the spool's WAL failed: restart the gateway".into()),
+            return Err(super::sqlite_io_error(
+                "an fsync of the spool's WAL failed: restart the gateway".into(),
             ));
         }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;

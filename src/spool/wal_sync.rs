@@ -115,7 +115,9 @@ impl<T: Send + 'static> WalSync<T> {
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
+}
 
+impl<T> WalSync<T> {
     /// Releases everything submitted (after a last fsync) and stops the thread.
     pub fn stop(&mut self) {
         self.sender = None;
@@ -127,10 +129,7 @@ impl<T: Send + 'static> WalSync<T> {
 
 impl<T> Drop for WalSync<T> {
     fn drop(&mut self) {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.stop();
     }
 }
 

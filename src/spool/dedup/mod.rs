@@ -147,10 +147,7 @@ pub struct DedupIndex {
 
 /// A run file's I/O error, reported like SQLite's own (the writer's errors are SQLite's).
 fn storage(e: io::Error) -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-        Some(format!("dedup index: {e}")),
-    )
+    super::sqlite_io_error(format!("dedup index: {e}"))
 }
 
 /// Packs entries for a `dedup_log` row: key (16 bytes, big-endian) then `seen_at` (8, LE).
