@@ -7,7 +7,10 @@
 //! previous answer arrived) drives each for the same time. The baseline handler reads the
 //! body and parses it as JSON, then answers `{"success":true}`; the gateway does everything
 //! it does in production (auth, validation, normalization, dedup, durable group commit to
-//! SQLite, the WAL fsync'd before the answer). Printed: requests/s and events/s of each, and the ratio
+//! SQLite, the WAL fsync'd before the answer). Delivery is off, as in an ingest-only
+//! deployment (`delivery.enabled = false`): this measures accepting events, and a dispatcher
+//! here would only retry against an unreachable Refiner (`cargo bench --bench delivery`
+//! measures forwarding). Printed: requests/s and events/s of each, and the ratio
 //! gateway / baseline. Because both share the machine with the load generator, the ratio is
 //! the figure to compare across machines, not the absolute rates.
 
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use refiner_gateway::config::{Secret, Settings, SourceSettings};
+use refiner_gateway::config::{DeliverySettings, Secret, Settings, SourceSettings};
 use refiner_gateway::startup::Application;
 
 const WRITE_KEY: &str = "bench-write-key";
@@ -94,6 +97,10 @@ fn spawn_gateway(data_dir: &std::path::Path) -> String {
             webhook_secret: None,
             refiner_api_key: Some(Secret::new("bench")),
         }],
+        delivery: DeliverySettings {
+            enabled: false,
+            ..DeliverySettings::default()
+        },
         ..Settings::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
