@@ -87,7 +87,8 @@ pub struct MetricsInner {
     pub spool_dead_letters_events: IntGauge,
     /// Message ids the embedded spool's dedup index remembers (in memory and in runs).
     pub spool_dedup_ids: IntGauge,
-    /// Memory of the dedup index: ids not yet in a run, and the runs' filters and fences.
+    /// Memory the dedup index keeps warm: ids not yet in a run (heap), and the runs' filters
+    /// and fences (mapped from their files: page cache, reclaimable).
     pub spool_dedup_memory_bytes: IntGauge,
     /// Time one sampling of the spool's statistics took.
     pub spool_stats_seconds: Histogram,
@@ -246,7 +247,7 @@ impl Metrics {
         );
         let spool_dedup_memory_bytes = gauge(
             "gateway_spool_dedup_memory_bytes",
-            "Memory of the embedded spool's dedup index (ids not yet in a run, run filters).",
+            "Memory the embedded spool's dedup index keeps warm (ids not yet in a run on the heap, run filters and fences mapped).",
         );
         let spool_dead_letters_events = gauge(
             "gateway_spool_dead_letters_events",

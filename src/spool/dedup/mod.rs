@@ -6,7 +6,8 @@
 //!   transaction that accepted events, written in that transaction);
 //! - a **frozen** memtable while a background thread writes it out as a run;
 //! - **runs**: immutable files of sorted `(key, seen_at)` entries in `<data_dir>/dedup/`,
-//!   each with a Bloom filter in memory, so that a fresh id (nearly every id) costs no read.
+//!   each mapped read-only, with a Bloom filter so that a fresh id (nearly every id)
+//!   touches one filter block, not the entries.
 //!   `dedup_runs` lists the live runs.
 //!
 //! Runs of similar size are merged in the background ([`MERGE_FAN_IN`] at a time), which
@@ -19,8 +20,9 @@
 //!   inputs of a merge); files are unlinked only after that commits. Files not registered
 //!   are orphans of a crash and are deleted at start-up.
 //! - Memory is bounded: the memtable holds at most `max_memtable` ids (appends are
-//!   refused as overload beyond, see [`DedupIndex::is_full`]), a frozen one as many, and each run keeps about
-//!   1.3 bytes per id (filter and fence).
+//!   refused as overload beyond, see [`DedupIndex::is_full`]) and a frozen one as many. Runs
+//!   cost no heap: their filters and fences (about 1.3 bytes per id) are pages of the mapped
+//!   files, page cache that the kernel can reclaim under memory pressure and read back.
 //! - Only one background job (a flush or a merge) runs at a time; the writer thread owns
 //!   everything else and never waits for the job.
 
@@ -259,28 +261,20 @@ impl DedupIndex {
     }
 
     /// Whether `key` was seen at or after `cutoff`.
-    pub fn is_repeat(&self, key: u128, cutoff: i64) -> rusqlite::Result<bool> {
+    pub fn is_repeat(&self, key: u128, cutoff: i64) -> bool {
         if self.memtable.get(&key).is_some_and(|seen| *seen >= cutoff) {
-            return Ok(true);
+            return true;
         }
         if let Some(frozen) = &self.frozen {
             if frozen.entries.get(&key).is_some_and(|seen| *seen >= cutoff) {
-                return Ok(true);
+                return true;
             }
         }
-        for run in self.runs.iter().rev() {
-            if run.info.max_seen < cutoff {
-                continue;
-            }
-            if run
-                .find(key)
-                .map_err(storage)?
-                .is_some_and(|seen| seen >= cutoff)
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        self.runs
+            .iter()
+            .rev()
+            .filter(|run| run.info.max_seen >= cutoff)
+            .any(|run| run.find(key).is_some_and(|seen| seen >= cutoff))
     }
 
     /// Remembers an accepted id in the open transaction: in the memtable at once (a repeat
@@ -347,12 +341,12 @@ impl DedupIndex {
         (self.memtable.len() + frozen) as u64 + self.runs.iter().map(|r| r.info.count).sum::<u64>()
     }
 
-    /// Memory held, in bytes: the memtables (about 32 bytes a slot) and the runs' filters
-    /// and fences.
+    /// Memory the index keeps warm, in bytes: the memtables on the heap (about 32 bytes a
+    /// slot) and the runs' filters and fences, mapped from their files.
     pub fn memory(&self) -> u64 {
         let slots =
             self.memtable.capacity() + self.frozen.as_ref().map_or(0, |f| f.entries.capacity());
-        (slots * 32 + self.runs.iter().map(|r| r.memory()).sum::<usize>()) as u64
+        (slots * 32 + self.runs.iter().map(|r| r.filter_bytes()).sum::<usize>()) as u64
     }
 
     /// Live runs.
@@ -770,17 +764,17 @@ mod tests {
         index.remember(key(1), 50);
         index.remember(key(2), 50);
         index.write_log(&conn).unwrap();
-        assert!(index.is_repeat(key(2), 0).unwrap());
+        assert!(index.is_repeat(key(2), 0));
         conn.execute_batch("ROLLBACK").unwrap();
         index.rollback();
-        assert!(!index.is_repeat(key(2), 0).unwrap());
+        assert!(!index.is_repeat(key(2), 0));
         // The earlier sighting is back as it was.
-        assert!(index.is_repeat(key(1), 10).unwrap());
-        assert!(!index.is_repeat(key(1), 11).unwrap());
+        assert!(index.is_repeat(key(1), 10));
+        assert!(!index.is_repeat(key(1), 11));
         drop(index);
         let (_conn, index) = open(dir.path(), 100);
-        assert!(index.is_repeat(key(1), 10).unwrap());
-        assert!(!index.is_repeat(key(2), 0).unwrap());
+        assert!(index.is_repeat(key(1), 10));
+        assert!(!index.is_repeat(key(2), 0));
     }
 
     #[test]
@@ -801,19 +795,19 @@ mod tests {
             .unwrap();
         assert_eq!(logged, 0, "every flushed log row is gone");
         for i in 0..3_000 {
-            assert!(index.is_repeat(key(i), 0).unwrap(), "id {i}");
+            assert!(index.is_repeat(key(i), 0), "id {i}");
         }
         for i in 3_000..6_000 {
-            assert!(!index.is_repeat(key(i), 0).unwrap(), "id {i}");
+            assert!(!index.is_repeat(key(i), 0), "id {i}");
         }
         drop(index);
         let (conn, index) = open(dir.path(), 100);
         assert_eq!(index.ids(), 3_000);
         assert_eq!(run_files(dir.path()), live_runs(&conn));
-        assert!((0..3_000).all(|i| index.is_repeat(key(i), 0).unwrap()));
+        assert!((0..3_000).all(|i| index.is_repeat(key(i), 0)));
         // Seen at 1,000 + round: the window decides per id, not per run.
-        assert!(!index.is_repeat(key(0), 1_001).unwrap());
-        assert!(index.is_repeat(key(2_999), 1_029).unwrap());
+        assert!(!index.is_repeat(key(0), 1_001));
+        assert!(index.is_repeat(key(2_999), 1_029));
     }
 
     #[test]
@@ -824,8 +818,8 @@ mod tests {
         record(&conn, &mut index, &[key(2)], 7);
         drop(index);
         let (_conn, index) = open(dir.path(), 1_000);
-        assert!(index.is_repeat(key(1), 5).unwrap());
-        assert!(index.is_repeat(key(2), 7).unwrap());
+        assert!(index.is_repeat(key(1), 5));
+        assert!(index.is_repeat(key(2), 7));
         assert_eq!(index.runs(), 0);
     }
 
@@ -844,8 +838,8 @@ mod tests {
         index.prune(&conn, 200).unwrap();
         assert_eq!(index.runs(), 1);
         assert_eq!(run_files(dir.path()), 1);
-        assert!(!index.is_repeat(key(0), 0).unwrap());
-        assert!(index.is_repeat(key(10), 200).unwrap());
+        assert!(!index.is_repeat(key(0), 0));
+        assert!(index.is_repeat(key(10), 200));
         // Four runs of one size class merge; ids seen before the cutoff are left out.
         for round in 0..3u64 {
             let keys: Vec<u128> = (100 + round * 10..110 + round * 10).map(key).collect();
@@ -854,8 +848,8 @@ mod tests {
         }
         assert_eq!(index.runs(), 1);
         assert_eq!(index.ids(), 30);
-        assert!(!index.is_repeat(key(10), 0).unwrap());
-        assert!(index.is_repeat(key(100), 1_000).unwrap());
+        assert!(!index.is_repeat(key(10), 0));
+        assert!(index.is_repeat(key(100), 1_000));
     }
 
     #[test]
@@ -870,7 +864,7 @@ mod tests {
         std::fs::write(&orphan, b"half a run").unwrap();
         let (conn, index) = open(dir.path(), 10);
         assert!(!orphan.exists());
-        assert!(index.is_repeat(key(3), 0).unwrap());
+        assert!(index.is_repeat(key(3), 0));
         drop(index);
         for entry in std::fs::read_dir(dir.path().join("dedup")).unwrap() {
             std::fs::remove_file(entry.unwrap().path()).unwrap();
@@ -878,7 +872,7 @@ mod tests {
         let (conn2, mut index) = open(dir.path(), 10);
         assert_eq!(index.runs(), 0);
         assert_eq!(live_runs(&conn2), 0);
-        assert!(!index.is_repeat(key(3), 0).unwrap());
+        assert!(!index.is_repeat(key(3), 0));
         // New runs never reuse the id of a forgotten one's file.
         record(&conn2, &mut index, &keys, 2);
         settle(&conn2, &mut index, 0);
@@ -906,9 +900,9 @@ mod tests {
         drop(conn);
         let (conn, index) = open(dir.path(), 100);
         assert_eq!(index.runs(), 1);
-        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64).unwrap()));
-        assert!(!index.is_repeat(key(10), 11).unwrap());
-        assert!(!index.is_repeat(key(600), 0).unwrap());
+        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64)));
+        assert!(!index.is_repeat(key(10), 11));
+        assert!(!index.is_repeat(key(600), 0));
         let legacy: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'dedup'",

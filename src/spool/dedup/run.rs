@@ -17,6 +17,8 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+
+use memmap2::{Advice, Mmap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,9 +60,10 @@ impl Bloom {
         }
     }
 
-    fn block(&self, key: u128) -> usize {
+    /// The block of `key` in a filter of `blocks` blocks.
+    fn block(key: u128, blocks: usize) -> usize {
         let high = (key >> 64) as u64;
-        ((u128::from(high) * self.blocks.len() as u128) >> 64) as usize
+        ((u128::from(high) * blocks as u128) >> 64) as usize
     }
 
     fn mask(key: u128) -> [u32; 8] {
@@ -69,23 +72,33 @@ impl Bloom {
     }
 
     pub fn insert(&mut self, key: u128) {
-        let block = self.block(key);
+        let block = Self::block(key, self.blocks.len());
         for (word, bit) in self.blocks[block].iter_mut().zip(Self::mask(key)) {
             *word |= bit;
         }
     }
 
     /// False only when `key` was never inserted.
+    #[cfg(test)]
     pub fn may_contain(&self, key: u128) -> bool {
-        let block = &self.blocks[self.block(key)];
+        let block = &self.blocks[Self::block(key, self.blocks.len())];
         block
             .iter()
             .zip(Self::mask(key))
             .all(|(word, bit)| word & bit != 0)
     }
 
-    fn bytes(&self) -> usize {
-        self.blocks.len() * 32
+    /// [`may_contain`](Self::may_contain) on a filter as written to a run file: `blocks`
+    /// of 32 bytes, each eight little-endian words.
+    fn may_contain_encoded(encoded: &[u8], key: u128) -> bool {
+        let at = Self::block(key, encoded.len() / 32) * 32;
+        encoded[at..at + 32]
+            .chunks_exact(4)
+            .zip(Self::mask(key))
+            .all(|(word, bit)| {
+                let word = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                word & bit != 0
+            })
     }
 }
 
@@ -255,18 +268,26 @@ pub struct RunInfo {
     pub max_seen: i64,
 }
 
-/// An open run: its filter and fence in memory, its entries read from the file on demand.
+/// An open run. The file is mapped read-only and its filter, fence and entries are read in
+/// place: the pages are the kernel's page cache, which it can reclaim under memory pressure
+/// (and read again on the next lookup), so the index's size over its window costs the
+/// process no heap. Only the header's figures live on the heap.
 #[derive(Debug)]
 pub struct Run {
     pub id: i64,
     pub info: RunInfo,
+    /// For merges, which read the entries sequentially (with the kernel's read-ahead,
+    /// which the mapping's random-access advice turns off).
     file: File,
-    bloom: Bloom,
-    fence: Vec<u128>,
+    map: Mmap,
+    /// Byte offsets in `map` of the filter and of the fence, and the fence's length.
+    bloom_at: usize,
+    fence_at: usize,
+    fence_len: usize,
 }
 
 impl Run {
-    /// Opens run `id` at `path`, checking that its lengths add up.
+    /// Opens run `id` at `path`, checking that its lengths add up and its fence is sorted.
     pub fn open(path: &Path, id: i64) -> io::Result<Run> {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
@@ -288,36 +309,20 @@ impl Run {
         if expected != Some(len) || header.fence_len != fence_expected || header.bloom_blocks == 0 {
             return Err(invalid("dedup run file has inconsistent lengths"));
         }
-        let entries = header.count as usize * ENTRY;
-        let mut raw = vec![0u8; header.bloom_blocks as usize * 32];
-        file.read_exact_at(&mut raw, (HEADER + entries) as u64)?;
-        let blocks = raw
-            .chunks_exact(32)
-            .map(|block| {
-                let mut words = [0u32; 8];
-                for (word, bytes) in words.iter_mut().zip(block.chunks_exact(4)) {
-                    let mut b = [0u8; 4];
-                    b.copy_from_slice(bytes);
-                    *word = u32::from_le_bytes(b);
-                }
-                words
-            })
-            .collect();
-        let mut raw = vec![0u8; header.fence_len as usize * 16];
-        let fence_at = HEADER + entries + header.bloom_blocks as usize * 32;
-        file.read_exact_at(&mut raw, fence_at as u64)?;
-        let fence: Vec<u128> = raw
-            .chunks_exact(16)
-            .map(|k| {
-                let mut b = [0u8; 16];
-                b.copy_from_slice(k);
-                u128::from_be_bytes(b)
-            })
-            .collect();
-        if fence.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(invalid("dedup run file's fence is not sorted"));
+        // SAFETY: a mapping is undefined behaviour if the file changes underneath it. Run
+        // files are written once, synced and only then registered (module invariants); the
+        // spool never writes to a registered file again and deletes it only after dropping
+        // this `Run`. The data directory belongs to the gateway: another process truncating
+        // a run file would end it with SIGBUS, as it would corrupt `spool.db`.
+        let map = unsafe { Mmap::map(&file)? };
+        if map.len() as u64 != len {
+            return Err(invalid("dedup run file changed while it was opened"));
         }
-        Ok(Run {
+        // Lookups touch one filter block and one entry block at random.
+        let _ = map.advise(Advice::Random);
+        let bloom_at = HEADER + header.count as usize * ENTRY;
+        let fence_at = bloom_at + header.bloom_blocks as usize * 32;
+        let run = Run {
             id,
             info: RunInfo {
                 count: header.count,
@@ -325,44 +330,61 @@ impl Run {
                 max_seen: header.max_seen,
             },
             file,
-            bloom: Bloom { blocks },
-            fence,
-        })
+            map,
+            bloom_at,
+            fence_at,
+            fence_len: header.fence_len as usize,
+        };
+        if (1..run.fence_len).any(|i| run.fence_key(i - 1) >= run.fence_key(i)) {
+            return Err(invalid("dedup run file's fence is not sorted"));
+        }
+        Ok(run)
+    }
+
+    /// The first key of entry block `i` (`i < fence_len`).
+    fn fence_key(&self, i: usize) -> u128 {
+        let at = self.fence_at + i * 16;
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&self.map[at..at + 16]);
+        u128::from_be_bytes(key)
     }
 
     /// The `seen_at` of `key` in this run, if it has it.
-    pub fn find(&self, key: u128) -> io::Result<Option<i64>> {
-        if !self.bloom.may_contain(key) {
-            return Ok(None);
+    pub fn find(&self, key: u128) -> Option<i64> {
+        if !Bloom::may_contain_encoded(&self.map[self.bloom_at..self.fence_at], key) {
+            return None;
         }
-        let block = self.fence.partition_point(|first| *first <= key);
-        if block == 0 {
-            return Ok(None);
-        }
-        let block = block - 1;
-        let start = block * BLOCK_ENTRIES;
-        let end = (start + BLOCK_ENTRIES).min(self.info.count as usize);
-        let mut buf = [0u8; BLOCK_ENTRIES * ENTRY];
-        let buf = &mut buf[..(end - start) * ENTRY];
-        self.file
-            .read_exact_at(buf, (HEADER + start * ENTRY) as u64)?;
-        let entries = buf.len() / ENTRY;
-        let (mut low, mut high) = (0, entries);
+        // The last block whose first key is at most `key`.
+        let (mut low, mut high) = (0, self.fence_len);
         while low < high {
             let mid = (low + high) / 2;
-            let (k, seen) = decode_entry(&buf[mid * ENTRY..]);
+            if self.fence_key(mid) <= key {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        let block = low.checked_sub(1)?;
+        let start = block * BLOCK_ENTRIES;
+        let end = (start + BLOCK_ENTRIES).min(self.info.count as usize);
+        let entries = &self.map[HEADER + start * ENTRY..HEADER + end * ENTRY];
+        let (mut low, mut high) = (0, end - start);
+        while low < high {
+            let mid = (low + high) / 2;
+            let (k, seen) = decode_entry(&entries[mid * ENTRY..]);
             match k.cmp(&key) {
                 std::cmp::Ordering::Less => low = mid + 1,
                 std::cmp::Ordering::Greater => high = mid,
-                std::cmp::Ordering::Equal => return Ok(Some(seen)),
+                std::cmp::Ordering::Equal => return Some(seen),
             }
         }
-        Ok(None)
+        None
     }
 
-    /// Memory the run keeps (filter and fence), in bytes.
-    pub fn memory(&self) -> usize {
-        self.bloom.bytes() + self.fence.len() * 16
+    /// Bytes of the file that lookups touch (filter and fence): mapped, not heap, but
+    /// resident while lookups keep them warm.
+    pub fn filter_bytes(&self) -> usize {
+        self.map.len() - self.bloom_at
     }
 
     /// Its entries in key order, read sequentially in large chunks.
@@ -528,13 +550,13 @@ mod tests {
         );
         let run = Run::open(&path, 7).unwrap();
         for (key, seen) in &entries {
-            assert_eq!(run.find(*key).unwrap(), Some(*seen));
+            assert_eq!(run.find(*key), Some(*seen));
         }
         for key in random_keys(1_000, 4) {
-            assert_eq!(run.find(key).unwrap(), None);
+            assert_eq!(run.find(key), None);
         }
-        assert_eq!(run.find(0).unwrap(), None);
-        assert_eq!(run.find(u128::MAX).unwrap(), None);
+        assert_eq!(run.find(0), None);
+        assert_eq!(run.find(u128::MAX), None);
         let mut cursor = run.cursor();
         let mut read = Vec::new();
         while let Some(entry) = cursor.next_entry().unwrap() {
@@ -551,7 +573,7 @@ mod tests {
         let path = dir.path().join(file_name(1));
         write_sorted(&path, vec![(1, 1)]).unwrap();
         assert!(write_sorted(&path, vec![(2, 2)]).is_err());
-        assert_eq!(Run::open(&path, 1).unwrap().find(1).unwrap(), Some(1));
+        assert_eq!(Run::open(&path, 1).unwrap().find(1), Some(1));
     }
 
     #[test]
@@ -575,10 +597,10 @@ mod tests {
             }
         );
         let merged = Run::open(&out, 3).unwrap();
-        assert_eq!(merged.find(10).unwrap(), Some(200));
-        assert_eq!(merged.find(20).unwrap(), None);
-        assert_eq!(merged.find(25).unwrap(), Some(100));
-        assert_eq!(merged.find(40).unwrap(), None);
+        assert_eq!(merged.find(10), Some(200));
+        assert_eq!(merged.find(20), None);
+        assert_eq!(merged.find(25), Some(100));
+        assert_eq!(merged.find(40), None);
         let gone = dir.path().join(file_name(4));
         assert_eq!(
             merge(&[&a, &b], &gone, 1_000, &AtomicBool::new(false)).unwrap(),
