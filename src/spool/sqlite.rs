@@ -1181,7 +1181,7 @@ impl Writer {
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
         let mut users: HashSet<&str> = HashSet::new();
         for (event, &key) in request.events.iter().zip(keys) {
-            if self.dedup.is_repeat(key, cutoff) {
+            if self.dedup.is_repeat(key, cutoff)? {
                 report.duplicates += 1;
                 continue;
             }

@@ -6,8 +6,8 @@
 //!   transaction that accepted events, written in that transaction);
 //! - a **frozen** memtable while a background thread writes it out as a run;
 //! - **runs**: immutable files of sorted `(key, seen_at)` entries in `<data_dir>/dedup/`,
-//!   each mapped read-only, with a Bloom filter so that a fresh id (nearly every id)
-//!   touches one filter block, not the entries.
+//!   each with a Bloom filter (mapped read-only from the file), so that a fresh id (nearly
+//!   every id) touches one filter block and reads no entries.
 //!   `dedup_runs` lists the live runs.
 //!
 //! Runs of similar size are merged in the background ([`MERGE_FAN_IN`] at a time), which
@@ -21,8 +21,9 @@
 //!   are orphans of a crash and are deleted at start-up.
 //! - Memory is bounded: the memtable holds at most `max_memtable` ids (appends are
 //!   refused as overload beyond, see [`DedupIndex::is_full`]) and a frozen one as many. Runs
-//!   cost no heap: their filters and fences (about 1.3 bytes per id) are pages of the mapped
-//!   files, page cache that the kernel can reclaim under memory pressure and read back.
+//!   cost no heap: their filters and fences (about 1.3 bytes per id) are mapped pages of
+//!   their files, page cache that the kernel can reclaim under memory pressure and read
+//!   back; their entries are read on demand, not mapped.
 //! - Only one background job (a flush or a merge) runs at a time; the writer thread owns
 //!   everything else and never waits for the job.
 
@@ -261,20 +262,28 @@ impl DedupIndex {
     }
 
     /// Whether `key` was seen at or after `cutoff`.
-    pub fn is_repeat(&self, key: u128, cutoff: i64) -> bool {
+    pub fn is_repeat(&self, key: u128, cutoff: i64) -> rusqlite::Result<bool> {
         if self.memtable.get(&key).is_some_and(|seen| *seen >= cutoff) {
-            return true;
+            return Ok(true);
         }
         if let Some(frozen) = &self.frozen {
             if frozen.entries.get(&key).is_some_and(|seen| *seen >= cutoff) {
-                return true;
+                return Ok(true);
             }
         }
-        self.runs
-            .iter()
-            .rev()
-            .filter(|run| run.info.max_seen >= cutoff)
-            .any(|run| run.find(key).is_some_and(|seen| seen >= cutoff))
+        for run in self.runs.iter().rev() {
+            if run.info.max_seen < cutoff {
+                continue;
+            }
+            if run
+                .find(key)
+                .map_err(storage)?
+                .is_some_and(|seen| seen >= cutoff)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Remembers an accepted id in the open transaction: in the memtable at once (a repeat
@@ -764,17 +773,17 @@ mod tests {
         index.remember(key(1), 50);
         index.remember(key(2), 50);
         index.write_log(&conn).unwrap();
-        assert!(index.is_repeat(key(2), 0));
+        assert!(index.is_repeat(key(2), 0).unwrap());
         conn.execute_batch("ROLLBACK").unwrap();
         index.rollback();
-        assert!(!index.is_repeat(key(2), 0));
+        assert!(!index.is_repeat(key(2), 0).unwrap());
         // The earlier sighting is back as it was.
-        assert!(index.is_repeat(key(1), 10));
-        assert!(!index.is_repeat(key(1), 11));
+        assert!(index.is_repeat(key(1), 10).unwrap());
+        assert!(!index.is_repeat(key(1), 11).unwrap());
         drop(index);
         let (_conn, index) = open(dir.path(), 100);
-        assert!(index.is_repeat(key(1), 10));
-        assert!(!index.is_repeat(key(2), 0));
+        assert!(index.is_repeat(key(1), 10).unwrap());
+        assert!(!index.is_repeat(key(2), 0).unwrap());
     }
 
     #[test]
@@ -795,19 +804,19 @@ mod tests {
             .unwrap();
         assert_eq!(logged, 0, "every flushed log row is gone");
         for i in 0..3_000 {
-            assert!(index.is_repeat(key(i), 0), "id {i}");
+            assert!(index.is_repeat(key(i), 0).unwrap(), "id {i}");
         }
         for i in 3_000..6_000 {
-            assert!(!index.is_repeat(key(i), 0), "id {i}");
+            assert!(!index.is_repeat(key(i), 0).unwrap(), "id {i}");
         }
         drop(index);
         let (conn, index) = open(dir.path(), 100);
         assert_eq!(index.ids(), 3_000);
         assert_eq!(run_files(dir.path()), live_runs(&conn));
-        assert!((0..3_000).all(|i| index.is_repeat(key(i), 0)));
+        assert!((0..3_000).all(|i| index.is_repeat(key(i), 0).unwrap()));
         // Seen at 1,000 + round: the window decides per id, not per run.
-        assert!(!index.is_repeat(key(0), 1_001));
-        assert!(index.is_repeat(key(2_999), 1_029));
+        assert!(!index.is_repeat(key(0), 1_001).unwrap());
+        assert!(index.is_repeat(key(2_999), 1_029).unwrap());
     }
 
     #[test]
@@ -818,8 +827,8 @@ mod tests {
         record(&conn, &mut index, &[key(2)], 7);
         drop(index);
         let (_conn, index) = open(dir.path(), 1_000);
-        assert!(index.is_repeat(key(1), 5));
-        assert!(index.is_repeat(key(2), 7));
+        assert!(index.is_repeat(key(1), 5).unwrap());
+        assert!(index.is_repeat(key(2), 7).unwrap());
         assert_eq!(index.runs(), 0);
     }
 
@@ -838,8 +847,8 @@ mod tests {
         index.prune(&conn, 200).unwrap();
         assert_eq!(index.runs(), 1);
         assert_eq!(run_files(dir.path()), 1);
-        assert!(!index.is_repeat(key(0), 0));
-        assert!(index.is_repeat(key(10), 200));
+        assert!(!index.is_repeat(key(0), 0).unwrap());
+        assert!(index.is_repeat(key(10), 200).unwrap());
         // Four runs of one size class merge; ids seen before the cutoff are left out.
         for round in 0..3u64 {
             let keys: Vec<u128> = (100 + round * 10..110 + round * 10).map(key).collect();
@@ -848,8 +857,8 @@ mod tests {
         }
         assert_eq!(index.runs(), 1);
         assert_eq!(index.ids(), 30);
-        assert!(!index.is_repeat(key(10), 0));
-        assert!(index.is_repeat(key(100), 1_000));
+        assert!(!index.is_repeat(key(10), 0).unwrap());
+        assert!(index.is_repeat(key(100), 1_000).unwrap());
     }
 
     #[test]
@@ -864,7 +873,7 @@ mod tests {
         std::fs::write(&orphan, b"half a run").unwrap();
         let (conn, index) = open(dir.path(), 10);
         assert!(!orphan.exists());
-        assert!(index.is_repeat(key(3), 0));
+        assert!(index.is_repeat(key(3), 0).unwrap());
         drop(index);
         for entry in std::fs::read_dir(dir.path().join("dedup")).unwrap() {
             std::fs::remove_file(entry.unwrap().path()).unwrap();
@@ -872,7 +881,7 @@ mod tests {
         let (conn2, mut index) = open(dir.path(), 10);
         assert_eq!(index.runs(), 0);
         assert_eq!(live_runs(&conn2), 0);
-        assert!(!index.is_repeat(key(3), 0));
+        assert!(!index.is_repeat(key(3), 0).unwrap());
         // New runs never reuse the id of a forgotten one's file.
         record(&conn2, &mut index, &keys, 2);
         settle(&conn2, &mut index, 0);
@@ -900,9 +909,9 @@ mod tests {
         drop(conn);
         let (conn, index) = open(dir.path(), 100);
         assert_eq!(index.runs(), 1);
-        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64)));
-        assert!(!index.is_repeat(key(10), 11));
-        assert!(!index.is_repeat(key(600), 0));
+        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64).unwrap()));
+        assert!(!index.is_repeat(key(10), 11).unwrap());
+        assert!(!index.is_repeat(key(600), 0).unwrap());
         let legacy: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'dedup'",

@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 
-use memmap2::{Advice, Mmap};
+use memmap2::{Advice, Mmap, MmapOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -268,21 +268,21 @@ pub struct RunInfo {
     pub max_seen: i64,
 }
 
-/// An open run. The file is mapped read-only and its filter, fence and entries are read in
-/// place: the pages are the kernel's page cache, which it can reclaim under memory pressure
-/// (and read again on the next lookup), so the index's size over its window costs the
-/// process no heap. Only the header's figures live on the heap.
+/// An open run. The filter and the fence are mapped read-only from the file and read in
+/// place: their pages are the kernel's page cache, which it can reclaim under memory
+/// pressure (and read again on the next lookup), so the index's size over its window costs
+/// the process no heap. The entries are not mapped: a lookup reads one block with `pread`
+/// only when the filter says yes (about 1 % of fresh ids), so they stay out of the
+/// process's resident memory. Only the header's figures live on the heap.
 #[derive(Debug)]
 pub struct Run {
     pub id: i64,
     pub info: RunInfo,
-    /// For merges, which read the entries sequentially (with the kernel's read-ahead,
-    /// which the mapping's random-access advice turns off).
     file: File,
+    /// The filter, then the fence: the file from the filter's offset to its end.
     map: Mmap,
-    /// Byte offsets in `map` of the filter and of the fence, and the fence's length.
-    bloom_at: usize,
-    fence_at: usize,
+    /// Length in `map` of the filter (the fence follows it), and the fence's length.
+    bloom_len: usize,
     fence_len: usize,
 }
 
@@ -309,19 +309,17 @@ impl Run {
         if expected != Some(len) || header.fence_len != fence_expected || header.bloom_blocks == 0 {
             return Err(invalid("dedup run file has inconsistent lengths"));
         }
+        let bloom_at = HEADER as u64 + header.count * ENTRY as u64;
+        let bloom_len = header.bloom_blocks as usize * 32;
+        let mapped = bloom_len + header.fence_len as usize * 16;
         // SAFETY: a mapping is undefined behaviour if the file changes underneath it. Run
         // files are written once, synced and only then registered (module invariants); the
         // spool never writes to a registered file again and deletes it only after dropping
         // this `Run`. The data directory belongs to the gateway: another process truncating
         // a run file would end it with SIGBUS, as it would corrupt `spool.db`.
-        let map = unsafe { Mmap::map(&file)? };
-        if map.len() as u64 != len {
-            return Err(invalid("dedup run file changed while it was opened"));
-        }
-        // Lookups touch one filter block and one entry block at random.
+        let map = unsafe { MmapOptions::new().offset(bloom_at).len(mapped).map(&file)? };
+        // Lookups touch one filter block at random: no read-ahead.
         let _ = map.advise(Advice::Random);
-        let bloom_at = HEADER + header.count as usize * ENTRY;
-        let fence_at = bloom_at + header.bloom_blocks as usize * 32;
         let run = Run {
             id,
             info: RunInfo {
@@ -331,8 +329,7 @@ impl Run {
             },
             file,
             map,
-            bloom_at,
-            fence_at,
+            bloom_len,
             fence_len: header.fence_len as usize,
         };
         if (1..run.fence_len).any(|i| run.fence_key(i - 1) >= run.fence_key(i)) {
@@ -343,16 +340,16 @@ impl Run {
 
     /// The first key of entry block `i` (`i < fence_len`).
     fn fence_key(&self, i: usize) -> u128 {
-        let at = self.fence_at + i * 16;
+        let at = self.bloom_len + i * 16;
         let mut key = [0u8; 16];
         key.copy_from_slice(&self.map[at..at + 16]);
         u128::from_be_bytes(key)
     }
 
     /// The `seen_at` of `key` in this run, if it has it.
-    pub fn find(&self, key: u128) -> Option<i64> {
-        if !Bloom::may_contain_encoded(&self.map[self.bloom_at..self.fence_at], key) {
-            return None;
+    pub fn find(&self, key: u128) -> io::Result<Option<i64>> {
+        if !Bloom::may_contain_encoded(&self.map[..self.bloom_len], key) {
+            return Ok(None);
         }
         // The last block whose first key is at most `key`.
         let (mut low, mut high) = (0, self.fence_len);
@@ -364,27 +361,31 @@ impl Run {
                 high = mid;
             }
         }
-        let block = low.checked_sub(1)?;
+        let Some(block) = low.checked_sub(1) else {
+            return Ok(None);
+        };
         let start = block * BLOCK_ENTRIES;
         let end = (start + BLOCK_ENTRIES).min(self.info.count as usize);
-        let entries = &self.map[HEADER + start * ENTRY..HEADER + end * ENTRY];
+        let mut buf = [0u8; BLOCK_ENTRIES * ENTRY];
+        let buf = &mut buf[..(end - start) * ENTRY];
+        self.file
+            .read_exact_at(buf, (HEADER + start * ENTRY) as u64)?;
         let (mut low, mut high) = (0, end - start);
         while low < high {
             let mid = (low + high) / 2;
-            let (k, seen) = decode_entry(&entries[mid * ENTRY..]);
+            let (k, seen) = decode_entry(&buf[mid * ENTRY..]);
             match k.cmp(&key) {
                 std::cmp::Ordering::Less => low = mid + 1,
                 std::cmp::Ordering::Greater => high = mid,
-                std::cmp::Ordering::Equal => return Some(seen),
+                std::cmp::Ordering::Equal => return Ok(Some(seen)),
             }
         }
-        None
+        Ok(None)
     }
 
-    /// Bytes of the file that lookups touch (filter and fence): mapped, not heap, but
-    /// resident while lookups keep them warm.
+    /// Bytes that lookups keep warm (filter and fence): mapped, not heap.
     pub fn filter_bytes(&self) -> usize {
-        self.map.len() - self.bloom_at
+        self.map.len()
     }
 
     /// Its entries in key order, read sequentially in large chunks.
@@ -550,13 +551,13 @@ mod tests {
         );
         let run = Run::open(&path, 7).unwrap();
         for (key, seen) in &entries {
-            assert_eq!(run.find(*key), Some(*seen));
+            assert_eq!(run.find(*key).unwrap(), Some(*seen));
         }
         for key in random_keys(1_000, 4) {
-            assert_eq!(run.find(key), None);
+            assert_eq!(run.find(key).unwrap(), None);
         }
-        assert_eq!(run.find(0), None);
-        assert_eq!(run.find(u128::MAX), None);
+        assert_eq!(run.find(0).unwrap(), None);
+        assert_eq!(run.find(u128::MAX).unwrap(), None);
         let mut cursor = run.cursor();
         let mut read = Vec::new();
         while let Some(entry) = cursor.next_entry().unwrap() {
@@ -573,7 +574,7 @@ mod tests {
         let path = dir.path().join(file_name(1));
         write_sorted(&path, vec![(1, 1)]).unwrap();
         assert!(write_sorted(&path, vec![(2, 2)]).is_err());
-        assert_eq!(Run::open(&path, 1).unwrap().find(1), Some(1));
+        assert_eq!(Run::open(&path, 1).unwrap().find(1).unwrap(), Some(1));
     }
 
     #[test]
@@ -597,10 +598,10 @@ mod tests {
             }
         );
         let merged = Run::open(&out, 3).unwrap();
-        assert_eq!(merged.find(10), Some(200));
-        assert_eq!(merged.find(20), None);
-        assert_eq!(merged.find(25), Some(100));
-        assert_eq!(merged.find(40), None);
+        assert_eq!(merged.find(10).unwrap(), Some(200));
+        assert_eq!(merged.find(20).unwrap(), None);
+        assert_eq!(merged.find(25).unwrap(), Some(100));
+        assert_eq!(merged.find(40).unwrap(), None);
         let gone = dir.path().join(file_name(4));
         assert_eq!(
             merge(&[&a, &b], &gone, 1_000, &AtomicBool::new(false)).unwrap(),
