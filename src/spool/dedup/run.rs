@@ -314,9 +314,10 @@ impl Run {
         let mapped = bloom_len + header.fence_len as usize * 16;
         // SAFETY: a mapping is undefined behaviour if the file changes underneath it. Run
         // files are written once, synced and only then registered (module invariants); the
-        // spool never writes to a registered file again and deletes it only after dropping
-        // this `Run`. The data directory belongs to the gateway: another process truncating
-        // a run file would end it with SIGBUS, as it would corrupt `spool.db`.
+        // spool never writes to or truncates a registered file, and unlinking it (after a
+        // merge or expiry) leaves existing mappings intact. The data directory belongs to
+        // the gateway: another process truncating a run file would end it with SIGBUS, as
+        // it would corrupt `spool.db`.
         let map = unsafe { MmapOptions::new().offset(bloom_at).len(mapped).map(&file)? };
         // Lookups touch one filter block at random: no read-ahead.
         let _ = map.advise(Advice::Random);
