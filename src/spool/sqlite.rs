@@ -494,6 +494,11 @@ fn rekey_dedup(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("DROP TABLE dedup_by_text")
 }
 
+/// Queues one event (its `seq` is the next; `attempts` and `next_attempt_at` start at 0).
+const INSERT_EVENT: &str =
+    "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
 /// Rows of `inbound` per transaction when a version 3 file's leftovers are drained.
 const DRAIN_CHUNK: i64 = 64;
 
@@ -534,9 +539,10 @@ fn drain_chunk(
     dedup: &mut DedupIndex,
     metrics: &Metrics,
 ) -> rusqlite::Result<i64> {
-    let rows: Vec<(i64, String, i64, i64, Vec<u8>)> = conn
+    let rows: Vec<(i64, String, i64, i64, i64, Vec<u8>)> = conn
         .prepare_cached(
-            "SELECT id, source, received_at, accepted_at, body FROM inbound ORDER BY id LIMIT ?1",
+            "SELECT id, source, received_at, accepted_at, count, body
+             FROM inbound ORDER BY id LIMIT ?1",
         )?
         .query_map(params![DRAIN_CHUNK], |row| {
             Ok((
@@ -545,14 +551,12 @@ fn drain_chunk(
                 row.get(2)?,
                 row.get(3)?,
                 row.get(4)?,
+                row.get(5)?,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    for (id, source, received_at, accepted_at, body) in &rows {
+    let mut insert = conn.prepare_cached(INSERT_EVENT)?;
+    for (id, source, received_at, accepted_at, count, body) in &rows {
         match decode_events(body) {
             Ok(events) => {
                 for event in &events {
@@ -573,11 +577,6 @@ fn drain_chunk(
                 conn.execute(
                     "INSERT INTO inbound_damaged SELECT * FROM inbound WHERE id = ?1",
                     params![id],
-                )?;
-                let count: i64 = conn.query_row(
-                    "SELECT count FROM inbound WHERE id = ?1",
-                    params![id],
-                    |row| row.get(0),
                 )?;
                 conn.execute(
                     "UPDATE queue_depth SET depth = depth - ?2 WHERE source = ?1",
@@ -1172,10 +1171,7 @@ impl Writer {
         now: i64,
     ) -> rusqlite::Result<AppendReport> {
         let cutoff = now - self.options.dedup_window.as_millis() as i64;
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
+        let mut insert = self.conn.prepare_cached(INSERT_EVENT)?;
         let mut report = AppendReport::default();
         let mut views = 0;
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.

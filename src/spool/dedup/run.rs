@@ -34,10 +34,12 @@ const BLOOM_BITS_PER_KEY: usize = 10;
 
 /// A split-block Bloom filter (256-bit blocks, eight bits set per key, as in Parquet).
 /// Keys are SHA-256 prefixes, uniformly random already: their own bits pick the block and
-/// the bits, with no further hashing.
+/// the bits, with no further hashing. Held as written to a run file (blocks of 32 bytes,
+/// each eight little-endian words), so [`Bloom::may_contain`] reads a built filter and a
+/// mapped one alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bloom {
-    blocks: Vec<[u32; 8]>,
+    bytes: Vec<u8>,
 }
 
 const SALT: [u32; 8] = [
@@ -56,14 +58,14 @@ impl Bloom {
     pub fn with_capacity(keys: usize) -> Bloom {
         let blocks = (keys * BLOOM_BITS_PER_KEY).div_ceil(256).max(1);
         Bloom {
-            blocks: vec![[0; 8]; blocks],
+            bytes: vec![0; blocks * 32],
         }
     }
 
-    /// The block of `key` in a filter of `blocks` blocks.
-    fn block(key: u128, blocks: usize) -> usize {
+    /// The byte offset of `key`'s block in an encoded filter of `len` bytes.
+    fn block_at(key: u128, len: usize) -> usize {
         let high = (key >> 64) as u64;
-        ((u128::from(high) * blocks as u128) >> 64) as usize
+        ((u128::from(high) * (len / 32) as u128) >> 64) as usize * 32
     }
 
     fn mask(key: u128) -> [u32; 8] {
@@ -72,26 +74,20 @@ impl Bloom {
     }
 
     pub fn insert(&mut self, key: u128) {
-        let block = Self::block(key, self.blocks.len());
-        for (word, bit) in self.blocks[block].iter_mut().zip(Self::mask(key)) {
-            *word |= bit;
+        let at = Self::block_at(key, self.bytes.len());
+        for (word, bit) in self.bytes[at..at + 32]
+            .chunks_exact_mut(4)
+            .zip(Self::mask(key))
+        {
+            let set = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) | bit;
+            word.copy_from_slice(&set.to_le_bytes());
         }
     }
 
-    /// False only when `key` was never inserted.
-    #[cfg(test)]
-    pub fn may_contain(&self, key: u128) -> bool {
-        let block = &self.blocks[Self::block(key, self.blocks.len())];
-        block
-            .iter()
-            .zip(Self::mask(key))
-            .all(|(word, bit)| word & bit != 0)
-    }
-
-    /// [`may_contain`](Self::may_contain) on a filter as written to a run file: `blocks`
-    /// of 32 bytes, each eight little-endian words.
-    fn may_contain_encoded(encoded: &[u8], key: u128) -> bool {
-        let at = Self::block(key, encoded.len() / 32) * 32;
+    /// False only when `key` was never inserted into the filter `encoded` (a [`Bloom`]'s
+    /// bytes, or a run file's filter).
+    fn may_contain(encoded: &[u8], key: u128) -> bool {
+        let at = Self::block_at(key, encoded.len());
         encoded[at..at + 32]
             .chunks_exact(4)
             .zip(Self::mask(key))
@@ -99,6 +95,10 @@ impl Bloom {
                 let word = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
                 word & bit != 0
             })
+    }
+
+    fn blocks(&self) -> usize {
+        self.bytes.len() / 32
     }
 }
 
@@ -230,11 +230,7 @@ impl RunWriter {
     /// Writes the filter, the fence and the header, and syncs the file: once this returns,
     /// the run survives a crash.
     pub fn finish(mut self) -> io::Result<RunInfo> {
-        for block in &self.bloom.blocks {
-            for word in block {
-                self.out.write_all(&word.to_le_bytes())?;
-            }
-        }
+        self.out.write_all(&self.bloom.bytes)?;
         for key in &self.fence {
             self.out.write_all(&key.to_be_bytes())?;
         }
@@ -242,7 +238,7 @@ impl RunWriter {
             count: self.count,
             min_seen: self.min_seen,
             max_seen: self.max_seen,
-            bloom_blocks: self.bloom.blocks.len() as u64,
+            bloom_blocks: self.bloom.blocks() as u64,
             fence_len: self.fence.len() as u64,
         };
         self.out.seek(SeekFrom::Start(0))?;
@@ -349,7 +345,7 @@ impl Run {
 
     /// The `seen_at` of `key` in this run, if it has it.
     pub fn find(&self, key: u128) -> io::Result<Option<i64>> {
-        if !Bloom::may_contain_encoded(&self.map[..self.bloom_len], key) {
+        if !Bloom::may_contain(&self.map[..self.bloom_len], key) {
             return Ok(None);
         }
         // The last block whose first key is at most `key`.
@@ -522,9 +518,12 @@ mod tests {
         let keys = random_keys(100_000, 1);
         let mut bloom = Bloom::with_capacity(keys.len());
         keys.iter().for_each(|k| bloom.insert(*k));
-        assert!(keys.iter().all(|k| bloom.may_contain(*k)));
+        assert!(keys.iter().all(|k| Bloom::may_contain(&bloom.bytes, *k)));
         let others = random_keys(100_000, 2);
-        let false_positives = others.iter().filter(|k| bloom.may_contain(**k)).count();
+        let false_positives = others
+            .iter()
+            .filter(|k| Bloom::may_contain(&bloom.bytes, **k))
+            .count();
         assert!(
             false_positives < 2_000,
             "{false_positives} false positives in 100,000"
