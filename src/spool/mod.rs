@@ -23,6 +23,7 @@ mod checkpointer;
 pub mod conformance;
 mod dedup;
 pub mod inbound;
+mod lanes;
 pub mod nats;
 mod sqlite;
 mod sqlite_admin;
@@ -98,6 +99,14 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// An event not sent because delivery for its source is paused (Refiner refused the API
+/// key): it stays queued, no attempt is counted, and its user waits until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Postponed {
+    pub seq: i64,
+    pub until_ms: i64,
+}
+
 /// The outcome of a leased batch, applied in one transaction by [`Spool::settle`].
 ///
 /// Besides the queue, settling keeps the hourly counters (`forwarded` per acked event,
@@ -115,6 +124,8 @@ pub struct Settlement {
     pub released: Vec<i64>,
     /// Failed for good: moved to the dead letters.
     pub dead: Vec<DeadLetterRequest>,
+    /// Not sent, delivery paused: wait until the given time without counting an attempt.
+    pub postponed: Vec<Postponed>,
     /// A partial outcome of a batch still in progress: the users stay held (their later
     /// events are still being delivered). The final settlement of a batch leaves it false.
     pub keep_holds: bool,
@@ -127,6 +138,7 @@ impl Settlement {
             && self.retried.is_empty()
             && self.released.is_empty()
             && self.dead.is_empty()
+            && self.postponed.is_empty()
     }
 }
 

@@ -46,6 +46,7 @@ use super::admin::{
 use super::checkpointer::Checkpointer;
 use super::dedup::{self, DedupIndex, Tuning};
 use super::inbound::{decode_events, dedup_key, key_columns, PassThrough};
+use super::lanes::{self, source_of, Until};
 use super::sqlite_admin::{self as admin_sql, Tally};
 use super::wal_sync::WalSync;
 use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
@@ -153,10 +154,6 @@ CREATE TABLE IF NOT EXISTS events (
     next_attempt_at INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT
 );
--- Users whose events are leased or waiting for a retry: per-user order is kept by holding
--- the user here instead of indexing every event by user, so an append touches only the
--- tail of `events` and `dedup`. Rows exist only while a user is held. A user is a source
--- and a user key: `hold_key` is `source || char(31) || user_key`.
 -- Requests accepted by a version 3 process but not yet sorted into `events` (layout in
 -- `inbound.rs`); moved into `events` at start-up, so empty while the gateway runs.
 CREATE TABLE IF NOT EXISTS inbound (
@@ -179,11 +176,6 @@ CREATE TABLE IF NOT EXISTS inbound_damaged (
     ids         BLOB    NOT NULL,
     body        BLOB    NOT NULL
 );
-CREATE TABLE IF NOT EXISTS holds (
-    hold_key    TEXT    PRIMARY KEY,
-    lease_until INTEGER NOT NULL DEFAULT 0,
-    retry_at    INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          INTEGER PRIMARY KEY,
     source      TEXT    NOT NULL,
@@ -441,6 +433,10 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
         }
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(dedup::SCHEMA)?;
+        conn.execute_batch(lanes::SCHEMA)?;
+        if has_tables && version < 5 {
+            migrate_holds_to_lanes(&conn)?;
+        }
         if by_text {
             rekey_dedup(&conn)?;
         }
@@ -466,12 +462,35 @@ fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connecti
     }
     // One process owns the file: leases held by a process that is gone (a crash) are void,
     // so their events are delivered again at once rather than after the lease expires.
-    conn.execute("UPDATE holds SET lease_until = 0 WHERE lease_until > 0", [])?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match lanes::recover(&conn) {
+        Ok(()) => conn.execute_batch("COMMIT")?,
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    Ok(conn)
+}
+
+/// Upgrading from version 4 or older: users held for a retry keep their retry time as a
+/// lane; every queued event is ahead of the new lease cursor, so the first leases sort
+/// them into lanes again.
+fn migrate_holds_to_lanes(conn: &Connection) -> rusqlite::Result<()> {
+    let has_holds: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'holds'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_holds {
+        return Ok(());
+    }
     conn.execute(
-        "DELETE FROM holds WHERE lease_until = 0 AND retry_at <= ?1",
+        "INSERT INTO lanes (user, ready_at, head, leased)
+         SELECT hold_key, retry_at, NULL, NULL FROM holds WHERE retry_at > ?1",
         params![now_ms()],
     )?;
-    Ok(conn)
+    conn.execute_batch("DROP TABLE holds")
 }
 
 /// Upgrading from version 1 or 2: the dedup ids kept by text move to their 128-bit keys,
@@ -589,24 +608,15 @@ fn drain_chunk(
     Ok(rows.len() as i64)
 }
 
-/// The source of a hold key (`source || char(31) || user_key`).
-fn source_of(hold_key: &str) -> &str {
-    hold_key.split('\u{1f}').next().unwrap_or(hold_key)
-}
-
 fn storage(e: rusqlite::Error) -> SpoolError {
     SpoolError::Storage(e.to_string())
 }
 
-/// The key a user is held under: per source, like the dispatcher's per-user chains.
-fn hold_key(source: &str, user_key: &str) -> String {
-    format!("{source}\u{1f}{user_key}")
-}
-
 /// The layout this code reads and writes (`PRAGMA user_version`); older files are upgraded
 /// in place (version 3 added `inbound`, version 4 moved the dedup index from the `dedup`
-/// table to `dedup_log`, `dedup_runs` and run files).
-const SCHEMA_VERSION: i64 = 4;
+/// table to `dedup_log`, `dedup_runs` and run files, version 5 replaced `holds` by the
+/// lanes of [`lanes`]).
+const SCHEMA_VERSION: i64 = 5;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -1250,43 +1260,7 @@ impl Writer {
     }
 
     fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> rusqlite::Result<Vec<Leased>> {
-        let mut select = self.conn.prepare_cached(
-            "SELECT seq, source, message_id, kind, user_key, payload, attempts, received_at
-             FROM events e
-             WHERE NOT EXISTS (SELECT 1 FROM holds h
-                               WHERE h.hold_key = e.source || char(31) || e.user_key
-                                 AND (h.lease_until > ?1 OR h.retry_at > ?1))
-             ORDER BY seq LIMIT ?2",
-        )?;
-        let leased = select
-            .query_map(params![now, max as i64], |row| {
-                Ok(Leased {
-                    seq: row.get(0)?,
-                    source: row.get(1)?,
-                    message_id: row.get(2)?,
-                    kind: row.get(3)?,
-                    user_key: row.get(4)?,
-                    payload: row.get(5)?,
-                    attempts: row.get(6)?,
-                    received_at_ms: row.get(7)?,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        // Every user is eligible as a whole, so the rows are each user's oldest events; hold
-        // the users until the batch settles (or the lease expires).
-        let mut hold = self.conn.prepare_cached(
-            "INSERT INTO holds (hold_key, lease_until, retry_at) VALUES (?1, ?2, 0)
-             ON CONFLICT(hold_key) DO UPDATE SET lease_until = excluded.lease_until",
-        )?;
-        let mut held = HashSet::new();
-        for event in &leased {
-            let key = hold_key(&event.source, &event.user_key);
-            if !held.contains(&key) {
-                hold.execute(params![key, now + lease_ms])?;
-                held.insert(key);
-            }
-        }
-        Ok(leased)
+        lanes::lease(&self.conn, max, lease_ms, now)
     }
 
     fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
@@ -1365,6 +1339,17 @@ impl Writer {
                 touched.insert(user);
             }
         }
+        // Postponed events stay as they are; their user waits for the source's recheck.
+        let mut paused: HashMap<String, i64> = HashMap::new();
+        for postponed in &settlement.postponed {
+            if let Some(user) = user_of
+                .query_row(params![postponed.seq], |row| row.get::<_, String>(0))
+                .optional()?
+            {
+                let at = paused.entry(user).or_insert(postponed.until_ms);
+                *at = (*at).max(postponed.until_ms);
+            }
+        }
         let mut bury = self.conn.prepare_cached(
             "INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
                                        attempts, last_status, last_error, created_at, queue_seq,
@@ -1406,19 +1391,20 @@ impl Writer {
                 touched.insert(user);
             }
         }
-        let mut wait = self.conn.prepare_cached(
-            "INSERT INTO holds (hold_key, lease_until, retry_at) VALUES (?1, 0, ?2)
-             ON CONFLICT(hold_key) DO UPDATE SET lease_until = 0, retry_at = excluded.retry_at",
-        )?;
-        for (user, at) in &waiting {
-            wait.execute(params![user, at])?;
-        }
-        let mut free = self
-            .conn
-            .prepare_cached("DELETE FROM holds WHERE hold_key = ?1")?;
         if !settlement.keep_holds {
-            for user in touched.iter().filter(|u| !waiting.contains_key(*u)) {
-                free.execute(params![user])?;
+            let users: HashSet<&String> = touched
+                .iter()
+                .chain(waiting.keys())
+                .chain(paused.keys())
+                .collect();
+            for user in users {
+                let until = match (waiting.get(user), paused.get(user)) {
+                    (Some(&retry), Some(&pause)) if pause > retry => Until::Paused(pause),
+                    (Some(&retry), _) => Until::Retry(retry),
+                    (None, Some(&pause)) => Until::Paused(pause),
+                    (None, None) => Until::Now,
+                };
+                lanes::end_lease(&self.conn, user, until)?;
             }
         }
         Ok(())

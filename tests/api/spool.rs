@@ -340,5 +340,5 @@ async fn sqlite_requests_a_version_3_file_left_unsorted_are_queued_at_start_up()
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )
         .expect("counts");
-    assert_eq!((inbound, damaged, version), (0, 1, 4));
+    assert_eq!((inbound, damaged, version), (0, 1, 5));
 }

@@ -291,22 +291,42 @@ impl QueueState {
                 });
             }
         }
-        for retry in &settlement.retried {
-            let Ok(seq) = u64::try_from(retry.seq) else {
+        // Retried events count an attempt; postponed ones (delivery paused) do not.
+        let retries = settlement
+            .retried
+            .iter()
+            .map(|r| {
+                (
+                    r.seq,
+                    r.next_attempt_at_ms,
+                    Some((r.status, r.error.clone())),
+                )
+            })
+            .chain(
+                settlement
+                    .postponed
+                    .iter()
+                    .map(|p| (p.seq, p.until_ms, None)),
+            );
+        for (seq, retry_at_ms, failure) in retries {
+            let Ok(seq) = u64::try_from(seq) else {
                 continue;
             };
             let Some(entry) = self.entries.remove(&seq) else {
                 continue;
             };
-            self.attempts.insert(seq, entry.event.attempts + 1);
+            let attempts = entry.event.attempts + u32::from(failure.is_some());
+            self.attempts.insert(seq, attempts);
             let history = self.history.entry(seq).or_default();
-            history.push((now, retry.status, retry.error.clone()));
+            if let Some((status, error)) = failure {
+                history.push((now, status, error));
+            }
             self.record_changes.push(RecordChange::Put {
                 partition: entry.partition,
                 seq,
                 record: RetryRecord {
-                    attempts: entry.event.attempts + 1,
-                    retry_at_ms: retry.next_attempt_at_ms,
+                    attempts,
+                    retry_at_ms,
                     history: history.clone(),
                 },
             });
@@ -314,13 +334,13 @@ impl QueueState {
             let hold = self.holds.entry(key.clone()).or_default();
             hold.partition = entry.partition;
             hold.lease_until = 0;
-            hold.retry_at = hold.retry_at.max(retry.next_attempt_at_ms);
+            hold.retry_at = hold.retry_at.max(retry_at_ms);
             hold.outstanding.insert(seq);
             waiting.insert(key);
             replies.push(Reply::Nak {
                 seq,
                 reply: entry.reply,
-                delay_ms: (retry.next_attempt_at_ms - now).max(1) as u64,
+                delay_ms: (retry_at_ms - now).max(1) as u64,
             });
         }
         for seq in &settlement.released {
