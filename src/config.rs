@@ -203,6 +203,11 @@ pub struct DeliverySettings {
     pub poll_interval_ms: u64,
     /// At most one ping (page/screen) per user per this many seconds.
     pub ping_interval_secs: u64,
+    /// A user's track-event calls in flight at once (identify-user and delete-contact calls
+    /// always go alone); 1 keeps every user to one call in flight.
+    pub per_user_window: usize,
+    /// Seconds between recheck calls of a source whose Refiner key was refused (401/403).
+    pub auth_recheck_secs: u64,
 }
 
 impl Default for DeliverySettings {
@@ -225,6 +230,8 @@ impl Default for DeliverySettings {
             breaker_cooldown_secs: 5,
             poll_interval_ms: 50,
             ping_interval_secs: 60,
+            per_user_window: 16,
+            auth_recheck_secs: 300,
         }
     }
 }
@@ -538,6 +545,11 @@ impl Settings {
             (
                 "delivery.breaker_failures",
                 self.delivery.breaker_failures as usize,
+            ),
+            ("delivery.per_user_window", self.delivery.per_user_window),
+            (
+                "delivery.auth_recheck_secs",
+                self.delivery.auth_recheck_secs as usize,
             ),
             ("mapping.max_string_len", self.mapping.max_string_len),
         ] {

@@ -108,6 +108,8 @@ pub struct MetricsInner {
     pub dispatch_in_flight_calls: IntGauge,
     /// 1 while the circuit breaker holds delivery back.
     pub dispatch_circuit_open: IntGauge,
+    /// 1 while a source's Refiner API key is paused after Refiner refused it (401/403).
+    pub dispatch_key_paused: IntGaugeVec,
     /// Refiner calls by endpoint and status (code, `timeout` or `connection`).
     pub refiner_calls_total: IntCounterVec,
     /// Refiner call latency by endpoint.
@@ -310,6 +312,11 @@ impl Metrics {
                 .expect("unique metric");
             metric
         };
+        let dispatch_key_paused = gauge_vec(
+            "gateway_dispatch_key_paused",
+            "1 while a source's Refiner API key is paused because Refiner refused it (401/403).",
+            &["source"],
+        );
         let usage_monthly_users = gauge_vec(
             "gateway_usage_monthly_users",
             "Distinct identified users with an event accepted this month, by source (sampled).",
@@ -369,6 +376,7 @@ impl Metrics {
             dispatch_concurrency_limit,
             dispatch_in_flight_calls,
             dispatch_circuit_open,
+            dispatch_key_paused,
             refiner_calls_total,
             refiner_call_duration_seconds,
             usage_monthly_users,

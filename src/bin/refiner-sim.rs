@@ -50,6 +50,9 @@ struct Cli {
     /// The next N calls answer 503.
     #[arg(long, default_value_t = 0, value_name = "N")]
     count_503: u64,
+    /// The next N calls answer 401, as if the API key were refused.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    count_401: u64,
     /// Probability (0..1) of closing the connection without handling or answering.
     #[arg(long, default_value_t = 0.0, value_parser = probability, value_name = "R")]
     rate_drop: f64,
@@ -104,6 +107,7 @@ impl Cli {
                 count_drop: self.count_drop,
                 rate_drop_after: self.rate_drop_after,
                 count_drop_after: self.count_drop_after,
+                count_401: self.count_401,
                 seed: self.seed.unwrap_or(defaults.seed),
             },
             long_strings: if self.truncate_long_strings {

@@ -1,16 +1,20 @@
 //! Delivery: lease → map → coalesce → send → settle.
 //!
-//! `workers` loops each lease a batch from the spool, group it by (source, user), map every
-//! event with `refiner::mapping`, merge each user's consecutive identify-user calls
-//! (`mapping::coalesce`) and send each user's calls in order, users concurrently, within
-//! the adaptive concurrency limit. Outcomes are settled as they come: after each answer,
-//! before the user's next call, and when the user's run ends.
+//! `workers` loops each lease a batch from the spool, group it by (source, user) and deliver
+//! each user's events (`chain.rs`: plan → send → apply), users concurrently, within the
+//! adaptive concurrency limit. Outcomes are settled as they come: before each of a user's
+//! steps, and when the user's run ends.
 //!
 //! Guarantees:
-//! - Per-user order: a user's calls are sent one after the other; when one fails
-//!   transiently, the user's later events in the batch are released unsent, and the spool
-//!   does not lease them again before the failed one's retry time. A dead-lettered event
-//!   does not hold its user.
+//! - Per-user order: a user's identify-user and delete-contact calls are never in flight
+//!   beside another call of the user, so they never overtake each other or what came
+//!   before them; a user's consecutive track-event calls may be in flight together, up to
+//!   `per_user_window` (1: strictly one call at a time). When one fails transiently, no
+//!   later call of the user starts: the rest of the batch is released unsent, and the
+//!   spool does not lease the user again before the failed one's retry time. A
+//!   dead-lettered event does not hold its user.
+//! - Refused keys: a 401/403 pauses the source (`keys.rs`) and keeps its events queued;
+//!   it never dead-letters them.
 //! - At least once: an event is acked only after Refiner answered 2xx (or it was not meant
 //!   to be forwarded). A crash before settling redelivers what was not settled.
 //! - Few duplicates: with a [`Journal`] (the SQLite spool), each 2xx answer is written to the
@@ -26,25 +30,27 @@
 //! - Shutdown: workers stop leasing, in-flight calls finish and their batch is settled.
 
 mod breaker;
+mod chain;
 mod journal;
+mod keys;
 mod limiter;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::watch;
 
 use crate::config::{DeliverySettings, SourceSettings};
-use crate::refiner::client::{Outcome, RefinerClient};
-use crate::refiner::mapping::{self, Mapped, MappingOptions, RefinerCall};
-use crate::spool::{DeadLetterRequest, Leased, RetryAt, Settlement, Skipped, Spool};
+use crate::refiner::client::RefinerClient;
+use crate::refiner::mapping::MappingOptions;
+use crate::spool::{Leased, Settlement, Spool};
 use crate::telemetry::Metrics;
 use breaker::{Admit, Breaker};
-use limiter::{Limiter, Signal};
+use keys::Keys;
+use limiter::Limiter;
 
 pub use journal::Journal;
 use journal::Ticket;
@@ -62,10 +68,9 @@ pub struct Dispatcher {
     breaker: Breaker,
     /// Last delivered ping per (source, user), in ms.
     pings: DashMap<String, i64>,
-    /// API keys paused by a 429 with Retry-After, until (ms).
-    paused: DashMap<String, i64>,
-    /// Static requests-per-second limit per API key, when configured.
-    rate_limits: DashMap<String, Arc<DefaultDirectRateLimiter>>,
+    /// Pauses (a 429's Retry-After per key, a refused key per source), rate limits and
+    /// rate-limited warnings.
+    gates: Keys,
     /// Where 2xx answers are recorded before their ack is committed (SQLite spool only).
     journal: Option<Arc<Journal>>,
     /// Workers still running; the last one to stop clears the journal.
@@ -105,6 +110,11 @@ impl Dispatcher {
         metrics
             .dispatch_concurrency_limit
             .set(limiter.limit() as i64);
+        let gates = Keys::new(
+            metrics.clone(),
+            Duration::from_secs(settings.auth_recheck_secs.max(1)),
+            settings.rate_limit_per_sec,
+        );
         Dispatcher {
             spool,
             client,
@@ -115,8 +125,7 @@ impl Dispatcher {
             limiter,
             breaker,
             pings: DashMap::new(),
-            paused: DashMap::new(),
-            rate_limits: DashMap::new(),
+            gates,
             journal: None,
             running: AtomicUsize::new(0),
         }
@@ -248,298 +257,6 @@ impl Dispatcher {
             }
         }))
         .await;
-    }
-
-    /// One user's events, in order. `tickets` receives the journal tickets of the acks in
-    /// the returned settlement, for [`Dispatcher::settle`].
-    async fn deliver_chain(
-        &self,
-        chain: Vec<Leased>,
-        probe: bool,
-        tickets: &mut Vec<Ticket>,
-    ) -> Settlement {
-        let mut out = Settlement::default();
-        let now = now_ms();
-        let Some(first) = chain.first() else {
-            return out;
-        };
-        let source = first.source.clone();
-        let Some(api_key) = self.keys.get(&source).cloned() else {
-            for event in &chain {
-                out.dead.push(DeadLetterRequest {
-                    seq: event.seq,
-                    status: None,
-                    error: format!("no Refiner API key is configured for source `{source}`"),
-                    attempted: false,
-                });
-            }
-            self.count_events(&source, "dead_lettered", chain.len());
-            return out;
-        };
-        let by_seq: HashMap<i64, &Leased> = chain.iter().map(|e| (e.seq, e)).collect();
-        let mut calls: Vec<(i64, RefinerCall)> = Vec::with_capacity(chain.len());
-        for event in &chain {
-            if self.journal.as_ref().is_some_and(|journal| {
-                journal.take_recovered(event.seq, &event.source, &event.message_id)
-            }) {
-                // Refiner answered 2xx to a process that was stopped before committing the
-                // ack: acked now, not sent again.
-                out.acked.push(event.seq);
-                self.count_events(&source, "forwarded", 1);
-                continue;
-            }
-            let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    out.dead.push(DeadLetterRequest {
-                        seq: event.seq,
-                        status: None,
-                        error: format!("stored payload is not JSON: {e}"),
-                        attempted: false,
-                    });
-                    self.count_events(&source, "dead_lettered", 1);
-                    continue;
-                }
-            };
-            match mapping::map_named_event(&event.kind, &payload, &self.mapping) {
-                Mapped::Call(call, notes) => {
-                    if notes.truncated > 0 {
-                        self.metrics
-                            .dispatch_truncated_strings_total
-                            .inc_by(notes.truncated as u64);
-                    }
-                    calls.push((event.seq, call));
-                }
-                Mapped::Ping(user) => {
-                    let ping_key = format!("{source}\u{1f}{}", user.key());
-                    let interval = (self.settings.ping_interval_secs * 1000) as i64;
-                    let recent = self
-                        .pings
-                        .get(&ping_key)
-                        .is_some_and(|last| now - *last < interval);
-                    if recent {
-                        out.skipped.push(Skipped {
-                            seq: event.seq,
-                            reason: "ping_throttled".into(),
-                        });
-                        self.skip(&source, "ping_throttled");
-                    } else {
-                        calls.push((event.seq, RefinerCall::ping(user)));
-                    }
-                }
-                Mapped::NotForwarded(reason) => {
-                    out.skipped.push(Skipped {
-                        seq: event.seq,
-                        reason: reason.as_str().into(),
-                    });
-                    self.skip(&source, reason.as_str());
-                }
-            }
-        }
-        let merged = mapping::coalesce(calls);
-        let mut blocked = false;
-        for (seqs, call) in merged {
-            if blocked || (self.breaker.is_open() && !probe) {
-                out.released.extend(seqs);
-                continue;
-            }
-            // Ack what is done before the next call, keeping the user held: a crash then
-            // redelivers at most the call in flight, not the user's whole run.
-            if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
-                self.settle(
-                    Settlement {
-                        acked: std::mem::take(&mut out.acked),
-                        skipped: std::mem::take(&mut out.skipped),
-                        dead: std::mem::take(&mut out.dead),
-                        keep_holds: true,
-                        ..Settlement::default()
-                    },
-                    tickets,
-                )
-                .await;
-            }
-            let request = call.to_request();
-            let permit = loop {
-                self.wait_for_key(&api_key).await;
-                let permit = self.limiter.acquire().await;
-                // A 429 may have paused the key while this call waited for a slot.
-                if !self.key_paused(&api_key) {
-                    break permit;
-                }
-                drop(permit);
-            };
-            let started = Instant::now();
-            self.metrics.dispatch_in_flight_calls.inc();
-            let outcome = self.client.send(&api_key, &request).await;
-            // First of all: record that Refiner has these events, in case the process dies
-            // before their ack is committed (see `journal.rs`).
-            if let (Outcome::Delivered { .. }, Some(journal)) = (&outcome, &self.journal) {
-                let events = seqs
-                    .iter()
-                    .filter_map(|seq| by_seq.get(seq))
-                    .map(|e| (e.seq, e.source.as_str(), e.message_id.as_str()));
-                tickets.extend(journal.record(events));
-            }
-            self.metrics.dispatch_in_flight_calls.dec();
-            let latency = started.elapsed();
-            let signal = match &outcome {
-                Outcome::Delivered { .. } => Signal::Fine,
-                Outcome::Retry {
-                    status: Some(429), ..
-                } => Signal::Congested,
-                Outcome::Retry {
-                    error,
-                    status: None,
-                    ..
-                } if error.starts_with("timeout") => Signal::Congested,
-                _ => Signal::Neutral,
-            };
-            self.limiter.finish(permit, signal, latency);
-            self.metrics
-                .dispatch_concurrency_limit
-                .set(self.limiter.limit() as i64);
-            let endpoint = call.name();
-            self.metrics
-                .refiner_calls_total
-                .with_label_values(&[endpoint, &outcome.status_label()])
-                .inc();
-            self.metrics
-                .refiner_call_duration_seconds
-                .with_label_values(&[endpoint])
-                .observe(latency.as_secs_f64());
-            match outcome {
-                Outcome::Delivered { .. } => {
-                    self.breaker.success();
-                    self.metrics.dispatch_circuit_open.set(0);
-                    if matches!(&call, RefinerCall::IdentifyUser { traits, account: None, .. } if traits.is_empty())
-                    {
-                        self.pings
-                            .insert(format!("{source}\u{1f}{}", call.user().key()), now_ms());
-                    }
-                    let done = now_ms();
-                    for seq in &seqs {
-                        if let Some(event) = by_seq.get(seq) {
-                            self.metrics
-                                .dispatch_delivery_latency_seconds
-                                .observe((done - event.received_at_ms).max(0) as f64 / 1000.0);
-                        }
-                    }
-                    if seqs.len() > 1 {
-                        self.metrics
-                            .dispatch_coalesced_total
-                            .inc_by(seqs.len() as u64 - 1);
-                    }
-                    self.count_events(&source, "forwarded", seqs.len());
-                    out.acked.extend(seqs);
-                }
-                Outcome::Retry {
-                    status,
-                    retry_after,
-                    error,
-                } => {
-                    if status == Some(429) {
-                        self.breaker.success();
-                        if let Some(wait) = retry_after {
-                            let until = now_ms() + wait.as_millis() as i64;
-                            self.paused.insert(api_key.clone(), until);
-                        }
-                    } else if self.breaker.failure() {
-                        self.metrics.dispatch_circuit_open.set(1);
-                        tracing::warn!("Refiner keeps failing; delivery paused (circuit open)");
-                    }
-                    tracing::debug!(%error, endpoint, "Refiner call failed; will retry");
-                    let now = now_ms();
-                    for seq in seqs {
-                        let Some(event) = by_seq.get(&seq) else {
-                            continue;
-                        };
-                        let age_ms = now - event.received_at_ms;
-                        if age_ms > (self.settings.max_age_secs * 1000) as i64 {
-                            out.dead.push(DeadLetterRequest {
-                                seq,
-                                status,
-                                error: format!(
-                                    "gave up after {} attempts: {error}",
-                                    event.attempts + 1
-                                ),
-                                attempted: true,
-                            });
-                            self.count_events(&source, "dead_lettered", 1);
-                        } else {
-                            let delay = self.retry_delay(event.attempts, status, retry_after);
-                            out.retried.push(RetryAt {
-                                seq,
-                                next_attempt_at_ms: now + delay.as_millis() as i64,
-                                status,
-                                error: error.clone(),
-                            });
-                            self.count_events(&source, "retried", 1);
-                            blocked = true;
-                        }
-                    }
-                }
-                Outcome::Reject { status, body } => {
-                    self.breaker.success();
-                    tracing::warn!(status, endpoint, "Refiner refused a call; dead-lettered");
-                    self.count_events(&source, "dead_lettered", seqs.len());
-                    for seq in seqs {
-                        out.dead.push(DeadLetterRequest {
-                            seq,
-                            status: Some(status),
-                            error: body.clone(),
-                            attempted: true,
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Full-jitter exponential backoff, bounded below by Retry-After (and the 429 floor).
-    fn retry_delay(
-        &self,
-        attempts: u32,
-        status: Option<u16>,
-        retry_after: Option<Duration>,
-    ) -> Duration {
-        let base = self.settings.retry_base_ms.max(1) as f64;
-        let cap = (self.settings.retry_cap_secs * 1000) as f64;
-        let ceiling = (base * 2f64.powi(attempts.min(40) as i32)).min(cap);
-        let mut delay = Duration::from_millis((fastrand::f64() * ceiling) as u64);
-        if let Some(after) = retry_after {
-            delay = delay.max(after);
-        }
-        if status == Some(429) {
-            delay = delay.max(Duration::from_secs(self.settings.retry_floor_429_secs));
-        }
-        delay
-    }
-
-    /// Whether a 429's Retry-After still pauses this key.
-    fn key_paused(&self, api_key: &str) -> bool {
-        self.paused
-            .get(api_key)
-            .is_some_and(|until| *until > now_ms())
-    }
-
-    /// Honours a 429's pause of this key and the static rate limit.
-    async fn wait_for_key(&self, api_key: &str) {
-        let until = self.paused.get(api_key).map(|u| *u);
-        if let Some(until) = until {
-            let wait = until - now_ms();
-            if wait > 0 {
-                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-            }
-        }
-        if let Some(per_sec) = std::num::NonZeroU32::new(self.settings.rate_limit_per_sec) {
-            let limiter = self
-                .rate_limits
-                .entry(api_key.to_string())
-                .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_second(per_sec))))
-                .clone();
-            limiter.until_ready().await;
-        }
     }
 
     fn count_events(&self, source: &str, outcome: &str, n: usize) {

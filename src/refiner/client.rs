@@ -29,6 +29,8 @@ pub enum Outcome {
     },
     /// A transient failure: try again later.
     Retry {
+        /// What failed: an HTTP status, a timeout or the connection.
+        kind: Failure,
         /// The HTTP status, or `None` for a timeout or connection error.
         status: Option<u16>,
         /// The server's `Retry-After`, if it sent one.
@@ -42,17 +44,34 @@ pub enum Outcome {
     },
 }
 
+/// Why a call failed transiently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Refiner answered with a retryable status.
+    Status(u16),
+    /// No complete answer within the timeout.
+    Timeout,
+    /// The connection failed (refused, reset, cut while reading the answer).
+    Connection,
+}
+
 impl Outcome {
     /// The status label for metrics: the code, or `timeout` / `connection`.
     pub fn status_label(&self) -> String {
         match self {
             Outcome::Delivered { status } | Outcome::Reject { status, .. } => status.to_string(),
-            Outcome::Retry {
-                status: Some(status),
-                ..
-            } => status.to_string(),
-            Outcome::Retry { error, .. } if error.starts_with("timeout") => "timeout".into(),
-            Outcome::Retry { .. } => "connection".into(),
+            Outcome::Retry { kind, .. } => kind.label(),
+        }
+    }
+}
+
+impl Failure {
+    /// The code, or `timeout` / `connection`.
+    pub fn label(&self) -> String {
+        match self {
+            Failure::Status(status) => status.to_string(),
+            Failure::Timeout => "timeout".into(),
+            Failure::Connection => "connection".into(),
         }
     }
 }
@@ -113,15 +132,16 @@ impl RefinerClient {
         let response = match result {
             Ok(response) => response,
             Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timeout"
+                let (kind, label) = if e.is_timeout() {
+                    (Failure::Timeout, "timeout")
                 } else {
-                    "connection error"
+                    (Failure::Connection, "connection error")
                 };
                 return Outcome::Retry {
+                    kind,
                     status: None,
                     retry_after: None,
-                    error: format!("{kind}: {}", error_chain(&e)),
+                    error: format!("{label}: {}", error_chain(&e)),
                 };
             }
         };
@@ -134,6 +154,7 @@ impl RefinerClient {
                 if status.is_success() {
                     // The answer was cut; Refiner may or may not have applied the call.
                     return Outcome::Retry {
+                        kind: Failure::Connection,
                         status: None,
                         retry_after: None,
                         error: format!("connection error: reading the answer: {}", error_chain(&e)),
@@ -152,6 +173,7 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, body: String) -> 
         Outcome::Delivered { status: code }
     } else if is_retryable(code) {
         Outcome::Retry {
+            kind: Failure::Status(code),
             status: Some(code),
             retry_after,
             error: format!("HTTP {code}: {body}"),

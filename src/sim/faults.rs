@@ -55,6 +55,8 @@ pub struct Faults {
     pub rate_drop_after: f64,
     /// The next N calls are handled, then dropped.
     pub count_drop_after: u64,
+    /// The next N calls answer 401, as if the API key were refused (rotated or revoked).
+    pub count_401: u64,
     /// Seed of the rate faults' generator (0 is replaced by a fixed non-zero constant).
     pub seed: u64,
 }
@@ -77,6 +79,7 @@ impl Default for Faults {
             count_drop: 0,
             rate_drop_after: 0.0,
             count_drop_after: 0,
+            count_401: 0,
             seed: DEFAULT_SEED,
         }
     }
@@ -139,6 +142,9 @@ pub enum Fault {
     /// Answered 429 with `Retry-After`.
     #[serde(rename = "429")]
     TooManyRequests,
+    /// Answered 401: the key refused.
+    #[serde(rename = "401")]
+    Unauthorized,
 }
 
 /// The order in which faults take precedence (see the module header).
@@ -197,6 +203,10 @@ impl FaultPlan {
     }
 
     fn take_count(&mut self) -> Option<Fault> {
+        if self.faults.count_401 > 0 {
+            self.faults.count_401 -= 1;
+            return Some(Fault::Unauthorized);
+        }
         for fault in ORDER {
             let count = match fault {
                 Fault::Drop => &mut self.faults.count_drop,
@@ -204,6 +214,7 @@ impl FaultPlan {
                 Fault::Unavailable => &mut self.faults.count_503,
                 Fault::ServerError => &mut self.faults.count_500,
                 Fault::TooManyRequests => &mut self.faults.count_429,
+                Fault::Unauthorized => &mut self.faults.count_401,
             };
             if *count > 0 {
                 *count -= 1;
@@ -226,6 +237,7 @@ impl FaultPlan {
                 Fault::Unavailable => self.faults.rate_503,
                 Fault::ServerError => self.faults.rate_500,
                 Fault::TooManyRequests => self.faults.rate_429,
+                Fault::Unauthorized => 0.0,
             };
             if u < cumulative {
                 return Some(fault);

@@ -131,6 +131,11 @@ async fn api_call(req: HttpRequest, body: web::Bytes, sim: web::Data<SimState>) 
             "Service temporarily unavailable",
             decision.retry_after,
         )),
+        Some(Fault::Unauthorized) => Some(injected(
+            StatusCode::UNAUTHORIZED,
+            "Unauthenticated: the API key was refused",
+            None,
+        )),
         Some(Fault::DropAfter) | None => {
             let call = Call {
                 route,

@@ -980,7 +980,12 @@ async fn replay_by_id_and_by_filter_ends_in_delivery_in_order() {
         ..Faults::none()
     })
     .await;
-    let app = spawn_admin(|settings| deliver_to(settings, &sim)).await;
+    // Strict per-user order: the replayed tracks reach Refiner one after the other.
+    let app = spawn_admin(|settings| {
+        deliver_to(settings, &sim);
+        settings.delivery.per_user_window = 1;
+    })
+    .await;
     send_batch(
         &app,
         &[

@@ -174,6 +174,9 @@ fn observed_settings(settings: &mut Settings, sim: &SimHandle) {
     delivery.breaker_cooldown_secs = 1;
     delivery.poll_interval_ms = 10;
     delivery.timeout_secs = 5;
+    // Strict per-user order, so a user's events behind a failed one wait (and count as
+    // pending) instead of overtaking it within the window.
+    delivery.per_user_window = 1;
     settings.sources.push(SourceSettings {
         slug: "nokey".into(),
         write_keys: vec![Secret::new(NOKEY_WRITE_KEY)],

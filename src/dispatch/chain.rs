@@ -1,0 +1,679 @@
+//! One user's events of a batch: plan → send → apply.
+//!
+//! - **Plan** ([`Dispatcher::plan`]): each event becomes a Refiner call, a skip with its
+//!   reason, or a dead letter; consecutive identify-user calls merge
+//!   (`mapping::coalesce`); the calls are cut into [`steps`].
+//! - **Send** ([`Dispatcher::send`]): a step's calls go out within the user's window, each
+//!   after the source's gate (a refused key), the key's 429 pause and rate limit and the
+//!   adaptive limit; a 2xx is journaled before anything else happens.
+//! - **Apply** ([`apply`]): each answer becomes part of the settlement (acked, retried at a
+//!   time, dead-lettered, postponed): a pure function of the answer, the events and the
+//!   retry policy, so it is unit-tested without a network.
+//!
+//! Order: a step is either one identify-user or delete-contact call, or a run of
+//! consecutive track-event calls. Steps go one after the other; the calls of a run are in
+//! flight together up to `per_user_window`. After a transient failure no further call of
+//! the user starts: the calls not yet sent are released, and the spool holds the user until
+//! the retry time. So a state change (identify, group, delete) is never in flight beside
+//! another call of its user, and only track events, which Refiner stamps on receipt, can
+//! overtake one another, by less than the window.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::journal::Ticket;
+use super::keys::Gate;
+use super::limiter::Signal;
+use super::{now_ms, Dispatcher};
+use crate::refiner::client::{Failure, Outcome};
+use crate::refiner::mapping::{self, Mapped, RefinerCall};
+use crate::spool::{DeadLetterRequest, Leased, Postponed, RetryAt, Settlement, Skipped};
+
+/// Calls of one user: the events (seqs) each call delivers, and the call.
+type Calls = Vec<(Vec<i64>, RefinerCall)>;
+
+/// Cuts a user's calls into steps: each identify-user or delete-contact call alone, each
+/// run of consecutive track-event calls together (with a window of 1, every call alone).
+pub(super) fn steps(calls: Calls, window: usize) -> Vec<Calls> {
+    let mut steps: Vec<Calls> = Vec::new();
+    let mut run_open = false;
+    for (seqs, call) in calls {
+        let track = window > 1 && matches!(call, RefinerCall::TrackEvent { .. });
+        match steps.last_mut() {
+            Some(run) if track && run_open => run.push((seqs, call)),
+            _ => steps.push(vec![(seqs, call)]),
+        }
+        run_open = track;
+    }
+    steps
+}
+
+/// The retry policy `apply` follows.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Policy {
+    pub retry_base_ms: u64,
+    pub retry_cap_ms: u64,
+    pub retry_floor_429_ms: u64,
+    pub max_age_ms: i64,
+}
+
+/// What one answer means for the rest of the user's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Delivered or given up on: the user goes on.
+    Go,
+    /// Failed transiently: nothing more of the user starts.
+    Stop,
+    /// Refiner refused the key: the source pauses.
+    Refused,
+}
+
+/// Applies one answer to the settlement: pure, given the events' attempts and arrival times
+/// (`events`), `now` and `jitter` in `[0, 1)` (the random part of the backoff).
+pub(super) fn apply(
+    outcome: &Outcome,
+    seqs: &[i64],
+    events: &HashMap<i64, &Leased>,
+    policy: &Policy,
+    now: i64,
+    jitter: f64,
+    out: &mut Settlement,
+) -> Verdict {
+    match outcome {
+        Outcome::Delivered { .. } => {
+            out.acked.extend_from_slice(seqs);
+            Verdict::Go
+        }
+        Outcome::Reject {
+            status: 401 | 403, ..
+        } => Verdict::Refused,
+        Outcome::Reject { status, body } => {
+            out.dead.extend(seqs.iter().map(|&seq| DeadLetterRequest {
+                seq,
+                status: Some(*status),
+                error: body.clone(),
+                attempted: true,
+            }));
+            Verdict::Go
+        }
+        Outcome::Retry {
+            status,
+            retry_after,
+            error,
+            ..
+        } => {
+            let mut verdict = Verdict::Go;
+            for (&seq, event) in seqs.iter().filter_map(|s| events.get_key_value(s)) {
+                if now - event.received_at_ms > policy.max_age_ms {
+                    out.dead.push(DeadLetterRequest {
+                        seq,
+                        status: *status,
+                        error: format!("gave up after {} attempts: {error}", event.attempts + 1),
+                        attempted: true,
+                    });
+                } else {
+                    let delay = retry_delay(policy, event.attempts, *status, *retry_after, jitter);
+                    out.retried.push(RetryAt {
+                        seq,
+                        next_attempt_at_ms: now + delay.as_millis() as i64,
+                        status: *status,
+                        error: error.clone(),
+                    });
+                    verdict = Verdict::Stop;
+                }
+            }
+            verdict
+        }
+    }
+}
+
+/// Full-jitter exponential backoff, bounded below by Retry-After (and the 429 floor).
+pub(super) fn retry_delay(
+    policy: &Policy,
+    attempts: u32,
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let base = policy.retry_base_ms.max(1) as f64;
+    let ceiling = (base * 2f64.powi(attempts.min(40) as i32)).min(policy.retry_cap_ms as f64);
+    let mut delay = Duration::from_millis((jitter * ceiling) as u64);
+    if let Some(after) = retry_after {
+        delay = delay.max(after);
+    }
+    if status == Some(429) {
+        delay = delay.max(Duration::from_millis(policy.retry_floor_429_ms));
+    }
+    delay
+}
+
+/// What became of one call of a step.
+enum Sent {
+    /// Not sent: an earlier call of the user failed, or the breaker opened.
+    Released(Vec<i64>),
+    /// Not sent: the source is paused.
+    Postponed(Vec<i64>, i64),
+    /// Refiner answered (or the call failed).
+    Answered {
+        seqs: Vec<i64>,
+        call: RefinerCall,
+        outcome: Outcome,
+        tickets: Vec<Ticket>,
+    },
+}
+
+/// A user's run in progress.
+struct Run<'a> {
+    source: &'a str,
+    api_key: &'a str,
+    probe: bool,
+    events: HashMap<i64, &'a Leased>,
+    /// Set once a call of the user failed transiently (or its key was refused).
+    stop: AtomicBool,
+    /// This run holds the source's recheck turn.
+    recheck: AtomicBool,
+}
+
+impl Dispatcher {
+    /// One user's events, in order. `tickets` receives the journal tickets of the acks in
+    /// the returned settlement, for [`Dispatcher::settle`].
+    pub(super) async fn deliver_chain(
+        &self,
+        chain: Vec<Leased>,
+        probe: bool,
+        tickets: &mut Vec<Ticket>,
+    ) -> Settlement {
+        let mut out = Settlement::default();
+        let Some(source) = chain.first().map(|e| e.source.clone()) else {
+            return out;
+        };
+        let Some(api_key) = self.keys.get(&source) else {
+            out.dead.extend(chain.iter().map(|event| DeadLetterRequest {
+                seq: event.seq,
+                status: None,
+                error: format!("no Refiner API key is configured for source `{source}`"),
+                attempted: false,
+            }));
+            self.count_events(&source, "dead_lettered", chain.len());
+            return out;
+        };
+        let calls = self.plan(&chain, &source, &mut out);
+        let run = Run {
+            source: &source,
+            api_key,
+            probe,
+            events: chain.iter().map(|e| (e.seq, e)).collect(),
+            stop: AtomicBool::new(false),
+            recheck: AtomicBool::new(false),
+        };
+        let window = self.settings.per_user_window.max(1);
+        for step in steps(calls, window) {
+            // Ack what is done before the next step, keeping the user held: a crash then
+            // redelivers at most the step in flight, not the user's whole run.
+            if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
+                let done = Settlement {
+                    acked: std::mem::take(&mut out.acked),
+                    skipped: std::mem::take(&mut out.skipped),
+                    dead: std::mem::take(&mut out.dead),
+                    keep_holds: true,
+                    ..Settlement::default()
+                };
+                self.settle(done, tickets).await;
+            }
+            let mut answers = futures_util::stream::iter(step)
+                .map(|(seqs, call)| self.send(&run, seqs, call))
+                .buffer_unordered(window);
+            while let Some(sent) = answers.next().await {
+                self.record(&run, sent, &mut out, tickets);
+            }
+        }
+        if run.recheck.load(Ordering::SeqCst) {
+            // Nothing answered the recheck (all released): the next run may try.
+            self.gates.recheck_abandoned(&source);
+        }
+        out
+    }
+
+    /// Maps a user's events to calls; skips and dead letters go straight to `out`.
+    fn plan(&self, chain: &[Leased], source: &str, out: &mut Settlement) -> Calls {
+        let now = now_ms();
+        let interval = (self.settings.ping_interval_secs * 1000) as i64;
+        let mut calls: Vec<(i64, RefinerCall)> = Vec::with_capacity(chain.len());
+        for event in chain {
+            if self.journal.as_ref().is_some_and(|journal| {
+                journal.take_recovered(event.seq, &event.source, &event.message_id)
+            }) {
+                // Refiner answered 2xx to a process that was stopped before committing the
+                // ack: acked now, not sent again.
+                out.acked.push(event.seq);
+                self.count_events(source, "forwarded", 1);
+                continue;
+            }
+            let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    out.dead.push(DeadLetterRequest {
+                        seq: event.seq,
+                        status: None,
+                        error: format!("stored payload is not JSON: {e}"),
+                        attempted: false,
+                    });
+                    self.count_events(source, "dead_lettered", 1);
+                    continue;
+                }
+            };
+            match mapping::map_named_event(&event.kind, &payload, &self.mapping) {
+                Mapped::Call(call, notes) => {
+                    if notes.truncated > 0 {
+                        self.metrics
+                            .dispatch_truncated_strings_total
+                            .inc_by(notes.truncated as u64);
+                    }
+                    calls.push((event.seq, call));
+                }
+                Mapped::Ping(user) => {
+                    let recent = self
+                        .pings
+                        .get(&format!("{source}\u{1f}{}", user.key()))
+                        .is_some_and(|last| now - *last < interval);
+                    if recent {
+                        out.skipped.push(Skipped {
+                            seq: event.seq,
+                            reason: "ping_throttled".into(),
+                        });
+                        self.skip(source, "ping_throttled");
+                    } else {
+                        calls.push((event.seq, RefinerCall::ping(user)));
+                    }
+                }
+                Mapped::NotForwarded(reason) => {
+                    out.skipped.push(Skipped {
+                        seq: event.seq,
+                        reason: reason.as_str().into(),
+                    });
+                    self.skip(source, reason.as_str());
+                }
+            }
+        }
+        mapping::coalesce(calls)
+    }
+
+    /// Sends one call of a step, unless the user's run stopped, the breaker opened or the
+    /// source is paused.
+    async fn send(&self, run: &Run<'_>, seqs: Vec<i64>, call: RefinerCall) -> Sent {
+        if run.stop.load(Ordering::SeqCst) || (self.breaker.is_open() && !run.probe) {
+            return Sent::Released(seqs);
+        }
+        match self.gates.gate(run.source, now_ms()) {
+            Gate::Open => {}
+            Gate::Recheck => run.recheck.store(true, Ordering::SeqCst),
+            Gate::Paused { until_ms } => return Sent::Postponed(seqs, until_ms),
+        }
+        let request = call.to_request();
+        let permit = loop {
+            self.gates.wait_for(run.api_key, now_ms()).await;
+            let permit = self.limiter.acquire().await;
+            // A 429 may have paused the key while this call waited for a slot.
+            if !self.gates.throttled(run.api_key, now_ms()) {
+                break permit;
+            }
+            drop(permit);
+        };
+        let started = Instant::now();
+        self.metrics.dispatch_in_flight_calls.inc();
+        let outcome = self.client.send(run.api_key, &request).await;
+        // First of all: record that Refiner has these events, in case the process dies
+        // before their ack is committed (see `journal.rs`).
+        let mut tickets = Vec::new();
+        if let (Outcome::Delivered { .. }, Some(journal)) = (&outcome, &self.journal) {
+            let events = seqs
+                .iter()
+                .filter_map(|seq| run.events.get(seq))
+                .map(|e| (e.seq, e.source.as_str(), e.message_id.as_str()));
+            tickets.extend(journal.record(events));
+        }
+        self.metrics.dispatch_in_flight_calls.dec();
+        let latency = started.elapsed();
+        let signal = match &outcome {
+            Outcome::Delivered { .. } => Signal::Fine,
+            Outcome::Retry {
+                kind: Failure::Status(429) | Failure::Timeout,
+                ..
+            } => Signal::Congested,
+            _ => Signal::Neutral,
+        };
+        self.limiter.finish(permit, signal, latency);
+        self.metrics
+            .dispatch_concurrency_limit
+            .set(self.limiter.limit() as i64);
+        let endpoint = call.name();
+        self.metrics
+            .refiner_calls_total
+            .with_label_values(&[endpoint, &outcome.status_label()])
+            .inc();
+        self.metrics
+            .refiner_call_duration_seconds
+            .with_label_values(&[endpoint])
+            .observe(latency.as_secs_f64());
+        if matches!(outcome, Outcome::Retry { .. }) {
+            run.stop.store(true, Ordering::SeqCst);
+        }
+        Sent::Answered {
+            seqs,
+            call,
+            outcome,
+            tickets,
+        }
+    }
+
+    /// Takes one call's fate into the settlement, the breaker, the gates and the metrics.
+    fn record(&self, run: &Run<'_>, sent: Sent, out: &mut Settlement, tickets: &mut Vec<Ticket>) {
+        let (seqs, call, outcome, new_tickets) = match sent {
+            Sent::Released(seqs) => {
+                out.released.extend(seqs);
+                return;
+            }
+            Sent::Postponed(seqs, until_ms) => {
+                out.postponed
+                    .extend(seqs.into_iter().map(|seq| Postponed { seq, until_ms }));
+                return;
+            }
+            Sent::Answered {
+                seqs,
+                call,
+                outcome,
+                tickets,
+            } => (seqs, call, outcome, tickets),
+        };
+        tickets.extend(new_tickets);
+        let source = run.source;
+        let now = now_ms();
+        let endpoint = call.name();
+        let before = (out.acked.len(), out.retried.len(), out.dead.len());
+        let verdict = apply(
+            &outcome,
+            &seqs,
+            &run.events,
+            &self.policy(),
+            now,
+            fastrand::f64(),
+            out,
+        );
+        self.observe_answer(run, &call, &outcome, &seqs, now);
+        match verdict {
+            Verdict::Refused => {
+                let status = match outcome {
+                    Outcome::Reject { status, .. } => status,
+                    _ => 0,
+                };
+                run.stop.store(true, Ordering::SeqCst);
+                run.recheck.store(false, Ordering::SeqCst);
+                self.gates.refused(source, status, endpoint, now);
+                let until_ms = match self.gates.gate(source, now) {
+                    Gate::Paused { until_ms } => until_ms,
+                    _ => now + 1_000,
+                };
+                out.postponed
+                    .extend(seqs.into_iter().map(|seq| Postponed { seq, until_ms }));
+            }
+            Verdict::Go | Verdict::Stop => {
+                self.count_events(source, "forwarded", out.acked.len() - before.0);
+                self.count_events(source, "retried", out.retried.len() - before.1);
+                self.count_events(source, "dead_lettered", out.dead.len() - before.2);
+            }
+        }
+    }
+
+    /// The breaker, the gates, pings, latency metrics and warnings of one answer.
+    fn observe_answer(
+        &self,
+        run: &Run<'_>,
+        call: &RefinerCall,
+        outcome: &Outcome,
+        seqs: &[i64],
+        now: i64,
+    ) {
+        let source = run.source;
+        let endpoint = call.name();
+        match outcome {
+            Outcome::Delivered { .. } => {
+                self.breaker.success();
+                self.metrics.dispatch_circuit_open.set(0);
+                self.gates.accepted(source);
+                run.recheck.store(false, Ordering::SeqCst);
+                if matches!(call, RefinerCall::IdentifyUser { traits, account: None, .. } if traits.is_empty())
+                {
+                    self.pings
+                        .insert(format!("{source}\u{1f}{}", call.user().key()), now);
+                }
+                for event in seqs.iter().filter_map(|seq| run.events.get(seq)) {
+                    self.metrics
+                        .dispatch_delivery_latency_seconds
+                        .observe((now - event.received_at_ms).max(0) as f64 / 1000.0);
+                }
+                if seqs.len() > 1 {
+                    self.metrics
+                        .dispatch_coalesced_total
+                        .inc_by(seqs.len() as u64 - 1);
+                }
+            }
+            Outcome::Retry {
+                kind,
+                retry_after,
+                error,
+                ..
+            } => {
+                if *kind == Failure::Status(429) {
+                    self.breaker.success();
+                    if let Some(wait) = retry_after {
+                        self.gates
+                            .throttle(run.api_key, now + wait.as_millis() as i64);
+                    }
+                } else if self.breaker.failure() {
+                    self.metrics.dispatch_circuit_open.set(1);
+                    tracing::warn!("Refiner keeps failing; delivery paused (circuit open)");
+                }
+                self.gates
+                    .warn_failure(source, endpoint, &kind.label(), error);
+            }
+            Outcome::Reject {
+                status: 401 | 403, ..
+            } => {}
+            Outcome::Reject { status, body } => {
+                self.breaker.success();
+                self.gates.accepted(source);
+                run.recheck.store(false, Ordering::SeqCst);
+                self.gates
+                    .warn_failure(source, endpoint, &status.to_string(), body);
+            }
+        }
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            retry_base_ms: self.settings.retry_base_ms,
+            retry_cap_ms: self.settings.retry_cap_secs * 1000,
+            retry_floor_429_ms: self.settings.retry_floor_429_secs * 1000,
+            max_age_ms: (self.settings.max_age_secs * 1000) as i64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Map;
+
+    use super::*;
+    use crate::refiner::mapping::UserRef;
+
+    fn track(seq: i64, user: &str) -> (Vec<i64>, RefinerCall) {
+        (
+            vec![seq],
+            RefinerCall::TrackEvent {
+                user: UserRef::id(user),
+                event: format!("e{seq}"),
+            },
+        )
+    }
+
+    fn identify(seq: i64, user: &str) -> (Vec<i64>, RefinerCall) {
+        (
+            vec![seq],
+            RefinerCall::IdentifyUser {
+                user: UserRef::id(user),
+                traits: Map::new(),
+                account: None,
+            },
+        )
+    }
+
+    fn shape(steps: &[Calls]) -> Vec<Vec<i64>> {
+        steps
+            .iter()
+            .map(|step| step.iter().flat_map(|(seqs, _)| seqs.clone()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn track_runs_share_a_step_and_state_changes_stand_alone() {
+        let calls = vec![
+            track(1, "u"),
+            track(2, "u"),
+            identify(3, "u"),
+            track(4, "u"),
+            identify(5, "u"),
+            identify(6, "u"),
+            track(7, "u"),
+            track(8, "u"),
+            track(9, "u"),
+        ];
+        assert_eq!(
+            shape(&steps(calls.clone(), 16)),
+            vec![
+                vec![1, 2],
+                vec![3],
+                vec![4],
+                vec![5],
+                vec![6],
+                vec![7, 8, 9]
+            ]
+        );
+        assert_eq!(
+            shape(&steps(calls, 1)),
+            (1..=9).map(|s| vec![s]).collect::<Vec<_>>(),
+            "strict: one call at a time"
+        );
+    }
+
+    fn leased(seq: i64, attempts: u32, received_at_ms: i64) -> Leased {
+        Leased {
+            seq,
+            source: "web".into(),
+            message_id: format!("m{seq}"),
+            kind: "track".into(),
+            user_key: "u:u".into(),
+            payload: Vec::new(),
+            attempts,
+            received_at_ms,
+        }
+    }
+
+    const POLICY: Policy = Policy {
+        retry_base_ms: 1_000,
+        retry_cap_ms: 600_000,
+        retry_floor_429_ms: 2_000,
+        max_age_ms: 86_400_000,
+    };
+
+    fn apply_to(outcome: Outcome, events: &[Leased], now: i64) -> (Verdict, Settlement) {
+        let by_seq = events.iter().map(|e| (e.seq, e)).collect();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let mut out = Settlement::default();
+        let verdict = apply(&outcome, &seqs, &by_seq, &POLICY, now, 0.5, &mut out);
+        (verdict, out)
+    }
+
+    #[test]
+    fn a_2xx_acks_every_coalesced_event() {
+        let events = [leased(1, 0, 0), leased(2, 0, 0)];
+        let (verdict, out) = apply_to(Outcome::Delivered { status: 200 }, &events, 10);
+        assert_eq!(verdict, Verdict::Go);
+        assert_eq!(out.acked, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_transient_failure_retries_with_backoff_and_stops_the_user() {
+        let events = [leased(1, 3, 0)];
+        let outcome = Outcome::Retry {
+            kind: Failure::Status(503),
+            status: Some(503),
+            retry_after: None,
+            error: "HTTP 503".into(),
+        };
+        let (verdict, out) = apply_to(outcome, &events, 1_000);
+        assert_eq!(verdict, Verdict::Stop);
+        // 0.5 × 1 s × 2^3
+        assert_eq!(out.retried[0].next_attempt_at_ms, 1_000 + 4_000);
+        assert_eq!(out.retried[0].status, Some(503));
+    }
+
+    #[test]
+    fn a_429_waits_at_least_retry_after_and_the_floor() {
+        let events = [leased(1, 0, 0)];
+        let outcome = |after| Outcome::Retry {
+            kind: Failure::Status(429),
+            status: Some(429),
+            retry_after: after,
+            error: "HTTP 429".into(),
+        };
+        let (_, out) = apply_to(outcome(None), &events, 0);
+        assert_eq!(out.retried[0].next_attempt_at_ms, 2_000, "the 429 floor");
+        let (_, out) = apply_to(outcome(Some(Duration::from_secs(30))), &events, 0);
+        assert_eq!(out.retried[0].next_attempt_at_ms, 30_000, "Retry-After");
+    }
+
+    #[test]
+    fn a_failure_of_a_too_old_event_dead_letters_it() {
+        let events = [leased(1, 7, 0)];
+        let outcome = Outcome::Retry {
+            kind: Failure::Timeout,
+            status: None,
+            retry_after: None,
+            error: "timeout".into(),
+        };
+        let (verdict, out) = apply_to(outcome, &events, POLICY.max_age_ms + 1);
+        assert_eq!(verdict, Verdict::Go);
+        assert!(out.retried.is_empty());
+        assert_eq!(out.dead[0].error, "gave up after 8 attempts: timeout");
+    }
+
+    #[test]
+    fn a_refused_key_dead_letters_nothing() {
+        for status in [401, 403] {
+            let events = [leased(1, 0, 0)];
+            let outcome = Outcome::Reject {
+                status,
+                body: "unauthorized".into(),
+            };
+            let (verdict, out) = apply_to(outcome, &events, 0);
+            assert_eq!(verdict, Verdict::Refused);
+            assert!(out.is_empty(), "{status}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn other_refusals_dead_letter_with_the_answer() {
+        let events = [leased(1, 0, 0)];
+        let outcome = Outcome::Reject {
+            status: 422,
+            body: "bad".into(),
+        };
+        let (verdict, out) = apply_to(outcome, &events, 0);
+        assert_eq!(verdict, Verdict::Go);
+        assert_eq!(out.dead[0].status, Some(422));
+        assert_eq!(out.dead[0].error, "bad");
+    }
+}
