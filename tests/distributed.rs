@@ -94,6 +94,7 @@ ownership_ttl_secs = 2
 node_name = "{name}"
 
 [delivery]
+per_user_window = 1
 poll_interval_ms = 20
 retry_base_ms = 200
 retry_cap_secs = 2
@@ -432,6 +433,8 @@ fn settings(nats_url: &str, sim_url: &str, data_dir: &Path) -> Settings {
     settings.nats.ownership_ttl_secs = 2;
     settings.nats.publish_timeout_ms = 1000;
     settings.delivery.poll_interval_ms = 20;
+    // The checks below hold every event of a user to its place (strict mode).
+    settings.delivery.per_user_window = 1;
     settings
 }
 
@@ -626,7 +629,8 @@ async fn outage(test: &str, kind: Outage) {
 }
 
 /// The management API over the JetStream spool: dead letters made by Refiner refusing the
-/// source's API key are listed, shown, replayed (and refused again) and purged over HTTP.
+/// calls (400: a trait longer than Refiner takes) are listed, shown, replayed (and refused
+/// again) and purged over HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_management_api_works_on_the_jetstream_spool() {
     const ADMIN: &str = "distributed-admin-token";
@@ -637,7 +641,7 @@ async fn the_management_api_works_on_the_jetstream_spool() {
     let sim = start_sim().await;
     let mut settings = settings(&server.url(), &sim.url(), dir.path());
     settings.admin_token = Some(Secret::new(ADMIN));
-    settings.sources[0].refiner_api_key = Some(Secret::new("a-key-refiner-refuses"));
+    settings.mapping.max_string_len = 1000;
     let app = Application::build_with_listener(
         &settings,
         TcpListener::bind("127.0.0.1:0").expect("bind"),
@@ -647,8 +651,13 @@ async fn the_management_api_works_on_the_jetstream_spool() {
     let handle = app.handle();
     let task = tokio::spawn(app.run_until_stopped());
     let client = reqwest::Client::new();
-    let batch: Vec<serde_json::Value> =
-        (0..5).map(|i| track(&format!("u{i}"), "Refused")).collect();
+    let too_long = "x".repeat(300);
+    let batch: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            json!({"type": "identify", "userId": format!("u{i}"), "messageId": format!("refused-{i}"),
+                   "traits": {"note": too_long}})
+        })
+        .collect();
     assert_eq!(post_batch(&client, &address, &batch).await, Ok(200));
 
     let api = |path: &str| format!("{address}/api/events/default/dead-letters{path}");
@@ -675,8 +684,8 @@ async fn the_management_api_works_on_the_jetstream_spool() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let first = listing["results"][0].clone();
-    assert_eq!(first["last_status"], 401, "{first}");
-    assert_eq!(first["event"], "Refused");
+    assert_eq!(first["last_status"], 400, "{first}");
+    assert_eq!(first["type"], "identify", "{first}");
     let one = get(api(&format!("/{}", first["id"]))).await;
     assert_eq!(one["messageId"], first["messageId"], "{one}");
 

@@ -443,7 +443,7 @@ fn every_not_forwarded_reason_is_documented() {
             "not-forwarded reason {named} is not in docs/delivery.md"
         );
     }
-    assert!(read("src/dispatch/mod.rs").contains("\"ping_throttled\""));
+    assert!(read("src/dispatch/chain.rs").contains("\"ping_throttled\""));
 }
 
 #[test]

@@ -53,6 +53,9 @@ struct Cli {
     /// The next N calls answer 401, as if the API key were refused.
     #[arg(long, default_value_t = 0, value_name = "N")]
     count_401: u64,
+    /// The next N calls answer 400, as Refiner does for a call it refuses.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    count_400: u64,
     /// Probability (0..1) of closing the connection without handling or answering.
     #[arg(long, default_value_t = 0.0, value_parser = probability, value_name = "R")]
     rate_drop: f64,
@@ -108,6 +111,7 @@ impl Cli {
                 rate_drop_after: self.rate_drop_after,
                 count_drop_after: self.count_drop_after,
                 count_401: self.count_401,
+                count_400: self.count_400,
                 seed: self.seed.unwrap_or(defaults.seed),
             },
             long_strings: if self.truncate_long_strings {

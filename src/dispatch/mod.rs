@@ -164,6 +164,12 @@ impl Dispatcher {
                 Admit::Probe => (1, true),
                 Admit::Wait(wait) => {
                     self.metrics.dispatch_circuit_open.set(1);
+                    // Lease nothing, but let the spool move the events that arrived for
+                    // held users aside meanwhile, so the probe finds a free user's event
+                    // at once instead of reading through them first.
+                    if let Err(e) = self.spool.lease(0, lease_ms).await {
+                        tracing::debug!(error = %e, "advancing the spool's lease cursor failed");
+                    }
                     sleep_or_shutdown(wait.min(Duration::from_secs(1)), &mut shutdown).await;
                     continue;
                 }

@@ -57,6 +57,8 @@ pub struct Faults {
     pub count_drop_after: u64,
     /// The next N calls answer 401, as if the API key were refused (rotated or revoked).
     pub count_401: u64,
+    /// The next N calls answer 400, as Refiner does for a call it refuses.
+    pub count_400: u64,
     /// Seed of the rate faults' generator (0 is replaced by a fixed non-zero constant).
     pub seed: u64,
 }
@@ -80,6 +82,7 @@ impl Default for Faults {
             rate_drop_after: 0.0,
             count_drop_after: 0,
             count_401: 0,
+            count_400: 0,
             seed: DEFAULT_SEED,
         }
     }
@@ -145,6 +148,9 @@ pub enum Fault {
     /// Answered 401: the key refused.
     #[serde(rename = "401")]
     Unauthorized,
+    /// Answered 400: the call refused.
+    #[serde(rename = "400")]
+    BadRequest,
 }
 
 /// The order in which faults take precedence (see the module header).
@@ -207,6 +213,10 @@ impl FaultPlan {
             self.faults.count_401 -= 1;
             return Some(Fault::Unauthorized);
         }
+        if self.faults.count_400 > 0 {
+            self.faults.count_400 -= 1;
+            return Some(Fault::BadRequest);
+        }
         for fault in ORDER {
             let count = match fault {
                 Fault::Drop => &mut self.faults.count_drop,
@@ -215,6 +225,7 @@ impl FaultPlan {
                 Fault::ServerError => &mut self.faults.count_500,
                 Fault::TooManyRequests => &mut self.faults.count_429,
                 Fault::Unauthorized => &mut self.faults.count_401,
+                Fault::BadRequest => &mut self.faults.count_400,
             };
             if *count > 0 {
                 *count -= 1;
@@ -237,7 +248,7 @@ impl FaultPlan {
                 Fault::Unavailable => self.faults.rate_503,
                 Fault::ServerError => self.faults.rate_500,
                 Fault::TooManyRequests => self.faults.rate_429,
-                Fault::Unauthorized => 0.0,
+                Fault::Unauthorized | Fault::BadRequest => 0.0,
             };
             if u < cumulative {
                 return Some(fault);

@@ -136,6 +136,11 @@ async fn api_call(req: HttpRequest, body: web::Bytes, sim: web::Data<SimState>) 
             "Unauthenticated: the API key was refused",
             None,
         )),
+        Some(Fault::BadRequest) => Some(injected(
+            StatusCode::BAD_REQUEST,
+            "The call was refused",
+            None,
+        )),
         Some(Fault::DropAfter) | None => {
             let call = Call {
                 route,

@@ -9,10 +9,10 @@
 //! in flight at the simulator, a replay under way).
 //!
 //! Replay: before the first cycle, a second stream of events is sent to the `hooked` source
-//! while its Refiner key is revoked (the simulator answers 401), so they are dead-lettered.
-//! The first restart fixes the key, as an operator would, and from then on a client replays
-//! the dead letters through the management API in small chunks while the kills go on; after
-//! the last cycle every one of them must have been delivered too.
+//! while Refiner refuses the calls (the simulator answers 400 to as many calls), so they are
+//! dead-lettered. From the first restart on, a client replays the dead letters through the
+//! management API in small chunks while the kills go on; after the last cycle every one of
+//! them must have been delivered too.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use crate::harness::{
     metric_sum, metrics_text, mib, scratch_dir, start_sim, wait_for, Gateway, Spec, SpoolFile,
-    ADMIN_TOKEN, OTHER_KEY, OTHER_REFINER_KEY,
+    ADMIN_TOKEN, OTHER_KEY,
 };
 use crate::load::Shared;
 use crate::load::{event_id, Load, LoadSpec};
@@ -94,6 +94,7 @@ pub async fn run(params: CrashParams) -> Report {
         0,
         Faults {
             latency_ms: params.sim_latency_ms,
+            count_400: params.replay_events,
             ..Faults::none()
         },
         200_000,
@@ -102,14 +103,12 @@ pub async fn run(params: CrashParams) -> Report {
     let witness = Witness::start(sim.state(), false);
     let scratch = scratch_dir("crash");
     let data_dir = scratch.path().join("data");
-    let mut spec = Spec::new(&data_dir, &sim.url());
+    // Strict per-user order: the first deliveries of every user are checked in order.
+    let spec = Spec::new(&data_dir, &sim.url()).delivery("per_user_window", 1);
     let ready_limit = Duration::from_secs(30);
-    if params.replay_events > 0 {
-        spec.hooked_refiner_key = "reliability-revoked-key".into();
-    }
     let mut gateway = Gateway::start(&spec, scratch.path(), ready_limit).await;
 
-    // The events to replay: refused by Refiner (401) and dead-lettered.
+    // The events to replay: refused by Refiner (400) and dead-lettered.
     let mut replay_spec = LoadSpec::new("replay", 2, 50, Duration::ZERO);
     replay_spec.write_key = OTHER_KEY;
     replay_spec.events_per_client = params.replay_events / 2;
@@ -139,7 +138,6 @@ pub async fn run(params: CrashParams) -> Report {
         )
         .await;
         dead_lettered = result.unwrap_or_else(|e| panic!("{e}"));
-        spec.hooked_refiner_key = OTHER_REFINER_KEY.into();
         Some(shared)
     } else {
         None

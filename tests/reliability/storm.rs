@@ -5,7 +5,9 @@
 //! checked against the simulator's call log:
 //!
 //! - per user: no call about a user is received before the `Retry-After` of that user's
-//!   last 429 has elapsed (measured from when the simulator answered it);
+//!   last 429 has elapsed (measured from when the simulator answered it), but for calls
+//!   received within `slack` of that answer: tracks of the user in flight beside the 429'd
+//!   one (the per-user window), sent before the 429 reached the gateway (counted);
 //! - per key: no call with the key is received between `slack` after a 429's answer and the
 //!   end of its `Retry-After`. The slack covers calls the gateway had already sent when the
 //!   429 reached it; the largest such lateness is reported.
@@ -135,18 +137,26 @@ pub async fn run(params: StormParams) -> Report {
     let mut last_429: HashMap<&str, u64> = HashMap::new();
     let mut user_violations = Vec::new();
     let mut tightest_user_gap: Option<u64> = None;
+    let mut in_flight_beside = 0u64;
     for call in &log {
         let Some(user) = call.user.as_deref() else {
             continue;
         };
-        if let Some(answered) = last_429.remove(user) {
-            let gap = call.at_ms.saturating_sub(answered);
-            tightest_user_gap = Some(tightest_user_gap.map_or(gap, |g: u64| g.min(gap)));
-            if call.at_ms < answered + retry_after_ms {
-                user_violations.push(format!(
-                    "{user}: call #{} {} ms after its 429 was answered",
-                    call.seq, gap
-                ));
+        if let Some(&answered) = last_429.get(user) {
+            if call.at_ms <= answered + params.slack_ms {
+                // A track of the same user sent beside the 429'd one (the per-user window),
+                // before the 429 reached the gateway.
+                in_flight_beside += 1;
+            } else {
+                last_429.remove(user);
+                let gap = call.at_ms.saturating_sub(answered);
+                tightest_user_gap = Some(tightest_user_gap.map_or(gap, |g: u64| g.min(gap)));
+                if call.at_ms < answered + retry_after_ms {
+                    user_violations.push(format!(
+                        "{user}: call #{} {} ms after its 429 was answered",
+                        call.seq, gap
+                    ));
+                }
             }
         }
         if call.status == Some(429) {
@@ -226,6 +236,10 @@ pub async fn run(params: StormParams) -> Report {
             tightest_user_gap.unwrap_or(0),
             retry_after_ms
         ),
+    );
+    report.figure(
+        "tracks of the same user in flight beside a 429'd call",
+        in_flight_beside,
     );
     report.figure(
         "calls already in flight when a 429 was answered",
