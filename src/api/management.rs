@@ -11,11 +11,12 @@
 //! - Lists answer `{"count", "next", "previous", "results"}`; `next` and `previous` are
 //!   URLs whose `cursor` makes the following page a keyset read, as fast at page 1,000 as
 //!   at page 1. A `page` without a cursor is an offset into an index, read from the nearer
-//!   end.
+//!   end. Links repeat the request's parameters except `api_key`: the token is never
+//!   written into an answer.
 //! - Handlers only parse, call the [`Spool`] trait and shape the answer: the API never
 //!   touches storage directly.
 
-mod auth;
+pub(crate) mod auth;
 pub mod error;
 mod params;
 
@@ -255,7 +256,9 @@ fn page_url(request: &HttpRequest, params: &Params, page: u64, cursor: Option<St
     let mut pairs: Vec<(String, String)> = params
         .pairs
         .iter()
-        .filter(|(name, _)| name != "page" && name != "cursor")
+        // The admin token never travels in a link: links end up in logs, browser histories
+        // and terminals, and a client that authenticated by `api_key` adds it again.
+        .filter(|(name, _)| name != "page" && name != "cursor" && name != "api_key")
         .cloned()
         .collect();
     pairs.push(("page".into(), page.to_string()));
