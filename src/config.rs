@@ -15,7 +15,9 @@ use crate::refiner::mapping::MappingOptions;
 use crate::segment::Limits;
 
 mod nats;
+mod secrets;
 pub use nats::{NatsSettings, SpoolBackend};
+pub use secrets::MIN_SECRET_CHARS;
 
 /// The slug of the source the environment variables define.
 pub const DEFAULT_SOURCE: &str = "default";
@@ -151,6 +153,9 @@ pub struct SpoolSettings {
     /// How often the spool's depth, oldest event and dead letters are sampled for the
     /// metrics, in ms (each sample counts the queue: keep it in seconds).
     pub stats_interval_ms: u64,
+    /// Accepted ids the dedup index keeps in memory before writing them to a run file
+    /// (appends are refused as overload at four times as many).
+    pub dedup_flush_ids: usize,
 }
 
 impl Default for SpoolSettings {
@@ -161,6 +166,7 @@ impl Default for SpoolSettings {
             queue_capacity: 4096,
             max_group: 512,
             stats_interval_ms: 5000,
+            dedup_flush_ids: 131_072,
         }
     }
 }
@@ -260,6 +266,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Token of the management API.
     pub admin_token: Option<Secret>,
+    /// Bearer token `/metrics` requires (none: `/metrics` is open).
+    pub metrics_token: Option<Secret>,
     pub log_format: LogFormat,
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout_secs: u64,
@@ -279,6 +287,7 @@ impl Default for Settings {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./data"),
             admin_token: None,
+            metrics_token: None,
             log_format: LogFormat::Auto,
             shutdown_timeout_secs: 30,
             refiner: RefinerSettings::default(),
@@ -315,6 +324,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GATEWAY_LISTEN", "listen"),
     ("GATEWAY_DATA_DIR", "data_dir"),
     ("GATEWAY_ADMIN_TOKEN", "admin_token"),
+    ("GATEWAY_METRICS_TOKEN", "metrics_token"),
     ("GATEWAY_LOG_FORMAT", "log_format"),
     ("GATEWAY_SHUTDOWN_TIMEOUT_SECS", "shutdown_timeout_secs"),
     ("GATEWAY_DEDUP_WINDOW_SECS", "spool.dedup_window_secs"),
@@ -372,6 +382,9 @@ impl Settings {
         }
         if let Some(v) = env("GATEWAY_ADMIN_TOKEN") {
             self.admin_token = Some(Secret::new(v));
+        }
+        if let Some(v) = env("GATEWAY_METRICS_TOKEN") {
+            self.metrics_token = Some(Secret::new(v));
         }
         if let Some(v) = env("GATEWAY_LOG_FORMAT") {
             self.log_format = match v.trim() {
@@ -511,9 +524,6 @@ impl Settings {
                     return Err(error(&key_name, "a write key is used twice"));
                 }
             }
-            if matches!(&source.webhook_secret, Some(s) if s.expose().is_empty()) {
-                return Err(error("sources.webhook_secret", "must not be empty"));
-            }
         }
         let limits = &self.limits;
         for (name, value) in [
@@ -525,6 +535,7 @@ impl Settings {
             ("limits.max_message_id_len", limits.max_message_id_len),
             ("spool.queue_capacity", self.spool.queue_capacity),
             ("spool.max_group", self.spool.max_group),
+            ("spool.dedup_flush_ids", self.spool.dedup_flush_ids),
             (
                 "spool.stats_interval_ms",
                 self.spool.stats_interval_ms as usize,
@@ -575,25 +586,7 @@ impl Settings {
                 "must be between 1 and 36500",
             ));
         }
-        if let Some(token) = &self.admin_token {
-            if token.expose().trim().is_empty() {
-                return Err(error(
-                    "admin_token (GATEWAY_ADMIN_TOKEN)",
-                    "must not be empty",
-                ));
-            }
-            let is_write_key = self
-                .sources
-                .iter()
-                .flat_map(|s| &s.write_keys)
-                .any(|k| k.expose() == token.expose());
-            if is_write_key {
-                return Err(error(
-                    "admin_token (GATEWAY_ADMIN_TOKEN)",
-                    "must differ from every write key",
-                ));
-            }
-        }
+        self.validate_secrets()?;
         self.validate_nats()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
@@ -668,7 +661,7 @@ mod tests {
             None,
             &[
                 ("GATEWAY_WRITE_KEYS", "k1, k2"),
-                ("GATEWAY_WEBHOOK_SECRET", "s"),
+                ("GATEWAY_WEBHOOK_SECRET", "shared-webhook-secret"),
                 ("REFINER_API_KEY", "r"),
                 ("GATEWAY_LISTEN", "127.0.0.1:9999"),
                 ("GATEWAY_DATA_DIR", "/tmp/x"),
@@ -686,7 +679,10 @@ mod tests {
             source.write_keys,
             vec![Secret::new("k1"), Secret::new("k2")]
         );
-        assert_eq!(source.webhook_secret, Some(Secret::new("s")));
+        assert_eq!(
+            source.webhook_secret,
+            Some(Secret::new("shared-webhook-secret"))
+        );
         assert_eq!(source.refiner_api_key, Some(Secret::new("r")));
     }
 
@@ -706,7 +702,7 @@ mod tests {
             [[sources]]
             slug = "web"
             write_keys = ["w1"]
-            webhook_secret = "hook"
+            webhook_secret = "hook-secret-of-the-web"
             refiner_api_key = "rk"
             [[sources]]
             slug = "default"
@@ -724,7 +720,7 @@ mod tests {
         assert_eq!(settings.sources.len(), 2);
         assert_eq!(
             settings.sources[0].webhook_secret,
-            Some(Secret::new("hook"))
+            Some(Secret::new("hook-secret-of-the-web"))
         );
         assert_eq!(settings.sources[1].write_keys, vec![Secret::new("d2")]);
     }

@@ -5,8 +5,10 @@
 //! `spool` (durable queue) → delivery. See `docs/architecture.md`.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod demo;
 pub mod dispatch;
 pub mod ingest;

@@ -6,6 +6,10 @@
 //! stops, then the spool writer drains its queue, checkpoints and closes. Nothing that was
 //! answered 200 depends on those last steps: it was durable before the answer.
 //!
+//! One process per data directory: with the embedded spool, `build` takes the data
+//! directory's lock ([`crate::datadir`]) before it opens anything in it, and the
+//! application holds it until it is dropped (after `run_until_stopped` has closed the spool).
+//!
 //! Readiness: `/readyz` answers 503 until [`Application::run_until_stopped`] has started
 //! delivery and the sampler (the spool's start-up recovery runs inside `build`, before), and
 //! again from the moment the server has stopped.
@@ -22,6 +26,7 @@ use actix_web::{middleware, web, App, HttpServer};
 
 use crate::api::{self, OpsState};
 use crate::config::{Settings, SpoolBackend};
+use crate::datadir::{DataDirError, DataDirLock};
 use crate::dispatch::{Dispatcher, Journal};
 use crate::ingest::{self, auth::Sources, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
@@ -37,6 +42,8 @@ pub enum StartError {
         address: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    DataDir(#[from] DataDirError),
     #[error("cannot open the spool: {0}")]
     Spool(#[from] SpoolError),
     #[error("cannot set up delivery: {0}")]
@@ -54,6 +61,9 @@ pub struct Application {
     stats_interval: Duration,
     source_slugs: Vec<String>,
     started: Arc<AtomicBool>,
+    /// The data directory's lock (embedded spool only); released when the application is
+    /// dropped, after the spool has closed.
+    _data_dir_lock: Option<DataDirLock>,
 }
 
 impl Application {
@@ -72,11 +82,16 @@ impl Application {
         settings: &Settings,
         listener: TcpListener,
     ) -> Result<Application, StartError> {
+        let data_dir_lock = match settings.spool.backend {
+            SpoolBackend::Sqlite => Some(DataDirLock::acquire(&settings.data_dir)?),
+            SpoolBackend::Nats => None,
+        };
         let metrics = Metrics::new();
         let mut options = SqliteSpoolOptions::new(&settings.data_dir);
         options.dedup_window = std::time::Duration::from_secs(settings.spool.dedup_window_secs);
         options.queue_capacity = settings.spool.queue_capacity;
         options.max_group = settings.spool.max_group;
+        options.dedup_flush_ids = settings.spool.dedup_flush_ids;
         options.dead_letter_retention =
             Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
         options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
@@ -141,6 +156,10 @@ impl Application {
             spool: spool.clone(),
             metrics: metrics.clone(),
             started: started.clone(),
+            metrics_token: settings
+                .metrics_token
+                .as_ref()
+                .map(|token| api::management::auth::digest(token.expose())),
         });
         let server = HttpServer::new(move || {
             App::new()
@@ -169,6 +188,7 @@ impl Application {
             stats_interval: Duration::from_millis(settings.spool.stats_interval_ms),
             source_slugs: settings.sources.iter().map(|s| s.slug.clone()).collect(),
             started,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

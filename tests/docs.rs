@@ -245,8 +245,9 @@ fn the_documented_defaults_are_the_defaults() {
     let mut shown = BTreeSet::new();
     keys_in(&value, "", &mut shown);
     let keys = setting_keys();
-    let absent_by_default =
-        |key: &str| key == "admin_token" || key.split('.').next() == Some("sources");
+    let absent_by_default = |key: &str| {
+        key == "admin_token" || key == "metrics_token" || key.split('.').next() == Some("sources")
+    };
     let missing: Vec<&String> = keys
         .iter()
         .filter(|key| !absent_by_default(key) && !shown.contains(*key))

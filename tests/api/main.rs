@@ -1,12 +1,14 @@
 //! Integration tests: the gateway served on 127.0.0.1 with a free port and a temporary data
 //! directory, driven over real HTTP.
 
+mod backup;
 mod crash;
 mod delivery;
 mod helpers;
 mod ingest;
 mod management;
 mod observability;
+mod operator_safety;
 mod properties;
 mod python_client;
 mod spool;
