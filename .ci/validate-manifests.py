@@ -84,6 +84,24 @@ SERVICE_MONITOR = {
                             "scrapeTimeout": DURATION,
                             "honorLabels": {"type": "boolean"},
                             "relabelings": {"type": "array", "items": {"type": "object"}},
+                            "authorization": {
+                                "type": "object",
+                                "required": ["credentials"],
+                                "properties": {
+                                    "type": STRING,
+                                    "credentials": {
+                                        "type": "object",
+                                        "required": ["name", "key"],
+                                        "properties": {
+                                            "name": STRING,
+                                            "key": STRING,
+                                            "optional": {"type": "boolean"},
+                                        },
+                                        "additionalProperties": False,
+                                    },
+                                },
+                                "additionalProperties": False,
+                            },
                             "metricRelabelings": {
                                 "type": "array",
                                 "items": {"type": "object"},

@@ -170,6 +170,12 @@ spec:
               name: {{ include "refiner-gateway.secretName" . }}
               key: {{ .Values.secretKeys.adminToken }}
               optional: true
+        - name: GATEWAY_METRICS_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "refiner-gateway.secretName" . }}
+              key: {{ .Values.secretKeys.metricsToken }}
+              optional: true
         {{- if eq .Values.spool.backend "nats" }}
         - name: GATEWAY_SPOOL
           value: nats
