@@ -236,7 +236,7 @@ impl Default for DeliverySettings {
             breaker_cooldown_secs: 5,
             poll_interval_ms: 50,
             ping_interval_secs: 60,
-            per_user_window: 16,
+            per_user_window: 32,
             auth_recheck_secs: 300,
         }
     }

@@ -602,7 +602,7 @@ async fn each_users_events_arrive_in_order_despite_503s_and_429s() {
 /// by fewer than the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn state_changes_keep_their_place_while_tracks_overlap() {
-    order_under_faults(16).await;
+    order_under_faults(DeliverySettings::default().per_user_window).await;
 }
 
 /// Where each event of `plan` first succeeded among `user_calls` (by call position), and
