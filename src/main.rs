@@ -20,6 +20,12 @@ use refiner_gateway::demo::DemoOptions;
 use refiner_gateway::startup::Application;
 use refiner_gateway::telemetry;
 
+/// mimalloc instead of the system allocator: delivery allocates per call (requests,
+/// answers, JSON), and glibc's malloc and free took about a sixth of the dispatch
+/// threads' time; measured in docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "refiner-gateway",

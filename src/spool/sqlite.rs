@@ -394,8 +394,14 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Prepared statements the writer keeps: every statement of its append, lease, settle and
+/// bookkeeping paths (about 40). rusqlite keeps 16 by default, which made the settle and
+/// lease paths parse their SQL again on most calls.
+const WRITER_STATEMENTS: usize = 64;
+
 fn open_connection(path: &Path, sources: &[String]) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
