@@ -533,6 +533,7 @@ async fn each_users_events_arrive_in_order_despite_503s_and_429s() {
                 write_keys: vec![Secret::new(write_key.as_str())],
                 webhook_secret: None,
                 refiner_api_key: Some(Secret::new(refiner_key.as_str())),
+                webhook_format: Default::default(),
             });
         }
     })

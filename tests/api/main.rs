@@ -4,6 +4,7 @@
 mod crash;
 mod delivery;
 mod helpers;
+mod hostile;
 mod ingest;
 mod management;
 mod observability;
