@@ -156,8 +156,8 @@ async fn batch(
 }
 
 /// The `/v1/*` flow: authenticate a Basic write key, read the body within `limit`,
-/// authenticate by write key (Basic user name and/or the body's `writeKey`, which must
-/// agree), parse, append, answer.
+/// authenticate by the body's `writeKey` when there is no Basic key, parse, check that a
+/// Basic key and the body's agree, append, answer.
 async fn write_key_route(
     request: HttpRequest,
     payload: web::Payload,
@@ -174,19 +174,32 @@ async fn write_key_route(
         }
         let mut reservation = state.budget.reservation();
         let body = read_body(&state, &request, payload, limit, &mut reservation, started).await?;
-        let body_key = segment::body_write_key(&body)?;
-        let source = state
-            .sources
-            .authenticate(basic.as_deref(), body_key.as_deref())?;
+        if basic.is_none() {
+            authenticate_body_key(&state, &body)?;
+        }
         let received_at_ms = now_ms();
         let parsed = parse_body(&state, route, || {
             parse(&body, arrival(&state.limits, received_at_ms))
         })?;
         drop(body);
+        // The header and the body's key must agree (the request is authenticated already).
+        let source = state
+            .sources
+            .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
         accept(&state, source, parsed.items, received_at_ms, reservation).await
     }
     .await;
     observe(&state, route, started, result)
+}
+
+/// Authenticates a request without a Basic write key by its body's top-level `writeKey`,
+/// found without parsing the body (see [`segment::body_write_key`]).
+fn authenticate_body_key<'s>(
+    state: &'s IngestState,
+    body: &[u8],
+) -> Result<&'s SourceAuth, IngestError> {
+    let key = segment::body_write_key(body)?;
+    state.sources.authenticate(None, key.as_deref())
 }
 
 /// Reads the body within `limit`, the request's share of the budget, and the body timeout
@@ -198,7 +211,7 @@ async fn read_body(
     limit: usize,
     reservation: &mut Reservation,
     started: Instant,
-) -> Result<web::Bytes, IngestError> {
+) -> Result<body::Body, IngestError> {
     let deadline = tokio::time::Instant::from_std(started) + state.body_timeout;
     let body = body::read_body(request.headers(), payload, limit, reservation, deadline).await?;
     state

@@ -23,9 +23,12 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::auth::{basic_write_key, SourceAuth};
+use super::body::Body;
 use super::budget::Reservation;
 use super::error::IngestError;
-use super::{accept, arrival, now_ms, observe, parse_body, read_body, IngestState};
+use super::{
+    accept, arrival, authenticate_body_key, now_ms, observe, parse_body, read_body, IngestState,
+};
 use crate::config::WebhookFormat;
 use crate::segment;
 
@@ -78,7 +81,7 @@ pub(super) async fn webhook(
             request: &request,
             started,
         };
-        let (source, body) = match signature {
+        let (by, body) = match signature {
             Some(signature) => signed(read, payload, &mut reservation, named, &signature).await?,
             None => unsigned(read, payload, &mut reservation, named).await?,
         };
@@ -87,10 +90,38 @@ pub(super) async fn webhook(
             segment::parse_webhook(&body, arrival(&state.limits, received_at_ms))
         })?;
         drop(body);
+        let source = match by {
+            By::Signature(source) => source,
+            // Authenticated already; a Basic key and the body's must agree.
+            By::WriteKey { basic } => {
+                let source = state
+                    .sources
+                    .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
+                needs_signature(named, source)?;
+                source
+            }
+        };
         accept(&state, source, parsed.items, received_at_ms, reservation).await
     }
     .await;
     observe(&state, "webhook", started, result)
+}
+
+/// How a webhook was authenticated before it is parsed.
+enum By<'s> {
+    /// Its signature, made with this source's secret.
+    Signature(&'s SourceAuth),
+    /// A write key: the Basic header's, or else the body's.
+    WriteKey { basic: Option<String> },
+}
+
+/// Refuses a source that must send signed webhooks: one with a webhook secret, or another
+/// than the path names.
+fn needs_signature(named: Option<&SourceAuth>, source: &SourceAuth) -> Result<(), IngestError> {
+    if source.has_webhook_secret() || named.is_some_and(|n| !std::ptr::eq(n, source)) {
+        return Err(MISSING_SIGNATURE);
+    }
+    Ok(())
 }
 
 /// What reading a body needs besides the payload.
@@ -105,7 +136,7 @@ impl Read<'_> {
         &self,
         payload: web::Payload,
         reservation: &mut Reservation,
-    ) -> Result<web::Bytes, IngestError> {
+    ) -> Result<Body, IngestError> {
         let limit = self.state.limits.max_webhook_bytes;
         read_body(
             self.state,
@@ -127,7 +158,7 @@ async fn signed<'s>(
     reservation: &mut Reservation,
     named: Option<&'s SourceAuth>,
     signature: &str,
-) -> Result<(&'s SourceAuth, web::Bytes), IngestError> {
+) -> Result<(By<'s>, Body), IngestError> {
     let state = read.state;
     // No secret that could have made it: refused before the body is read.
     let can_verify = match named {
@@ -144,47 +175,36 @@ async fn signed<'s>(
         .ok_or(INVALID_SIGNATURE)?;
     let source = verified.source;
     match source.webhook_format {
-        WebhookFormat::Classic if segment::is_json_array(&body) => Err(ARRAY_NOT_ALLOWED),
-        WebhookFormat::Classic => Ok((source, body)),
-        WebhookFormat::Actions => {
-            state
-                .signatures
-                .check(source.index, &verified.signature, &body, Instant::now())
-                .map_err(|_| SIGNATURE_REUSED)?;
-            Ok((source, body))
-        }
+        WebhookFormat::Classic if segment::is_json_array(&body) => return Err(ARRAY_NOT_ALLOWED),
+        WebhookFormat::Classic => {}
+        WebhookFormat::Actions => state
+            .signatures
+            .check(source.index, &verified.signature, &body, Instant::now())
+            .map_err(|_| SIGNATURE_REUSED)?,
     }
+    Ok((By::Signature(source), body))
 }
 
 /// Authenticates an unsigned webhook by write key, for sources without a webhook secret
-/// (and, with a source in the path, for that source only).
+/// (and, with a source in the path, for that source only): the Basic key before the body
+/// is read, else the body's `writeKey` before it is parsed.
 async fn unsigned<'s>(
     read: Read<'s>,
     payload: web::Payload,
     reservation: &mut Reservation,
     named: Option<&'s SourceAuth>,
-) -> Result<(&'s SourceAuth, web::Bytes), IngestError> {
+) -> Result<(By<'s>, Body), IngestError> {
     let state = read.state;
-    let needs_signature = |source: &SourceAuth| {
-        source.has_webhook_secret() || named.is_some_and(|n| !std::ptr::eq(n, source))
-    };
     if named.is_some_and(SourceAuth::has_webhook_secret) {
         return Err(MISSING_SIGNATURE);
     }
     let basic = basic_write_key(read.request.headers());
     if let Some(key) = basic.as_deref() {
-        let source = state.sources.authenticate(Some(key), None)?;
-        if needs_signature(source) {
-            return Err(MISSING_SIGNATURE);
-        }
+        needs_signature(named, state.sources.authenticate(Some(key), None)?)?;
     }
     let body = read.body(payload, reservation).await?;
-    let body_key = segment::body_write_key(&body)?;
-    let source = state
-        .sources
-        .authenticate(basic.as_deref(), body_key.as_deref())?;
-    if needs_signature(source) {
-        return Err(MISSING_SIGNATURE);
+    if basic.is_none() {
+        needs_signature(named, authenticate_body_key(state, &body)?)?;
     }
-    Ok((source, body))
+    Ok((By::WriteKey { basic }, body))
 }

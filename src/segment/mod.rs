@@ -435,20 +435,31 @@ pub fn is_json_array(body: &[u8]) -> bool {
 }
 
 /// The top-level `writeKey` of a body, read before the body is parsed: the request is
-/// authenticated with it before any event is normalized. The body's syntax is checked
-/// (the one refusal here, [`Reject::InvalidJson`]), then one pass over the object's
-/// members finds the key without collecting them; the cost is linear in the body and
-/// allocates only the key. A body that is not an object, or that has no string `writeKey`,
-/// or whose text a `Value` parse would refuse later, has none.
+/// authenticated with it before any event is normalized. One pass checks the body's
+/// syntax (the one refusal here, [`Reject::InvalidJson`]) and picks out the key, skipping
+/// every other member's value without allocating; the rare bodies that repeat `writeKey`
+/// take a second pass, which finds the last one (as a `Value` parse keeps it). A body that
+/// is not an object, or that has no string `writeKey`, has none.
 pub fn body_write_key(body: &[u8]) -> Result<Option<String>, Reject> {
+    #[derive(Deserialize)]
+    struct KeyOnly<'a> {
+        #[serde(rename = "writeKey", borrow)]
+        write_key: Option<&'a RawValue>,
+    }
+    let key = |raw: &str| scan::string_value(raw).map(std::borrow::Cow::into_owned);
+    if trim_json_start(body).first() == Some(&b'{') {
+        match serde_json::from_slice::<KeyOnly<'_>>(body) {
+            Ok(only) => return Ok(only.write_key.and_then(|raw| key(raw.get()))),
+            Err(e) if !e.is_data() => return Err(Reject::InvalidJson(e.to_string())),
+            Err(_) => {}
+        }
+    }
     let text = match serde_json::from_slice::<&RawValue>(body) {
         Ok(raw) => raw.get(),
         Err(e) => return Err(Reject::InvalidJson(e.to_string())),
     };
     let (_, raw) = scan::last_member(text, "writeKey");
-    Ok(raw
-        .and_then(scan::string_value)
-        .map(std::borrow::Cow::into_owned))
+    Ok(raw.and_then(key))
 }
 
 /// A JSON array's element count and first element.
