@@ -269,8 +269,7 @@ mod tests {
         assert!(reservation.bytes() <= 100);
         // A large limit: the output lives in a mapping, reserved as it is written.
         let data = vec![b'x'; 200_000];
-        let inflated =
-            inflate_bytes(&gzip(&data), 4 << 20, &mut reservation).expect("inflates");
+        let inflated = inflate_bytes(&gzip(&data), 4 << 20, &mut reservation).expect("inflates");
         assert_eq!(&*inflated, &data[..]);
         assert!(matches!(inflated.storage, Storage::Mapped(_)));
         assert_eq!(inflated.reserved, 4 * MAPPED_STEP_BYTES);
