@@ -66,6 +66,7 @@ fn settings(data_dir: &std::path::Path, refiner: &str, deliver: bool) -> Setting
             write_keys: vec![Secret::new(WRITE_KEY)],
             webhook_secret: None,
             refiner_api_key: Some(Secret::new(API_KEY)),
+            webhook_format: Default::default(),
         }],
         ..Settings::default()
     }

@@ -96,6 +96,7 @@ fn spawn_gateway(data_dir: &std::path::Path) -> String {
             write_keys: vec![Secret::new(WRITE_KEY)],
             webhook_secret: None,
             refiner_api_key: Some(Secret::new("bench")),
+            webhook_format: Default::default(),
         }],
         delivery: DeliverySettings {
             enabled: false,

@@ -174,6 +174,7 @@ fn main() {
                 write_keys: vec![Secret::new("bench-write-key")],
                 webhook_secret: None,
                 refiner_api_key: Some(Secret::new("k")),
+                webhook_format: Default::default(),
             }],
             ..Settings::default()
         };

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
-use crate::segment::Limits;
 
+mod ingest;
 mod nats;
 mod secrets;
+pub use ingest::{LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
 
@@ -82,6 +83,10 @@ pub struct SourceSettings {
     /// Refiner API key this source's events are delivered with.
     #[serde(default)]
     pub refiner_api_key: Option<Secret>,
+    /// What Segment's Webhooks destination sends: `classic` (one object per request) or
+    /// `actions` (arrays allowed, whose signature covers only the first element).
+    #[serde(default)]
+    pub webhook_format: WebhookFormat,
 }
 
 /// Refiner's API.
@@ -95,45 +100,6 @@ impl Default for RefinerSettings {
     fn default() -> Self {
         RefinerSettings {
             base_url: "https://api.refiner.io/v1".into(),
-        }
-    }
-}
-
-/// Request limits (see `segment::Limits`); Segment's values are the defaults.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitSettings {
-    pub max_event_bytes: usize,
-    pub max_batch_bytes: usize,
-    pub max_batch_events: usize,
-    pub max_webhook_bytes: usize,
-    pub max_webhook_events: usize,
-    pub max_message_id_len: usize,
-}
-
-impl Default for LimitSettings {
-    fn default() -> Self {
-        let limits = Limits::default();
-        LimitSettings {
-            max_event_bytes: limits.max_event_bytes,
-            max_batch_bytes: limits.max_batch_bytes,
-            max_batch_events: limits.max_batch_events,
-            max_webhook_bytes: limits.max_webhook_bytes,
-            max_webhook_events: limits.max_webhook_events,
-            max_message_id_len: limits.max_message_id_len,
-        }
-    }
-}
-
-impl LimitSettings {
-    pub fn to_limits(&self) -> Limits {
-        Limits {
-            max_event_bytes: self.max_event_bytes,
-            max_batch_bytes: self.max_batch_bytes,
-            max_batch_events: self.max_batch_events,
-            max_webhook_bytes: self.max_webhook_bytes,
-            max_webhook_events: self.max_webhook_events,
-            max_message_id_len: self.max_message_id_len,
         }
     }
 }
@@ -333,6 +299,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("GATEWAY_WRITE_KEYS", "sources[default].write_keys"),
     ("GATEWAY_WEBHOOK_SECRET", "sources[default].webhook_secret"),
     ("REFINER_API_KEY", "sources[default].refiner_api_key"),
+    ("GATEWAY_WEBHOOK_FORMAT", "sources[default].webhook_format"),
     ("GATEWAY_SPOOL", "spool.backend"),
     ("GATEWAY_NATS_URL", "nats.url"),
     ("GATEWAY_NATS_TOKEN", "nats.token"),
@@ -425,7 +392,14 @@ impl Settings {
         let write_keys = env("GATEWAY_WRITE_KEYS");
         let webhook_secret = env("GATEWAY_WEBHOOK_SECRET");
         let api_key = env("REFINER_API_KEY");
-        if write_keys.is_none() && webhook_secret.is_none() && api_key.is_none() {
+        let webhook_format = env("GATEWAY_WEBHOOK_FORMAT")
+            .map(|v| ingest::parse_webhook_format(&v))
+            .transpose()?;
+        if write_keys.is_none()
+            && webhook_secret.is_none()
+            && api_key.is_none()
+            && webhook_format.is_none()
+        {
             return Ok(());
         }
         let index = match self.sources.iter().position(|s| s.slug == DEFAULT_SOURCE) {
@@ -436,6 +410,7 @@ impl Settings {
                     write_keys: Vec::new(),
                     webhook_secret: None,
                     refiner_api_key: None,
+                    webhook_format: WebhookFormat::default(),
                 });
                 self.sources.len() - 1
             }
@@ -454,6 +429,9 @@ impl Settings {
         }
         if let Some(key) = api_key {
             source.refiner_api_key = Some(Secret::new(key));
+        }
+        if let Some(format) = webhook_format {
+            source.webhook_format = format;
         }
         Ok(())
     }
@@ -533,6 +511,19 @@ impl Settings {
             ("limits.max_webhook_bytes", limits.max_webhook_bytes),
             ("limits.max_webhook_events", limits.max_webhook_events),
             ("limits.max_message_id_len", limits.max_message_id_len),
+            (
+                "limits.max_batch_merged_bytes",
+                limits.max_batch_merged_bytes,
+            ),
+            ("limits.body_budget_bytes", limits.body_budget_bytes),
+            (
+                "limits.body_timeout_secs",
+                limits.body_timeout_secs as usize,
+            ),
+            (
+                "limits.max_webhook_signatures",
+                limits.max_webhook_signatures,
+            ),
             ("spool.queue_capacity", self.spool.queue_capacity),
             ("spool.max_group", self.spool.max_group),
             ("spool.dedup_flush_ids", self.spool.dedup_flush_ids),
@@ -587,6 +578,7 @@ impl Settings {
             ));
         }
         self.validate_secrets()?;
+        self.validate_ingest_limits()?;
         self.validate_nats()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(

@@ -48,6 +48,7 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
             write_keys: vec![Secret::new(DEMO_WRITE_KEY)],
             webhook_secret: None,
             refiner_api_key: Some(Secret::new(DEMO_REFINER_KEY)),
+            webhook_format: Default::default(),
         }],
         ..Settings::default()
     };

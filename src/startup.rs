@@ -28,7 +28,7 @@ use crate::api::{self, OpsState};
 use crate::config::{Settings, SpoolBackend};
 use crate::datadir::{DataDirError, DataDirLock};
 use crate::dispatch::{Dispatcher, Journal};
-use crate::ingest::{self, auth::Sources, IngestState};
+use crate::ingest::{self, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::request_id::request_id;
 use crate::spool::{NatsSpool, Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
@@ -141,12 +141,8 @@ impl Application {
                 source,
             })?
             .port();
-        let ingest_state = web::Data::new(IngestState {
-            spool: spool.clone(),
-            sources: Sources::new(&settings.sources),
-            limits: settings.limits.to_limits(),
-            metrics: metrics.clone(),
-        });
+        let ingest_state =
+            web::Data::new(IngestState::new(settings, spool.clone(), metrics.clone()));
         let started = Arc::new(AtomicBool::new(false));
         let management_state = web::Data::new(api::management::ManagementState::new(
             settings,

@@ -73,6 +73,17 @@ pub struct MetricsInner {
     pub ingest_request_size_bytes: Histogram,
     /// Time from the first byte read to the answer, by route.
     pub ingest_request_duration_seconds: HistogramVec,
+    /// Request bodies parsed into events, by route: only authenticated requests get there.
+    pub ingest_bodies_parsed_total: IntCounterVec,
+    /// Bytes of the ingest body budget held now (bodies being read or inflated, events
+    /// waiting to be stored).
+    pub ingest_body_budget_bytes: IntGauge,
+    /// Requests answered 503 because the body budget was spent, by route.
+    pub ingest_body_budget_exhausted_total: IntCounterVec,
+    /// Requests answered 503 because their body did not arrive in time, by route.
+    pub ingest_body_timeouts_total: IntCounterVec,
+    /// Signatures of accepted `actions` webhooks remembered now.
+    pub ingest_webhook_signatures: IntGauge,
     /// Time one group commit took.
     pub spool_commit_seconds: Histogram,
     /// Commands that shared one transaction.
@@ -217,6 +228,29 @@ impl Metrics {
             "Ingest request latency by route, including the durable commit.",
             &["route"],
         );
+        let ingest_bodies_parsed_total = counter_vec(
+            "gateway_ingest_bodies_parsed_total",
+            "Request bodies parsed into events (authenticated requests only), by route.",
+            &["route"],
+        );
+        let ingest_body_budget_bytes = gauge(
+            "gateway_ingest_body_budget_bytes",
+            "Bytes of the ingest body budget held now (bodies being read or inflated, events waiting to be stored).",
+        );
+        let ingest_body_budget_exhausted_total = counter_vec(
+            "gateway_ingest_body_budget_exhausted_total",
+            "Requests answered 503 because the ingest body budget was spent, by route.",
+            &["route"],
+        );
+        let ingest_body_timeouts_total = counter_vec(
+            "gateway_ingest_body_timeouts_total",
+            "Requests answered 503 because their body did not arrive within limits.body_timeout_secs, by route.",
+            &["route"],
+        );
+        let ingest_webhook_signatures = gauge(
+            "gateway_ingest_webhook_signatures",
+            "Signatures of accepted actions-format webhooks remembered now.",
+        );
         let spool_commit_seconds = histogram(
             "gateway_spool_commit_seconds",
             "Duration of one spool group-commit transaction.",
@@ -359,6 +393,11 @@ impl Metrics {
             ingest_events_skipped_total,
             ingest_request_size_bytes,
             ingest_request_duration_seconds,
+            ingest_bodies_parsed_total,
+            ingest_body_budget_bytes,
+            ingest_body_budget_exhausted_total,
+            ingest_body_timeouts_total,
+            ingest_webhook_signatures,
             spool_commit_seconds,
             spool_group_commands,
             spool_errors_total,

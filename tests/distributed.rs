@@ -423,6 +423,7 @@ fn settings(nats_url: &str, sim_url: &str, data_dir: &Path) -> Settings {
             write_keys: vec![Secret::new(WRITE_KEY)],
             webhook_secret: None,
             refiner_api_key: Some(Secret::new(REFINER_KEY)),
+            webhook_format: Default::default(),
         }],
         ..Settings::default()
     };

@@ -308,6 +308,12 @@ fn every_reject() -> Vec<Reject> {
             size: 2,
             limit: 1,
         },
+        Reject::MergedEventTooLarge {
+            index: 0,
+            size: 2,
+            limit: 1,
+        },
+        Reject::MergedBatchTooLarge { limit: 1 },
         Reject::MessageIdTooLong { index: 0, limit: 1 },
         Reject::InvalidMessageId { index: 0 },
     ];
@@ -319,6 +325,8 @@ fn every_reject() -> Vec<Reject> {
             | Reject::InvalidBatch
             | Reject::TooManyEvents { .. }
             | Reject::EventTooLarge { .. }
+            | Reject::MergedEventTooLarge { .. }
+            | Reject::MergedBatchTooLarge { .. }
             | Reject::MessageIdTooLong { .. }
             | Reject::InvalidMessageId { .. } => {}
         }
@@ -334,6 +342,7 @@ fn code_literals() -> BTreeSet<String> {
         "src/ingest/mod.rs",
         "src/ingest/auth.rs",
         "src/ingest/error.rs",
+        "src/ingest/webhook.rs",
         "src/api/mod.rs",
     ] {
         let text = read(file);
@@ -357,6 +366,8 @@ fn every_ingest_error() -> Vec<IngestError> {
         IngestError::UnreadableBody(String::new()),
         IngestError::Overloaded,
         IngestError::Unavailable(String::new()),
+        IngestError::BodyBudgetExhausted,
+        IngestError::BodyTimeout,
         IngestError::NotFound,
     ]);
     for code in [
@@ -364,6 +375,8 @@ fn every_ingest_error() -> Vec<IngestError> {
         "write_key_mismatch",
         "invalid_signature",
         "missing_signature",
+        "array_not_allowed",
+        "signature_reused",
     ] {
         all.push(IngestError::Unauthorized { code, message: "" });
     }
@@ -378,6 +391,8 @@ fn every_ingest_error() -> Vec<IngestError> {
             | IngestError::Unauthorized { .. }
             | IngestError::Overloaded
             | IngestError::Unavailable(_)
+            | IngestError::BodyBudgetExhausted
+            | IngestError::BodyTimeout
             | IngestError::NotFound => {}
         }
     }

@@ -85,12 +85,14 @@ mod tests {
                     write_keys: vec![Secret::new("wk")],
                     webhook_secret: None,
                     refiner_api_key: None,
+                    webhook_format: Default::default(),
                 },
                 SourceSettings {
                     slug: "web".into(),
                     write_keys: vec![Secret::new("wk-web-0123456789")],
                     webhook_secret: None,
                     refiner_api_key: None,
+                    webhook_format: Default::default(),
                 },
             ],
             ..Settings::default()

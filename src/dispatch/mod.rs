@@ -368,6 +368,7 @@ mod tests {
             write_keys: Vec::new(),
             webhook_secret: None,
             refiner_api_key: Some(Secret::new("refiner-key")),
+            webhook_format: Default::default(),
         }];
         let settings = DeliverySettings {
             workers: 1,

@@ -3,7 +3,10 @@
 //! Write keys are compared as SHA-256 digests with a constant-time equality, against every
 //! configured key without early exit, so neither the position of a match nor the length of
 //! a key leaks through timing. Webhook signatures (hex HMAC-SHA1) are checked with the
-//! `hmac` crate's constant-time verification.
+//! `hmac` crate's constant-time verification: over the whole body, or over the raw bytes
+//! of the first element when the body is a JSON array (what Segment's Actions batching
+//! signs). Whether a source takes arrays at all is its `webhook_format`, decided by the
+//! handler once the signature has named the source.
 
 use std::sync::Arc;
 
@@ -15,12 +18,17 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::IngestError;
-use crate::config::{Secret, SourceSettings};
+use super::signatures::SIGNATURE_BYTES;
+use crate::config::{Secret, SourceSettings, WebhookFormat};
+use crate::segment;
 
 /// One source as ingest sees it.
 #[derive(Debug)]
 pub struct SourceAuth {
     pub slug: Arc<str>,
+    /// The source's position in the configuration.
+    pub index: usize,
+    pub webhook_format: WebhookFormat,
     key_digests: Vec<[u8; 32]>,
     webhook_secret: Option<Secret>,
 }
@@ -29,6 +37,13 @@ impl SourceAuth {
     pub fn has_webhook_secret(&self) -> bool {
         self.webhook_secret.is_some()
     }
+}
+
+/// A webhook signature that verified: the source whose secret made it, and the MAC.
+#[derive(Debug, Clone, Copy)]
+pub struct Verified<'a> {
+    pub source: &'a SourceAuth,
+    pub signature: [u8; SIGNATURE_BYTES],
 }
 
 /// Every configured source.
@@ -51,8 +66,11 @@ impl Sources {
         Sources {
             list: settings
                 .iter()
-                .map(|source| SourceAuth {
+                .enumerate()
+                .map(|(index, source)| SourceAuth {
                     slug: Arc::from(source.slug.as_str()),
+                    index,
+                    webhook_format: source.webhook_format,
                     key_digests: source
                         .write_keys
                         .iter()
@@ -106,17 +124,25 @@ impl Sources {
         }
     }
 
-    /// The source whose webhook secret produced `signature_hex` over `signed`, among
-    /// `candidates` (all sources, or the one a `/webhook/{source}` path names).
+    /// Whether any source has a webhook secret (a signature can verify at all).
+    pub fn any_webhook_secret(&self) -> bool {
+        self.list.iter().any(SourceAuth::has_webhook_secret)
+    }
+
+    /// The source whose webhook secret produced `signature_hex` over `body` (over its
+    /// first element's raw bytes when it is a non-empty JSON array), among `candidates`
+    /// (all sources, or the one a `/webhook/{source}` path names); the first in
+    /// configuration order when several do.
     pub fn verify_signature<'a>(
         &'a self,
         candidates: Option<&'a SourceAuth>,
-        signed: &[u8],
+        body: &[u8],
         signature_hex: &str,
-    ) -> Option<&'a SourceAuth> {
+    ) -> Option<Verified<'a>> {
         let hex_part = signature_hex.trim();
         let hex_part = hex_part.strip_prefix("sha1=").unwrap_or(hex_part);
-        let signature = hex::decode(hex_part).ok()?;
+        let signature: [u8; SIGNATURE_BYTES] = hex::decode(hex_part).ok()?.try_into().ok()?;
+        let signed = segment::first_array_element(body).unwrap_or(body);
         let mut found = None;
         let all: Vec<&SourceAuth> = match candidates {
             Some(one) => vec![one],
@@ -134,7 +160,7 @@ impl Sources {
                 found = Some(source);
             }
         }
-        found
+        found.map(|source| Verified { source, signature })
     }
 }
 
@@ -166,12 +192,14 @@ mod tests {
                 write_keys: vec![Secret::new("key-a")],
                 webhook_secret: Some(Secret::new("secret-a")),
                 refiner_api_key: None,
+                webhook_format: WebhookFormat::Classic,
             },
             SourceSettings {
                 slug: "b".into(),
                 write_keys: vec![Secret::new("key-b"), Secret::new("key-b2")],
                 webhook_secret: None,
                 refiner_api_key: None,
+                webhook_format: WebhookFormat::Actions,
             },
         ])
     }
@@ -239,19 +267,31 @@ mod tests {
         let mut mac = Hmac::<Sha1>::new_from_slice(b"secret-a").expect("mac");
         mac.update(body);
         let signature = hex::encode(mac.finalize().into_bytes());
-        assert_eq!(
-            &*sources
-                .verify_signature(None, body, &signature)
-                .expect("valid")
-                .slug,
-            "a"
-        );
+        let verified = sources
+            .verify_signature(None, body, &signature)
+            .expect("valid");
+        assert_eq!(&*verified.source.slug, "a");
+        assert_eq!(hex::encode(verified.signature), signature);
+        let upper = format!("sha1={}", signature.to_uppercase());
+        assert!(sources.verify_signature(None, body, &upper).is_some());
         assert!(sources
             .verify_signature(None, b"tampered", &signature)
             .is_none());
         assert!(sources.verify_signature(None, body, "zz").is_none());
         assert!(sources
+            .verify_signature(None, body, &signature[..38])
+            .is_none());
+        assert!(sources
             .verify_signature(sources.by_slug("b"), body, &signature)
             .is_none());
+        // An array is verified over its first element's raw bytes.
+        let array = format!(
+            "[ {} ,{{\"type\":\"forged\"}}]",
+            std::str::from_utf8(body).expect("utf-8")
+        );
+        let verified = sources
+            .verify_signature(None, array.as_bytes(), &signature)
+            .expect("first element");
+        assert_eq!(&*verified.source.slug, "a");
     }
 }

@@ -13,8 +13,12 @@ use crate::spool::SpoolError;
 
 /// Seconds a client is asked to wait after a 429 (overload).
 pub const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
-/// Seconds a client is asked to wait after a 503 (storage trouble).
+/// Seconds a client is asked to wait after a 503 (storage trouble, or a body that did not
+/// arrive in time).
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
+/// Seconds a client is asked to wait after a 503 because the body budget was spent: the
+/// bytes it waits for are returned as soon as the requests holding them are answered.
+pub const BUDGET_RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -37,6 +41,13 @@ pub enum IngestError {
     Overloaded,
     #[error("the gateway cannot store events right now; retry later")]
     Unavailable(String),
+    #[error(
+        "the gateway holds as many request bodies as it may; retry after \
+         {BUDGET_RETRY_AFTER_SECS} s"
+    )]
+    BodyBudgetExhausted,
+    #[error("the body did not arrive in time; retry after {UNAVAILABLE_RETRY_AFTER_SECS} s")]
+    BodyTimeout,
     #[error("no such route")]
     NotFound,
 }
@@ -62,6 +73,8 @@ impl IngestError {
             IngestError::Unauthorized { code, .. } => code,
             IngestError::Overloaded => "overloaded",
             IngestError::Unavailable(_) => "unavailable",
+            IngestError::BodyBudgetExhausted => "body_budget_exhausted",
+            IngestError::BodyTimeout => "body_timeout",
             IngestError::NotFound => "not_found",
         }
     }
@@ -78,7 +91,9 @@ impl ResponseError for IngestError {
         match self {
             IngestError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             IngestError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unavailable(_)
+            | IngestError::BodyBudgetExhausted
+            | IngestError::BodyTimeout => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -96,6 +111,17 @@ impl ResponseError for IngestError {
             }
             IngestError::Unavailable(cause) => {
                 tracing::error!(%cause, "ingest answered 503");
+                response.insert_header((
+                    header::RETRY_AFTER,
+                    UNAVAILABLE_RETRY_AFTER_SECS.to_string(),
+                ));
+            }
+            // Counted in metrics, not logged one by one: under a flood of slow or large
+            // bodies these are many, and each says the same.
+            IngestError::BodyBudgetExhausted => {
+                response.insert_header((header::RETRY_AFTER, BUDGET_RETRY_AFTER_SECS.to_string()));
+            }
+            IngestError::BodyTimeout => {
                 response.insert_header((
                     header::RETRY_AFTER,
                     UNAVAILABLE_RETRY_AFTER_SECS.to_string(),

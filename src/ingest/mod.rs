@@ -1,29 +1,45 @@
 //! The HTTP edge for Segment traffic: `/v1/*` (HTTP API, client libraries, analytics.js)
 //! and `/webhook` (Segment's Webhooks destinations).
 //!
-//! Each handler only extracts → validates → appends → answers:
-//! read the body within its limit (inflating gzip), parse and normalize it with `segment`,
-//! authenticate, append the accepted events to the spool and answer
+//! Each handler only extracts → authenticates → validates → appends → answers:
+//! authenticate what the headers carry (a Basic write key; a webhook without a signature
+//! for a source that needs one), read the body within its limit, its time and its share of
+//! the body budget (inflating gzip), authenticate what the body carries (the `writeKey`,
+//! found by a shallow scan; the webhook signature), and only then parse and normalize it
+//! with `segment`, append the accepted events to the spool and answer
 //! `200 {"success":true}` once they are durable. It never maps to Refiner nor waits on it.
-//! A 2xx therefore always means "on disk"; overload answers 429 and storage trouble 503,
-//! both with `Retry-After`, so the client keeps the events and retries.
+//!
+//! Invariants:
+//! - nothing of a request is normalized, merged or stored before it is authenticated, so an
+//!   unauthenticated request costs at most its body, which the budget bounds;
+//! - every byte a request holds in memory (body, inflated body, events until stored) is
+//!   reserved from the [`budget`] first; when it is spent the answer is 503 with
+//!   `Retry-After`, as for a body that does not arrive within `limits.body_timeout_secs`;
+//! - a 2xx always means "on disk"; overload answers 429 and storage trouble 503, both with
+//!   `Retry-After`, so the client keeps the events and retries.
 
 pub mod auth;
 pub mod body;
+pub mod budget;
 pub mod error;
+pub mod signatures;
+mod webhook;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::config::Settings;
 use crate::segment::{self, Arrival, EventType, Item, Limits};
 use crate::spool::{AppendRequest, Spool};
 use crate::telemetry::Metrics;
 use auth::{basic_write_key, SourceAuth, Sources};
+use budget::{BodyBudget, Reservation};
 use error::IngestError;
+use signatures::SignatureCache;
 
 /// What the ingest handlers share.
 pub struct IngestState {
@@ -31,6 +47,35 @@ pub struct IngestState {
     pub sources: Sources,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// What request bodies may hold in memory, all together.
+    pub budget: Arc<BodyBudget>,
+    /// How long one body may take to arrive.
+    pub body_timeout: Duration,
+    /// Signatures of accepted `actions` webhooks.
+    pub signatures: SignatureCache,
+}
+
+impl IngestState {
+    /// The ingest state `settings` describe, appending to `spool`.
+    pub fn new(settings: &Settings, spool: Arc<dyn Spool>, metrics: Metrics) -> IngestState {
+        let limits = &settings.limits;
+        IngestState {
+            spool,
+            sources: Sources::new(&settings.sources),
+            limits: limits.to_limits(),
+            budget: Arc::new(BodyBudget::new(
+                limits.body_budget_bytes,
+                metrics.ingest_body_budget_bytes.clone(),
+            )),
+            body_timeout: Duration::from_secs(limits.body_timeout_secs),
+            signatures: SignatureCache::new(
+                limits.max_webhook_signatures,
+                Duration::from_secs(settings.spool.dedup_window_secs),
+                metrics.ingest_webhook_signatures.clone(),
+            ),
+            metrics,
+        }
+    }
 }
 
 /// Registers the ingest routes.
@@ -43,8 +88,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/import", web::post().to(batch))
             .route("/{kind}", web::post().to(single)),
     )
-    .route("/webhook", web::post().to(webhook))
-    .route("/webhook/{source}", web::post().to(webhook));
+    .route("/webhook", web::post().to(webhook::webhook))
+    .route("/webhook/{source}", web::post().to(webhook::webhook));
 }
 
 /// Browsers post from any origin (analytics.js sends `text/plain`, and since 2026 also
@@ -110,102 +155,84 @@ async fn batch(
     .await
 }
 
-/// The `/v1/*` flow: read the body within `limit`, parse, authenticate by write key
-/// (Basic user name and/or the body's `writeKey`), append, answer.
+/// The `/v1/*` flow: authenticate a Basic write key, read the body within `limit`,
+/// authenticate by the body's `writeKey` when there is no Basic key, parse, check that a
+/// Basic key and the body's agree, append, answer.
 async fn write_key_route(
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<IngestState>,
-    route: &str,
+    route: &'static str,
     limit: usize,
     parse: impl FnOnce(&[u8], Arrival<'_>) -> Result<segment::Parsed, segment::Reject>,
 ) -> Result<HttpResponse, IngestError> {
     let started = Instant::now();
     let result = async {
-        let body = body::read_body(request.headers(), payload, limit).await?;
-        state
-            .metrics
-            .ingest_request_size_bytes
-            .observe(body.len() as f64);
-        let received_at_ms = now_ms();
-        let parsed = parse(&body, arrival(&state.limits, received_at_ms))?;
         let basic = basic_write_key(request.headers());
+        if let Some(key) = basic.as_deref() {
+            state.sources.authenticate(Some(key), None)?;
+        }
+        let mut reservation = state.budget.reservation();
+        let body = read_body(&state, &request, payload, limit, &mut reservation, started).await?;
+        if basic.is_none() {
+            authenticate_body_key(&state, &body)?;
+        }
+        let received_at_ms = now_ms();
+        let parsed = parse_body(&state, route, || {
+            parse(&body, arrival(&state.limits, received_at_ms))
+        })?;
+        drop(body);
+        // The header and the body's key must agree (the request is authenticated already).
         let source = state
             .sources
             .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
-        accept(&state, source, parsed.items, received_at_ms).await
+        accept(&state, source, parsed.items, received_at_ms, reservation).await
     }
     .await;
     observe(&state, route, started, result)
 }
 
-/// `POST /webhook[/{source}]`: Segment's Webhooks destination (Classic or Actions).
-///
-/// With an `X-Signature` header, the signature must verify against the webhook secret of
-/// a source (the one the path names, if any): over the raw body, or over the raw bytes of
-/// the first element when the body is a JSON array (Actions batching). Without it, the
-/// request authenticates by write key like `/v1/*`, but only for sources that have no
-/// webhook secret.
-async fn webhook(
-    request: HttpRequest,
+/// Authenticates a request without a Basic write key by its body's top-level `writeKey`,
+/// found without parsing the body (see [`segment::body_write_key`]).
+fn authenticate_body_key<'s>(
+    state: &'s IngestState,
+    body: &[u8],
+) -> Result<&'s SourceAuth, IngestError> {
+    let key = segment::body_write_key(body)?;
+    state.sources.authenticate(None, key.as_deref())
+}
+
+/// Reads the body within `limit`, the request's share of the budget, and the body timeout
+/// counted from `started`.
+async fn read_body(
+    state: &IngestState,
+    request: &HttpRequest,
     payload: web::Payload,
-    state: web::Data<IngestState>,
-) -> Result<HttpResponse, IngestError> {
-    let started = Instant::now();
-    let result = async {
-        let named =
-            match request.match_info().get("source") {
-                Some(slug) => Some(state.sources.by_slug(slug).ok_or(
-                    IngestError::Unauthorized {
-                        code: "unauthorized",
-                        message: "unknown source",
-                    },
-                )?),
-                None => None,
-            };
-        let body =
-            body::read_body(request.headers(), payload, state.limits.max_webhook_bytes).await?;
-        state
-            .metrics
-            .ingest_request_size_bytes
-            .observe(body.len() as f64);
-        let signature = request
-            .headers()
-            .get("x-signature")
-            .and_then(|v| v.to_str().ok());
-        let received_at_ms = now_ms();
-        let (source, parsed) = match signature {
-            Some(signature) => {
-                let signed = segment::first_array_element(&body).unwrap_or(&body);
-                let source = state
-                    .sources
-                    .verify_signature(named, signed, signature)
-                    .ok_or(IngestError::Unauthorized {
-                        code: "invalid_signature",
-                        message: "X-Signature does not match any webhook secret",
-                    })?;
-                let parsed = segment::parse_webhook(&body, arrival(&state.limits, received_at_ms))?;
-                (source, parsed)
-            }
-            None => {
-                let parsed = segment::parse_webhook(&body, arrival(&state.limits, received_at_ms))?;
-                let basic = basic_write_key(request.headers());
-                let source = state
-                    .sources
-                    .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
-                if source.has_webhook_secret() || named.is_some_and(|n| !std::ptr::eq(n, source)) {
-                    return Err(IngestError::Unauthorized {
-                        code: "missing_signature",
-                        message: "this source requires an X-Signature header",
-                    });
-                }
-                (source, parsed)
-            }
-        };
-        accept(&state, source, parsed.items, received_at_ms).await
-    }
-    .await;
-    observe(&state, "webhook", started, result)
+    limit: usize,
+    reservation: &mut Reservation,
+    started: Instant,
+) -> Result<body::Body, IngestError> {
+    let deadline = tokio::time::Instant::from_std(started) + state.body_timeout;
+    let body = body::read_body(request.headers(), payload, limit, reservation, deadline).await?;
+    state
+        .metrics
+        .ingest_request_size_bytes
+        .observe(body.len() as f64);
+    Ok(body)
+}
+
+/// Parses an authenticated body (and counts it: nothing unauthenticated gets here).
+fn parse_body(
+    state: &IngestState,
+    route: &str,
+    parse: impl FnOnce() -> Result<segment::Parsed, segment::Reject>,
+) -> Result<segment::Parsed, IngestError> {
+    state
+        .metrics
+        .ingest_bodies_parsed_total
+        .with_label_values(&[route])
+        .inc();
+    Ok(parse()?)
 }
 
 fn arrival(limits: &Limits, received_at_ms: i64) -> Arrival<'_> {
@@ -217,11 +244,14 @@ fn arrival(limits: &Limits, received_at_ms: i64) -> Arrival<'_> {
 }
 
 /// Counts skipped events, appends the accepted ones and answers once they are durable.
+/// While they wait for the spool, the events hold their bytes of the budget in
+/// `reservation` (instead of the body they came from).
 async fn accept(
     state: &IngestState,
     source: &SourceAuth,
     items: Vec<Item>,
     received_at_ms: i64,
+    mut reservation: Reservation,
 ) -> Result<HttpResponse, IngestError> {
     let mut events = Vec::with_capacity(items.len());
     for item in items {
@@ -240,6 +270,11 @@ async fn accept(
     if events.is_empty() {
         return Ok(success());
     }
+    let held: usize = events
+        .iter()
+        .map(|e| e.payload.len() + e.message_id.len() + e.user_key.len())
+        .sum();
+    reservation.resize(held)?;
     let mut per_type = [0u64; EventType::ALL.len()];
     for event in &events {
         per_type[event.kind as usize] += 1;
@@ -308,6 +343,16 @@ fn observe(
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &result {
         tracing::debug!(route, code = e.code(), "ingest request refused");
+        let refusals = match e {
+            IngestError::BodyBudgetExhausted => {
+                Some(&state.metrics.ingest_body_budget_exhausted_total)
+            }
+            IngestError::BodyTimeout => Some(&state.metrics.ingest_body_timeouts_total),
+            _ => None,
+        };
+        if let Some(counter) = refusals {
+            counter.with_label_values(&[route]).inc();
+        }
     }
     result
 }

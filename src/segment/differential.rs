@@ -343,14 +343,17 @@ fn batch_body() -> impl Strategy<Value = String> {
 fn limits() -> impl Strategy<Value = Limits> {
     prop_oneof![
         3 => Just(Limits::default()),
-        1 => (40usize..600, 0usize..8, 2usize..40).prop_map(|(bytes, events, id)| Limits {
-            max_event_bytes: bytes,
-            max_batch_bytes: 500 * 1024,
-            max_batch_events: events,
-            max_webhook_bytes: 4 * 1024 * 1024,
-            max_webhook_events: events,
-            max_message_id_len: id,
-        }),
+        1 => (40usize..600, 0usize..8, 2usize..40, 40usize..3000).prop_map(
+            |(bytes, events, id, merged)| Limits {
+                max_event_bytes: bytes,
+                max_batch_bytes: 500 * 1024,
+                max_batch_events: events,
+                max_webhook_bytes: 4 * 1024 * 1024,
+                max_webhook_events: events,
+                max_message_id_len: id,
+                max_batch_merged_bytes: merged,
+            }
+        ),
     ]
 }
 

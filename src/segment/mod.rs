@@ -14,6 +14,14 @@
 //! - `message_id` is non-empty and at most [`Limits::max_message_id_len`] characters;
 //! - `user_key` is the identity the dispatcher orders by (see [`user_key`]).
 //!
+//! Bounds of a parse: each event, as sent and again with the batch's `sentAt`, `context`
+//! and `integrations` merged into it, is at most [`Limits::max_event_bytes`], and the merged
+//! events of a batch total at most [`Limits::max_batch_merged_bytes`]. Merged sizes are
+//! computed before anything is written, so a batch-level object repeated into thousands of
+//! events is refused, not copied; what one batch writes is bounded whatever its body
+//! repeats (plus the few fields set on every event).
+//! [`body_write_key`] reads the `writeKey` before any of this, for authentication.
+//!
 //! Events are not parsed into a tree: serde_json checks the syntax of the body, `scan`
 //! splits each event into its top-level members as raw text (and refuses, as a
 //! `serde_json::Value` parse would, numbers out of range, lone surrogates and nesting
@@ -29,6 +37,7 @@ mod oracle;
 mod scan;
 mod time;
 
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -119,6 +128,10 @@ pub struct Limits {
     pub max_webhook_events: usize,
     /// Longest accepted `messageId`, in characters. Segment: 100.
     pub max_message_id_len: usize,
+    /// Largest total of a batch's events with the batch-level `sentAt`, `context` and
+    /// `integrations` merged into them (see [`Reject::MergedBatchTooLarge`]): what one
+    /// batch request may store, whatever its body repeats into every event.
+    pub max_batch_merged_bytes: usize,
 }
 
 impl Default for Limits {
@@ -130,6 +143,7 @@ impl Default for Limits {
             max_webhook_bytes: 4 * 1024 * 1024,
             max_webhook_events: 4000,
             max_message_id_len: 100,
+            max_batch_merged_bytes: 2 * 1024 * 1024,
         }
     }
 }
@@ -151,6 +165,20 @@ pub enum Reject {
         size: usize,
         limit: usize,
     },
+    #[error(
+        "event {index} is {size} bytes with the batch's sentAt, context and integrations \
+         merged into it; the limit is {limit} bytes per event"
+    )]
+    MergedEventTooLarge {
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
+    #[error(
+        "the batch's events total more than {limit} bytes with the batch's sentAt, context \
+         and integrations merged into them"
+    )]
+    MergedBatchTooLarge { limit: usize },
     #[error("event {index} has a messageId longer than {limit} characters")]
     MessageIdTooLong { index: usize, limit: usize },
     #[error("event {index} has a messageId that is not a string")]
@@ -165,7 +193,8 @@ impl Reject {
             Reject::NotAnObject => "invalid_body",
             Reject::InvalidBatch => "invalid_batch",
             Reject::TooManyEvents { .. } => "too_many_events",
-            Reject::EventTooLarge { .. } => "event_too_large",
+            Reject::EventTooLarge { .. } | Reject::MergedEventTooLarge { .. } => "event_too_large",
+            Reject::MergedBatchTooLarge { .. } => "payload_too_large",
             Reject::MessageIdTooLong { .. } => "message_id_too_long",
             Reject::InvalidMessageId { .. } => "invalid_message_id",
         }
@@ -342,8 +371,11 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
         Value::String(s) => Some(s),
         _ => None,
     });
-    parse_items(&items, &level, false, limits.max_event_bytes, arrival)
-        .map(|items| Parsed { write_key, items })
+    let bounds = ItemBounds {
+        max_event_bytes: limits.max_event_bytes,
+        max_total_bytes: Some(limits.max_batch_merged_bytes),
+    };
+    parse_items(&items, &level, false, bounds, arrival).map(|items| Parsed { write_key, items })
 }
 
 /// Parses a `/webhook` body from Segment's Webhooks destination: one event object
@@ -354,6 +386,16 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
     let level = normalize::BatchLevel::default();
     let trimmed = trim_json_start(body);
     if trimmed.first() == Some(&b'[') {
+        // Counted before the elements are collected: a body of 4 MiB of `1,` would
+        // otherwise cost a vector of two million elements before the count is refused.
+        if let Some(outline) = array_outline(body) {
+            if outline.count > limits.max_webhook_events {
+                return Err(Reject::TooManyEvents {
+                    count: outline.count,
+                    limit: limits.max_webhook_events,
+                });
+            }
+        }
         let items: Vec<&RawValue> =
             serde_json::from_slice(body).map_err(|e| Reject::InvalidJson(e.to_string()))?;
         if items.len() > limits.max_webhook_events {
@@ -362,7 +404,11 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
                 limit: limits.max_webhook_events,
             });
         }
-        let items = parse_items(&items, &level, true, limits.max_event_bytes, arrival)?;
+        let bounds = ItemBounds {
+            max_event_bytes: limits.max_event_bytes,
+            max_total_bytes: None,
+        };
+        let items = parse_items(&items, &level, true, bounds, arrival)?;
         let write_key = None;
         return Ok(Parsed { write_key, items });
     }
@@ -380,22 +426,95 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
 /// Actions webhooks sign those bytes when they batch. `None` when the body is not a
 /// non-empty array.
 pub fn first_array_element(body: &[u8]) -> Option<&[u8]> {
-    if trim_json_start(body).first() != Some(&b'[') {
+    array_outline(body)?.first.map(|raw| raw.get().as_bytes())
+}
+
+/// Whether `body` is a JSON array (leading whitespace aside); says nothing of its validity.
+pub fn is_json_array(body: &[u8]) -> bool {
+    trim_json_start(body).first() == Some(&b'[')
+}
+
+/// The top-level `writeKey` of a body, read before the body is parsed: the request is
+/// authenticated with it before any event is normalized. One pass checks the body's
+/// syntax (the one refusal here, [`Reject::InvalidJson`]) and picks out the key, skipping
+/// every other member's value without allocating; the rare bodies that repeat `writeKey`
+/// take a second pass, which finds the last one (as a `Value` parse keeps it). A body that
+/// is not an object, or that has no string `writeKey`, has none.
+pub fn body_write_key(body: &[u8]) -> Result<Option<String>, Reject> {
+    #[derive(Deserialize)]
+    struct KeyOnly<'a> {
+        #[serde(rename = "writeKey", borrow)]
+        write_key: Option<&'a RawValue>,
+    }
+    let key = |raw: &str| scan::string_value(raw).map(std::borrow::Cow::into_owned);
+    if trim_json_start(body).first() == Some(&b'{') {
+        match serde_json::from_slice::<KeyOnly<'_>>(body) {
+            Ok(only) => return Ok(only.write_key.and_then(|raw| key(raw.get()))),
+            Err(e) if !e.is_data() => return Err(Reject::InvalidJson(e.to_string())),
+            Err(_) => {}
+        }
+    }
+    let text = match serde_json::from_slice::<&RawValue>(body) {
+        Ok(raw) => raw.get(),
+        Err(e) => return Err(Reject::InvalidJson(e.to_string())),
+    };
+    let (_, raw) = scan::last_member(text, "writeKey");
+    Ok(raw.and_then(key))
+}
+
+/// A JSON array's element count and first element.
+struct ArrayOutline<'a> {
+    first: Option<&'a RawValue>,
+    count: usize,
+}
+
+/// Reads a JSON array as `Vec<&RawValue>` would (the same checks, the same refusals),
+/// keeping only the first element and the count. `None` when the body is not a JSON array.
+fn array_outline(body: &[u8]) -> Option<ArrayOutline<'_>> {
+    struct Outline;
+    impl<'de> Visitor<'de> for Outline {
+        type Value = ArrayOutline<'de>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first: Option<&'de RawValue> = seq.next_element()?;
+            let mut count = usize::from(first.is_some());
+            while seq.next_element::<&'de RawValue>()?.is_some() {
+                count += 1;
+            }
+            Ok(ArrayOutline { first, count })
+        }
+    }
+    if !is_json_array(body) {
         return None;
     }
-    let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
-    items.first().map(|raw| raw.get().as_bytes())
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let outline = deserializer.deserialize_seq(Outline).ok()?;
+    deserializer.end().ok()?;
+    Some(outline)
+}
+
+/// The size bounds of the events of one request.
+#[derive(Debug, Clone, Copy)]
+struct ItemBounds {
+    /// Each event, as sent and again with the batch level merged into it.
+    max_event_bytes: usize,
+    /// All events together, batch level merged (batches only).
+    max_total_bytes: Option<usize>,
 }
 
 fn parse_items(
     raw_items: &[&RawValue],
     level: &normalize::BatchLevel,
     allow_delete: bool,
-    max_event_bytes: usize,
+    bounds: ItemBounds,
     arrival: Arrival<'_>,
 ) -> Result<Vec<Item>, Reject> {
+    let max_event_bytes = bounds.max_event_bytes;
     let mut items = Vec::with_capacity(raw_items.len());
     let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete);
+    let mut total = 0usize;
     for (index, raw) in raw_items.iter().enumerate() {
         let text = raw.get();
         if text.len() > max_event_bytes {
@@ -407,7 +526,26 @@ fn parse_items(
         }
         // The outer parse already checked this span's syntax; an item that is not an
         // object, or that a `Value` parse would refuse, is skipped.
-        if normalizer.scan(text) != scan::Shape::Object {
+        let object = normalizer.scan(text) == scan::Shape::Object;
+        // Sized before anything is written: the batch level is counted into each event,
+        // never copied into one that would then be refused.
+        let size = if object {
+            normalizer.merged_size(text.len())
+        } else {
+            text.len()
+        };
+        if size > max_event_bytes {
+            return Err(Reject::MergedEventTooLarge {
+                index,
+                size,
+                limit: max_event_bytes,
+            });
+        }
+        total = total.saturating_add(size);
+        if let Some(limit) = bounds.max_total_bytes.filter(|&limit| total > limit) {
+            return Err(Reject::MergedBatchTooLarge { limit });
+        }
+        if !object {
             items.push(Err(Skip::NotAnObject));
             continue;
         }
@@ -444,6 +582,8 @@ fn trim_json_start(body: &[u8]) -> &[u8] {
     &body[start..]
 }
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod differential;
 #[cfg(test)]

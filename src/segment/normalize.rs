@@ -19,6 +19,7 @@
 //! per-type checks.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
@@ -34,23 +35,51 @@ pub(super) struct LevelObject {
     json: String,
     /// Each member: its key, and the member as JSON (`"key":value`).
     members: Vec<(String, String)>,
+    /// Each member's merge size (see [`merge_size`]), by position in `members`.
+    sizes: Vec<usize>,
+    /// The sum of `sizes`: what the object adds to an event that has none of its keys.
+    total: usize,
+    /// The position in `members` of each key, so that an event's own keys are looked up
+    /// once each (the cost of sizing a merge is the event's size, not a product).
+    index: HashMap<String, usize>,
 }
 
 impl LevelObject {
     fn new(map: Map<String, Value>) -> LevelObject {
-        let members = map
-            .iter()
-            .map(|(key, value)| {
-                let mut member = Vec::new();
-                write_json_string(&mut member, key);
-                member.push(b':');
-                member.extend_from_slice(value_json(value).as_bytes());
-                (key.clone(), bytes_to_string(member))
-            })
+        let mut members = Vec::with_capacity(map.len());
+        let mut sizes = Vec::with_capacity(map.len());
+        for (key, value) in &map {
+            let value = value_json(value);
+            sizes.push(merge_size(key, &value));
+            let mut member = Vec::new();
+            write_json_string(&mut member, key);
+            member.push(b':');
+            member.extend_from_slice(value.as_bytes());
+            members.push((key.clone(), bytes_to_string(member)));
+        }
+        let index = map
+            .keys()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i))
             .collect();
         let json = value_json(&Value::Object(map.clone()));
-        LevelObject { map, json, members }
+        LevelObject {
+            map,
+            json,
+            total: sizes.iter().sum(),
+            members,
+            sizes,
+            index,
+        }
     }
+}
+
+/// What one batch-level member adds to an event it is merged into, by definition: its key's
+/// text (unescaped), its value as serde_json writes it, and 4 bytes (quotes, colon, comma).
+/// A rule both parsers (and the test oracle) compute the same way, close to the bytes the
+/// merge writes.
+pub(super) fn merge_size(key: &str, value_json: &str) -> usize {
+    key.len() + value_json.len() + 4
 }
 
 /// What a batch carries beside its items, merged into each of them.
@@ -188,6 +217,9 @@ pub(super) struct Normalizer<'l, 'b> {
     nested: Vec<Member<'b>>,
     /// Scratch for the duplicate check: the indices of members that are not [`Field`]s.
     others: Vec<usize>,
+    /// Scratch for merges: which members of a batch-level object the event's own object
+    /// has, by position.
+    present: Vec<bool>,
 }
 
 impl<'l, 'b> Normalizer<'l, 'b> {
@@ -206,7 +238,56 @@ impl<'l, 'b> Normalizer<'l, 'b> {
             slots: [None; FIELDS],
             nested: Vec::new(),
             others: Vec::new(),
+            present: Vec::new(),
         }
+    }
+
+    /// The size of the scanned event (`text_len` bytes as sent) with the batch level merged
+    /// into it: its text, plus the batch's `sentAt` and the [`merge_size`] of each member of
+    /// the batch's `context` and `integrations` that the event's own object lacks (all of
+    /// them when it has no such object). Computed without writing anything.
+    pub(super) fn merged_size(&mut self, text_len: usize) -> usize {
+        let level = self.level;
+        let mut size = text_len;
+        if let Some((json, _)) = &level.sent_at {
+            size = size.saturating_add(merge_size("sentAt", json));
+        }
+        for (field, batch) in [
+            (Field::Context, level.context.as_ref()),
+            (Field::Integrations, level.integrations.as_ref()),
+        ] {
+            let Some(batch) = batch else { continue };
+            let own = self.field(field);
+            let added = match self.mark_present(own, batch) {
+                Some(present_bytes) => batch.total - present_bytes,
+                None => batch.total,
+            };
+            size = size.saturating_add(added);
+        }
+        size
+    }
+
+    /// Marks in `present` the members of `batch` that the event's own object `own` has,
+    /// and answers their total [`merge_size`]; `None` when `own` is not an object with
+    /// members (the batch's object then replaces it whole).
+    fn mark_present(&mut self, own: Option<&'b str>, batch: &LevelObject) -> Option<usize> {
+        let own = own.filter(|raw| scan::is_object(raw))?;
+        if scan::object_members(own, 2, &mut self.nested) != Shape::Object || self.nested.is_empty()
+        {
+            return None;
+        }
+        self.present.clear();
+        self.present.resize(batch.members.len(), false);
+        let mut bytes = 0;
+        for member in &self.nested {
+            if let Some(&i) = batch.index.get(&*member.key) {
+                if let Some(seen) = self.present.get_mut(i).filter(|seen| !**seen) {
+                    *seen = true;
+                    bytes += batch.sizes.get(i).copied().unwrap_or(0);
+                }
+            }
+        }
+        Some(bytes)
     }
 
     /// Reads the event `text` (one JSON value) for [`Normalizer::normalize`].
@@ -519,22 +600,16 @@ impl<'l, 'b> Normalizer<'l, 'b> {
             }
             return;
         };
-        let own = own.filter(|raw| scan::is_object(raw));
         let body = own.and_then(|raw| raw.strip_suffix('}'));
-        let (Some(own), Some(body)) = (own, body) else {
+        let (Some(body), Some(_)) = (body, self.mark_present(own, batch)) else {
             member_raw(out, key, &batch.json);
             return;
         };
-        if scan::object_members(own, 2, &mut self.nested) != Shape::Object || self.nested.is_empty()
-        {
-            member_raw(out, key, &batch.json);
-            return;
-        }
         out.extend_from_slice(key.as_bytes());
         out.push(b':');
         out.extend_from_slice(body.as_bytes());
-        for (name, member) in &batch.members {
-            if !self.nested.iter().any(|m| m.key == name.as_str()) {
+        for ((_, member), present) in batch.members.iter().zip(&self.present) {
+            if !present {
                 out.push(b',');
                 out.extend_from_slice(member.as_bytes());
             }

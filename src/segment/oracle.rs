@@ -77,8 +77,16 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
         Value::String(s) => Some(s),
         _ => None,
     });
-    parse_items(&items, &level, false, limits.max_event_bytes, arrival)
-        .map(|items| Parsed { write_key, items })
+    let max_total = Some(limits.max_batch_merged_bytes);
+    parse_items(
+        &items,
+        &level,
+        false,
+        limits.max_event_bytes,
+        max_total,
+        arrival,
+    )
+    .map(|items| Parsed { write_key, items })
 }
 
 /// Parses a `/webhook` body from Segment's Webhooks destination: one event object
@@ -97,7 +105,7 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
             });
         }
         let level = BatchLevel::default();
-        let items = parse_items(&items, &level, true, limits.max_event_bytes, arrival)?;
+        let items = parse_items(&items, &level, true, limits.max_event_bytes, None, arrival)?;
         let write_key = None;
         return Ok(Parsed { write_key, items });
     }
@@ -126,9 +134,11 @@ fn parse_items(
     level: &BatchLevel,
     allow_delete: bool,
     max_event_bytes: usize,
+    max_total: Option<usize>,
     arrival: Arrival<'_>,
 ) -> Result<Vec<Item>, Reject> {
     let mut items = Vec::with_capacity(raw_items.len());
+    let mut total = 0usize;
     for (index, raw) in raw_items.iter().enumerate() {
         let text = raw.get();
         if text.len() > max_event_bytes {
@@ -142,16 +152,56 @@ fn parse_items(
         let object = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(mut object)) => {
                 object.remove("writeKey");
-                object
+                Some(object)
             }
-            _ => {
-                items.push(Err(Skip::NotAnObject));
-                continue;
-            }
+            _ => None,
+        };
+        let size = match &object {
+            Some(object) => text.len() + merge_addition(object, level),
+            None => text.len(),
+        };
+        if size > max_event_bytes {
+            return Err(Reject::MergedEventTooLarge {
+                index,
+                size,
+                limit: max_event_bytes,
+            });
+        }
+        total += size;
+        if let Some(limit) = max_total.filter(|&limit| total > limit) {
+            return Err(Reject::MergedBatchTooLarge { limit });
+        }
+        let Some(object) = object else {
+            items.push(Err(Skip::NotAnObject));
+            continue;
         };
         items.push(normalize(object, index, level, allow_delete, arrival)?);
     }
     Ok(items)
+}
+
+/// What merging the batch level adds to `event`: the batch `sentAt`, and each member of the
+/// batch's `context` and `integrations` that the event's own object lacks (all of them when
+/// it has none), each counted as its key, its value as JSON, and 4 bytes.
+fn merge_addition(event: &Map<String, Value>, level: &BatchLevel) -> usize {
+    let size = |key: &str, value: &Value| key.len() + value.to_string().len() + 4;
+    let mut added = level.sent_at.as_ref().map_or(0, |v| size("sentAt", v));
+    for (field, batch) in [
+        ("context", &level.context),
+        ("integrations", &level.integrations),
+    ] {
+        let Some(batch) = batch else { continue };
+        let own = match event.get(field) {
+            Some(Value::Object(own)) => Some(own),
+            _ => None,
+        };
+        added += batch
+            .iter()
+            .filter(|(key, _)| !own.is_some_and(|own| own.contains_key(*key)))
+            .map(|(key, value)| size(key, value))
+            .sum::<usize>();
+    }
+    added
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Reject> {

@@ -68,12 +68,37 @@ pub(super) fn object_members<'a>(
     if scanner.peek() != Some(b'{') {
         return Shape::NotObject;
     }
-    match scanner.members(nesting, out) {
+    match scanner.members(nesting, &mut |member| out.push(member)) {
         Ok(()) => Shape::Object,
         Err(Invalid) => {
             out.clear();
             Shape::Invalid
         }
+    }
+}
+
+/// The raw value of the last top-level member named `key` of the object `text` (the one a
+/// `Value` parse keeps), found without collecting the members: the cost is one pass over
+/// the text and no allocation, whatever the body holds. `None` unless the shape is
+/// [`Shape::Object`].
+pub(super) fn last_member<'a>(text: &'a str, key: &str) -> (Shape, Option<&'a str>) {
+    let mut scanner = Scanner {
+        text,
+        bytes: text.as_bytes(),
+        pos: 0,
+    };
+    scanner.skip_whitespace();
+    if scanner.peek() != Some(b'{') {
+        return (Shape::NotObject, None);
+    }
+    let mut found = None;
+    match scanner.members(1, &mut |member| {
+        if member.key == key {
+            found = Some(member.value);
+        }
+    }) {
+        Ok(()) => (Shape::Object, found),
+        Err(Invalid) => (Shape::Invalid, None),
     }
 }
 
@@ -134,7 +159,11 @@ impl<'a> Scanner<'a> {
     }
 
     /// The members of the object whose `{` is at `pos`.
-    fn members(&mut self, nesting: usize, out: &mut Vec<Member<'a>>) -> Result<(), Invalid> {
+    fn members(
+        &mut self,
+        nesting: usize,
+        visit: &mut impl FnMut(Member<'a>),
+    ) -> Result<(), Invalid> {
         if nesting > MAX_NESTING {
             return Err(Invalid);
         }
@@ -170,7 +199,7 @@ impl<'a> Scanner<'a> {
             let start = self.pos;
             self.skip_value(nesting)?;
             let value = self.slice(start)?;
-            out.push(Member {
+            visit(Member {
                 key,
                 key_raw,
                 value,
@@ -389,6 +418,18 @@ mod tests {
         ] {
             assert_ne!(members(text).0, Shape::Object, "{text}");
         }
+    }
+
+    #[test]
+    fn last_member_finds_the_value_a_value_parse_keeps() {
+        let text = r#"{"writeKey":"a","batch":[{"writeKey":"inner"}],"write\u004bey":"b"}"#;
+        assert_eq!(
+            last_member(text, "writeKey"),
+            (Shape::Object, Some(r#""b""#))
+        );
+        assert_eq!(last_member(text, "absent"), (Shape::Object, None));
+        assert_eq!(last_member("[1]", "writeKey"), (Shape::NotObject, None));
+        assert_eq!(last_member(r#"{"a":1e400}"#, "a"), (Shape::Invalid, None));
     }
 
     #[test]

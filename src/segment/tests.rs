@@ -219,6 +219,7 @@ fn default_limits_are_segments() {
             max_webhook_bytes: 4 * 1024 * 1024,
             max_webhook_events: 4000,
             max_message_id_len: 100,
+            max_batch_merged_bytes: 2 * 1024 * 1024,
         }
     );
 }

@@ -698,6 +698,7 @@ async fn order_under_faults(window: usize) {
                 write_keys: vec![Secret::new(write_key.as_str())],
                 webhook_secret: None,
                 refiner_api_key: Some(Secret::new(refiner_key.as_str())),
+                webhook_format: Default::default(),
             });
         }
     })

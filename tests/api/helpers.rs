@@ -44,12 +44,14 @@ pub fn test_settings(data_dir: &std::path::Path) -> Settings {
                 write_keys: vec![Secret::new(WRITE_KEY)],
                 webhook_secret: None,
                 refiner_api_key: Some(Secret::new("refiner-key")),
+                webhook_format: Default::default(),
             },
             SourceSettings {
                 slug: "hooked".into(),
                 write_keys: vec![Secret::new(OTHER_KEY)],
                 webhook_secret: Some(Secret::new(WEBHOOK_SECRET)),
                 refiner_api_key: Some(Secret::new("refiner-key-2")),
+                webhook_format: Default::default(),
             },
         ],
         ..Settings::default()
@@ -157,4 +159,22 @@ pub fn basic(key: &str) -> String {
 
 pub fn payload(event: &Leased) -> serde_json::Value {
     serde_json::from_slice(&event.payload).expect("payload is JSON")
+}
+
+/// The value of an unlabelled metric in `GET /metrics` (0 when it is not there).
+pub async fn unlabelled_metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().expect("metric value"))
+        .next()
+        .unwrap_or(0.0)
 }

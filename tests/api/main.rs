@@ -5,6 +5,7 @@ mod backup;
 mod crash;
 mod delivery;
 mod helpers;
+mod hostile;
 mod ingest;
 mod management;
 mod observability;

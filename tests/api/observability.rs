@@ -182,6 +182,7 @@ fn observed_settings(settings: &mut Settings, sim: &SimHandle) {
         write_keys: vec![Secret::new(NOKEY_WRITE_KEY)],
         webhook_secret: None,
         refiner_api_key: None,
+        webhook_format: Default::default(),
     });
 }
 

@@ -1,12 +1,31 @@
 //! `/webhook` over real HTTP: Segment's Webhooks destinations, Classic (one event, signed
-//! body) and Actions (a JSON array, only the first element's raw bytes signed).
+//! body) and Actions (a JSON array, only the first element's raw bytes signed), and the
+//! forgeries that the Actions signature would let through without the source's
+//! `webhook_format` and the signature cache.
 
 use hmac::{Hmac, Mac};
+use refiner_gateway::config::WebhookFormat;
 use serde_json::{json, Value};
 use sha1::Sha1;
 
-use crate::helpers::{basic, payload, spawn_app, TestApp, OTHER_KEY, WEBHOOK_SECRET, WRITE_KEY};
+use crate::helpers::{
+    basic, payload, spawn_app, spawn_app_with, unlabelled_metric, TestApp, OTHER_KEY,
+    WEBHOOK_SECRET, WRITE_KEY,
+};
 use crate::ingest::{assert_error, assert_success, gzip, metric};
+
+/// A gateway whose `hooked` source receives Webhooks (Actions): arrays allowed.
+async fn spawn_actions_app() -> TestApp {
+    spawn_app_with(|settings| {
+        let hooked = settings
+            .sources
+            .iter_mut()
+            .find(|s| s.slug == "hooked")
+            .expect("the hooked source");
+        hooked.webhook_format = WebhookFormat::Actions;
+    })
+    .await
+}
 
 /// Hex HMAC-SHA1, as Segment computes `X-Signature`.
 fn sign(secret: &str, bytes: &[u8]) -> String {
@@ -134,6 +153,9 @@ async fn a_source_with_a_secret_requires_the_signature() {
     // Neither a signature nor a key.
     let response = post_unsigned(&app, "/webhook", &body, None).await;
     assert_error(response, 401, "unauthorized").await;
+    // Neither, to a source that has a secret: what is missing is the signature.
+    let response = post_unsigned(&app, "/webhook/hooked", &body, None).await;
+    assert_error(response, 401, "missing_signature").await;
     assert!(app.spooled().await.is_empty());
 }
 
@@ -153,7 +175,7 @@ const ACTIONS_SECOND: &str =
 
 #[tokio::test]
 async fn actions_batch_signed_over_the_raw_first_element() {
-    let app = spawn_app().await;
+    let app = spawn_actions_app().await;
     let reserialized =
         serde_json::to_string(&serde_json::from_str::<Value>(ACTIONS_FIRST).expect("json"))
             .expect("serialize");
@@ -199,8 +221,8 @@ async fn actions_batch_signed_over_the_raw_first_element() {
 #[tokio::test]
 async fn tampering_a_later_batch_element_still_verifies() {
     // Documented limitation: Segment signs only the first element of an Actions batch, so
-    // the gateway cannot detect changes to the others.
-    let app = spawn_app().await;
+    // the gateway cannot detect changes to the others of a batch it has not seen before.
+    let app = spawn_actions_app().await;
     let signature = sign(WEBHOOK_SECRET, ACTIONS_FIRST.as_bytes());
     let tampered = r#"{"messageId":"wh-batch-2","traits":{"plan":"free","admin":true},"type":"identify","userId":"u2"}"#;
     let body = actions_batch(tampered);
@@ -213,7 +235,7 @@ async fn tampering_a_later_batch_element_still_verifies() {
         json!({"plan": "free", "admin": true})
     );
     // Tampering with the first element does not.
-    let app = spawn_app().await;
+    let app = spawn_actions_app().await;
     let body = actions_batch(ACTIONS_SECOND).replace("10.50", "0.01");
     let response = post_signed(&app, "/webhook", &body, &signature, ACTIONS).await;
     assert_error(response, 401, "invalid_signature").await;
@@ -350,4 +372,115 @@ async fn webhook_bodies_are_bounded_after_inflating() {
     let events = app.spooled().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].message_id, "wh-gz");
+}
+
+// ---------------------------------------------------------------------------------------
+// Forgery: a captured signature on another body
+// ---------------------------------------------------------------------------------------
+
+/// A classic body as Segment signs it, and another event an attacker wants in.
+const CAPTURED: &str = r#"{"type":"track","userId":"u1","event":"Paid","messageId":"wh-captured"}"#;
+const FORGED: &str = r#"{"type":"identify","userId":"u1","messageId":"wh-forged","traits":{"plan":"enterprise","admin":true}}"#;
+
+#[tokio::test]
+async fn classic_sources_refuse_arrays() {
+    let app = spawn_app().await;
+    let first = r#"{"type":"track","userId":"u1","event":"E","messageId":"wh-arr-1"}"#;
+    let body = format!("[{first}]");
+    let signature = sign(WEBHOOK_SECRET, first.as_bytes());
+    for path in ["/webhook", "/webhook/hooked"] {
+        let response = post_signed(&app, path, &body, &signature, ACTIONS).await;
+        assert_error(response, 401, "array_not_allowed").await;
+    }
+    // Signed over the whole body, an array is still not what classic sends.
+    let whole = sign(WEBHOOK_SECRET, body.as_bytes());
+    let response = post_signed(&app, "/webhook/hooked", &body, &whole, ACTIONS).await;
+    assert_error(response, 401, "invalid_signature").await;
+    assert!(app.spooled().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_captured_classic_body_wrapped_in_an_array_is_refused() {
+    // Classic: the array is refused whatever its signature covers.
+    let app = spawn_app().await;
+    let signature = sign(WEBHOOK_SECRET, CAPTURED.as_bytes());
+    assert_success(post_signed(&app, "/webhook/hooked", CAPTURED, &signature, CLASSIC).await).await;
+    let forged = format!("[{CAPTURED},{FORGED}]");
+    let response = post_signed(&app, "/webhook/hooked", &forged, &signature, CLASSIC).await;
+    assert_error(response, 401, "array_not_allowed").await;
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["wh-captured"]);
+
+    // Actions: arrays are allowed, but this signature was accepted with another body.
+    let app = spawn_actions_app().await;
+    assert_success(post_signed(&app, "/webhook", CAPTURED, &signature, ACTIONS).await).await;
+    let response = post_signed(&app, "/webhook", &forged, &signature, ACTIONS).await;
+    assert_error(response, 401, "signature_reused").await;
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["wh-captured"]);
+    let remembered = unlabelled_metric(&app, "gateway_ingest_webhook_signatures").await;
+    assert_eq!(remembered, 1.0);
+}
+
+#[tokio::test]
+async fn a_known_signature_with_another_body_is_refused_and_a_retry_passes() {
+    let app = spawn_actions_app().await;
+    let signature = sign(WEBHOOK_SECRET, ACTIONS_FIRST.as_bytes());
+    let batch = actions_batch(ACTIONS_SECOND);
+    assert_success(post_signed(&app, "/webhook", &batch, &signature, ACTIONS).await).await;
+    // The same first element with other events behind it.
+    let other = actions_batch(FORGED);
+    let response = post_signed(&app, "/webhook", &other, &signature, ACTIONS).await;
+    assert_error(response, 401, "signature_reused").await;
+    // The same request again (Segment's retry) passes, and is deduplicated.
+    assert_success(post_signed(&app, "/webhook", &batch, &signature, ACTIONS).await).await;
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["wh-batch-1", "wh-batch-2", "wh-batch-3"]);
+    // The same bytes gzip-compressed are the same body.
+    let response = app
+        .client
+        .post(app.url("/webhook/hooked"))
+        .header("Content-Encoding", "gzip")
+        .header("X-Signature", &signature)
+        .body(gzip(batch.as_bytes()))
+        .send()
+        .await
+        .expect("request");
+    assert_success(response).await;
+}
+
+#[tokio::test]
+async fn unauthenticated_webhooks_are_refused_without_being_parsed() {
+    let app = spawn_app().await;
+    let events: Vec<Value> = (0..4000)
+        .map(|i| json!({"type": "track", "userId": format!("u{i}"), "event": "E"}))
+        .collect();
+    let body = serde_json::to_string(&events).expect("json");
+    let response = post_signed(&app, "/webhook", &body, &"0".repeat(40), ACTIONS).await;
+    assert_error(response, 401, "invalid_signature").await;
+    let response = post_unsigned(&app, "/webhook", &body, None).await;
+    assert_error(response, 401, "unauthorized").await;
+    let parsed = metric(
+        &app,
+        "gateway_ingest_bodies_parsed_total",
+        &[("route", "webhook")],
+    )
+    .await;
+    assert_eq!(parsed, 0.0);
+    assert!(app.spooled().await.is_empty());
 }

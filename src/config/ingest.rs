@@ -1,0 +1,196 @@
+//! Settings of the ingest edge: request limits (`[limits]`) and the webhook format of a
+//! source.
+//!
+//! The defaults are Segment's limits, and memory bounds sized for the Helm chart's default
+//! memory limit (512 MiB): `limits.body_budget_bytes` caps what request bodies hold at
+//! once, whatever the traffic (see `docs/limits-and-errors.md`).
+
+use serde::Deserialize;
+
+use super::{error, ConfigError, Settings};
+use crate::segment::Limits;
+
+/// What a source's Segment Webhooks destination sends to `/webhook`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// Webhooks (Classic): one event object per request, signed over the whole body. A JSON
+    /// array is refused, since an array's signature would cover only its first element.
+    #[default]
+    Classic,
+    /// Webhooks (Actions): an object, or (with batching) a JSON array whose signature
+    /// covers only the first element; a signature seen before with another body is refused.
+    Actions,
+}
+
+/// Parses `GATEWAY_WEBHOOK_FORMAT`.
+pub(super) fn parse_webhook_format(value: &str) -> Result<WebhookFormat, ConfigError> {
+    match value.trim() {
+        "classic" => Ok(WebhookFormat::Classic),
+        "actions" => Ok(WebhookFormat::Actions),
+        other => Err(error(
+            "sources[default].webhook_format (GATEWAY_WEBHOOK_FORMAT)",
+            format!("expected `classic` or `actions`, got `{other}`"),
+        )),
+    }
+}
+
+/// The largest body budget accepted: far beyond any memory, and within what the budget's
+/// semaphore can count.
+const MAX_BODY_BUDGET_BYTES: usize = 1 << 40;
+
+/// Request limits (see `segment::Limits`); Segment's values are the defaults.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_batch_events: usize,
+    pub max_webhook_bytes: usize,
+    pub max_webhook_events: usize,
+    pub max_message_id_len: usize,
+    /// Largest total of a batch's events with the batch-level fields merged into them.
+    pub max_batch_merged_bytes: usize,
+    /// Request bytes all ingest requests together may hold in memory (bodies being read or
+    /// inflated, and their events until they are stored).
+    pub body_budget_bytes: usize,
+    /// Wall time one request body may take to arrive, in seconds.
+    pub body_timeout_secs: u64,
+    /// Signatures of accepted `actions` webhooks remembered (for the dedup window).
+    pub max_webhook_signatures: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitSettings {
+            max_event_bytes: limits.max_event_bytes,
+            max_batch_bytes: limits.max_batch_bytes,
+            max_batch_events: limits.max_batch_events,
+            max_webhook_bytes: limits.max_webhook_bytes,
+            max_webhook_events: limits.max_webhook_events,
+            max_message_id_len: limits.max_message_id_len,
+            max_batch_merged_bytes: limits.max_batch_merged_bytes,
+            body_budget_bytes: 128 * 1024 * 1024,
+            body_timeout_secs: 30,
+            max_webhook_signatures: 100_000,
+        }
+    }
+}
+
+impl LimitSettings {
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_batch_bytes: self.max_batch_bytes,
+            max_batch_events: self.max_batch_events,
+            max_webhook_bytes: self.max_webhook_bytes,
+            max_webhook_events: self.max_webhook_events,
+            max_message_id_len: self.max_message_id_len,
+            max_batch_merged_bytes: self.max_batch_merged_bytes,
+        }
+    }
+}
+
+impl Settings {
+    /// The relations between limits that keep every valid request acceptable (the zero
+    /// checks are with the other settings').
+    pub(super) fn validate_ingest_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        if limits.max_batch_merged_bytes < limits.max_batch_bytes {
+            return Err(error(
+                "limits.max_batch_merged_bytes",
+                "must be at least limits.max_batch_bytes",
+            ));
+        }
+        let largest_body = limits.max_batch_bytes.max(limits.max_webhook_bytes);
+        if limits.body_budget_bytes < largest_body {
+            return Err(error(
+                "limits.body_budget_bytes",
+                "must be at least limits.max_batch_bytes and limits.max_webhook_bytes, so that a body of the largest size can be read",
+            ));
+        }
+        if limits.body_budget_bytes > MAX_BODY_BUDGET_BYTES {
+            return Err(error(
+                "limits.body_budget_bytes",
+                format!("must be at most {MAX_BODY_BUDGET_BYTES}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(limits: LimitSettings) -> Settings {
+        let mut settings = Settings {
+            limits,
+            ..Settings::default()
+        };
+        settings.sources.push(crate::config::SourceSettings {
+            slug: "s".into(),
+            write_keys: vec![crate::config::Secret::new("k")],
+            webhook_secret: None,
+            refiner_api_key: None,
+            webhook_format: WebhookFormat::Classic,
+        });
+        settings
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_fit_the_largest_body() {
+        let limits = LimitSettings::default();
+        assert!(limits.body_budget_bytes >= limits.max_webhook_bytes * 8);
+        settings(limits).validate().expect("valid");
+    }
+
+    #[test]
+    fn a_budget_below_the_largest_body_is_refused() {
+        let limits = LimitSettings {
+            body_budget_bytes: 1024 * 1024,
+            ..LimitSettings::default()
+        };
+        let err = settings(limits).validate().expect_err("too small");
+        assert!(
+            err.to_string().contains("limits.body_budget_bytes"),
+            "{err}"
+        );
+        let limits = LimitSettings {
+            max_batch_merged_bytes: 1000,
+            ..LimitSettings::default()
+        };
+        let err = settings(limits)
+            .validate()
+            .expect_err("below the batch limit");
+        assert!(
+            err.to_string().contains("limits.max_batch_merged_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_webhook_format_comes_from_the_file_or_the_environment() {
+        let source: crate::config::SourceSettings =
+            toml::from_str("slug = \"s\"\nwrite_keys = [\"k\"]\nwebhook_format = \"actions\"")
+                .expect("parses");
+        assert_eq!(source.webhook_format, WebhookFormat::Actions);
+        let source: crate::config::SourceSettings =
+            toml::from_str("slug = \"s\"\nwrite_keys = [\"k\"]").expect("parses");
+        assert_eq!(source.webhook_format, WebhookFormat::Classic);
+        assert_eq!(
+            parse_webhook_format(" actions "),
+            Ok(WebhookFormat::Actions)
+        );
+        let err = parse_webhook_format("batch").expect_err("unknown");
+        assert!(err.to_string().contains("GATEWAY_WEBHOOK_FORMAT"), "{err}");
+        let settings = Settings::load_with(None, |name| match name {
+            "GATEWAY_WRITE_KEYS" => Some("k".into()),
+            "GATEWAY_WEBHOOK_FORMAT" => Some("actions".into()),
+            _ => None,
+        })
+        .expect("valid");
+        assert_eq!(settings.sources[0].webhook_format, WebhookFormat::Actions);
+    }
+}
