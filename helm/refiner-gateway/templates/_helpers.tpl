@@ -158,6 +158,8 @@ spec:
               name: {{ include "refiner-gateway.secretName" . }}
               key: {{ .Values.secretKeys.webhookSecret }}
               optional: true
+        - name: GATEWAY_WEBHOOK_FORMAT
+          value: {{ .Values.webhookFormat | quote }}
         - name: REFINER_API_KEY
           valueFrom:
             secretKeyRef:
