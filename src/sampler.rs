@@ -19,14 +19,13 @@
 //! A failed sample leaves the gauges as they were and is logged once per streak of
 //! failures; the task ends when `shutdown` turns true, before the spool closes.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::spool::admin::SourceUsage;
-use crate::spool::{Spool, SpoolStats};
+use crate::spool::{Backend, SpoolStats};
 use crate::telemetry::Metrics;
 
 /// The least wait after a sample, as a multiple of the time the sample took.
@@ -69,21 +68,24 @@ pub fn record_usage(metrics: &Metrics, source: &str, usage: &SourceUsage) {
 }
 
 /// Takes one sample now and records it: the queue's statistics, then each source's usage.
-/// A usage the backend cannot give is skipped (the queue's statistics are what matter).
+/// A backend without usage counters exports none (the queue's statistics are what matter).
 pub async fn sample(
-    spool: &dyn Spool,
+    backend: &Backend,
     metrics: &Metrics,
     sources: &[String],
 ) -> Result<SpoolStats, String> {
     let started = Instant::now();
-    let stats = spool.stats().await.map_err(|e| e.to_string())?;
+    let stats = backend.queue.stats().await.map_err(|e| e.to_string())?;
     metrics
         .spool_stats_seconds
         .observe(started.elapsed().as_secs_f64());
     let now_ms = chrono::Utc::now().timestamp_millis();
     record(metrics, &stats, now_ms);
+    let Some(metering) = &backend.metering else {
+        return Ok(stats);
+    };
     for source in sources {
-        match spool.usage(source, now_ms).await {
+        match metering.usage(source, now_ms).await {
             Ok(usage) => record_usage(metrics, source, &usage),
             Err(e) => tracing::debug!(source = %source, error = %e, "no usage for the metrics"),
         }
@@ -94,7 +96,7 @@ pub async fn sample(
 /// Starts the sampler: a sample at once, then one every `interval`, until `shutdown` is
 /// true. `sources` are the slugs whose usage is exported.
 pub fn spawn(
-    spool: Arc<dyn Spool>,
+    backend: Backend,
     metrics: Metrics,
     interval: Duration,
     sources: Vec<String>,
@@ -108,7 +110,7 @@ pub fn spawn(
                 break;
             }
             let started = Instant::now();
-            match sample(spool.as_ref(), &metrics, &sources).await {
+            match sample(&backend, &metrics, &sources).await {
                 Ok(_) => {
                     if failing {
                         tracing::info!("sampling the spool works again");

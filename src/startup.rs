@@ -31,7 +31,7 @@ use crate::dispatch::{Dispatcher, Journal};
 use crate::ingest::{self, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
 use crate::request_id::request_id;
-use crate::spool::{NatsSpool, Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
+use crate::spool::{Backend, NatsSpool, Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
 use crate::telemetry::Metrics;
 
 /// Why the application could not start.
@@ -55,6 +55,8 @@ pub struct Application {
     port: u16,
     server: Server,
     spool: Arc<dyn Spool>,
+    /// The same backend through all the traits it implements.
+    backend: Backend,
     metrics: Metrics,
     dispatcher: Option<Arc<Dispatcher>>,
     shutdown_timeout: Duration,
@@ -95,13 +97,14 @@ impl Application {
         options.dead_letter_retention =
             Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
         options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
-        let spool: Arc<dyn Spool> = match settings.spool.backend {
-            SpoolBackend::Sqlite => Arc::new(SqliteSpool::open(options, metrics.clone())?),
-            SpoolBackend::Nats => Arc::new(NatsSpool::open(
+        let backend = match settings.spool.backend {
+            SpoolBackend::Sqlite => Backend::sqlite(SqliteSpool::open(options, metrics.clone())?),
+            SpoolBackend::Nats => Backend::nats(NatsSpool::open(
                 settings.nats_spool_options(),
                 metrics.clone(),
             )?),
         };
+        let spool = backend.queue.clone();
 
         let dispatcher = if settings.delivery.enabled {
             let client = RefinerClient::new(&ClientOptions {
@@ -144,10 +147,8 @@ impl Application {
         let ingest_state =
             web::Data::new(IngestState::new(settings, spool.clone(), metrics.clone()));
         let started = Arc::new(AtomicBool::new(false));
-        let management_state = web::Data::new(api::management::ManagementState::new(
-            settings,
-            spool.clone(),
-        ));
+        let management_state =
+            web::Data::new(api::management::ManagementState::new(settings, &backend));
         let ops_state = web::Data::new(OpsState {
             spool: spool.clone(),
             metrics: metrics.clone(),
@@ -178,6 +179,7 @@ impl Application {
             port,
             server,
             spool,
+            backend,
             metrics,
             dispatcher,
             shutdown_timeout: Duration::from_secs(settings.shutdown_timeout_secs),
@@ -203,6 +205,11 @@ impl Application {
         self.spool.clone()
     }
 
+    /// The spool through every trait its backend implements (dead letters, usage).
+    pub fn backend(&self) -> Backend {
+        self.backend.clone()
+    }
+
     pub fn metrics(&self) -> Metrics {
         self.metrics.clone()
     }
@@ -212,7 +219,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let (stop_delivery, stopped) = watch::channel(false);
         let sampler = crate::sampler::spawn(
-            self.spool.clone(),
+            self.backend.clone(),
             self.metrics.clone(),
             self.stats_interval,
             self.source_slugs.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use refiner_gateway::spool::conformance;
 use refiner_gateway::spool::nats::testing::NatsServer;
-use refiner_gateway::spool::{NatsSpool, NatsSpoolOptions, Spool};
+use refiner_gateway::spool::{Backend, NatsSpool, NatsSpoolOptions, Spool};
 use refiner_gateway::telemetry::Metrics;
 
 fn options(server: &NatsServer) -> NatsSpoolOptions {
@@ -158,12 +158,15 @@ mod dead_letters {
         let Some(server) = NatsServer::start("dead_letters_are_listed") else {
             return;
         };
-        let spool = open(&server);
+        let backend = Backend::nats(
+            NatsSpool::open(options(&server), Metrics::new()).expect("open the NATS spool"),
+        );
+        let (spool, dead) = (backend.queue.clone(), backend.dead_letters.clone());
         bury(&spool, &["d1", "d2", "d3"]).await;
         let stats = spool.stats().await.expect("stats");
         assert_eq!((stats.depth, stats.dead_letters), (0, 3));
 
-        let page = spool
+        let page = dead
             .list_dead_letters(query(PageAt::Offset(0), 2))
             .await
             .expect("list");
@@ -173,20 +176,20 @@ mod dead_letters {
         assert_eq!(ids, ["d1", "d2"]);
         assert_eq!(page.items[0].attempts, 2);
         assert_eq!(page.items[0].last_status, Some(400));
-        let next = spool
+        let next = dead
             .list_dead_letters(query(PageAt::After(page.items[1].cursor.clone()), 2))
             .await
             .expect("list after");
         assert_eq!(next.items.len(), 1);
         assert_eq!(next.items[0].message_id, "d3");
         assert!(!next.more);
-        let back = spool
+        let back = dead
             .list_dead_letters(query(PageAt::Before(next.items[0].cursor.clone()), 1))
             .await
             .expect("list before");
         assert_eq!(back.items[0].message_id, "d2");
         assert!(back.more);
-        let searched = spool
+        let searched = dead
             .list_dead_letters(DeadLetterQuery {
                 filter: DeadLetterFilter {
                     q: Some("REFUSED D3".into()),
@@ -197,7 +200,7 @@ mod dead_letters {
             .await
             .expect("search");
         assert_eq!(searched.count, 1);
-        let descending = spool
+        let descending = dead
             .list_dead_letters(DeadLetterQuery {
                 sort: SortField::MessageId,
                 descending: true,
@@ -220,7 +223,7 @@ mod dead_letters {
         );
 
         let d1 = page.items[0].id;
-        let shown = spool
+        let shown = dead
             .dead_letter(SOURCE, d1)
             .await
             .expect("show")
@@ -228,13 +231,13 @@ mod dead_letters {
         assert_eq!(shown.summary.message_id, "d1");
         assert_eq!(shown.attempts.len(), 2, "{:?}", shown.attempts);
         assert_eq!(shown.attempts[0].status, Some(503));
-        assert!(spool
+        assert!(dead
             .dead_letter("other-source", d1)
             .await
             .expect("show")
             .is_none());
 
-        let report = spool
+        let report = dead
             .replay_dead_letters(
                 DeadLetterFilter {
                     ids: Some(vec![d1]),
@@ -262,7 +265,7 @@ mod dead_letters {
             })
             .await
             .expect("bury again");
-        let again = spool
+        let again = dead
             .list_dead_letters(DeadLetterQuery {
                 filter: DeadLetterFilter {
                     q: Some("refused again".into()),
@@ -274,20 +277,17 @@ mod dead_letters {
             .expect("list");
         assert_eq!(again.count, 1);
         assert_eq!(again.items[0].attempts, 3);
-        let shown = spool
+        let shown = dead
             .dead_letter(SOURCE, again.items[0].id)
             .await
             .expect("show")
             .expect("exists");
         assert_eq!(shown.attempts.len(), 3, "{:?}", shown.attempts);
 
-        let deleted = spool
-            .delete_dead_letters(all(SOURCE))
-            .await
-            .expect("delete");
+        let deleted = dead.delete_dead_letters(all(SOURCE)).await.expect("delete");
         assert_eq!(deleted, 3);
         assert_eq!(spool.stats().await.expect("stats").dead_letters, 0);
-        assert!(spool.usage(SOURCE, 0).await.is_err(), "usage is not kept");
+        assert!(backend.metering.is_none(), "usage is not kept");
         spool.close().await;
     }
 }

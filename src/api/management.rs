@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use crate::config::Settings;
 use crate::request_id::RequestId;
 use crate::spool::admin::{DeadLetterQuery, DeadLetterSummary, PageAt, HOUR_MS};
-use crate::spool::Spool;
+use crate::spool::{Backend, DeadLetters, Metering};
 use error::ApiError;
 use params::{iso, PageCursor, Params, DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE_SIZE};
 
@@ -45,7 +45,9 @@ struct SourceView {
 
 /// What the management routes share.
 pub struct ManagementState {
-    spool: Arc<dyn Spool>,
+    dead_letters: Arc<dyn DeadLetters>,
+    /// `None` for a backend without usage counters: those routes answer 501.
+    metering: Option<Arc<dyn Metering>>,
     /// SHA-256 of the admin token; `None` disables the API.
     admin: Option<[u8; 32]>,
     sources: Vec<SourceView>,
@@ -53,9 +55,10 @@ pub struct ManagementState {
 }
 
 impl ManagementState {
-    pub fn new(settings: &Settings, spool: Arc<dyn Spool>) -> ManagementState {
+    pub fn new(settings: &Settings, backend: &Backend) -> ManagementState {
         ManagementState {
-            spool,
+            dead_letters: backend.dead_letters.clone(),
+            metering: backend.metering.clone(),
             admin: settings
                 .admin_token
                 .as_ref()
@@ -72,6 +75,13 @@ impl ManagementState {
                 .collect(),
             refiner_base_url: settings.refiner.base_url.clone(),
         }
+    }
+
+    /// The backend's usage counters, or 501 naming what is missing.
+    fn metering(&self, what: &str) -> Result<&dyn Metering, ApiError> {
+        self.metering.as_deref().ok_or_else(|| {
+            ApiError::NotSupported(format!("this spool backend does not keep {what}"))
+        })
     }
 
     fn source(&self, slug: &str) -> Result<&SourceView, ApiError> {
@@ -308,7 +318,7 @@ async fn list(
             ),
         };
         let result = state
-            .spool
+            .dead_letters
             .list_dead_letters(DeadLetterQuery {
                 filter,
                 sort,
@@ -386,7 +396,7 @@ async fn show(
         params.only(&[])?;
         let id = dead_letter_id(&id)?;
         let letter = state
-            .spool
+            .dead_letters
             .dead_letter(&source.slug, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id} in `{slug}`")))?;
@@ -420,7 +430,7 @@ async fn delete_one(
         params.only(&[])?;
         let id = dead_letter_id(&id)?;
         let deleted = state
-            .spool
+            .dead_letters
             .delete_dead_letters(crate::spool::admin::DeadLetterFilter {
                 source: source.slug.clone(),
                 ids: Some(vec![id]),
@@ -451,7 +461,7 @@ async fn purge(
         let source = state.source(&path)?;
         params.only(&["ids", "start_at", "ends_at", "q", "q_f"])?;
         let filter = params.filter(&source.slug, true)?;
-        let deleted = state.spool.delete_dead_letters(filter).await?;
+        let deleted = state.dead_letters.delete_dead_letters(filter).await?;
         Ok(HttpResponse::Ok().json(json!({ "deleted": deleted })))
     }
     .await;
@@ -476,7 +486,10 @@ async fn replay(
             .number("until_id", 1, i64::MAX as u64)?
             .map(|id| id as i64);
         let limit = params.number("limit", 1, u64::MAX)?;
-        let report = state.spool.replay_dead_letters(filter, limit).await?;
+        let report = state
+            .dead_letters
+            .replay_dead_letters(filter, limit)
+            .await?;
         Ok(HttpResponse::Ok().json(json!({
             "replayed": report.replayed,
             "remaining": report.remaining,
@@ -497,7 +510,10 @@ async fn profile(
         let source = state.source(&path)?;
         params.only(&[])?;
         let now = chrono::Utc::now().timestamp_millis();
-        let usage = state.spool.usage(&source.slug, now).await?;
+        let usage = state
+            .metering("usage counters")?
+            .usage(&source.slug, now)
+            .await?;
         let at = |ms: Option<i64>| ms.map(iso);
         Ok(HttpResponse::Ok().json(json!({
             "slug": source.slug,
@@ -596,7 +612,7 @@ async fn metrics(
             ));
         }
         let rows = state
-            .spool
+            .metering("event counters")?
             .counters(&source.slug, start / HOUR_MS, end / HOUR_MS)
             .await?;
         let mut table: BTreeMap<String, Vec<u64>> = BTreeMap::new();

@@ -18,16 +18,12 @@
 //!   trouble as [`SpoolError::Storage`] (ingest answers 503); neither loses accepted data.
 
 pub mod admin;
-mod checkpointer;
 #[doc(hidden)]
 pub mod conformance;
-mod dedup;
-pub mod inbound;
-mod lanes;
 pub mod nats;
-mod sqlite;
-mod sqlite_admin;
-mod wal_sync;
+pub mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -165,9 +161,6 @@ pub enum SpoolError {
     /// The spool is shutting down.
     #[error("the spool is closed")]
     Closed,
-    /// This backend does not offer the operation (a management API operation).
-    #[error("this spool backend does not support {0}")]
-    Unsupported(&'static str),
 }
 
 /// The durable queue. See the module header for the guarantees.
@@ -201,24 +194,17 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Finishes queued work and releases the storage. Later calls fail with `Closed`.
     async fn close(&self);
+}
 
-    // The management API's operations (see [`admin`]). Backends without them answer
-    // `Unsupported`, which the API reports as 501.
-
+/// A backend's dead letters, for the management API (see [`admin`]).
+#[async_trait]
+pub trait DeadLetters: Send + Sync + 'static {
     /// A page of a source's dead letters.
-    async fn list_dead_letters(
-        &self,
-        query: DeadLetterQuery,
-    ) -> Result<DeadLetterPage, SpoolError> {
-        let _ = query;
-        Err(SpoolError::Unsupported("listing dead letters"))
-    }
+    async fn list_dead_letters(&self, query: DeadLetterQuery)
+        -> Result<DeadLetterPage, SpoolError>;
 
     /// One dead letter with its payload and attempts, if it exists in that source.
-    async fn dead_letter(&self, source: &str, id: i64) -> Result<Option<DeadLetter>, SpoolError> {
-        let _ = (source, id);
-        Err(SpoolError::Unsupported("reading dead letters"))
-    }
+    async fn dead_letter(&self, source: &str, id: i64) -> Result<Option<DeadLetter>, SpoolError>;
 
     /// Moves up to `limit` matching dead letters (all when `None`) back to the tail of the
     /// queue, oldest first; see [`admin`] for the order guarantee.
@@ -226,22 +212,18 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         filter: DeadLetterFilter,
         limit: Option<u64>,
-    ) -> Result<ReplayReport, SpoolError> {
-        let _ = (filter, limit);
-        Err(SpoolError::Unsupported("replaying dead letters"))
-    }
+    ) -> Result<ReplayReport, SpoolError>;
 
     /// Deletes the matching dead letters and their attempts; returns how many.
-    async fn delete_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64, SpoolError> {
-        let _ = filter;
-        Err(SpoolError::Unsupported("deleting dead letters"))
-    }
+    async fn delete_dead_letters(&self, filter: DeadLetterFilter) -> Result<u64, SpoolError>;
+}
 
+/// A backend's usage counters (monthly tracked users, events, page views, hourly counts).
+/// Only backends that count usage implement it; the management API answers 501 without.
+#[async_trait]
+pub trait Metering: Send + Sync + 'static {
     /// A source's usage for the month of `now_ms`, and its backlog.
-    async fn usage(&self, source: &str, now_ms: i64) -> Result<SourceUsage, SpoolError> {
-        let _ = (source, now_ms);
-        Err(SpoolError::Unsupported("usage counters"))
-    }
+    async fn usage(&self, source: &str, now_ms: i64) -> Result<SourceUsage, SpoolError>;
 
     /// A source's hourly counters for hours `from_hour..to_hour` (hours since the epoch).
     async fn counters(
@@ -249,17 +231,36 @@ pub trait Spool: Send + Sync + 'static {
         source: &str,
         from_hour: i64,
         to_hour: i64,
-    ) -> Result<Vec<CounterRow>, SpoolError> {
-        let _ = (source, from_hour, to_hour);
-        Err(SpoolError::Unsupported("event counters"))
-    }
+    ) -> Result<Vec<CounterRow>, SpoolError>;
 }
 
-/// A failure outside SQLite (a run file, a thread, an fsync) reported as SQLite's own I/O
-/// error, so the embedded spool's writer handles every failure one way.
-pub(crate) fn sqlite_io_error(message: String) -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-        Some(message),
-    )
+/// An open backend seen through the traits it implements: the queue always, dead letters
+/// always, usage counters where the backend keeps them.
+#[derive(Clone)]
+pub struct Backend {
+    pub queue: Arc<dyn Spool>,
+    pub dead_letters: Arc<dyn DeadLetters>,
+    pub metering: Option<Arc<dyn Metering>>,
+}
+
+impl Backend {
+    /// The embedded spool: every capability.
+    pub fn sqlite(spool: SqliteSpool) -> Backend {
+        let spool = Arc::new(spool);
+        Backend {
+            queue: spool.clone(),
+            dead_letters: spool.clone(),
+            metering: Some(spool),
+        }
+    }
+
+    /// The JetStream spool: it keeps no usage counters.
+    pub fn nats(spool: NatsSpool) -> Backend {
+        let spool = Arc::new(spool);
+        Backend {
+            queue: spool.clone(),
+            dead_letters: spool,
+            metering: None,
+        }
+    }
 }

@@ -19,7 +19,7 @@ use refiner_gateway::config::{Secret, Settings};
 use refiner_gateway::sim::{self, Faults, SimHandle, SimOptions};
 use refiner_gateway::spool::admin::DeadLetterFilter;
 use refiner_gateway::spool::{
-    DeadLetterRequest, RetryAt, Settlement, Spool, SqliteSpool, SqliteSpoolOptions,
+    DeadLetterRequest, DeadLetters, RetryAt, Settlement, Spool, SqliteSpool, SqliteSpoolOptions,
 };
 use refiner_gateway::telemetry::Metrics;
 use reqwest::Method;
@@ -1443,8 +1443,8 @@ async fn expired_dead_letters_are_removed_by_the_writer() {
     options.dead_letter_retention = Duration::from_millis(300);
     options.prune_interval = Duration::from_millis(20);
     options.sources = vec!["s".into()];
-    let spool: Arc<dyn Spool> =
-        Arc::new(SqliteSpool::open(options, Metrics::new()).expect("spool"));
+    let spool = Arc::new(SqliteSpool::open(options, Metrics::new()).expect("spool"));
+    let queue: Arc<dyn Spool> = spool.clone();
     let events = (0..5)
         .map(|i| refiner_gateway::spool::conformance::event(&format!("r-{i}"), &format!("u:{i}")))
         .collect();
@@ -1456,12 +1456,12 @@ async fn expired_dead_letters_are_removed_by_the_writer() {
         ))
         .await
         .expect("append");
-    bury_queued(&spool, 5, 1, 400, "no").await;
+    bury_queued(&queue, 5, 1, 400, "no").await;
     let all = DeadLetterFilter {
         source: "s".into(),
         ..Default::default()
     };
-    let list = |spool: Arc<dyn Spool>, filter: DeadLetterFilter| async move {
+    let list = |spool: Arc<SqliteSpool>, filter: DeadLetterFilter| async move {
         spool
             .list_dead_letters(refiner_gateway::spool::admin::DeadLetterQuery {
                 filter,
@@ -1708,97 +1708,4 @@ async fn the_command_line_lists_shows_replays_and_purges() {
     assert_eq!(code, 1);
     assert!(err.contains("unknown_source"), "{err}");
     app.stop().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// Upgrading a version 1 spool
-
-#[tokio::test]
-async fn a_version_1_spool_is_upgraded_in_place() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    {
-        let conn = rusqlite::Connection::open(dir.path().join("spool.db")).expect("open");
-        conn.execute_batch(
-            "CREATE TABLE events (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
-                 message_id TEXT NOT NULL, kind TEXT NOT NULL, user_key TEXT NOT NULL,
-                 received_at INTEGER NOT NULL, payload BLOB NOT NULL,
-                 attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL DEFAULT 0,
-                 last_error TEXT);
-             CREATE TABLE holds (hold_key TEXT PRIMARY KEY, lease_until INTEGER NOT NULL DEFAULT 0,
-                 retry_at INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
-             CREATE TABLE dedup (source TEXT NOT NULL, message_id TEXT NOT NULL,
-                 seen_at INTEGER NOT NULL, PRIMARY KEY (source, message_id)) WITHOUT ROWID;
-             CREATE INDEX dedup_seen ON dedup (seen_at);
-             INSERT INTO dedup VALUES ('s', 'q-1', CAST(strftime('%s', 'now') AS INTEGER) * 1000),
-                                      ('s', 'old', 1000);
-             CREATE TABLE dead_letters (
-                 id INTEGER PRIMARY KEY, source TEXT NOT NULL, message_id TEXT NOT NULL,
-                 kind TEXT NOT NULL, user_key TEXT NOT NULL, received_at INTEGER NOT NULL,
-                 payload BLOB NOT NULL, attempts INTEGER NOT NULL, last_status INTEGER,
-                 last_error TEXT NOT NULL, created_at INTEGER NOT NULL, queue_seq INTEGER NOT NULL);
-             CREATE INDEX dead_letters_source ON dead_letters (source, id);
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             INSERT INTO events (source, message_id, kind, user_key, received_at, payload)
-                 VALUES ('s', 'q-1', 'track', 'u:w', 1000, CAST('{\"userId\":\"w\"}' AS BLOB)),
-                        ('s', 'q-2', 'track', 'u:w', 2000, CAST('{\"userId\":\"w\"}' AS BLOB));
-             INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
-                                       attempts, last_status, last_error, created_at, queue_seq)
-                 VALUES ('s', 'd-1', 'track', 'u:v', 500,
-                         CAST('{\"userId\":\"v\",\"event\":\"Old\"}' AS BLOB), 2, 400, 'no', 600, 7),
-                        ('s', 'd-2', 'track', 'u:x', 500, CAST('not json' AS BLOB), 1, 400, 'no', 700, 8);
-             PRAGMA user_version = 1;",
-        )
-        .expect("a version 1 file");
-    }
-    let mut options = SqliteSpoolOptions::new(dir.path());
-    options.sources = vec!["s".into()];
-    let spool: Arc<dyn Spool> =
-        Arc::new(SqliteSpool::open(options, Metrics::new()).expect("upgraded"));
-    let page = spool
-        .list_dead_letters(refiner_gateway::spool::admin::DeadLetterQuery {
-            filter: DeadLetterFilter {
-                source: "s".into(),
-                ..Default::default()
-            },
-            sort: refiner_gateway::spool::admin::SortField::UserId,
-            descending: true,
-            at: refiner_gateway::spool::admin::PageAt::Offset(0),
-            limit: 10,
-        })
-        .await
-        .expect("list");
-    assert_eq!(page.count, 2);
-    assert_eq!(page.items[0].user_id.as_deref(), Some("v"));
-    assert_eq!(page.items[0].event.as_deref(), Some("Old"));
-    assert_eq!(page.items[1].user_id, None, "a payload that is not JSON");
-    let usage = spool
-        .usage("s", chrono::Utc::now().timestamp_millis())
-        .await
-        .expect("usage");
-    assert_eq!(usage.backlog, 2, "queue depth counted at the upgrade");
-    assert_eq!(usage.oldest_undelivered_ms, Some(1000));
-    assert_eq!(usage.dead_letters, 2);
-    // The queue works as before.
-    let leased = spool.lease(10, 60_000).await.expect("lease");
-    assert_eq!(leased.len(), 2);
-    spool.ack(vec![leased[0].seq]).await.expect("ack");
-    assert_eq!(spool.usage("s", 0).await.expect("usage").backlog, 1);
-    // The dedup ids were kept across the upgrade (and the expired one stays expired).
-    let event = |id: &str| refiner_gateway::segment::Event {
-        kind: refiner_gateway::segment::EventType::Track,
-        message_id: id.into(),
-        user_key: "u:w".into(),
-        payload: br#"{"userId":"w"}"#.to_vec(),
-    };
-    let report = spool
-        .append(refiner_gateway::spool::AppendRequest {
-            source: "s".into(),
-            received_at_ms: chrono::Utc::now().timestamp_millis(),
-            events: vec![event("q-1"), event("old")],
-        })
-        .await
-        .expect("append");
-    assert_eq!((report.queued, report.duplicates), (1, 1));
-    spool.close().await;
 }

@@ -269,76 +269,34 @@ async fn sqlite_ids_written_out_as_dedup_runs_stay_repeats_across_a_restart() {
 }
 
 #[tokio::test]
-async fn sqlite_requests_a_version_3_file_left_unsorted_are_queued_at_start_up() {
-    use refiner_gateway::spool::inbound::{dedup_key, key_columns, Encoder};
+async fn sqlite_a_file_of_another_schema_version_is_refused_by_name() {
     let storage = Storage::new();
     let spool = storage.open();
-    assert_eq!(append_many(&spool, "old", 2).await.queued, 2);
+    assert_eq!(append_many(&spool, "kept", 2).await.queued, 2);
     spool.close().await;
-
-    // Make the file what a version 3 process leaves: ids in a `dedup` table, and two
-    // accepted requests still in `inbound` (counted in the queue depth).
-    let conn = rusqlite::Connection::open(storage.path().join("spool.db")).expect("open");
-    let mut encoder = Encoder::with_capacity(2, 64);
-    encoder.push(&event("in-1", "u:1"));
-    encoder.push(&event("in-2", "u:2"));
-    let (ids, body) = encoder.finish();
-    let (hi, lo) = key_columns(dedup_key(SOURCE, "legacy"));
-    let now = chrono::Utc::now().timestamp_millis();
-    conn.execute_batch(
-        "CREATE TABLE dedup (hi INTEGER NOT NULL, lo INTEGER NOT NULL,
-                             seen_at INTEGER NOT NULL, PRIMARY KEY (hi, lo)) WITHOUT ROWID;
-         PRAGMA user_version = 3;",
-    )
-    .expect("legacy dedup table");
-    conn.execute(
-        "INSERT INTO dedup VALUES (?1, ?2, ?3)",
-        rusqlite::params![hi, lo, now],
-    )
-    .expect("legacy id");
-    conn.execute(
-        "INSERT INTO inbound (source, received_at, accepted_at, count, ids, body)
-         VALUES (?1, 5000, ?2, 2, ?3, ?4)",
-        rusqlite::params![SOURCE, now, ids, body],
-    )
-    .expect("inbound row");
-    conn.execute(
-        "INSERT INTO inbound (source, received_at, accepted_at, count, ids, body)
-         VALUES (?1, 6000, ?2, 1, x'05000000', x'ff')",
-        rusqlite::params![SOURCE, now],
-    )
-    .expect("damaged inbound row");
-    conn.execute(
-        "UPDATE queue_depth SET depth = depth + 3 WHERE source = ?1",
-        rusqlite::params![SOURCE],
-    )
-    .expect("depth");
+    let path = storage.path().join("spool.db");
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.pragma_update(None, "user_version", 99)
+        .expect("version");
     drop(conn);
 
+    let mut options = SqliteSpoolOptions::new(storage.path());
+    options.sources = vec![SOURCE.into()];
+    let error = SqliteSpool::open(options, Metrics::new())
+        .err()
+        .expect("a file of version 99 is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("schema version 99") && message.contains(&path.display().to_string()),
+        "{message}"
+    );
+
+    // Nothing was changed: with its version back, the file opens with its events.
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    conn.pragma_update(None, "user_version", 1)
+        .expect("version");
+    drop(conn);
     let spool = storage.open();
-    // The inbound events are queued after the older ones, in order; the damaged row is set
-    // aside and no longer counted.
-    let leased = spool.lease(10, 60_000).await.expect("lease");
-    let ids: Vec<&str> = leased.iter().map(|e| e.message_id.as_str()).collect();
-    assert_eq!(ids, ["old-0", "old-1", "in-1", "in-2"]);
-    assert_eq!(spool.stats().await.expect("stats").depth, 4);
-    // Their ids, and the legacy table's, are repeats.
-    for id in ["in-1", "in-2", "legacy", "old-0"] {
-        let report = spool
-            .append(request(SOURCE, 7_000, vec![event(id, "u:3")]))
-            .await
-            .expect("append");
-        assert_eq!(report.duplicates, 1, "{id} is a repeat");
-    }
+    assert_eq!(spool.stats().await.expect("stats").depth, 2);
     spool.close().await;
-    let conn = rusqlite::Connection::open(storage.path().join("spool.db")).expect("open");
-    let (inbound, damaged, version): (i64, i64, i64) = conn
-        .query_row(
-            "SELECT (SELECT count(*) FROM inbound), (SELECT count(*) FROM inbound_damaged),
-                    (SELECT user_version FROM pragma_user_version)",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
-        .expect("counts");
-    assert_eq!((inbound, damaged, version), (0, 1, 5));
 }

@@ -132,7 +132,6 @@ impl From<SpoolError> for ApiError {
     fn from(e: SpoolError) -> Self {
         match e {
             SpoolError::Overloaded => ApiError::Overloaded,
-            SpoolError::Unsupported(_) => ApiError::NotSupported(e.to_string()),
             other => ApiError::Unavailable(other.to_string()),
         }
     }

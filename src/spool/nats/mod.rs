@@ -48,7 +48,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, RwLock};
 
-use super::{AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats};
+use super::{
+    AppendReport, AppendRequest, DeadLetters, Leased, Settlement, Spool, SpoolError, SpoolStats,
+};
 use crate::telemetry::Metrics;
 use state::{Entry, PartitionState, QueueState, RecordChange, Reply};
 
@@ -1397,6 +1399,26 @@ impl Spool for NatsSpool {
         self.run(|inner| async move { inner.stats().await }).await
     }
 
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.inner.clone();
+        let _ = self
+            .runtime
+            .spawn(async move {
+                inner.close().await;
+            })
+            .await;
+        let stop = self.stop_runtime.lock().ok().and_then(|mut s| s.take());
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[async_trait]
+impl DeadLetters for NatsSpool {
     async fn list_dead_letters(
         &self,
         query: crate::spool::admin::DeadLetterQuery,
@@ -1430,23 +1452,6 @@ impl Spool for NatsSpool {
     ) -> Result<u64, SpoolError> {
         self.run(|inner| async move { inner.delete_dead_letters(filter).await })
             .await
-    }
-
-    async fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let inner = self.inner.clone();
-        let _ = self
-            .runtime
-            .spawn(async move {
-                inner.close().await;
-            })
-            .await;
-        let stop = self.stop_runtime.lock().ok().and_then(|mut s| s.take());
-        if let Some(stop) = stop {
-            let _ = stop.send(());
-        }
     }
 }
 

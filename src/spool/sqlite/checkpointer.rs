@@ -54,7 +54,7 @@ impl Checkpointer {
                 }
             })
             .map_err(|e| {
-                super::sqlite_io_error(format!("cannot start the checkpoint thread: {e}"))
+                crate::spool::sqlite::io_error(format!("cannot start the checkpoint thread: {e}"))
             })?;
         Ok(Checkpointer {
             stop,

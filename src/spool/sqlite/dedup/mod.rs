@@ -31,15 +31,15 @@ mod run;
 
 use std::collections::HashMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
-use super::inbound::PassThrough;
+use super::keys::PassThrough;
 use run::{Run, RunInfo};
 
 /// Runs merged at once, and how many runs of one size class wait before they are.
@@ -150,7 +150,7 @@ pub struct DedupIndex {
 
 /// A run file's I/O error, reported like SQLite's own (the writer's errors are SQLite's).
 fn storage(e: io::Error) -> rusqlite::Error {
-    super::sqlite_io_error(format!("dedup index: {e}"))
+    crate::spool::sqlite::io_error(format!("dedup index: {e}"))
 }
 
 /// Packs entries for a `dedup_log` row: key (16 bytes, big-endian) then `seen_at` (8, LE).
@@ -180,12 +180,12 @@ fn size_class(count: u64, flush_ids: usize) -> u32 {
 
 impl DedupIndex {
     /// Opens the index of the spool at `conn` (inside no transaction): deletes orphan run
-    /// files, converts a legacy `dedup` table into a run, opens the live runs and rebuilds
+    /// files, opens the live runs and rebuilds
     /// the memtable from `dedup_log`.
     pub fn open(conn: &Connection, dir: PathBuf, tuning: Tuning) -> rusqlite::Result<DedupIndex> {
         std::fs::create_dir_all(&dir).map_err(storage)?;
         conn.execute_batch(SCHEMA)?;
-        let mut live: Vec<(i64, RunInfo)> = conn
+        let live: Vec<(i64, RunInfo)> = conn
             .prepare("SELECT id, count, min_seen, max_seen FROM dedup_runs ORDER BY id")?
             .query_map([], |row| {
                 Ok((
@@ -209,10 +209,6 @@ impl DedupIndex {
             if !live.iter().any(|(live_id, _)| *live_id == id) {
                 std::fs::remove_file(entry.path()).map_err(storage)?;
             }
-        }
-        if let Some((id, info)) = import_legacy(conn, &dir, next_id)? {
-            live.push((id, info));
-            next_id += 1;
         }
         let mut runs = Vec::with_capacity(live.len());
         for (id, info) in live {
@@ -612,46 +608,6 @@ fn register(conn: &Connection, id: i64, info: &RunInfo) -> rusqlite::Result<()> 
     Ok(())
 }
 
-/// Spool files of schema version 3 kept dedup ids in a B-tree table `dedup (hi, lo,
-/// seen_at)`: its ids become one run, and the table is dropped in the transaction that
-/// registers the run (a crash before leaves the table, and the conversion runs again).
-fn import_legacy(
-    conn: &Connection,
-    dir: &Path,
-    id: i64,
-) -> rusqlite::Result<Option<(i64, RunInfo)>> {
-    let exists: Option<String> = conn
-        .query_row(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'dedup'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if exists.is_none() {
-        return Ok(None);
-    }
-    let entries: Vec<(u128, i64)> = conn
-        .prepare("SELECT hi, lo, seen_at FROM dedup")?
-        .query_map([], |row| {
-            let hi = row.get::<_, i64>(0)? as u64;
-            let lo = row.get::<_, i64>(1)? as u64;
-            Ok(((u128::from(hi) << 64) | u128::from(lo), row.get(2)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let info = if entries.is_empty() {
-        None
-    } else {
-        Some(run::write_sorted(&dir.join(run::file_name(id)), entries).map_err(storage)?)
-    };
-    transaction(conn, |conn| {
-        if let Some(info) = &info {
-            register(conn, id, info)?;
-        }
-        conn.execute_batch("DROP TABLE dedup")
-    })?;
-    Ok(info.map(|info| (id, info)))
-}
-
 impl Worker {
     fn start() -> rusqlite::Result<Worker> {
         let (jobs, inbox) = mpsc::channel::<Job>();
@@ -712,9 +668,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn key(i: u64) -> u128 {
-        crate::spool::inbound::dedup_key("s", &format!("m-{i}"))
+        crate::spool::sqlite::keys::dedup_key("s", &format!("m-{i}"))
     }
 
     fn open(dir: &Path, flush_ids: usize) -> (Connection, DedupIndex) {
@@ -887,38 +844,5 @@ mod tests {
         settle(&conn2, &mut index, 0);
         assert_eq!(index.runs(), 1);
         drop(conn);
-    }
-
-    #[test]
-    fn a_legacy_dedup_table_becomes_a_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("spool.db")).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE dedup (hi INTEGER NOT NULL, lo INTEGER NOT NULL,
-                                 seen_at INTEGER NOT NULL, PRIMARY KEY (hi, lo)) WITHOUT ROWID;",
-        )
-        .unwrap();
-        for i in 0..500u64 {
-            let (hi, lo) = crate::spool::inbound::key_columns(key(i));
-            conn.execute(
-                "INSERT INTO dedup VALUES (?1, ?2, ?3)",
-                params![hi, lo, i as i64],
-            )
-            .unwrap();
-        }
-        drop(conn);
-        let (conn, index) = open(dir.path(), 100);
-        assert_eq!(index.runs(), 1);
-        assert!((0..500).all(|i| index.is_repeat(key(i), i as i64).unwrap()));
-        assert!(!index.is_repeat(key(10), 11).unwrap());
-        assert!(!index.is_repeat(key(600), 0).unwrap());
-        let legacy: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'dedup'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(legacy, 0);
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
-use super::admin::{
+use crate::spool::admin::{
     Attempt, CounterRow, Cursor, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     DeadLetterSummary, PageAt, SearchField, SortField, SortValue, SourceUsage,
     MAX_ATTEMPT_ERROR_BYTES,
@@ -474,7 +474,7 @@ pub(super) fn replay_chunk(
     let mut move_attempts =
         conn.prepare_cached("UPDATE event_attempts SET queue_seq = ?2 WHERE queue_seq = ?1")?;
     let mut remove = conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
-    let hour = now.div_euclid(super::admin::HOUR_MS);
+    let hour = now.div_euclid(crate::spool::admin::HOUR_MS);
     for (id, old_seq, source) in &chosen {
         requeue.execute(params![id, now])?;
         let seq = conn.last_insert_rowid();
