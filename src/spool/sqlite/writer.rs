@@ -11,24 +11,26 @@
 //! - Pruning runs between groups in bounded chunks, so it never stalls appends for long.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin::{self as admin_sql, Tally};
 use super::checkpointer::Checkpointer;
 use super::dedup::DedupIndex;
 use super::keys::PassThrough;
-use super::lanes::{self, source_of, Until};
+use super::lanes;
 use super::wal_sync::WalSync;
 use super::{now_ms, storage, Command, Reply, SqliteSpoolOptions};
 use crate::segment::EventType;
 use crate::spool::admin::{month_of, HOUR_MS};
-use crate::spool::{AppendReport, AppendRequest, Leased, Settlement, SpoolError, SpoolStats};
+use crate::spool::{AppendReport, AppendRequest, Leased, SpoolError, SpoolStats};
 use crate::telemetry::Metrics;
+
+mod settle;
 
 /// Queues one event (its `seq` is the next; `attempts` and `next_attempt_at` start at 0).
 const INSERT_EVENT: &str =
@@ -526,153 +528,6 @@ impl Writer {
 
     fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> rusqlite::Result<Vec<Leased>> {
         lanes::lease(&self.conn, max, lease_ms, now)
-    }
-
-    fn settle(&mut self, settlement: &Settlement, now: i64) -> rusqlite::Result<()> {
-        let hour = now.div_euclid(HOUR_MS);
-        // Users touched by this batch, and the retry time of those that must wait.
-        let mut touched: HashSet<String> = HashSet::new();
-        let mut waiting: HashMap<String, i64> = HashMap::new();
-        let mut delete = self.conn.prepare_cached(
-            "DELETE FROM events WHERE seq = ?1 RETURNING source || char(31) || user_key, attempts",
-        )?;
-        // Removes a queued event: its user is touched, its source's depth drops, and its
-        // attempts (if it had any) are forgotten. Returns its source.
-        let mut remove = |seq: i64,
-                          touched: &mut HashSet<String>,
-                          tally: &mut Tally|
-         -> rusqlite::Result<Option<String>> {
-            let Some((user, attempts)) = delete
-                .query_row(params![seq], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-                })
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            if attempts > 0 {
-                admin_sql::forget_attempts(&self.conn, seq)?;
-            }
-            let source = source_of(&user).to_string();
-            tally.depth(&source, -1);
-            touched.insert(user);
-            Ok(Some(source))
-        };
-        for seq in &settlement.acked {
-            if let Some(source) = remove(*seq, &mut touched, &mut self.tally)? {
-                self.tally.count(&source, hour, "forwarded", 1);
-            }
-        }
-        for skipped in &settlement.skipped {
-            if let Some(source) = remove(skipped.seq, &mut touched, &mut self.tally)? {
-                *self
-                    .tally
-                    .skipped
-                    .entry((source, hour, skipped.reason.clone()))
-                    .or_default() += 1;
-            }
-        }
-        let mut retry = self.conn.prepare_cached(
-            "UPDATE events SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
-             WHERE seq = ?1 RETURNING source || char(31) || user_key",
-        )?;
-        for r in &settlement.retried {
-            let error = match r.status {
-                Some(status) => format!("{status}: {}", r.error),
-                None => r.error.clone(),
-            };
-            if let Some(user) = retry
-                .query_row(params![r.seq, r.next_attempt_at_ms, error], |row| {
-                    row.get::<_, String>(0)
-                })
-                .optional()?
-            {
-                admin_sql::record_attempt(&self.conn, r.seq, now, r.status, &r.error)?;
-                self.tally.count(source_of(&user), hour, "retried", 1);
-                let at = waiting.entry(user).or_insert(r.next_attempt_at_ms);
-                *at = (*at).max(r.next_attempt_at_ms);
-            }
-        }
-        let mut user_of = self
-            .conn
-            .prepare_cached("SELECT source || char(31) || user_key FROM events WHERE seq = ?1")?;
-        for seq in &settlement.released {
-            if let Some(user) = user_of
-                .query_row(params![seq], |row| row.get::<_, String>(0))
-                .optional()?
-            {
-                touched.insert(user);
-            }
-        }
-        // Postponed events stay as they are; their user waits for the source's recheck.
-        let mut paused: HashMap<String, i64> = HashMap::new();
-        for postponed in &settlement.postponed {
-            if let Some(user) = user_of
-                .query_row(params![postponed.seq], |row| row.get::<_, String>(0))
-                .optional()?
-            {
-                let at = paused.entry(user).or_insert(postponed.until_ms);
-                *at = (*at).max(postponed.until_ms);
-            }
-        }
-        let mut bury = self.conn.prepare_cached(
-            "INSERT INTO dead_letters (source, message_id, kind, user_key, received_at, payload,
-                                       attempts, last_status, last_error, created_at, queue_seq,
-                                       user_id, event_name)
-             SELECT source, message_id, kind, user_key, received_at, payload,
-                    attempts + ?2, ?3, ?4, ?5, seq,
-                    CASE WHEN json_valid(CAST(payload AS TEXT))
-                         THEN coalesce(json_extract(CAST(payload AS TEXT), '$.userId'), '')
-                         ELSE '' END,
-                    CASE WHEN json_valid(CAST(payload AS TEXT))
-                         THEN coalesce(json_extract(CAST(payload AS TEXT), '$.event'),
-                                       json_extract(CAST(payload AS TEXT), '$.name'), '')
-                         ELSE '' END
-             FROM events WHERE seq = ?1",
-        )?;
-        for dead in &settlement.dead {
-            let buried = bury.execute(params![
-                dead.seq,
-                i64::from(dead.attempted),
-                dead.status,
-                dead.error,
-                now
-            ])?;
-            if buried == 0 {
-                continue;
-            }
-            // The history goes with the dead letter (same `seq`): recorded before the
-            // removal, which forgets attempts only of events that leave for good.
-            if dead.attempted {
-                admin_sql::record_attempt(&self.conn, dead.seq, now, dead.status, &dead.error)?;
-            }
-            if let Some(user) = delete
-                .query_row(params![dead.seq], |row| row.get::<_, String>(0))
-                .optional()?
-            {
-                let source = source_of(&user);
-                self.tally.depth(source, -1);
-                self.tally.count(source, hour, "dead_lettered", 1);
-                touched.insert(user);
-            }
-        }
-        if !settlement.keep_holds {
-            let users: HashSet<&String> = touched
-                .iter()
-                .chain(waiting.keys())
-                .chain(paused.keys())
-                .collect();
-            for user in users {
-                let until = match (waiting.get(user), paused.get(user)) {
-                    (Some(&retry), Some(&pause)) if pause > retry => Until::Paused(pause),
-                    (Some(&retry), _) => Until::Retry(retry),
-                    (None, Some(&pause)) => Until::Paused(pause),
-                    (None, None) => Until::Now,
-                };
-                lanes::end_lease(&self.conn, user, until)?;
-            }
-        }
-        Ok(())
     }
 
     fn stats(&mut self) -> rusqlite::Result<SpoolStats> {
