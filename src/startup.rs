@@ -10,6 +10,11 @@
 //! directory's lock ([`crate::datadir`]) before it opens anything in it, and the
 //! application holds it until it is dropped (after `run_until_stopped` has closed the spool).
 //!
+//! Signals: SIGTERM and SIGINT (Ctrl-C) both stop gracefully, by the order above. The
+//! server's own signal handling is off, since it treats SIGINT as a forced stop (in-flight
+//! requests dropped) and says so in the log, which a terminal user pressing Ctrl-C should
+//! not get. A second signal does not cut the drain short; `shutdown_timeout_secs` bounds it.
+//!
 //! Readiness: `/readyz` answers 503 until [`Application::run_until_stopped`] has started
 //! delivery and the sampler (the spool's start-up recovery runs inside `build`, before), and
 //! again from the moment the server has stopped.
@@ -168,6 +173,7 @@ impl Application {
                 .default_service(web::to(ingest::not_found))
         })
         .shutdown_timeout(settings.shutdown_timeout_secs)
+        .disable_signals()
         .listen(listener)
         .map_err(|source| StartError::Listen {
             address: settings.listen.clone(),
@@ -222,8 +228,10 @@ impl Application {
             Some(dispatcher) => dispatcher.clone().start(stopped),
             None => Vec::new(),
         };
+        let signals = tokio::spawn(stop_on_signal(self.server.handle()));
         self.started.store(true, Ordering::Release);
         let result = self.server.await;
+        signals.abort();
         self.started.store(false, Ordering::Release);
         let _ = stop_delivery.send(true);
         let drain = futures_util::future::join_all(workers);
@@ -238,5 +246,40 @@ impl Application {
         self.spool.close().await;
         tracing::info!("gateway stopped");
         result
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, then stops the server gracefully (see the module header).
+async fn stop_on_signal(server: ServerHandle) {
+    let name = wait_for_signal().await;
+    tracing::info!(
+        signal = name,
+        "stopping: in-flight requests finish, delivery settles"
+    );
+    server.stop(true).await;
+}
+
+/// The name of the first of SIGTERM and SIGINT to arrive. Without a way to listen for
+/// SIGTERM (never on Unix in practice) only Ctrl-C stops the server.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = ctrl_c() => "SIGINT",
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+            ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+/// Ctrl-C; never, when it cannot be listened for.
+async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "cannot listen for SIGINT");
+        std::future::pending::<()>().await;
     }
 }
