@@ -55,6 +55,65 @@ pub enum StartError {
     Delivery(String),
 }
 
+/// Checks what `serve` needs from the machine before it opens anything, so that
+/// `check-config` refuses what `serve` could not start: with the embedded spool, a data
+/// directory that is a directory (or can be created) and is writable; with the JetStream
+/// spool, a readable credentials file when one is named. Creates and changes nothing.
+pub fn preflight(settings: &Settings) -> Result<(), String> {
+    match settings.spool.backend {
+        SpoolBackend::Sqlite => writable_dir(&settings.data_dir),
+        SpoolBackend::Nats => {
+            let creds = &settings.nats.credentials_file;
+            if creds.is_empty() {
+                return Ok(());
+            }
+            std::fs::File::open(creds).map(drop).map_err(|e| {
+                format!("nats.credentials_file (GATEWAY_NATS_CREDS): cannot read {creds}: {e}")
+            })
+        }
+    }
+}
+
+/// `dir` is a writable directory, or the nearest existing ancestor is one (so `serve` can
+/// create it).
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let problem = |what: String| format!("data_dir (GATEWAY_DATA_DIR): {what}");
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(problem(format!(
+            "{} is not a directory",
+            existing.display()
+        )));
+    }
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| problem(format!("{} is not a valid path", existing.display())))?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let allowed = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if !allowed {
+        let what = if existing == dir {
+            format!("{} is not writable by this user", dir.display())
+        } else {
+            format!(
+                "{} does not exist and {} is not writable by this user",
+                dir.display(),
+                existing.display()
+            )
+        };
+        return Err(problem(what));
+    }
+    Ok(())
+}
+
 /// A built, not yet running gateway.
 pub struct Application {
     port: u16,
