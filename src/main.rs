@@ -82,11 +82,16 @@ enum Command {
     /// writable data directory (embedded spool) or a readable NATS credentials file.
     #[command(after_help = "Examples:\n  \
         refiner-gateway check-config --config /etc/refiner-gateway/gateway.toml\n  \
+        refiner-gateway check-config --settings-only --config rendered-for-a-pod.toml\n  \
         GATEWAY_WRITE_KEYS=my-write-key REFINER_API_KEY=my-refiner-api-key refiner-gateway check-config")]
     CheckConfig {
         /// TOML settings file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Check the settings alone, not the data directory or the files they name: for
+        /// a configuration made for another machine (the Helm chart's check renders one).
+        #[arg(long)]
+        settings_only: bool,
     },
     /// Probe a running gateway over HTTP: exit 0 if the URL answers 2xx, else 1 (for
     /// container health checks).
@@ -163,7 +168,10 @@ fn main() -> ExitCode {
             private_files();
             backup(&data_dir, &output)
         }
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig {
+            config,
+            settings_only,
+        } => check_config(config, settings_only),
         Command::Healthcheck { url, timeout_secs } => healthcheck(url, timeout_secs),
         Command::DeadLetters(args) => refiner_gateway::cli::run(args),
     }
@@ -217,17 +225,20 @@ fn backup(data_dir: &std::path::Path, output: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The settings `serve` would run with, or the configuration error it would stop on.
-fn load_for_serve(config: Option<&std::path::Path>) -> Result<Settings, String> {
+/// The settings `serve` would run with, or the configuration error it would stop on;
+/// `machine` adds what `serve` needs from this machine (`startup::preflight`).
+fn load_for_serve(config: Option<&std::path::Path>, machine: bool) -> Result<Settings, String> {
     let settings = Settings::load(config).map_err(|e: ConfigError| e.to_string())?;
     settings.require_refiner_keys().map_err(|e| e.to_string())?;
-    refiner_gateway::startup::preflight(&settings)
-        .map_err(|e| format!("cannot start with this configuration: {e}"))?;
+    if machine {
+        refiner_gateway::startup::preflight(&settings)
+            .map_err(|e| format!("cannot start with this configuration: {e}"))?;
+    }
     Ok(settings)
 }
 
-fn check_config(config: Option<PathBuf>) -> ExitCode {
-    match load_for_serve(config.as_deref()) {
+fn check_config(config: Option<PathBuf>, settings_only: bool) -> ExitCode {
+    match load_for_serve(config.as_deref(), !settings_only) {
         Ok(settings) => {
             let slugs: Vec<&str> = settings.sources.iter().map(|s| s.slug.as_str()).collect();
             let spool = match settings.spool.backend {
@@ -330,7 +341,7 @@ fn demo(options: DemoOptions) -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match load_for_serve(config.as_deref()) {
+    let settings = match load_for_serve(config.as_deref(), true) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("refiner-gateway: {e}");

@@ -1649,7 +1649,14 @@ async fn the_command_line_lists_shows_replays_and_purges() {
     let (code, out, _) = cli(
         &app,
         Some(ADMIN),
-        &["list", "--json", "--query", "order", "--query-fields", "event"],
+        &[
+            "list",
+            "--json",
+            "--query",
+            "order",
+            "--query-fields",
+            "event",
+        ],
     )
     .await;
     assert_eq!(code, 0);

@@ -779,6 +779,16 @@ async fn check_config_accepts_what_serve_accepts_and_names_what_it_refuses() {
         stderr.contains("nats.credentials_file") && stderr.contains("missing.creds"),
         "{stderr}"
     );
+    // --settings-only: a configuration for another machine (the Helm chart's check).
+    let output = tokio::process::Command::new(BINARY)
+        .args(["check-config", "--settings-only", "--config"])
+        .arg(&file)
+        .env_clear()
+        .envs([("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")])
+        .output()
+        .await
+        .expect("run check-config");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
     std::fs::write(&creds, "-----BEGIN NATS USER JWT-----\n").expect("write creds");
     let (code, stdout, stderr) = run(
         &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
