@@ -1,6 +1,8 @@
 //! The user-facing documentation in `docs/` is checked against the code, so that a setting,
 //! an environment variable, an error code, a skip reason or a metric added without being
-//! documented fails the build.
+//! documented fails the build; every shell example of README.md and `docs/` runs against a
+//! live gateway, README.md's Getting started step by step against the demo
+//! (`docs/examples.rs`); and every command's `--help` carries an example.
 //!
 //! Settings are discovered from the `Settings` type itself: every section rejects unknown
 //! keys, and serde's "unknown field" error lists the fields the section expects. Probing each
