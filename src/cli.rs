@@ -17,6 +17,15 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+/// The end of `dead-letters --help`.
+pub const DEAD_LETTERS_EXAMPLES: &str = "Examples:
+  export GATEWAY_ADMIN_TOKEN=change-me-admin-token
+  refiner-gateway dead-letters list --source website
+  refiner-gateway dead-letters list --all --query \"Order Completed\" --query-fields event
+  refiner-gateway dead-letters show 17
+  refiner-gateway dead-letters replay --start-at 2026-05-01
+  refiner-gateway dead-letters purge --ends-at 2026-04-01 --yes";
+
 /// `refiner-gateway dead-letters ...`
 #[derive(Debug, Args)]
 pub struct DeadLettersArgs {
@@ -62,12 +71,16 @@ pub struct Filter {
     /// Dead-lettered before this time (ISO 8601).
     #[arg(long)]
     pub ends_at: Option<String>,
-    /// Case-insensitive text searched in the fields of --q-f.
-    #[arg(long)]
+    /// Case-insensitive text searched in the fields of --query-fields (the API's `q`).
+    #[arg(long = "query", alias = "q", value_name = "TEXT")]
     pub q: Option<String>,
-    /// Fields --q searches, comma-separated: messageId, user, event, type, last_error
-    /// (default: all).
-    #[arg(long = "q-f")]
+    /// Fields --query searches, comma-separated: messageId, user, event, type, last_error
+    /// (default: all; the API's `q_f`).
+    #[arg(
+        long = "query-fields",
+        aliases = ["q-f", "query-field"],
+        value_name = "FIELDS"
+    )]
     pub q_f: Option<String>,
 }
 
@@ -94,13 +107,25 @@ impl Filter {
 
 #[derive(Debug, Subcommand)]
 pub enum Action {
-    /// List dead letters, newest first unless --o says otherwise.
+    /// List dead letters, newest first unless --sort says otherwise.
+    ///
+    /// The table's STATUS is Refiner's last answer (`-` for a timeout or a connection
+    /// error) and ERROR its body or the error; --query searches that text, not the status.
+    #[command(after_help = "Examples:
+  refiner-gateway dead-letters list --source website
+  refiner-gateway dead-letters list --all --query \"Order Completed\" --query-fields event
+  refiner-gateway dead-letters list --json --sort -attempts --page-size 100")]
     List {
         #[command(flatten)]
         filter: Filter,
         /// Sort field, `-` first for descending: id, created_at, received_at, attempts,
-        /// type, event, userId, messageId.
-        #[arg(long, allow_hyphen_values = true)]
+        /// type, event, userId, messageId (the API's `o`).
+        #[arg(
+            long = "sort",
+            alias = "o",
+            allow_hyphen_values = true,
+            value_name = "FIELD"
+        )]
         o: Option<String>,
         /// Page to show (from 1).
         #[arg(long, default_value_t = 1)]
@@ -116,12 +141,16 @@ pub enum Action {
         json: bool,
     },
     /// Show one dead letter: the whole event and every delivery attempt (JSON).
+    #[command(after_help = "Example:\n  refiner-gateway dead-letters show 17 --source website")]
     Show {
         /// The dead letter's id.
         id: i64,
     },
     /// Queue dead letters again, by id or by filter (all of the source's without either);
     /// they keep their order per user and are delivered by the gateway.
+    #[command(after_help = "Examples:
+  refiner-gateway dead-letters replay --id 17,18
+  refiner-gateway dead-letters replay --start-at 2026-05-01 --chunk 1000")]
     Replay {
         /// Dead letters to replay (repeat or separate with commas).
         #[arg(long = "id", value_delimiter = ',')]
@@ -133,6 +162,9 @@ pub enum Action {
         chunk: u64,
     },
     /// Delete dead letters for good, by id or by filter.
+    #[command(after_help = "Examples:
+  refiner-gateway dead-letters purge --id 17
+  refiner-gateway dead-letters purge --ends-at 2026-04-01 --yes")]
     Purge {
         /// Dead letters to delete (repeat or separate with commas).
         #[arg(long = "id", value_delimiter = ',')]

@@ -284,6 +284,44 @@ fn error(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Where in a TOML document byte `at` is: `key `delivery.max_concurrency` (line 4)`.
+/// toml's message alone names the type, not the key; the key is the one assigned on the
+/// error's line (or the nearest line above that assigns one, for a value spread over
+/// lines), under the nearest table header above it.
+fn locate(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_no = text[..at].matches('\n').count() + 1;
+    let lines: Vec<&str> = text.lines().take(line_no).collect();
+    let assignment = lines.iter().rposition(|line| {
+        let line = line.trim_start();
+        !line.starts_with('[') && !line.starts_with('#') && line.contains('=')
+    });
+    let Some(index) = assignment else {
+        return format!("line {line_no}");
+    };
+    let key = lines[index].split('=').next().unwrap_or("").trim();
+    let key: String = key
+        .split('.')
+        .map(|part| part.trim().trim_matches('"'))
+        .collect::<Vec<_>>()
+        .join(".");
+    let header = lines[..index]
+        .iter()
+        .rev()
+        .map(|line| line.trim())
+        .find(|line| line.starts_with('['))
+        .map(|line| {
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string()
+        });
+    let dotted = match header {
+        Some(header) if !header.is_empty() => format!("{header}.{key}"),
+        _ => key,
+    };
+    format!("key `{dotted}` (line {line_no})")
+}
+
 /// Every environment variable the gateway reads, with the setting it overrides. Kept in
 /// one table so `docs/configuration.md` can be checked against it.
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -329,8 +367,13 @@ impl Settings {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     error("--config", format!("cannot read {}: {e}", path.display()))
                 })?;
-                toml::from_str::<Settings>(&text)
-                    .map_err(|e| error(&path.display().to_string(), e.message().to_string()))?
+                toml::from_str::<Settings>(&text).map_err(|e| {
+                    let place = match e.span() {
+                        Some(span) => format!("{}, {}", path.display(), locate(&text, span.start)),
+                        None => path.display().to_string(),
+                    };
+                    error(&place, e.message().to_string())
+                })?
             }
             None => Settings::default(),
         };
@@ -645,6 +688,17 @@ mod tests {
             std::fs::write(&path, text).expect("write config");
         }
         Settings::load_with(file.map(|_| path.as_path()), |name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn a_type_error_names_the_key_and_the_line() {
+        let text = "listen = \"127.0.0.1:8080\"\n\n[delivery]\nmax_concurrency = \"lots\"\n";
+        let e = load(Some(text), &[]).expect_err("a string for a number");
+        assert!(e.to_string().contains("delivery.max_concurrency"), "{e}");
+        assert!(e.to_string().contains("line 4"), "{e}");
+        let text = "[[sources]]\nslug = \"a\"\nwrite_keys = \"not-a-list\"\n";
+        let e = load(Some(text), &[]).expect_err("a string for a list");
+        assert!(e.to_string().contains("sources.write_keys"), "{e}");
     }
 
     #[test]

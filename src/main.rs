@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use refiner_gateway::config::{ConfigError, LogFormat, Settings};
+use refiner_gateway::config::{ConfigError, LogFormat, Settings, SpoolBackend, ENV_VARS};
 use refiner_gateway::demo::DemoOptions;
 use refiner_gateway::startup::Application;
 use refiner_gateway::telemetry;
@@ -30,7 +30,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "refiner-gateway",
     version,
-    about = "Segment-compatible event gateway for Refiner"
+    about = "Segment-compatible event gateway for Refiner",
+    after_help = "Examples:\n  \
+        refiner-gateway demo                          # gateway + Refiner simulator on loopback\n  \
+        refiner-gateway serve --config gateway.toml   # production\n  \
+        refiner-gateway <command> --help              # each command's options and examples\n\n\
+        Documentation: README.md and docs/ in the source tree."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +45,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (settings: defaults, then --config, then the environment).
+    ///
+    /// Every setting has a default except the write keys and the Refiner API key; a TOML
+    /// file (--config) overrides the defaults, and the environment variables below
+    /// override the file. docs/configuration.md describes every setting.
+    #[command(after_help = serve_help())]
     Serve {
         /// TOML settings file.
         #[arg(long, value_name = "FILE")]
@@ -47,6 +57,13 @@ enum Command {
     },
     /// Run the gateway and a Refiner simulator on loopback, to see events flow end to end
     /// without a Refiner account.
+    ///
+    /// The banner lists the write key, the admin token of the management API (kept in
+    /// DATA_DIR/admin-token) and commands to try. The simulator keeps what it received in
+    /// memory; the spool in DATA_DIR keeps what the gateway accepted across restarts.
+    #[command(after_help = "Examples:\n  \
+        refiner-gateway demo\n  \
+        refiner-gateway demo --listen 127.0.0.1:9080 --sim-listen 127.0.0.1:9090 --data-dir /tmp/demo")]
     Demo {
         /// Address of the gateway.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -60,13 +77,27 @@ enum Command {
     },
     /// Load and check the settings as `serve` does, without starting anything: exit 0 if
     /// `serve` would accept them, else 2 with the problem on stderr.
+    ///
+    /// Besides the settings themselves it checks what `serve` needs from the machine: a
+    /// writable data directory (embedded spool) or a readable NATS credentials file.
+    #[command(after_help = "Examples:\n  \
+        refiner-gateway check-config --config /etc/refiner-gateway/gateway.toml\n  \
+        refiner-gateway check-config --settings-only --config rendered-for-a-pod.toml\n  \
+        GATEWAY_WRITE_KEYS=my-write-key REFINER_API_KEY=my-refiner-api-key refiner-gateway check-config")]
     CheckConfig {
         /// TOML settings file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Check the settings alone, not the data directory or the files they name: for
+        /// a configuration made for another machine (the Helm chart's check renders one).
+        #[arg(long)]
+        settings_only: bool,
     },
     /// Probe a running gateway over HTTP: exit 0 if the URL answers 2xx, else 1 (for
     /// container health checks).
+    #[command(after_help = "Examples:\n  \
+        refiner-gateway healthcheck\n  \
+        refiner-gateway healthcheck --url http://127.0.0.1:8080/readyz --timeout-secs 5")]
     Healthcheck {
         /// URL to probe. Default: `/healthz` on the port of `GATEWAY_LISTEN` (8080) on
         /// 127.0.0.1.
@@ -77,9 +108,12 @@ enum Command {
         timeout_secs: u64,
     },
     /// List, show, replay or delete dead letters through a running gateway's management API.
+    #[command(after_help = refiner_gateway::cli::DEAD_LETTERS_EXAMPLES)]
     DeadLetters(refiner_gateway::cli::DeadLettersArgs),
     /// Copy a data directory (spool, dedup index, delivered journal) into a new directory a
     /// gateway can be started on; works while the gateway runs.
+    #[command(after_help = "Example:\n  \
+        refiner-gateway backup --data-dir /var/lib/refiner-gateway --output /backup/gateway-$(date +%Y%m%dT%H%M%S)")]
     Backup {
         /// The gateway's data directory.
         #[arg(long, env = "GATEWAY_DATA_DIR", default_value = "./data")]
@@ -88,6 +122,27 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         output: PathBuf,
     },
+}
+
+/// The end of `serve --help`: the environment variables and an example.
+fn serve_help() -> String {
+    let width = ENV_VARS.iter().map(|(v, _)| v.len()).max().unwrap_or(0);
+    let mut text = String::from("Environment variables (override the file's settings):\n");
+    for (variable, setting) in ENV_VARS {
+        text.push_str(&format!("  {variable:<width$}  {setting}\n"));
+    }
+    text.push_str(&format!(
+        "  {:<width$}  the log filter (default: info)\n",
+        "RUST_LOG"
+    ));
+    text.push_str(
+        "\n\
+         Examples:\n  \
+         GATEWAY_WRITE_KEYS=my-write-key REFINER_API_KEY=my-refiner-api-key refiner-gateway serve\n  \
+         refiner-gateway serve --config /etc/refiner-gateway/gateway.toml\n\n\
+         Check a configuration without starting: refiner-gateway check-config --config FILE",
+    );
+    text
 }
 
 fn main() -> ExitCode {
@@ -113,7 +168,10 @@ fn main() -> ExitCode {
             private_files();
             backup(&data_dir, &output)
         }
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig {
+            config,
+            settings_only,
+        } => check_config(config, settings_only),
         Command::Healthcheck { url, timeout_secs } => healthcheck(url, timeout_secs),
         Command::DeadLetters(args) => refiner_gateway::cli::run(args),
     }
@@ -167,26 +225,44 @@ fn backup(data_dir: &std::path::Path, output: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The settings `serve` would run with, or the configuration error it would stop on.
-fn load_for_serve(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
-    let settings = Settings::load(config)?;
-    settings.require_refiner_keys()?;
+/// The settings `serve` would run with, or the configuration error it would stop on;
+/// `machine` adds what `serve` needs from this machine (`startup::preflight`).
+fn load_for_serve(config: Option<&std::path::Path>, machine: bool) -> Result<Settings, String> {
+    let settings = Settings::load(config).map_err(|e: ConfigError| e.to_string())?;
+    settings.require_refiner_keys().map_err(|e| e.to_string())?;
+    if machine {
+        refiner_gateway::startup::preflight(&settings)
+            .map_err(|e| format!("cannot start with this configuration: {e}"))?;
+    }
     Ok(settings)
 }
 
-fn check_config(config: Option<PathBuf>) -> ExitCode {
-    match load_for_serve(config.as_deref()) {
+fn check_config(config: Option<PathBuf>, settings_only: bool) -> ExitCode {
+    match load_for_serve(config.as_deref(), !settings_only) {
         Ok(settings) => {
             let slugs: Vec<&str> = settings.sources.iter().map(|s| s.slug.as_str()).collect();
+            let spool = match settings.spool.backend {
+                SpoolBackend::Sqlite => {
+                    format!("sqlite in {}", settings.data_dir.display())
+                }
+                SpoolBackend::Nats => format!(
+                    "nats at {} (stream {}, {} replicas)",
+                    settings.nats.url, settings.nats.stream, settings.nats.replicas
+                ),
+            };
             println!(
-                "configuration OK: listen {}, data_dir {}, sources {}, delivery {}",
+                "configuration OK: listen {}, spool {spool}, sources {}, delivery {}, management API {}",
                 settings.listen,
-                settings.data_dir.display(),
                 slugs.join(", "),
                 if settings.delivery.enabled {
                     "on"
                 } else {
                     "off"
+                },
+                if settings.admin_token.is_some() {
+                    "on"
+                } else {
+                    "off (no admin_token)"
                 }
             );
             ExitCode::SUCCESS
@@ -248,7 +324,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn demo(options: DemoOptions) -> ExitCode {
-    telemetry::init_logging(LogFormat::Text);
+    // The HTTP servers' start-up lines would interleave with the banner; they say nothing
+    // the banner does not.
+    telemetry::init_logging_with(LogFormat::Text, "info,actix_server=warn");
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -263,7 +341,7 @@ fn demo(options: DemoOptions) -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    let settings = match load_for_serve(config.as_deref()) {
+    let settings = match load_for_serve(config.as_deref(), true) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("refiner-gateway: {e}");

@@ -10,6 +10,11 @@
 //! directory's lock ([`crate::datadir`]) before it opens anything in it, and the
 //! application holds it until it is dropped (after `run_until_stopped` has closed the spool).
 //!
+//! Signals: SIGTERM and SIGINT (Ctrl-C) both stop gracefully, by the order above. The
+//! server's own signal handling is off, since it treats SIGINT as a forced stop (in-flight
+//! requests dropped) and says so in the log, which a terminal user pressing Ctrl-C should
+//! not get. A second signal does not cut the drain short; `shutdown_timeout_secs` bounds it.
+//!
 //! Readiness: `/readyz` answers 503 until [`Application::run_until_stopped`] has started
 //! delivery and the sampler (the spool's start-up recovery runs inside `build`, before), and
 //! again from the moment the server has stopped.
@@ -48,6 +53,65 @@ pub enum StartError {
     Spool(#[from] SpoolError),
     #[error("cannot set up delivery: {0}")]
     Delivery(String),
+}
+
+/// Checks what `serve` needs from the machine before it opens anything, so that
+/// `check-config` refuses what `serve` could not start: with the embedded spool, a data
+/// directory that is a directory (or can be created) and is writable; with the JetStream
+/// spool, a readable credentials file when one is named. Creates and changes nothing.
+pub fn preflight(settings: &Settings) -> Result<(), String> {
+    match settings.spool.backend {
+        SpoolBackend::Sqlite => writable_dir(&settings.data_dir),
+        SpoolBackend::Nats => {
+            let creds = &settings.nats.credentials_file;
+            if creds.is_empty() {
+                return Ok(());
+            }
+            std::fs::File::open(creds).map(drop).map_err(|e| {
+                format!("nats.credentials_file (GATEWAY_NATS_CREDS): cannot read {creds}: {e}")
+            })
+        }
+    }
+}
+
+/// `dir` is a writable directory, or the nearest existing ancestor is one (so `serve` can
+/// create it).
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let problem = |what: String| format!("data_dir (GATEWAY_DATA_DIR): {what}");
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(problem(format!(
+            "{} is not a directory",
+            existing.display()
+        )));
+    }
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| problem(format!("{} is not a valid path", existing.display())))?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let allowed = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if !allowed {
+        let what = if existing == dir {
+            format!("{} is not writable by this user", dir.display())
+        } else {
+            format!(
+                "{} does not exist and {} is not writable by this user",
+                dir.display(),
+                existing.display()
+            )
+        };
+        return Err(problem(what));
+    }
+    Ok(())
 }
 
 /// A built, not yet running gateway.
@@ -169,6 +233,7 @@ impl Application {
                 .default_service(web::to(ingest::not_found))
         })
         .shutdown_timeout(settings.shutdown_timeout_secs)
+        .disable_signals()
         .listen(listener)
         .map_err(|source| StartError::Listen {
             address: settings.listen.clone(),
@@ -229,8 +294,10 @@ impl Application {
             Some(dispatcher) => dispatcher.clone().start(stopped),
             None => Vec::new(),
         };
+        let signals = tokio::spawn(stop_on_signal(self.server.handle()));
         self.started.store(true, Ordering::Release);
         let result = self.server.await;
+        signals.abort();
         self.started.store(false, Ordering::Release);
         let _ = stop_delivery.send(true);
         let drain = futures_util::future::join_all(workers);
@@ -245,5 +312,40 @@ impl Application {
         self.spool.close().await;
         tracing::info!("gateway stopped");
         result
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, then stops the server gracefully (see the module header).
+async fn stop_on_signal(server: ServerHandle) {
+    let name = wait_for_signal().await;
+    tracing::info!(
+        signal = name,
+        "stopping: in-flight requests finish, delivery settles"
+    );
+    server.stop(true).await;
+}
+
+/// The name of the first of SIGTERM and SIGINT to arrive. Without a way to listen for
+/// SIGTERM (never on Unix in practice) only Ctrl-C stops the server.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = ctrl_c() => "SIGINT",
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+            ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+/// Ctrl-C; never, when it cannot be listened for.
+async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "cannot listen for SIGINT");
+        std::future::pending::<()>().await;
     }
 }

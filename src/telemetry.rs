@@ -38,8 +38,14 @@ pub fn is_json(format: LogFormat, stdout_is_terminal: bool) -> bool {
 /// Installs the global tracing subscriber, writing to stdout. Safe to call more than once
 /// (later calls are no-ops), so tests may call it too. Colours only in a terminal.
 pub fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info");
+}
+
+/// [`init_logging`] with another filter than `info` when `RUST_LOG` is unset.
+pub fn init_logging_with(format: LogFormat, default_filter: &str) {
     let terminal = std::io::stdout().is_terminal();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if is_json(format, terminal) {
         builder

@@ -10,7 +10,11 @@
 //! - The JetStream server is stopped for a few seconds under load: ingest answers 503 (never
 //!   200) while it is down, recovers by itself once it is back, and nothing accepted is lost.
 //!
-//! Both skip (printing why) without a `nats-server` binary, unless `GATEWAY_REQUIRE_NATS=1`.
+//! Both fail without a `nats-server` binary (naming the install), unless
+//! `GATEWAY_SKIP_NATS=1` skips them (`support/deps.rs`).
+
+#[path = "support/deps.rs"]
+mod deps;
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
@@ -263,7 +267,7 @@ async fn two_nodes_share_the_stream_and_one_takes_over_from_a_killed_one() {
     const USERS: usize = 500;
     const ROUNDS: usize = 6;
     const KILL_AFTER_ROUND: usize = 2;
-    let Some(server) = NatsServer::start("two_nodes_share_the_stream") else {
+    let Some(server) = deps::nats("two_nodes_share_the_stream", NatsServer::start) else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -465,7 +469,7 @@ enum Outage {
 
 async fn outage(test: &str, kind: Outage) {
     const SENDERS: usize = 4;
-    let Some(mut server) = NatsServer::start(test) else {
+    let Some(mut server) = deps::nats(test, NatsServer::start) else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -635,7 +639,10 @@ async fn outage(test: &str, kind: Outage) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_management_api_works_on_the_jetstream_spool() {
     const ADMIN: &str = "distributed-admin-token";
-    let Some(server) = NatsServer::start("the_management_api_works_on_the_jetstream_spool") else {
+    let Some(server) = deps::nats(
+        "the_management_api_works_on_the_jetstream_spool",
+        NatsServer::start,
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,6 +1,8 @@
 //! The user-facing documentation in `docs/` is checked against the code, so that a setting,
 //! an environment variable, an error code, a skip reason or a metric added without being
-//! documented fails the build.
+//! documented fails the build; every shell example of README.md and `docs/` runs against a
+//! live gateway, README.md's Getting started step by step against the demo
+//! (`docs/examples.rs`); and every command's `--help` carries an example.
 //!
 //! Settings are discovered from the `Settings` type itself: every section rejects unknown
 //! keys, and serde's "unknown field" error lists the fields the section expects. Probing each
@@ -606,5 +608,178 @@ fn every_management_error_reason_is_documented_with_its_status() {
             openapi.contains(error.reason()),
             "docs/openapi.yaml does not list the reason {reason}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shell examples (tests/docs/examples.rs) and --help
+// ---------------------------------------------------------------------------------------
+
+#[path = "docs/examples.rs"]
+mod examples;
+
+use examples::{check, documents, report, Environment, Example, GETTING_STARTED};
+
+fn all_examples() -> Vec<Example> {
+    documents()
+        .iter()
+        .flat_map(|file| examples::examples(file))
+        .collect()
+}
+
+#[test]
+fn every_shell_example_in_docs_runs_against_a_gateway() {
+    let all = all_examples();
+    let runnable: Vec<&Example> = all
+        .iter()
+        .filter(|e| e.not_run.is_none() && e.file != "README.md")
+        .collect();
+    assert!(
+        runnable.len() >= 10,
+        "only {} runnable examples in docs/: is the extraction broken?",
+        runnable.len()
+    );
+    let mut failures = Vec::new();
+    for example in &runnable {
+        let environment = Environment::docs();
+        let ran = environment.run(example);
+        if let Err(failure) = check(example, &ran, &environment) {
+            failures.push(failure);
+        }
+    }
+    let not_run = all.iter().filter(|e| e.not_run.is_some()).count();
+    let readme = all
+        .iter()
+        .filter(|e| e.not_run.is_none() && e.file == "README.md")
+        .count();
+    let mut lines = vec![format!(
+        "shell examples: {} run here, {readme} of README.md run by the Getting started test, {not_run} not run",
+        runnable.len()
+    )];
+    lines.extend(examples::not_run_report(&all));
+    report(&lines);
+    assert!(
+        failures.is_empty(),
+        "{} of {} examples failed:\n\n{}",
+        failures.len(),
+        runnable.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn the_getting_started_path_works_step_by_step() {
+    let readme = examples::examples("README.md");
+    let runnable: Vec<&Example> = readme.iter().filter(|e| e.not_run.is_none()).collect();
+    for (needle, _) in GETTING_STARTED {
+        assert!(
+            runnable.iter().any(|e| e.code.contains(needle)),
+            "README.md's Getting started has no runnable step with `{needle}`"
+        );
+    }
+    let environment = Environment::demo();
+    for example in &runnable {
+        // A reader takes a moment between steps; delivery catches up meanwhile.
+        environment.settle("default");
+        let ran = environment.run(example);
+        if let Err(failure) = check(example, &ran, &environment) {
+            panic!("{failure}");
+        }
+        for (needle, shown) in GETTING_STARTED {
+            if example.code.contains(needle) {
+                assert!(
+                    ran.stdout.contains(shown),
+                    "{}: the step with `{needle}` should show `{shown}`:\n{}\n{}",
+                    example.place(),
+                    ran.stdout,
+                    environment.logs()
+                );
+            }
+        }
+    }
+    // Ctrl-C: a graceful stop, said as such, exit 0.
+    let stopped = environment.interrupt_demo();
+    assert!(stopped.success, "the demo exited {}", stopped.status);
+    let printed = format!("{}{}", stopped.stdout, stopped.stderr);
+    assert!(!printed.contains("forced"), "{printed}");
+    assert!(printed.contains("gateway stopped"), "{printed}");
+    // The banner comes after start-up, not interleaved with the servers' lines.
+    assert!(!printed.contains("starting service"), "{printed}");
+    assert!(
+        printed.contains("keeps what it received in memory"),
+        "{printed}"
+    );
+}
+
+#[test]
+fn the_example_extraction_reads_annotations_and_expected_answers() {
+    let all = all_examples();
+    let readme: Vec<&Example> = all.iter().filter(|e| e.file == "README.md").collect();
+    assert!(readme.iter().any(|e| e.not_run.is_some()));
+    assert!(readme
+        .iter()
+        .any(|e| e.code.contains("/v1/track") && e.not_run.is_none()));
+    // Indented blocks (inside a list) lose their indentation.
+    assert!(readme
+        .iter()
+        .any(|e| e.code.starts_with("curl -u demo-write-key:")));
+    let answers = examples::expected_answers("curl x\n# {\"success\":true}\n# a comment\n");
+    assert_eq!(answers, vec![serde_json::json!({"success": true})]);
+    assert!(examples::output_has(
+        "noise\n{\"success\": true}\n",
+        &answers[0]
+    ));
+    assert!(!examples::output_has("{\"success\":false}\n", &answers[0]));
+}
+
+/// `refiner-gateway <command> --help` for every command and dead-letters subcommand.
+#[test]
+fn every_command_help_has_an_example() {
+    let binary = env!("CARGO_BIN_EXE_refiner-gateway");
+    let help = |args: &[&str]| {
+        let output = std::process::Command::new(binary)
+            .args(args)
+            .arg("--help")
+            .output()
+            .expect("run --help");
+        assert!(output.status.success(), "{args:?} --help failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let commands = |text: &str| -> Vec<String> {
+        text.split("Commands:\n")
+            .nth(1)
+            .unwrap_or("")
+            .lines()
+            .take_while(|line| line.starts_with("  "))
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| *name != "help")
+            .map(str::to_string)
+            .collect()
+    };
+    let top = help(&[]);
+    assert!(top.contains("Examples:"), "{top}");
+    let names = commands(&top);
+    assert!(names.len() >= 6, "{names:?}");
+    for name in &names {
+        let text = help(&[name]);
+        assert!(
+            text.contains("Example"),
+            "{name} --help has no example:\n{text}"
+        );
+        for sub in commands(&text) {
+            let text = help(&[name, &sub]);
+            assert!(
+                text.contains("Example"),
+                "{name} {sub} --help has no example:\n{text}"
+            );
+        }
+    }
+    let serve = help(&["serve"]);
+    for (variable, _) in ENV_VARS {
+        assert!(serve.contains(variable), "serve --help lacks {variable}");
+    }
+    let list = help(&["dead-letters", "list"]);
+    for flag in ["--query ", "--query-fields ", "--sort "] {
+        assert!(list.contains(flag), "dead-letters list --help lacks {flag}");
     }
 }

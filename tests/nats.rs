@@ -1,8 +1,11 @@
 //! The JetStream spool: the spool conformance suite against a real `nats-server`, plus the
 //! checks that only make sense for a distributed spool (partition ownership, take-over,
 //! server restarts). Every test starts its own server on a free loopback port with a
-//! temporary store, and skips (printing why) when no `nats-server` binary is installed,
-//! unless `GATEWAY_REQUIRE_NATS=1`.
+//! temporary store, and fails without a `nats-server` binary (naming the install) unless
+//! `GATEWAY_SKIP_NATS=1` skips it (`support/deps.rs`).
+
+#[path = "support/deps.rs"]
+mod deps;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +38,7 @@ macro_rules! conformance {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test]
         async fn $name() {
-            let Some(server) = NatsServer::start(stringify!($name)) else { return };
+            let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             conformance::$name(open(&server)).await;
         }
     )*};
@@ -63,7 +66,7 @@ macro_rules! conformance_reopen {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $name() {
-            let Some(server) = NatsServer::start(stringify!($name)) else { return };
+            let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             let server = &server;
             conformance::$name(|| async move { open(server) }).await;
         }
@@ -158,7 +161,7 @@ mod dead_letters {
 
     #[tokio::test]
     async fn dead_letters_are_listed_shown_replayed_and_deleted() {
-        let Some(server) = NatsServer::start("dead_letters_are_listed") else {
+        let Some(server) = deps::nats("dead_letters_are_listed", NatsServer::start) else {
             return;
         };
         let backend = Backend::nats(
@@ -301,7 +304,7 @@ mod dead_letters {
 #[tokio::test]
 async fn dedup_survives_a_server_restart() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
-    let Some(mut server) = NatsServer::start("dedup_survives_a_server_restart") else {
+    let Some(mut server) = deps::nats("dedup_survives_a_server_restart", NatsServer::start) else {
         return;
     };
     let spool = open(&server);
@@ -347,7 +350,7 @@ async fn dedup_survives_a_server_restart() {
 async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
-    let Some(server) = NatsServer::start("a_take_over_keeps_the_retry_schedule") else {
+    let Some(server) = deps::nats("a_take_over_keeps_the_retry_schedule", NatsServer::start) else {
         return;
     };
     let first = open(&server);
@@ -417,7 +420,10 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
 async fn an_event_past_max_deliver_is_dead_lettered() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
-    let Some(server) = NatsServer::start("an_event_past_max_deliver_is_dead_lettered") else {
+    let Some(server) = deps::nats(
+        "an_event_past_max_deliver_is_dead_lettered",
+        NatsServer::start,
+    ) else {
         return;
     };
     let mut options = options(&server);
@@ -466,7 +472,9 @@ async fn three_replicas_survive_losing_a_server() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::nats::testing::NatsCluster;
     use std::collections::HashMap;
-    let Some(mut cluster) = NatsCluster::start("three_replicas_survive_losing_a_server", 3) else {
+    let Some(mut cluster) = deps::nats("three_replicas_survive_losing_a_server", |test| {
+        NatsCluster::start(test, 3)
+    }) else {
         return;
     };
     let mut options = NatsSpoolOptions::new(cluster.urls());

@@ -4,6 +4,8 @@
 mod backup;
 mod crash;
 mod delivery;
+#[path = "../support/deps.rs"]
+mod deps;
 mod helpers;
 mod hostile;
 mod ingest;

@@ -1640,7 +1640,7 @@ async fn the_command_line_lists_shows_replays_and_purges() {
     let (code, out, _) = cli(
         &app,
         Some(ADMIN),
-        &["list", "--all", "--page-size", "2", "--o", "-id"],
+        &["list", "--all", "--page-size", "2", "--sort", "-id"],
     )
     .await;
     assert_eq!(code, 0);
@@ -1649,7 +1649,14 @@ async fn the_command_line_lists_shows_replays_and_purges() {
     let (code, out, _) = cli(
         &app,
         Some(ADMIN),
-        &["list", "--json", "--q", "order", "--q-f", "event"],
+        &[
+            "list",
+            "--json",
+            "--query",
+            "order",
+            "--query-fields",
+            "event",
+        ],
     )
     .await;
     assert_eq!(code, 0);

@@ -722,6 +722,7 @@ async fn check_config_accepts_what_serve_accepts_and_names_what_it_refuses() {
     .await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.starts_with("configuration OK"), "{stdout}");
+    assert!(stdout.contains("spool sqlite in ./data"), "{stdout}");
     assert!(!stdout.contains("wk") && !stdout.contains("rk"), "{stdout}");
     // Delivery on and no Refiner API key: refused as `serve` refuses it.
     let (code, _, stderr) = run(&[("GATEWAY_WRITE_KEYS", "wk")], file.clone()).await;
@@ -732,9 +733,74 @@ async fn check_config_accepts_what_serve_accepts_and_names_what_it_refuses() {
     std::fs::write(&file, "[spool]\nstats_interval = 1\n").expect("write config");
     let (code, _, stderr) = run(
         &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
-        file,
+        file.clone(),
     )
     .await;
     assert_eq!(code, Some(2));
     assert!(stderr.contains("stats_interval"), "{stderr}");
+    // A value of the wrong type is named by its key and line.
+    std::fs::write(&file, "[spool]\n\nstats_interval_ms = \"soon\"\n").expect("write config");
+    let (code, _, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file.clone(),
+    )
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("key `spool.stats_interval_ms` (line 3)"),
+        "{stderr}"
+    );
+
+    // What serve could not start with: a data directory that is a file, a NATS
+    // credentials file that cannot be read. The summary names the backend.
+    let not_a_dir = dir.path().join("not-a-dir");
+    std::fs::write(&not_a_dir, "").expect("write file");
+    std::fs::write(&file, format!("data_dir = {:?}\n", not_a_dir.join("data"))).expect("write");
+    let (code, _, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file.clone(),
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("data_dir") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
+    let creds = dir.path().join("missing.creds");
+    std::fs::write(
+        &file,
+        format!("[spool]\nbackend = \"nats\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\ncredentials_file = {:?}\n", creds),
+    )
+    .expect("write config");
+    let (code, _, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file.clone(),
+    )
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("nats.credentials_file") && stderr.contains("missing.creds"),
+        "{stderr}"
+    );
+    // --settings-only: a configuration for another machine (the Helm chart's check).
+    let output = tokio::process::Command::new(BINARY)
+        .args(["check-config", "--settings-only", "--config"])
+        .arg(&file)
+        .env_clear()
+        .envs([("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")])
+        .output()
+        .await
+        .expect("run check-config");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    std::fs::write(&creds, "-----BEGIN NATS USER JWT-----\n").expect("write creds");
+    let (code, stdout, stderr) = run(
+        &[("GATEWAY_WRITE_KEYS", "wk"), ("REFINER_API_KEY", "rk")],
+        file,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("spool nats at nats://127.0.0.1:4222"),
+        "{stdout}"
+    );
 }
