@@ -82,6 +82,10 @@ pub struct Filter {
         value_name = "FIELDS"
     )]
     pub q_f: Option<String>,
+    /// Only dead letters whose last answer from Refiner had this HTTP status, e.g. 401
+    /// (the API's `status`).
+    #[arg(long, value_name = "CODE")]
+    pub status: Option<u16>,
 }
 
 impl Filter {
@@ -96,6 +100,9 @@ impl Filter {
             if let Some(value) = value {
                 pairs.push((name, value.clone()));
             }
+        }
+        if let Some(status) = self.status {
+            pairs.push(("status", status.to_string()));
         }
         pairs
     }

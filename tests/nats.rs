@@ -206,6 +206,19 @@ mod dead_letters {
             .await
             .expect("search");
         assert_eq!(searched.count, 1);
+        for (status, expected) in [(400, 3), (503, 0)] {
+            let selected = dead
+                .list_dead_letters(DeadLetterQuery {
+                    filter: DeadLetterFilter {
+                        status: Some(status),
+                        ..all(SOURCE)
+                    },
+                    ..query(PageAt::Offset(0), 10)
+                })
+                .await
+                .expect("by status");
+            assert_eq!(selected.count, expected, "status {status}");
+        }
         let descending = dead
             .list_dead_letters(DeadLetterQuery {
                 sort: SortField::MessageId,

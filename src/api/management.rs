@@ -293,6 +293,7 @@ async fn list(
             "ends_at",
             "q",
             "q_f",
+            "status",
             "o",
             "page",
             "page_size",
@@ -459,7 +460,7 @@ async fn purge(
     let outcome = async {
         let params = authorized_body(&request, &state, payload).await?;
         let source = state.source(&path)?;
-        params.only(&["ids", "start_at", "ends_at", "q", "q_f"])?;
+        params.only(&["ids", "start_at", "ends_at", "q", "q_f", "status"])?;
         let filter = params.filter(&source.slug, true)?;
         let deleted = state.dead_letters.delete_dead_letters(filter).await?;
         Ok(HttpResponse::Ok().json(json!({ "deleted": deleted })))
@@ -479,7 +480,7 @@ async fn replay(
         let params = authorized_body(&request, &state, payload).await?;
         let source = state.source(&path)?;
         params.only(&[
-            "ids", "start_at", "ends_at", "q", "q_f", "limit", "until_id",
+            "ids", "start_at", "ends_at", "q", "q_f", "status", "limit", "until_id",
         ])?;
         let mut filter = params.filter(&source.slug, true)?;
         filter.max_id = params

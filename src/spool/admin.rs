@@ -114,6 +114,8 @@ pub struct DeadLetterFilter {
     pub q: Option<String>,
     /// Fields `q` searches; empty means all of [`SearchField::ALL`].
     pub q_fields: Vec<SearchField>,
+    /// Only dead letters whose last answer from Refiner had this HTTP status.
+    pub status: Option<u16>,
     /// Only ids up to this one: bounds a replay to what existed when it started, so events
     /// that fail again while it runs are not replayed again.
     pub max_id: Option<i64>,

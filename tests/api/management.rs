@@ -551,6 +551,12 @@ async fn each_filter_narrows_the_listing() {
     assert_eq!(count("q=invalid&q_f=last_error".into()).await, 3);
     assert_eq!(count("q=invalid&q_f=event,messageId".into()).await, 0);
     assert_eq!(count("q=invalid&q_f=event&q_f=last_error".into()).await, 3);
+    // status selects by Refiner's last answer, not by the text of the error; the retries'
+    // 503s before the 401s are not the last answer.
+    assert_eq!(count("status=400".into()).await, 3);
+    assert_eq!(count("status=401".into()).await, 3);
+    assert_eq!(count("status=503".into()).await, 0);
+    assert_eq!(count("status=401&q=order".into()).await, 1);
     // Filters combine.
     assert_eq!(
         count(format!("q=order&start_at={}", encode(&second))).await,
@@ -787,6 +793,9 @@ async fn bad_parameters_are_400_naming_the_parameter() {
         ("start_at=2026-05-02&ends_at=2026-05-01", "ends_at"),
         ("q_f=bogus", "q_f"),
         ("q_f=event,nope", "q_f"),
+        ("status=99", "status"),
+        ("status=600", "status"),
+        ("status=4xx", "status"),
         ("unknown=1", "unknown"),
         ("cursor=garbage", "cursor"),
         (&format!("o=-id&cursor={other_order_cursor}"), "cursor"),

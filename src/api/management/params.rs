@@ -155,7 +155,7 @@ impl Params {
     }
 
     /// The filter parameters shared by listing, replay and purge: `start_at`, `ends_at`,
-    /// `q`, `q_f` and (`with_ids`) `ids`.
+    /// `q`, `q_f`, `status` and (`with_ids`) `ids`.
     pub fn filter(&self, source: &str, with_ids: bool) -> Result<DeadLetterFilter, ApiError> {
         let start_at_ms = self.date("start_at")?;
         let ends_at_ms = self.date("ends_at")?;
@@ -192,6 +192,7 @@ impl Params {
                 }
             }
         }
+        let status = self.number("status", 100, 599)?.map(|s| s as u16);
         let mut ids = None;
         if with_ids {
             let given = self.all("ids");
@@ -228,6 +229,7 @@ impl Params {
             ends_at_ms,
             q,
             q_fields,
+            status,
             max_id: None,
         })
     }

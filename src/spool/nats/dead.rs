@@ -88,6 +88,7 @@ impl Record {
                 .ends_at_ms
                 .is_some_and(|e| self.meta.created_at_ms >= e)
             || filter.max_id.is_some_and(|m| self.id > m)
+            || filter.status.is_some_and(|s| self.meta.status != Some(s))
         {
             return false;
         }

@@ -201,6 +201,10 @@ pub(super) fn filter_sql(filter: &DeadLetterFilter, values: &mut Vec<Value>) -> 
         clauses.push("id <= ?".into());
         values.push(Value::Integer(max_id));
     }
+    if let Some(status) = filter.status {
+        clauses.push("last_status = ?".into());
+        values.push(Value::Integer(i64::from(status)));
+    }
     if let Some(q) = filter.q.as_deref().filter(|q| !q.is_empty()) {
         let fields: &[SearchField] = if filter.q_fields.is_empty() {
             &SearchField::ALL
