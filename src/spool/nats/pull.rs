@@ -1,0 +1,228 @@
+//! Pulling a partition's events from its consumer into the in-memory queue state,
+//! recovering the consumer after a stall, and moving events past `max_deliver` to the dead
+//! letters.
+
+use super::*;
+
+impl Inner {
+    /// Pulls the partition's events into memory until stopped; survives missed heartbeats,
+    /// reconnects and server restarts by starting a new pull (and, if the consumer is gone
+    /// while this node still owns the partition, a new consumer).
+    pub(super) async fn pull_loop(
+        self: Arc<Self>,
+        partition: u32,
+        mut consumer: consumer::PullConsumer,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *stopped.borrow() {
+                return;
+            }
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(self.options.fetch_batch)
+                .heartbeat(PULL_HEARTBEAT)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot pull from a partition");
+                    if self.sleep_or_stop(backoff, &mut stopped).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    if self.client.connection_state() == async_nats::connection::State::Connected {
+                        if let Some(renewed) = self.recover_consumer(partition, &e).await {
+                            consumer = renewed;
+                        }
+                    }
+                    continue;
+                }
+            };
+            loop {
+                while self.state().len() >= self.options.max_buffered {
+                    if self
+                        .sleep_or_stop(Duration::from_millis(5), &mut stopped)
+                        .await
+                    {
+                        return;
+                    }
+                }
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    _ = stopped.changed() => return,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        backoff = Duration::from_millis(100);
+                        self.receive(partition, message).await;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if self.sleep_or_stop(backoff, &mut stopped).await {
+                return;
+            }
+            // Until a message arrives again, each failed pull waits twice as long (a consumer
+            // leader being elected answers "no responders" for seconds).
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub(super) async fn recover_consumer(
+        &self,
+        partition: u32,
+        error: &impl std::fmt::Display,
+    ) -> Option<consumer::PullConsumer> {
+        if !error.to_string().contains("not found") {
+            return None;
+        }
+        let owned = self.owned.lock().await.contains_key(&partition);
+        if !owned {
+            return None;
+        }
+        tracing::warn!(partition, "the partition's consumer is gone; recreating it");
+        self.events
+            .get_consumer(&self.options.consumer_name(partition))
+            .await
+            .ok()
+            .or(self.fresh_consumer(partition).await.ok())
+    }
+
+    pub(super) async fn sleep_or_stop(
+        &self,
+        duration: Duration,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => *stopped.borrow(),
+            _ = stopped.changed() => true,
+        }
+    }
+
+    pub(super) async fn receive(&self, partition: u32, message: jetstream::Message) {
+        let (seq, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "a pulled message has no JetStream metadata");
+                return;
+            }
+        };
+        let reply = message
+            .reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let Some((meta, payload)) = decode::<Meta>(&message.payload) else {
+            tracing::error!(
+                seq,
+                "an event in the stream cannot be read; dead-lettering it"
+            );
+            let dead = DeadMeta {
+                source: "unknown".into(),
+                message_id: String::new(),
+                kind: String::new(),
+                user_key: String::new(),
+                received_at_ms: 0,
+                attempts: 0,
+                status: None,
+                error: "the stored event cannot be read".into(),
+                created_at_ms: now_ms(),
+                queue_seq: seq as i64,
+                history: Vec::new(),
+            };
+            if self.bury(&dead, &message.payload).await.is_ok() {
+                self.answer(vec![Reply::Ack { seq, reply }]).await;
+            }
+            return;
+        };
+        // An event still in memory (redelivered after its ack wait) is being handled here:
+        // only an event that comes back from JetStream counts against max_deliver.
+        let in_memory = self.state().get(seq as i64).is_some();
+        if !in_memory && self.options.max_deliver > 0 && delivered > self.options.max_deliver {
+            let dead = DeadMeta {
+                source: meta.s.clone(),
+                message_id: meta.m.clone(),
+                kind: meta.k.clone(),
+                user_key: meta.u.clone(),
+                received_at_ms: meta.r,
+                attempts: (delivered - 1) as u32,
+                status: None,
+                error: format!("delivered {} times (max_deliver)", delivered - 1),
+                created_at_ms: now_ms(),
+                queue_seq: seq as i64,
+                history: Vec::new(),
+            };
+            if self.bury(&dead, &payload).await.is_ok() {
+                self.answer(vec![Reply::Ack { seq, reply }]).await;
+            }
+            return;
+        }
+        let entry = Entry {
+            event: Leased {
+                seq: seq as i64,
+                source: meta.s,
+                message_id: meta.m,
+                kind: meta.k,
+                user_key: meta.u,
+                payload,
+                attempts: meta.a,
+                received_at_ms: meta.r,
+            },
+            partition,
+            reply,
+            delivered,
+            history: meta.h,
+        };
+        let nak = self.state().insert(entry, now_ms());
+        if let Some(nak) = nak {
+            self.answer(vec![nak]).await;
+        }
+    }
+
+    /// Copies a dead letter to its stream and waits for JetStream's ack.
+    pub(super) async fn bury(&self, dead: &DeadMeta, payload: &[u8]) -> Result<(), SpoolError> {
+        let subject = self.options.dead_subject(&dead.source);
+        let ack = self
+            .js
+            .publish(subject, encode(dead, payload).into())
+            .await
+            .map_err(|e| storage("cannot copy a dead letter", e))?;
+        ack.await
+            .map_err(|e| storage("cannot copy a dead letter", e))?;
+        Ok(())
+    }
+
+    /// Tells JetStream the outcome of each event and waits for its confirmations.
+    pub(super) async fn answer(&self, replies: Vec<Reply>) {
+        let answers = replies.into_iter().map(|reply| async move {
+            let (subject, kind) = match reply {
+                Reply::Ack { reply, .. } => (reply, AckKind::Ack),
+                Reply::Nak {
+                    reply, delay_ms, ..
+                } => (
+                    reply,
+                    AckKind::Nak(Some(Duration::from_millis(delay_ms.max(1)))),
+                ),
+            };
+            if subject.is_empty() {
+                return;
+            }
+            let acker =
+                jetstream::message::Acker::new(self.js.clone(), Some(Subject::from(subject)));
+            if let Err(e) = acker.double_ack_with(kind).await {
+                // The event stays pending and comes back after the ack wait: a duplicate at
+                // worst, never a loss.
+                tracing::warn!(error = %e, "JetStream did not confirm an ack or nak");
+            }
+        });
+        futures_util::future::join_all(answers).await;
+    }
+}

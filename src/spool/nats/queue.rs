@@ -1,0 +1,264 @@
+//! The [`Spool`] trait's operations on the owned partitions: append (publish, acked by
+//! JetStream), lease from memory, settle (acks, naks with delay, dead letters first), the
+//! writability probe, statistics and close.
+
+use super::*;
+
+impl Inner {
+    pub(super) async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
+        let _gate = self.gate.read().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SpoolError::Closed);
+        }
+        if request.events.is_empty() {
+            return Ok(AppendReport::default());
+        }
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(SpoolError::Storage("not connected to NATS".into()));
+        }
+        let partitions = self.options.partitions;
+        let publish = async {
+            // Ids accepted before (within the window, across server restarts): not again.
+            let keys: Vec<String> = request
+                .events
+                .iter()
+                .map(|e| dedup_key(&request.source, &e.message_id))
+                .collect();
+            let seen: Vec<bool> = match &self.dedup {
+                Some(dedup) => {
+                    let lookups = keys.iter().map(|key| dedup.get(key.as_str()));
+                    futures_util::future::join_all(lookups)
+                        .await
+                        .into_iter()
+                        .map(|found| {
+                            found
+                                .map(|v| v.is_some())
+                                .map_err(|e| storage("cannot read the dedup bucket", e))
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                None => vec![false; keys.len()],
+            };
+            let mut report = AppendReport::default();
+            let mut pending = Vec::with_capacity(request.events.len());
+            for (i, event) in request.events.iter().enumerate() {
+                if seen[i] {
+                    report.duplicates += 1;
+                    continue;
+                }
+                let partition = partition_of(&request.source, &event.user_key, partitions);
+                let meta = Meta {
+                    s: request.source.clone(),
+                    m: event.message_id.clone(),
+                    k: event.kind.as_str().to_owned(),
+                    u: event.user_key.clone(),
+                    r: request.received_at_ms,
+                    a: 0,
+                    h: Vec::new(),
+                };
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    "Nats-Msg-Id",
+                    msg_id(&request.source, &event.message_id).as_str(),
+                );
+                let ack = self
+                    .js
+                    .publish_with_headers(
+                        self.options.event_subject(partition),
+                        headers,
+                        encode(&meta, &event.payload).into(),
+                    )
+                    .await
+                    .map_err(|e| storage("publishing an event failed", e))?;
+                pending.push((i, partition, ack));
+            }
+            let mut appended = Vec::new();
+            let mut stored = Vec::new();
+            for (i, partition, ack) in pending {
+                let ack = ack
+                    .await
+                    .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
+                stored.push(i);
+                if ack.duplicate {
+                    report.duplicates += 1;
+                } else {
+                    report.queued += 1;
+                    appended.push((partition, ack.sequence));
+                }
+            }
+            // Remember what is now stored. A failure here loses no event: the stream's
+            // duplicate window still covers a retry unless the server restarts meanwhile.
+            if let Some(dedup) = &self.dedup {
+                let records = stored
+                    .iter()
+                    .map(|i| dedup.put(keys[*i].as_str(), Vec::new().into()));
+                for record in futures_util::future::join_all(records).await {
+                    if let Err(e) = record {
+                        tracing::warn!(error = %e, "cannot record an accepted messageId");
+                    }
+                }
+            }
+            Ok::<_, SpoolError>((report, appended))
+        };
+        let (report, appended) = tokio::time::timeout(self.options.publish_timeout, publish)
+            .await
+            .map_err(|_| SpoolError::Storage("JetStream did not acknowledge in time".into()))??;
+        let mut state = self.state();
+        for (partition, seq) in appended {
+            state.appended(partition, seq);
+        }
+        Ok(report)
+    }
+
+    pub(super) async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError> {
+        // Wait (briefly) until what is known to be in the owned partitions has arrived, so
+        // an event appended before this call can be leased by it.
+        // Only what was appended before this call: later appends do not hold it up.
+        let deadline = Instant::now() + self.options.catch_up_wait;
+        let targets = self.state().targets();
+        loop {
+            {
+                let state = self.state();
+                if state.caught_up(&targets) || state.len() >= self.options.max_buffered {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(self.state().lease(max, lease_ms, now_ms()))
+    }
+
+    pub(super) async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError> {
+        // Dead letters are copied first: if that fails nothing changes and the caller
+        // retries the whole settlement.
+        let mut burials = Vec::new();
+        {
+            let state = self.state();
+            let now = now_ms();
+            for dead in &settlement.dead {
+                if let Some(entry) = state.get(dead.seq) {
+                    let event = &entry.event;
+                    let mut history = state.history(dead.seq);
+                    if dead.attempted {
+                        history.push((now, dead.status, dead.error.clone()));
+                    }
+                    burials.push((
+                        DeadMeta {
+                            source: event.source.clone(),
+                            message_id: event.message_id.clone(),
+                            kind: event.kind.clone(),
+                            user_key: event.user_key.clone(),
+                            received_at_ms: event.received_at_ms,
+                            attempts: event.attempts + u32::from(dead.attempted),
+                            status: dead.status,
+                            error: dead.error.clone(),
+                            created_at_ms: now,
+                            queue_seq: event.seq,
+                            history,
+                        },
+                        event.payload.clone(),
+                    ));
+                }
+            }
+        }
+        for (dead, payload) in &burials {
+            self.bury(dead, payload).await?;
+        }
+        let (replies, changes) = {
+            let mut state = self.state();
+            let replies = state.settle(&settlement, now_ms());
+            (replies, state.take_record_changes())
+        };
+        // Retry records before the naks: a node that dies right after a nak has left the
+        // event's attempts and retry time for the next owner.
+        if let Some(retries) = &self.retries {
+            let writes = changes.into_iter().map(|change| async move {
+                let written = match change {
+                    RecordChange::Put {
+                        partition,
+                        seq,
+                        record,
+                    } => retries
+                        .put(
+                            retry_key(partition, seq),
+                            serde_json::to_vec(&record).unwrap_or_default().into(),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    RecordChange::Remove { partition, seq } => retries
+                        .delete(retry_key(partition, seq))
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "cannot update a retry record");
+                }
+            });
+            futures_util::future::join_all(writes).await;
+        }
+        self.answer(replies).await;
+        Ok(())
+    }
+
+    pub(super) async fn check_writable(&self) -> Result<(), SpoolError> {
+        self.kv
+            .put(
+                format!("probe.{}", self.node_id),
+                now_ms().to_string().into(),
+            )
+            .await
+            .map_err(|e| storage("JetStream refused a write", e))?;
+        Ok(())
+    }
+
+    pub(super) async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        let mut oldest = None;
+        let mut depth = 0;
+        for _ in 0..3 {
+            let info = self
+                .events
+                .get_info()
+                .await
+                .map_err(|e| storage("cannot read the events stream", e))?;
+            depth = info.state.messages;
+            if depth == 0 {
+                oldest = None;
+                break;
+            }
+            match self.events.get_raw_message(info.state.first_sequence).await {
+                Ok(message) => {
+                    oldest = decode::<Meta>(&message.payload).map(|(meta, _)| meta.r);
+                    break;
+                }
+                // Acked between the two reads: look again.
+                Err(_) => continue,
+            }
+        }
+        let dead = self
+            .dead
+            .get_info()
+            .await
+            .map_err(|e| storage("cannot read the dead-letter stream", e))?;
+        Ok(SpoolStats {
+            depth,
+            oldest_received_at_ms: oldest,
+            dead_letters: dead.state.messages,
+        })
+    }
+
+    pub(super) async fn close(&self) {
+        let _gate = self.gate.write().await;
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        let mut owned = self.owned.lock().await;
+        for (partition, own) in owned.drain() {
+            self.release(partition, own).await;
+        }
+        let _ = self.kv.delete(format!("node.{}", self.node_id)).await;
+        let _ = self.client.flush().await;
+    }
+}
