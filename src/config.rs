@@ -16,7 +16,7 @@ use crate::refiner::mapping::MappingOptions;
 mod ingest;
 mod nats;
 mod secrets;
-pub use ingest::{LimitSettings, WebhookFormat};
+pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
 
@@ -244,6 +244,8 @@ pub struct Settings {
     pub mapping: MappingOptions,
     pub nats: NatsSettings,
     pub dead_letters: DeadLetterSettings,
+    /// Segment's `integrations` object: the names that select this gateway.
+    pub integrations: IntegrationSettings,
     pub sources: Vec<SourceSettings>,
 }
 
@@ -263,6 +265,7 @@ impl Default for Settings {
             mapping: MappingOptions::default(),
             nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
+            integrations: IntegrationSettings::default(),
             sources: Vec::new(),
         }
     }
@@ -622,6 +625,7 @@ impl Settings {
         }
         self.validate_secrets()?;
         self.validate_ingest_limits()?;
+        self.validate_integrations()?;
         self.validate_nats()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(

@@ -75,6 +75,9 @@ pub struct MetricsInner {
     pub ingest_duplicates_total: IntCounterVec,
     /// Events answered 200 but dropped, by source and reason.
     pub ingest_events_skipped_total: IntCounterVec,
+    /// Events of a batch refused one by one (the rest of the batch accepted), by source and
+    /// error code.
+    pub ingest_events_refused_total: IntCounterVec,
     /// Inflated request body sizes.
     pub ingest_request_size_bytes: Histogram,
     /// Time from the first byte read to the answer, by route.
@@ -196,6 +199,11 @@ impl Metrics {
             "gateway_ingest_events_skipped_total",
             "Events answered 200 but not queued, by source and reason.",
             &["source", "reason"],
+        );
+        let ingest_events_refused_total = counter_vec(
+            "gateway_ingest_events_refused_total",
+            "Events of a batch or webhook array refused on their own (the others accepted), by source and error code.",
+            &["source", "code"],
         );
         let ingest_request_size_bytes = histogram(
             "gateway_ingest_request_size_bytes",
@@ -397,6 +405,7 @@ impl Metrics {
             ingest_events_total,
             ingest_duplicates_total,
             ingest_events_skipped_total,
+            ingest_events_refused_total,
             ingest_request_size_bytes,
             ingest_request_duration_seconds,
             ingest_bodies_parsed_total,

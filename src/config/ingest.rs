@@ -1,14 +1,48 @@
-//! Settings of the ingest edge: request limits (`[limits]`) and the webhook format of a
-//! source.
+//! Settings of the ingest edge: request limits (`[limits]`), the webhook format of a
+//! source, and the names in Segment's `integrations` object that select the gateway
+//! (`[integrations]`).
 //!
 //! The defaults are Segment's limits, and memory bounds sized for the Helm chart's default
 //! memory limit (512 MiB): `limits.body_budget_bytes` caps what request bodies hold at
 //! once, whatever the traffic (see `docs/limits-and-errors.md`).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use super::{error, ConfigError, Settings};
-use crate::segment::Limits;
+use crate::segment::{Destinations, Limits, DEFAULT_DESTINATION_NAMES};
+
+/// Which events a source's traffic selects for the gateway, by Segment's `integrations`
+/// object (see `segment::Destinations`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrationSettings {
+    /// The names in `integrations` that mean this gateway, for every source.
+    pub destination_names: Vec<String>,
+    /// Per source slug, names used instead of `destination_names`.
+    pub source_destination_names: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for IntegrationSettings {
+    fn default() -> Self {
+        IntegrationSettings {
+            destination_names: DEFAULT_DESTINATION_NAMES.map(String::from).to_vec(),
+            source_destination_names: BTreeMap::new(),
+        }
+    }
+}
+
+impl IntegrationSettings {
+    /// The names that select the gateway for the source `slug`.
+    pub fn destinations(&self, slug: &str) -> Destinations {
+        let names = self
+            .source_destination_names
+            .get(slug)
+            .unwrap_or(&self.destination_names);
+        Destinations::new(names.iter().cloned())
+    }
+}
 
 /// What a source's Segment Webhooks destination sends to `/webhook`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -120,6 +154,30 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Destination names are non-empty, and per-source names name configured sources.
+    pub(super) fn validate_integrations(&self) -> Result<(), ConfigError> {
+        let integrations = &self.integrations;
+        let lists = std::iter::once(&integrations.destination_names)
+            .chain(integrations.source_destination_names.values());
+        if lists.flatten().any(|name| name.trim().is_empty()) {
+            return Err(error(
+                "integrations.destination_names",
+                "destination names must not be empty",
+            ));
+        }
+        for slug in integrations.source_destination_names.keys() {
+            if !self.sources.iter().any(|source| &source.slug == slug) {
+                return Err(error(
+                    "integrations.source_destination_names",
+                    format!("`{slug}` is not a configured source"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +224,38 @@ mod tests {
             .expect_err("below the batch limit");
         assert!(
             err.to_string().contains("limits.max_batch_merged_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn destination_names_default_per_source_and_are_checked() {
+        let mut settings = settings(LimitSettings::default());
+        assert_eq!(
+            settings.integrations.destinations("s").names(),
+            ["Refiner", "Webhooks", "Webhooks (Actions)"]
+        );
+        settings.integrations = toml::from_str(
+            "destination_names = [\"Refiner\"]\n[source_destination_names]\ns = [\"Gateway\"]",
+        )
+        .expect("parses");
+        settings.validate().expect("valid");
+        assert_eq!(settings.integrations.destinations("s").names(), ["Gateway"]);
+        assert_eq!(
+            settings.integrations.destinations("other").names(),
+            ["Refiner"]
+        );
+        settings
+            .integrations
+            .source_destination_names
+            .insert("nope".into(), vec!["Refiner".into()]);
+        let err = settings.validate().expect_err("unknown source");
+        assert!(err.to_string().contains("`nope`"), "{err}");
+        settings.integrations.source_destination_names.clear();
+        settings.integrations.destination_names = vec![" ".into()];
+        let err = settings.validate().expect_err("blank name");
+        assert!(
+            err.to_string().contains("integrations.destination_names"),
             "{err}"
         );
     }

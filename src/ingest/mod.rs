@@ -33,7 +33,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::config::Settings;
-use crate::segment::{self, Arrival, EventType, Item, Limits};
+use crate::segment::{self, Arrival, Destinations, EventType, Limits, Parsed};
 use crate::spool::{AppendRequest, Spool};
 use crate::telemetry::Metrics;
 use auth::{basic_write_key, SourceAuth, Sources};
@@ -53,6 +53,9 @@ pub struct IngestState {
     pub body_timeout: Duration,
     /// Signatures of accepted `actions` webhooks.
     pub signatures: SignatureCache,
+    /// Per source (by [`SourceAuth::index`]): the names in `integrations` that select the
+    /// gateway.
+    pub destinations: Vec<Destinations>,
 }
 
 impl IngestState {
@@ -73,8 +76,21 @@ impl IngestState {
                 Duration::from_secs(settings.spool.dedup_window_secs),
                 metrics.ingest_webhook_signatures.clone(),
             ),
+            destinations: settings
+                .sources
+                .iter()
+                .map(|source| settings.integrations.destinations(&source.slug))
+                .collect(),
             metrics,
         }
+    }
+
+    /// The destination names of `source`.
+    pub fn destinations_of(&self, source: &SourceAuth) -> &Destinations {
+        static DEFAULT: std::sync::OnceLock<Destinations> = std::sync::OnceLock::new();
+        self.destinations
+            .get(source.index)
+            .unwrap_or_else(|| DEFAULT.get_or_init(Destinations::default))
     }
 }
 
@@ -131,9 +147,14 @@ async fn single(
         );
     };
     let limit = state.limits.max_event_bytes;
-    write_key_route(request, payload, state, "single", limit, |body, arrival| {
-        segment::parse_single(body, kind, arrival)
-    })
+    write_key_route(
+        request,
+        payload,
+        state,
+        "single",
+        limit,
+        |body, arrival, destinations| segment::parse_single_for(body, kind, arrival, destinations),
+    )
     .await
 }
 
@@ -150,7 +171,7 @@ async fn batch(
         state,
         "batch",
         limit,
-        segment::parse_batch,
+        segment::parse_batch_for,
     )
     .await
 }
@@ -164,29 +185,32 @@ async fn write_key_route(
     state: web::Data<IngestState>,
     route: &'static str,
     limit: usize,
-    parse: impl FnOnce(&[u8], Arrival<'_>) -> Result<segment::Parsed, segment::Reject>,
+    parse: impl FnOnce(&[u8], Arrival<'_>, &Destinations) -> Result<Parsed, segment::Reject>,
 ) -> Result<HttpResponse, IngestError> {
     let started = Instant::now();
     let result = async {
         let basic = basic_write_key(request.headers());
-        if let Some(key) = basic.as_deref() {
-            state.sources.authenticate(Some(key), None)?;
-        }
+        let by_header = match basic.as_deref() {
+            Some(key) => Some(state.sources.authenticate(Some(key), None)?),
+            None => None,
+        };
         let mut reservation = state.budget.reservation();
         let body = read_body(&state, &request, payload, limit, &mut reservation, started).await?;
-        if basic.is_none() {
-            authenticate_body_key(&state, &body)?;
-        }
+        let authenticated = match by_header {
+            Some(source) => source,
+            None => authenticate_body_key(&state, &body)?,
+        };
         let received_at_ms = now_ms();
+        let destinations = state.destinations_of(authenticated);
         let parsed = parse_body(&state, route, || {
-            parse(&body, arrival(&state.limits, received_at_ms))
+            parse(&body, arrival(&state.limits, received_at_ms), destinations)
         })?;
         drop(body);
         // The header and the body's key must agree (the request is authenticated already).
         let source = state
             .sources
             .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
-        accept(&state, source, parsed.items, received_at_ms, reservation).await
+        accept(&state, source, parsed, received_at_ms, reservation).await
     }
     .await;
     observe(&state, route, started, result)
@@ -243,18 +267,22 @@ fn arrival(limits: &Limits, received_at_ms: i64) -> Arrival<'_> {
     }
 }
 
-/// Counts skipped events, appends the accepted ones and answers once they are durable.
-/// While they wait for the spool, the events hold their bytes of the budget in
+/// Refused events of one request logged one by one (with their first bytes); the rest
+/// are counted, and listed in the answer.
+const LOGGED_REFUSALS: usize = 10;
+
+/// Counts skipped and refused events, appends the accepted ones and answers once they are
+/// durable. While they wait for the spool, the events hold their bytes of the budget in
 /// `reservation` (instead of the body they came from).
 async fn accept(
     state: &IngestState,
     source: &SourceAuth,
-    items: Vec<Item>,
+    parsed: Parsed,
     received_at_ms: i64,
     mut reservation: Reservation,
 ) -> Result<HttpResponse, IngestError> {
-    let mut events = Vec::with_capacity(items.len());
-    for item in items {
+    let mut events = Vec::with_capacity(parsed.items.len());
+    for item in parsed.items {
         match item {
             Ok(event) => events.push(event),
             Err(skip) => {
@@ -267,8 +295,10 @@ async fn accept(
             }
         }
     }
+    report_refused(state, source, &parsed.refused);
+    let answer = || success_with(&parsed.refused);
     if events.is_empty() {
-        return Ok(success());
+        return Ok(answer());
     }
     let held: usize = events
         .iter()
@@ -311,7 +341,68 @@ async fn accept(
             .with_label_values(&[&*source.slug])
             .inc_by(report.duplicates as u64);
     }
-    Ok(success())
+    Ok(answer())
+}
+
+/// Counts the events refused one by one, and logs the first [`LOGGED_REFUSALS`] of them
+/// with their reason and first bytes (the operator's view of what was not accepted).
+fn report_refused(state: &IngestState, source: &SourceAuth, refused: &[segment::Refused]) {
+    for (n, event) in refused.iter().enumerate() {
+        let code = event.reason.code();
+        state
+            .metrics
+            .ingest_events_refused_total
+            .with_label_values(&[&*source.slug, code])
+            .inc();
+        if n < LOGGED_REFUSALS {
+            tracing::warn!(
+                source = %source.slug,
+                index = event.index,
+                code,
+                reason = %event.reason,
+                size = event.size,
+                raw = %event.raw,
+                "event refused at ingest; the rest of its batch is accepted"
+            );
+        }
+    }
+    if refused.len() > LOGGED_REFUSALS {
+        tracing::warn!(
+            source = %source.slug,
+            refused = refused.len(),
+            logged = LOGGED_REFUSALS,
+            "more events of this request were refused than are logged one by one"
+        );
+    }
+}
+
+/// The 200 answer: [`success`], and when events were refused one by one, which ones.
+fn success_with(refused: &[segment::Refused]) -> HttpResponse {
+    if refused.is_empty() {
+        return success();
+    }
+    #[derive(serde::Serialize)]
+    struct RefusedEvent<'a> {
+        index: usize,
+        code: &'a str,
+        message: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        success: bool,
+        refused: Vec<RefusedEvent<'a>>,
+    }
+    HttpResponse::Ok().json(Answer {
+        success: true,
+        refused: refused
+            .iter()
+            .map(|event| RefusedEvent {
+                index: event.index,
+                code: event.reason.code(),
+                message: event.reason.to_string(),
+            })
+            .collect(),
+    })
 }
 
 /// Exactly what Segment's API answers: analytics-python accepts nothing but a 200.

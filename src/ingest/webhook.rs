@@ -86,14 +86,18 @@ pub(super) async fn webhook(
             None => unsigned(read, payload, &mut reservation, named).await?,
         };
         let received_at_ms = now_ms();
+        let authenticated = match &by {
+            By::Signature(source) | By::WriteKey { source, .. } => *source,
+        };
+        let destinations = state.destinations_of(authenticated);
         let parsed = parse_body(&state, "webhook", || {
-            segment::parse_webhook(&body, arrival(&state.limits, received_at_ms))
+            segment::parse_webhook_for(&body, arrival(&state.limits, received_at_ms), destinations)
         })?;
         drop(body);
         let source = match by {
             By::Signature(source) => source,
             // Authenticated already; a Basic key and the body's must agree.
-            By::WriteKey { basic } => {
+            By::WriteKey { basic, .. } => {
                 let source = state
                     .sources
                     .authenticate(basic.as_deref(), parsed.write_key.as_deref())?;
@@ -101,7 +105,7 @@ pub(super) async fn webhook(
                 source
             }
         };
-        accept(&state, source, parsed.items, received_at_ms, reservation).await
+        accept(&state, source, parsed, received_at_ms, reservation).await
     }
     .await;
     observe(&state, "webhook", started, result)
@@ -111,8 +115,11 @@ pub(super) async fn webhook(
 enum By<'s> {
     /// Its signature, made with this source's secret.
     Signature(&'s SourceAuth),
-    /// A write key: the Basic header's, or else the body's.
-    WriteKey { basic: Option<String> },
+    /// A write key: the Basic header's, or else the body's (`source` is whose it is).
+    WriteKey {
+        basic: Option<String>,
+        source: &'s SourceAuth,
+    },
 }
 
 /// Refuses a source that must send signed webhooks: one with a webhook secret, or another
@@ -199,12 +206,22 @@ async fn unsigned<'s>(
         return Err(MISSING_SIGNATURE);
     }
     let basic = basic_write_key(read.request.headers());
-    if let Some(key) = basic.as_deref() {
-        needs_signature(named, state.sources.authenticate(Some(key), None)?)?;
-    }
+    let by_header = match basic.as_deref() {
+        Some(key) => {
+            let source = state.sources.authenticate(Some(key), None)?;
+            needs_signature(named, source)?;
+            Some(source)
+        }
+        None => None,
+    };
     let body = read.body(payload, reservation).await?;
-    if basic.is_none() {
-        needs_signature(named, authenticate_body_key(state, &body)?)?;
-    }
-    Ok((By::WriteKey { basic }, body))
+    let source = match by_header {
+        Some(source) => source,
+        None => {
+            let source = authenticate_body_key(state, &body)?;
+            needs_signature(named, source)?;
+            source
+        }
+    };
+    Ok((By::WriteKey { basic, source }, body))
 }

@@ -368,7 +368,7 @@ pub fn map_named_event(kind: &str, payload: &Value, options: &MappingOptions) ->
 ///
 /// | kind | result |
 /// | --- | --- |
-/// | identify | identify-user with the converted `traits` |
+/// | identify | identify-user with the converted `traits` over `context.traits` ([`identify_traits`]) |
 /// | group | identify-user with `account: {id: groupId, ...converted traits}`, no contact traits |
 /// | track | track-event `{id, event}`; properties dropped |
 /// | page, screen | per [`MappingOptions::page_mode`] |
@@ -391,12 +391,8 @@ pub fn map_event(kind: EventType, payload: &Value, options: &MappingOptions) -> 
             let Some(user) = user_ref(event, true) else {
                 return Mapped::NotForwarded(NotForwardedReason::Unidentifiable);
             };
-            let traits = match event.get("traits") {
-                Some(Value::Object(traits)) => {
-                    convert_traits(traits, &CONTACT_RESERVED, max, &mut notes.truncated)
-                }
-                _ => Map::new(),
-            };
+            let traits = identify_traits(event);
+            let traits = convert_traits(&traits, &CONTACT_RESERVED, max, &mut notes.truncated);
             RefinerCall::IdentifyUser {
                 user,
                 traits,
@@ -468,6 +464,36 @@ pub fn map_event(kind: EventType, payload: &Value, options: &MappingOptions) -> 
         },
     };
     Mapped::Call(call, notes)
+}
+
+/// The contact traits of an identify: the members of `traits`, and the members of
+/// `context.traits` that `traits` lacks (a key present in `traits` wins, even with `null`).
+/// RudderStack's SDKs send identify traits only in `context.traits`, Segment's mobile
+/// libraries repeat the user's known traits there, and Segment's spec puts them in `traits`:
+/// the call's own traits are the newest word, the context fills in what they leave out.
+/// Either value is ignored unless it is an object.
+pub fn identify_traits(event: &Map<String, Value>) -> std::borrow::Cow<'_, Map<String, Value>> {
+    use std::borrow::Cow;
+    fn object(value: Option<&Value>) -> Option<&Map<String, Value>> {
+        match value {
+            Some(Value::Object(map)) if !map.is_empty() => Some(map),
+            _ => None,
+        }
+    }
+    let own = object(event.get("traits"));
+    let context = object(event.get("context").and_then(|c| c.get("traits")));
+    match (own, context) {
+        (Some(own), None) => Cow::Borrowed(own),
+        (None, Some(context)) => Cow::Borrowed(context),
+        (None, None) => Cow::Owned(Map::new()),
+        (Some(own), Some(context)) => {
+            let mut merged = context.clone();
+            for (key, value) in own {
+                merged.insert(key.clone(), value.clone());
+            }
+            Cow::Owned(merged)
+        }
+    }
 }
 
 /// A non-empty string field, or a number as its decimal string (clients send numeric ids).

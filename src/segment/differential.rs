@@ -413,6 +413,7 @@ fn same(
         },
     };
     prop_assert_eq!(&new.write_key, &old.write_key, "body {}", body);
+    prop_assert_eq!(&new.refused, &old.refused, "body {}", body);
     prop_assert_eq!(new.items.len(), old.items.len(), "body {}", body);
     for (new, old) in new.items.iter().zip(&old.items) {
         match (new, old) {

@@ -7,6 +7,15 @@
 //! [`Item`] per event: an [`Event`] ready for the spool, or a [`Skip`] with the reason the
 //! event is dropped while the request still answers 200, as Segment's own API does.
 //!
+//! One event of a batch or webhook array that breaks a per-event limit (its size, its
+//! `messageId`) does not refuse the request: it is returned in [`Parsed::refused`] with the
+//! [`Reject`] that names the problem and its first [`REFUSED_RAW_BYTES`] bytes as sent,
+//! and the batch's other events are parsed as usual. Limits of the request as a whole (its
+//! body, its event count, its merged total) and a single-event body still refuse it.
+//!
+//! Events the source's [`Destinations`] do not select (Segment's `integrations` object) are
+//! a [`Skip`] like any other event dropped with a 200.
+//!
 //! Invariants of every [`Event`]:
 //! - `payload` is a JSON object whose `type`, `messageId`, `receivedAt` and `timestamp`
 //!   are set, in which each top-level key appears once, and which no longer carries the
@@ -31,6 +40,7 @@
 //! and the spelling of untouched values are the client's. The test-only `oracle` module
 //! keeps the earlier tree-based parser, and `differential` checks that both agree.
 
+mod destinations;
 mod normalize;
 #[cfg(test)]
 mod oracle;
@@ -42,6 +52,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+pub use destinations::{Destinations, Flag, DEFAULT_DESTINATION_NAMES};
 pub use normalize::user_key;
 pub use time::{correct_clock_skew, format_timestamp};
 
@@ -113,12 +124,14 @@ impl EventType {
     }
 }
 
-/// Size and count limits. Segment's documented values are the defaults.
+/// Size and count limits. Segment's documented values are the defaults, except the batch
+/// body: RudderStack's SDKs send batches of up to 4 MB (its server takes 4,000 KB), so the
+/// gateway takes 4 MiB where Segment documents 500 KB.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest single event, in bytes of (inflated) JSON. Segment: 32 KB.
     pub max_event_bytes: usize,
-    /// Largest `/v1/batch` body, in inflated bytes. Segment: 500 KB.
+    /// Largest `/v1/batch` body, in inflated bytes. Segment: 500 KB; RudderStack: 4,000 KB.
     pub max_batch_bytes: usize,
     /// Most events in one batch. Segment: 2,500.
     pub max_batch_events: usize,
@@ -138,12 +151,12 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_event_bytes: 32 * 1024,
-            max_batch_bytes: 500 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
             max_batch_events: 2500,
             max_webhook_bytes: 4 * 1024 * 1024,
             max_webhook_events: 4000,
             max_message_id_len: 100,
-            max_batch_merged_bytes: 2 * 1024 * 1024,
+            max_batch_merged_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -216,17 +229,24 @@ pub enum Skip {
     UnknownType,
     /// A batch item that is not a JSON object.
     NotAnObject,
+    /// The event's `integrations` disable one of the gateway's destination names and
+    /// enable none (see [`Destinations`]).
+    DestinationDisabled,
+    /// The event's `integrations` say `All: false` and enable none of the gateway's names.
+    AllDisabled,
 }
 
 impl Skip {
     /// Every reason, in a fixed order (for metrics and docs).
-    pub const ALL: [Skip; 6] = [
+    pub const ALL: [Skip; 8] = [
         Skip::NoUserOrAnonymousId,
         Skip::MissingEvent,
         Skip::MissingGroupId,
         Skip::MissingPreviousId,
         Skip::UnknownType,
         Skip::NotAnObject,
+        Skip::DestinationDisabled,
+        Skip::AllDisabled,
     ];
 
     /// The label used in metrics and logs.
@@ -238,6 +258,8 @@ impl Skip {
             Skip::MissingPreviousId => "missing_previous_id",
             Skip::UnknownType => "unknown_type",
             Skip::NotAnObject => "not_an_object",
+            Skip::DestinationDisabled => "integrations_disabled",
+            Skip::AllDisabled => "integrations_all_disabled",
         }
     }
 }
@@ -257,11 +279,57 @@ pub struct Event {
 /// One event of a request: accepted, or skipped with a reason.
 pub type Item = Result<Event, Skip>;
 
-/// What a request carried: the body's `writeKey` (if any) and its events.
+/// The most bytes of a refused event kept (as sent) for the operator to see.
+pub const REFUSED_RAW_BYTES: usize = 2048;
+
+/// An event of a batch or webhook array refused on its own: the request's other events
+/// are accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its position in the batch (or array).
+    pub index: usize,
+    /// Why: [`Reject::EventTooLarge`], [`Reject::MergedEventTooLarge`],
+    /// [`Reject::MessageIdTooLong`] or [`Reject::InvalidMessageId`].
+    pub reason: Reject,
+    /// Its size as sent, in bytes.
+    pub size: usize,
+    /// Its first [`REFUSED_RAW_BYTES`] bytes as sent (cut at a character boundary).
+    pub raw: String,
+}
+
+impl Refused {
+    pub(crate) fn new(index: usize, reason: Reject, text: &str) -> Refused {
+        let mut end = text.len().min(REFUSED_RAW_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Refused {
+            index,
+            reason,
+            size: text.len(),
+            raw: text.get(..end).unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+/// Whether a refusal concerns one event only (and so refuses that event, not its batch).
+fn refuses_one_event(reject: &Reject) -> bool {
+    matches!(
+        reject,
+        Reject::EventTooLarge { .. }
+            | Reject::MergedEventTooLarge { .. }
+            | Reject::MessageIdTooLong { .. }
+            | Reject::InvalidMessageId { .. }
+    )
+}
+
+/// What a request carried: the body's `writeKey` (if any), its events, and the events of a
+/// batch refused one by one (in `items`, the accepted and skipped events, in order).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parsed {
     pub write_key: Option<String>,
     pub items: Vec<Item>,
+    pub refused: Vec<Refused>,
 }
 
 /// What one call of the parse functions needs to know besides the body.
@@ -277,6 +345,16 @@ pub struct Arrival<'a> {
 /// Parses a single-event request (`/v1/track`, `/v1/t`, ...). The route implies the type;
 /// a `type` in the body is overwritten.
 pub fn parse_single(body: &[u8], kind: EventType, arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    parse_single_for(body, kind, arrival, &Destinations::default())
+}
+
+/// [`parse_single`] for a source known by `destinations` in `integrations`.
+pub fn parse_single_for(
+    body: &[u8],
+    kind: EventType,
+    arrival: Arrival<'_>,
+    destinations: &Destinations,
+) -> Result<Parsed, Reject> {
     if body.len() > arrival.limits.max_event_bytes {
         return Err(Reject::EventTooLarge {
             index: 0,
@@ -285,7 +363,7 @@ pub fn parse_single(body: &[u8], kind: EventType, arrival: Arrival<'_>) -> Resul
         });
     }
     let level = normalize::BatchLevel::default();
-    parse_one(body, Some(kind), &level, false, arrival)
+    parse_one(body, Some(kind), &level, false, arrival, destinations)
 }
 
 /// Parses one event object that is the whole body (a single-event route, or a webhook
@@ -297,6 +375,7 @@ fn parse_one(
     level: &normalize::BatchLevel,
     allow_delete: bool,
     arrival: Arrival<'_>,
+    destinations: &Destinations,
 ) -> Result<Parsed, Reject> {
     // serde_json checks the syntax (and words the error); the scan checks the rest of what
     // a `Value` parse would refuse.
@@ -304,7 +383,7 @@ fn parse_one(
         Ok(raw) => raw.get(),
         Err(e) => return Err(json_error(body, e)),
     };
-    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete);
+    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete, destinations);
     match normalizer.scan(text) {
         scan::Shape::Object => {}
         scan::Shape::NotObject => {
@@ -326,6 +405,7 @@ fn parse_one(
     Ok(Parsed {
         write_key,
         items: vec![item],
+        refused: Vec::new(),
     })
 }
 
@@ -343,6 +423,15 @@ struct RawBatch<'a> {
 
 /// Parses a batch request (`/v1/batch`, `/v1/b`, `/v1/import`).
 pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    parse_batch_for(body, arrival, &Destinations::default())
+}
+
+/// [`parse_batch`] for a source known by `destinations` in `integrations`.
+pub fn parse_batch_for(
+    body: &[u8],
+    arrival: Arrival<'_>,
+    destinations: &Destinations,
+) -> Result<Parsed, Reject> {
     let raw: RawBatch<'_> = match serde_json::from_slice(body) {
         Ok(raw) => raw,
         Err(e) if e.is_data() => {
@@ -375,13 +464,33 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
         max_event_bytes: limits.max_event_bytes,
         max_total_bytes: Some(limits.max_batch_merged_bytes),
     };
-    parse_items(&items, &level, false, bounds, arrival).map(|items| Parsed { write_key, items })
+    let route = ItemRoute {
+        level: &level,
+        allow_delete: false,
+        bounds,
+        destinations,
+    };
+    let (items, refused) = parse_items(&items, route, arrival)?;
+    Ok(Parsed {
+        write_key,
+        items,
+        refused,
+    })
 }
 
 /// Parses a `/webhook` body from Segment's Webhooks destination: one event object
 /// (Classic, or Actions without batching) or a JSON array of events (Actions batching).
 /// Every event must name its `type`; `delete` is accepted here.
 pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> {
+    parse_webhook_for(body, arrival, &Destinations::default())
+}
+
+/// [`parse_webhook`] for a source known by `destinations` in `integrations`.
+pub fn parse_webhook_for(
+    body: &[u8],
+    arrival: Arrival<'_>,
+    destinations: &Destinations,
+) -> Result<Parsed, Reject> {
     let limits = arrival.limits;
     let level = normalize::BatchLevel::default();
     let trimmed = trim_json_start(body);
@@ -408,9 +517,19 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
             max_event_bytes: limits.max_event_bytes,
             max_total_bytes: None,
         };
-        let items = parse_items(&items, &level, true, bounds, arrival)?;
+        let route = ItemRoute {
+            level: &level,
+            allow_delete: true,
+            bounds,
+            destinations,
+        };
+        let (items, refused) = parse_items(&items, route, arrival)?;
         let write_key = None;
-        return Ok(Parsed { write_key, items });
+        return Ok(Parsed {
+            write_key,
+            items,
+            refused,
+        });
     }
     if body.len() > limits.max_event_bytes {
         return Err(Reject::EventTooLarge {
@@ -419,7 +538,7 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
             limit: limits.max_event_bytes,
         });
     }
-    parse_one(body, None, &level, true, arrival)
+    parse_one(body, None, &level, true, arrival, destinations)
 }
 
 /// The raw bytes of the first element of a JSON array body, exactly as sent: Segment's
@@ -504,25 +623,43 @@ struct ItemBounds {
     max_total_bytes: Option<usize>,
 }
 
-fn parse_items(
-    raw_items: &[&RawValue],
-    level: &normalize::BatchLevel,
+/// What the events of one request share besides the arrival.
+#[derive(Clone, Copy)]
+struct ItemRoute<'a> {
+    level: &'a normalize::BatchLevel,
     allow_delete: bool,
     bounds: ItemBounds,
+    destinations: &'a Destinations,
+}
+
+/// The events of a batch or webhook array: the accepted and skipped ones, and those refused
+/// one by one (see [`Refused`]). Only limits of the request as a whole refuse it.
+fn parse_items(
+    raw_items: &[&RawValue],
+    route: ItemRoute<'_>,
     arrival: Arrival<'_>,
-) -> Result<Vec<Item>, Reject> {
+) -> Result<(Vec<Item>, Vec<Refused>), Reject> {
+    let ItemRoute {
+        level,
+        allow_delete,
+        bounds,
+        destinations,
+    } = route;
     let max_event_bytes = bounds.max_event_bytes;
     let mut items = Vec::with_capacity(raw_items.len());
-    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete);
+    let mut refused = Vec::new();
+    let mut normalizer = normalize::Normalizer::new(arrival, level, allow_delete, destinations);
     let mut total = 0usize;
     for (index, raw) in raw_items.iter().enumerate() {
         let text = raw.get();
         if text.len() > max_event_bytes {
-            return Err(Reject::EventTooLarge {
+            let reason = Reject::EventTooLarge {
                 index,
                 size: text.len(),
                 limit: max_event_bytes,
-            });
+            };
+            refused.push(Refused::new(index, reason, text));
+            continue;
         }
         // The outer parse already checked this span's syntax; an item that is not an
         // object, or that a `Value` parse would refuse, is skipped.
@@ -535,11 +672,13 @@ fn parse_items(
             text.len()
         };
         if size > max_event_bytes {
-            return Err(Reject::MergedEventTooLarge {
+            let reason = Reject::MergedEventTooLarge {
                 index,
                 size,
                 limit: max_event_bytes,
-            });
+            };
+            refused.push(Refused::new(index, reason, text));
+            continue;
         }
         total = total.saturating_add(size);
         if let Some(limit) = bounds.max_total_bytes.filter(|&limit| total > limit) {
@@ -549,9 +688,15 @@ fn parse_items(
             items.push(Err(Skip::NotAnObject));
             continue;
         }
-        items.push(normalizer.normalize(index, None)?);
+        match normalizer.normalize(index, None) {
+            Ok(item) => items.push(item),
+            Err(reason) if refuses_one_event(&reason) => {
+                refused.push(Refused::new(index, reason, text));
+            }
+            Err(reject) => return Err(reject),
+        }
     }
-    Ok(items)
+    Ok((items, refused))
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Reject> {

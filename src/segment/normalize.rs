@@ -23,6 +23,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+use super::destinations::{Destinations, Flag};
 use super::scan::{self, Member, Shape};
 use super::time::{parse_timestamp, parse_timestamp_str, write_timestamp};
 use super::{Arrival, Event, EventType, Item, Reject, Skip};
@@ -205,6 +206,7 @@ pub(super) struct Normalizer<'l, 'b> {
     arrival: Arrival<'l>,
     level: &'l BatchLevel,
     allow_delete: bool,
+    destinations: &'l Destinations,
     /// `receivedAt` as a JSON string.
     received: Vec<u8>,
     /// The members of the event being normalized.
@@ -223,7 +225,12 @@ pub(super) struct Normalizer<'l, 'b> {
 }
 
 impl<'l, 'b> Normalizer<'l, 'b> {
-    pub(super) fn new(arrival: Arrival<'l>, level: &'l BatchLevel, allow_delete: bool) -> Self {
+    pub(super) fn new(
+        arrival: Arrival<'l>,
+        level: &'l BatchLevel,
+        allow_delete: bool,
+        destinations: &'l Destinations,
+    ) -> Self {
         let mut received = Vec::with_capacity(26);
         received.push(b'"');
         write_timestamp(&mut received, arrival.received_at_ms);
@@ -232,6 +239,7 @@ impl<'l, 'b> Normalizer<'l, 'b> {
             arrival,
             level,
             allow_delete,
+            destinations,
             received,
             members: Vec::with_capacity(24),
             class: Vec::with_capacity(24),
@@ -367,6 +375,9 @@ impl<'l, 'b> Normalizer<'l, 'b> {
         let Some(user_key) = self.user_key(kind, &user_id, &anonymous_id) else {
             return Ok(Err(Skip::NoUserOrAnonymousId));
         };
+        if let Err(skip) = self.selected() {
+            return Ok(Err(skip));
+        }
         let payload = self.payload(kind, &user_id, &anonymous_id, message_id_raw, &message_id);
         Ok(Ok(Event {
             kind,
@@ -437,6 +448,35 @@ impl<'l, 'b> Normalizer<'l, 'b> {
             return Some(prefixed("e:", &email));
         }
         anonymous_id.text().map(|id| prefixed("a:", &id))
+    }
+
+    /// Whether the source's destinations select the event, by its `integrations` after the
+    /// batch-level merge (the event's own members win, per key; an own value that is not
+    /// an object with members is replaced by the batch's object).
+    fn selected(&mut self) -> Result<(), Skip> {
+        let batch = self.level.integrations.as_ref().map(|batch| &batch.map);
+        let own = self
+            .field(Field::Integrations)
+            .filter(|raw| scan::is_object(raw));
+        let own_members = match own {
+            Some(raw) => {
+                scan::object_members(raw, 2, &mut self.nested) == Shape::Object
+                    && !self.nested.is_empty()
+            }
+            None => false,
+        };
+        if !own_members && batch.is_none() {
+            return Ok(());
+        }
+        let nested = &self.nested;
+        self.destinations.decide(|key| {
+            if own_members {
+                if let Some(member) = nested.iter().rev().find(|m| m.key == key) {
+                    return Flag::of_raw(member.value);
+                }
+            }
+            batch?.get(key).and_then(Flag::of_value)
+        })
     }
 
     /// `context.traits.email` of the event's context after the batch-level merge.

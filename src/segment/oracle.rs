@@ -10,7 +10,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::time::{correct_clock_skew, format_timestamp};
-use super::{user_key, Arrival, Event, EventType, Item, Parsed, Reject, Skip};
+use super::{
+    user_key, Arrival, Destinations, Event, EventType, Item, Parsed, Refused, Reject, Skip,
+};
 
 /// Parses a single-event request (`/v1/track`, `/v1/t`, ...). The route implies the type;
 /// a `type` in the body is overwritten.
@@ -32,6 +34,7 @@ pub fn parse_single(body: &[u8], kind: EventType, arrival: Arrival<'_>) -> Resul
     Ok(Parsed {
         write_key,
         items: vec![item],
+        refused: Vec::new(),
     })
 }
 
@@ -86,7 +89,11 @@ pub fn parse_batch(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject> 
         max_total,
         arrival,
     )
-    .map(|items| Parsed { write_key, items })
+    .map(|(items, refused)| Parsed {
+        write_key,
+        items,
+        refused,
+    })
 }
 
 /// Parses a `/webhook` body from Segment's Webhooks destination: one event object
@@ -105,9 +112,14 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
             });
         }
         let level = BatchLevel::default();
-        let items = parse_items(&items, &level, true, limits.max_event_bytes, None, arrival)?;
+        let (items, refused) =
+            parse_items(&items, &level, true, limits.max_event_bytes, None, arrival)?;
         let write_key = None;
-        return Ok(Parsed { write_key, items });
+        return Ok(Parsed {
+            write_key,
+            items,
+            refused,
+        });
     }
     if body.len() > limits.max_event_bytes {
         return Err(Reject::EventTooLarge {
@@ -126,6 +138,7 @@ pub fn parse_webhook(body: &[u8], arrival: Arrival<'_>) -> Result<Parsed, Reject
     Ok(Parsed {
         write_key,
         items: vec![item],
+        refused: Vec::new(),
     })
 }
 
@@ -136,17 +149,20 @@ fn parse_items(
     max_event_bytes: usize,
     max_total: Option<usize>,
     arrival: Arrival<'_>,
-) -> Result<Vec<Item>, Reject> {
+) -> Result<(Vec<Item>, Vec<Refused>), Reject> {
     let mut items = Vec::with_capacity(raw_items.len());
+    let mut refused = Vec::new();
     let mut total = 0usize;
     for (index, raw) in raw_items.iter().enumerate() {
         let text = raw.get();
         if text.len() > max_event_bytes {
-            return Err(Reject::EventTooLarge {
+            let reason = Reject::EventTooLarge {
                 index,
                 size: text.len(),
                 limit: max_event_bytes,
-            });
+            };
+            refused.push(Refused::new(index, reason, text));
+            continue;
         }
         // The outer parse already validated this span, so only its shape can be wrong.
         let object = match serde_json::from_str::<Value>(text) {
@@ -161,11 +177,13 @@ fn parse_items(
             None => text.len(),
         };
         if size > max_event_bytes {
-            return Err(Reject::MergedEventTooLarge {
+            let reason = Reject::MergedEventTooLarge {
                 index,
                 size,
                 limit: max_event_bytes,
-            });
+            };
+            refused.push(Refused::new(index, reason, text));
+            continue;
         }
         total += size;
         if let Some(limit) = max_total.filter(|&limit| total > limit) {
@@ -175,9 +193,15 @@ fn parse_items(
             items.push(Err(Skip::NotAnObject));
             continue;
         };
-        items.push(normalize(object, index, level, allow_delete, arrival)?);
+        match normalize(object, index, level, allow_delete, arrival) {
+            Ok(item) => items.push(item),
+            Err(reason @ (Reject::MessageIdTooLong { .. } | Reject::InvalidMessageId { .. })) => {
+                refused.push(Refused::new(index, reason, text))
+            }
+            Err(reject) => return Err(reject),
+        }
     }
-    Ok(items)
+    Ok((items, refused))
 }
 
 /// What merging the batch level adds to `event`: the batch `sentAt`, and each member of the
@@ -279,6 +303,9 @@ fn normalize(
     let Some(user_key) = user_key(&event, kind) else {
         return Ok(Err(Skip::NoUserOrAnonymousId));
     };
+    if let Err(skip) = Destinations::default().select(event.get("integrations")) {
+        return Ok(Err(skip));
+    }
     // Serializing a `Map` of `Value`s cannot fail (string keys, no custom serializers).
     let payload = serde_json::to_vec(&event).unwrap_or_default();
     Ok(Ok(Event {

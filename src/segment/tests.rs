@@ -163,6 +163,8 @@ fn skip_labels_are_stable() {
             "missing_previous_id",
             "unknown_type",
             "not_an_object",
+            "integrations_disabled",
+            "integrations_all_disabled",
         ]
     );
 }
@@ -209,17 +211,17 @@ fn reject_codes_are_stable() {
 }
 
 #[test]
-fn default_limits_are_segments() {
+fn default_limits_are_segments_with_rudderstacks_batch_size() {
     assert_eq!(
         Limits::default(),
         Limits {
             max_event_bytes: 32 * 1024,
-            max_batch_bytes: 500 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
             max_batch_events: 2500,
             max_webhook_bytes: 4 * 1024 * 1024,
             max_webhook_events: 4000,
             max_message_id_len: 100,
-            max_batch_merged_bytes: 2 * 1024 * 1024,
+            max_batch_merged_bytes: 8 * 1024 * 1024,
         }
     );
 }
@@ -634,6 +636,7 @@ fn empty_batch_is_accepted_with_no_items() {
         Parsed {
             write_key: Some("WK".into()),
             items: vec![],
+            refused: vec![],
         }
     );
 }
@@ -706,7 +709,7 @@ fn batch_of_2501_events_is_rejected_by_default() {
 }
 
 #[test]
-fn batch_item_over_the_event_limit_rejects_the_request() {
+fn batch_item_over_the_event_limit_is_refused_alone() {
     let small = r#"{"type":"page","anonymousId":"a"}"#;
     let big = r#"{"type":"page","anonymousId":"a","name":"a long name"}"#;
     let limits = Limits {
@@ -714,38 +717,78 @@ fn batch_item_over_the_event_limit_rejects_the_request() {
         ..Limits::default()
     };
     // Whitespace around an item does not count towards its size.
-    let body = format!("{{\"batch\":[ {small} ,\n {big} ]}}");
+    let body = format!("{{\"batch\":[ {small} ,\n {big} , {small} ]}}");
+    let parsed = parse_batch(body.as_bytes(), arrival(&limits)).expect("accepted");
+    assert_eq!(parsed.items.len(), 2);
+    assert!(parsed.items.iter().all(Result::is_ok));
     assert_eq!(
-        parse_batch(body.as_bytes(), arrival(&limits)),
-        Err(Reject::EventTooLarge {
+        parsed.refused,
+        [Refused {
             index: 1,
+            reason: Reject::EventTooLarge {
+                index: 1,
+                size: big.len(),
+                limit: small.len(),
+            },
             size: big.len(),
-            limit: small.len(),
-        })
+            raw: big.to_string(),
+        }]
     );
     let body = format!("{{\"batch\":[ {small} ,\n {small} ]}}");
     let parsed = parse_batch(body.as_bytes(), arrival(&limits)).expect("accepted");
     assert_eq!(parsed.items.len(), 2);
+    assert!(parsed.refused.is_empty());
 }
 
 #[test]
-fn batch_message_id_problems_name_the_item() {
+fn a_refused_event_keeps_a_bounded_prefix_cut_at_a_character() {
+    let limits = Limits::default();
+    // 3-byte characters, so the bound falls inside one.
+    let name = "€".repeat(40_000);
+    let big = format!(r#"{{"type":"page","anonymousId":"a","name":"{name}"}}"#);
+    let body = format!(r#"{{"batch":[{big},{{"type":"page","anonymousId":"b"}}]}}"#);
+    let parsed = parse_batch(body.as_bytes(), arrival(&limits)).expect("accepted");
+    assert_eq!(parsed.items.len(), 1);
+    let refused = &parsed.refused[0];
+    assert_eq!(refused.size, big.len());
+    assert!(refused.raw.len() <= REFUSED_RAW_BYTES);
+    assert!(refused.raw.len() > REFUSED_RAW_BYTES - 3);
+    assert!(big.starts_with(&refused.raw));
+    assert_eq!(refused.reason.code(), "event_too_large");
+}
+
+#[test]
+fn batch_message_id_problems_refuse_the_item_only() {
     let long = "m".repeat(101);
     let body = format!(
         r#"{{"batch":[{{"type":"page","anonymousId":"a","messageId":"ok"}},
                       {{"type":"page","anonymousId":"a","messageId":"also-ok"}},
                       {{"type":"page","anonymousId":"a","messageId":"{long}"}}]}}"#
     );
+    let parsed = batch(&body).expect("accepted");
+    let ids: Vec<String> = parsed
+        .items
+        .into_iter()
+        .map(|item| item.expect("accepted").message_id)
+        .collect();
+    assert_eq!(ids, ["ok", "also-ok"]);
+    assert_eq!(parsed.refused.len(), 1);
     assert_eq!(
-        batch(&body),
-        Err(Reject::MessageIdTooLong {
+        parsed.refused[0].reason,
+        Reject::MessageIdTooLong {
             index: 2,
             limit: 100,
-        })
+        }
     );
     let body = r#"{"batch":[{"type":"page","anonymousId":"a"},
                             {"type":"page","anonymousId":"a","messageId":7}]}"#;
-    assert_eq!(batch(body), Err(Reject::InvalidMessageId { index: 1 }));
+    let parsed = batch(body).expect("accepted");
+    assert_eq!(parsed.items.len(), 1);
+    assert_eq!(
+        parsed.refused[0].reason,
+        Reject::InvalidMessageId { index: 1 }
+    );
+    assert!(parsed.refused[0].raw.contains(r#""messageId":7"#));
 }
 
 #[test]
@@ -815,7 +858,7 @@ fn batch_context_and_integrations_are_merged_into_items_item_wins() {
                 {"type":"page","anonymousId":"a","messageId":"m1"},
                 {"type":"page","anonymousId":"a","messageId":"m2",
                  "context":{"library":{"name":"item"},"ip":"1.2.3.4"},
-                 "integrations":{"Refiner":false}}
+                 "integrations":{"Mixpanel":false,"All":true}}
             ],
             "context":{"device":{"id":"d1"},"library":{"name":"batch","version":"1"}},
             "integrations":{"All":false,"Refiner":true}}"#,
@@ -841,8 +884,68 @@ fn batch_context_and_integrations_are_merged_into_items_item_wins() {
     );
     assert_eq!(
         payloads[1]["integrations"],
-        json!({"All":false,"Refiner":false})
+        json!({"All":true,"Refiner":true,"Mixpanel":false})
     );
+}
+
+#[test]
+fn integrations_select_the_destination_after_the_batch_merge() {
+    let parsed = batch(
+        r#"{"batch":[
+                {"type":"page","anonymousId":"a","messageId":"batch-level-only"},
+                {"type":"page","anonymousId":"a","messageId":"own-off",
+                 "integrations":{"Refiner":false}},
+                {"type":"page","anonymousId":"a","messageId":"own-on",
+                 "integrations":{"All":false,"Webhooks":{"x":1}}},
+                {"type":"page","anonymousId":"a","messageId":"not-an-object",
+                 "integrations":[1]},
+                {"type":"page","anonymousId":"a","messageId":"empty","integrations":{}},
+                {"type":"page","anonymousId":"a","messageId":"repeated",
+                 "integrations":{"Refiner":true,"Refiner":false}}
+            ],
+            "integrations":{"All":false}}"#,
+    )
+    .expect("accepted");
+    let outcome: Vec<Result<String, Skip>> = parsed
+        .items
+        .into_iter()
+        .map(|item| item.map(|event| event.message_id))
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            Err(Skip::AllDisabled),
+            Err(Skip::DestinationDisabled),
+            Ok("own-on".into()),
+            Err(Skip::AllDisabled),
+            Err(Skip::AllDisabled),
+            Err(Skip::DestinationDisabled),
+        ]
+    );
+    // Without a batch-level object, an event's own decides; other names do not count.
+    let names = Destinations::new(["Refiner".to_string()]);
+    let body = r#"{"batch":[
+            {"type":"track","userId":"u","event":"E","integrations":{"All":false,"Webhooks":true}},
+            {"type":"track","userId":"u","event":"E","integrations":{"All":false,"Refiner":true}},
+            {"type":"track","userId":"u","event":"E","integrations":{"Mixpanel":false}}]}"#;
+    let parsed =
+        parse_batch_for(body.as_bytes(), arrival(&Limits::default()), &names).expect("accepted");
+    let skips: Vec<Option<Skip>> = parsed
+        .items
+        .iter()
+        .map(|i| i.as_ref().err().copied())
+        .collect();
+    assert_eq!(skips, [Some(Skip::AllDisabled), None, None]);
+    // Single events and webhooks are selected the same way.
+    let single = br#"{"userId":"u","event":"E","integrations":{"Refiner":false}}"#;
+    let parsed = parse_single(single, EventType::Track, arrival(&Limits::default())).expect("ok");
+    assert_eq!(parsed.items, [Err(Skip::DestinationDisabled)]);
+    let parsed = parse_webhook(
+        br#"{"type":"identify","userId":"u","integrations":{"All":false,"Webhooks (Actions)":true}}"#,
+        arrival(&Limits::default()),
+    )
+    .expect("ok");
+    assert!(parsed.items[0].is_ok());
 }
 
 #[test]
@@ -1342,12 +1445,14 @@ fn webhook_rejections() {
     let body = format!(
         r#"[{{"type":"page","anonymousId":"a"}},{{"type":"page","anonymousId":"a","messageId":"{long}"}}]"#
     );
+    let parsed = webhook(&body).expect("the valid event is accepted");
+    assert_eq!(parsed.items.len(), 1);
     assert_eq!(
-        webhook(&body),
-        Err(Reject::MessageIdTooLong {
+        parsed.refused[0].reason,
+        Reject::MessageIdTooLong {
             index: 1,
             limit: 100,
-        })
+        }
     );
     assert_eq!(
         webhook(r#"{"type":"page","anonymousId":"a","messageId":false}"#),
@@ -1374,13 +1479,15 @@ fn webhook_array_limits() {
 
     let big = r#"{"type":"page","anonymousId":"ab"}"#;
     let oversized = format!("[{item},{big}]");
+    let parsed = parse_webhook(oversized.as_bytes(), arrival(&limits)).expect("accepted");
+    assert_eq!(parsed.items.len(), 1);
     assert_eq!(
-        parse_webhook(oversized.as_bytes(), arrival(&limits)),
-        Err(Reject::EventTooLarge {
+        parsed.refused[0].reason,
+        Reject::EventTooLarge {
             index: 1,
             size: big.len(),
             limit: item.len(),
-        })
+        }
     );
     assert_eq!(
         parse_webhook(big.as_bytes(), arrival(&limits)),

@@ -25,7 +25,7 @@ use crate::helpers::{
 };
 
 /// The Refiner API keys of `test_settings`' two sources.
-const DEFAULT_KEY: &str = "refiner-key";
+pub(crate) const DEFAULT_KEY: &str = "refiner-key";
 const HOOKED_KEY: &str = "refiner-key-2";
 
 const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
@@ -33,7 +33,7 @@ const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-async fn start_sim(keys: &[&str], faults: Faults) -> SimHandle {
+pub(crate) async fn start_sim(keys: &[&str], faults: Faults) -> SimHandle {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let options = SimOptions {
         api_keys: keys.iter().map(|k| k.to_string()).collect(),
@@ -47,7 +47,7 @@ async fn start_sim(keys: &[&str], faults: Faults) -> SimHandle {
 }
 
 /// Delivery on, pointed at `sim`, with test-sized timings.
-fn deliver_to(settings: &mut Settings, sim: &SimHandle) {
+pub(crate) fn deliver_to(settings: &mut Settings, sim: &SimHandle) {
     settings.refiner.base_url = sim.url();
     let delivery = &mut settings.delivery;
     delivery.enabled = true;
@@ -59,7 +59,10 @@ fn deliver_to(settings: &mut Settings, sim: &SimHandle) {
     delivery.timeout_secs = 5;
 }
 
-async fn spawn_delivering(sim: &SimHandle, customize: impl FnOnce(&mut Settings)) -> TestApp {
+pub(crate) async fn spawn_delivering(
+    sim: &SimHandle,
+    customize: impl FnOnce(&mut Settings),
+) -> TestApp {
     spawn_app_with(|settings| {
         deliver_to(settings, sim);
         customize(settings);
@@ -105,7 +108,7 @@ async fn send_webhook(app: &TestApp, event: &Value) {
 }
 
 /// Polls `check` until it returns `Ok`, or fails after `limit` with what it last said.
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
@@ -124,7 +127,7 @@ where
 }
 
 /// Waits until the spool holds nothing (every accepted event acked or dead-lettered).
-async fn wait_drained(app: &TestApp, limit: Duration) {
+pub(crate) async fn wait_drained(app: &TestApp, limit: Duration) {
     wait_for(limit, "the spool drains", || async {
         let stats = app.spool.stats().await.expect("spool stats");
         if stats.depth == 0 {
@@ -166,16 +169,16 @@ fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     0.0
 }
 
-async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_in(&metrics_text(&app.address).await, name, labels)
 }
 
-fn succeeded(call: &CallRecord) -> bool {
+pub(crate) fn succeeded(call: &CallRecord) -> bool {
     call.status.is_some_and(|s| (200..300).contains(&s))
 }
 
 /// The calls about `user`, in order of receipt.
-fn calls_of(sim: &SimHandle, user: &str) -> Vec<CallRecord> {
+pub(crate) fn calls_of(sim: &SimHandle, user: &str) -> Vec<CallRecord> {
     sim.state()
         .calls()
         .into_iter()
@@ -184,7 +187,7 @@ fn calls_of(sim: &SimHandle, user: &str) -> Vec<CallRecord> {
 }
 
 /// A short description of calls for failure messages.
-fn describe(calls: &[CallRecord]) -> String {
+pub(crate) fn describe(calls: &[CallRecord]) -> String {
     let parts: Vec<String> = calls
         .iter()
         .map(|c| {

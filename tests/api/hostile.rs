@@ -58,17 +58,24 @@ async fn unauthenticated_amplification_is_refused_before_parsing() {
 }
 
 #[tokio::test]
-async fn authenticated_amplification_is_refused_at_the_first_merged_event() {
+async fn authenticated_amplification_refuses_every_event_and_stores_nothing() {
     let app = spawn_app().await;
+    let started = Instant::now();
     let response = app
         .post_raw("/v1/batch", amplifying_batch(Some(WRITE_KEY)))
         .await;
-    let error = assert_error(response, 400, "event_too_large").await;
-    let message = error["message"].as_str().expect("message");
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("JSON");
+    let refused = answer["refused"].as_array().expect("refused");
+    assert_eq!(refused.len(), 2500);
+    assert_eq!(refused[0]["code"], "event_too_large");
+    let message = refused[0]["message"].as_str().expect("message");
     assert!(
         message.contains("event 0") && message.contains("32768"),
         "{message}"
     );
+    // Refused by its merged size, without writing 2,500 copies of the context.
+    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(parsed(&app, "batch").await, 1.0);
     assert!(app.spooled().await.is_empty());
 }
@@ -82,13 +89,13 @@ async fn the_merged_total_of_a_batch_is_bounded() {
             .collect();
         json!({"batch": items, "context": {"pad": "p".repeat(context_bytes)}}).to_string()
     };
-    // 2,500 × 1 KB of context: about 2.7 MB merged, over the 2 MiB bound.
-    let response = app.post_basic("/v1/batch", &batch(1024, "big-")).await;
+    // 2,500 × 4 KB of context: about 10.5 MB merged, over the 8 MiB bound.
+    let response = app.post_basic("/v1/batch", &batch(4096, "big-")).await;
     let error = assert_error(response, 400, "payload_too_large").await;
     assert!(error["message"]
         .as_str()
         .expect("message")
-        .contains("2097152"));
+        .contains("8388608"));
     assert!(app.spooled().await.is_empty());
     // 2,500 × 100 bytes fits.
     assert_success(app.post_basic("/v1/batch", &batch(100, "small-")).await).await;
@@ -98,7 +105,10 @@ async fn the_merged_total_of_a_batch_is_bounded() {
 #[tokio::test]
 async fn a_basic_write_key_is_checked_before_the_body_is_read() {
     let app = spawn_app().await;
-    let oversized = format!(r#"{{"batch":[],"pad":"{}"}}"#, "x".repeat(600 * 1024));
+    let oversized = format!(
+        r#"{{"batch":[],"pad":"{}"}}"#,
+        "x".repeat(4 * 1024 * 1024 + 1)
+    );
     let response = app
         .client
         .post(app.url("/v1/batch"))

@@ -598,14 +598,26 @@ async fn a_single_event_over_32_kb_is_refused() {
 }
 
 #[tokio::test]
-async fn a_batch_over_500_kb_is_a_400_not_a_413() {
+async fn a_batch_up_to_4_mib_is_accepted_and_over_it_is_a_400_not_a_413() {
     let app = spawn_app().await;
-    let items: Vec<Value> = (0..20)
-        .map(|i| event_of_size(26 * 1024, &format!("m{i}")))
-        .collect();
-    let body = json!({"batch": items}).to_string();
-    assert!(body.len() > 500 * 1024, "{}", body.len());
-    let response = app.post_basic("/v1/batch", &body).await;
+    // RudderStack's SDKs send batches of up to 4 MB (Segment documents 500 KB).
+    let batch = |count: usize, prefix: &str| {
+        let items: Vec<Value> = (0..count)
+            .map(|i| event_of_size(26 * 1024, &format!("{prefix}{i}")))
+            .collect();
+        json!({"batch": items}).to_string()
+    };
+    let fits = batch(150, "fits-");
+    assert!(
+        fits.len() > 3_900_000 && fits.len() <= 4 * 1024 * 1024,
+        "{}",
+        fits.len()
+    );
+    assert_success(app.post_basic("/v1/batch", &fits).await).await;
+    assert_eq!(app.spooled().await.len(), 150);
+    let over = batch(170, "over-");
+    assert!(over.len() > 4 * 1024 * 1024, "{}", over.len());
+    let response = app.post_basic("/v1/batch", &over).await;
     assert_error(response, 400, "payload_too_large").await;
     assert!(app.spooled().await.is_empty());
 }
@@ -627,20 +639,54 @@ async fn too_many_events_in_a_batch_are_refused() {
     assert_eq!(app.spooled().await.len(), 2500);
 }
 
+/// A 200 answer's body, checked to be JSON that says `success`.
+async fn success_body(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    assert_eq!(status, 200, "body: {text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(body["success"], true, "{text}");
+    body
+}
+
 #[tokio::test]
-async fn one_batch_item_over_32_kb_refuses_the_batch() {
+async fn one_batch_item_over_32_kb_is_refused_and_the_others_are_accepted() {
     let app = spawn_app().await;
     let body = json!({"batch": [
         {"type": "track", "userId": "u1", "event": "small", "messageId": "small"},
         event_of_size(32 * 1024 + 1, "big"),
+        {"type": "track", "userId": "u1", "event": "after", "messageId": "after"},
     ]});
-    let response = app.post_basic("/v1/batch", &body.to_string()).await;
-    let error = assert_error(response, 400, "event_too_large").await;
-    assert!(error["message"]
+    let answer = success_body(app.post_basic("/v1/batch", &body.to_string()).await).await;
+    let refused = answer["refused"]
+        .as_array()
+        .expect("refused events are listed");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["index"], 1);
+    assert_eq!(refused[0]["code"], "event_too_large");
+    assert!(refused[0]["message"]
         .as_str()
         .expect("message")
         .contains("event 1"));
-    assert!(app.spooled().await.is_empty());
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["small", "after"]);
+    assert_eq!(
+        metric(
+            &app,
+            "gateway_ingest_events_refused_total",
+            &[("source", "default"), ("code", "event_too_large")]
+        )
+        .await,
+        1.0
+    );
+    // Without refusals the answer is exactly Segment's.
+    let clean = json!({"batch": [{"type": "track", "userId": "u1", "event": "E"}]});
+    assert_success(app.post_basic("/v1/batch", &clean.to_string()).await).await;
 }
 
 #[tokio::test]
@@ -665,13 +711,21 @@ async fn a_message_id_over_100_characters_is_refused() {
     let single = json!({"userId": "u1", "event": "E", "messageId": long});
     let response = app.post_basic("/v1/track", &single.to_string()).await;
     assert_error(response, 400, "message_id_too_long").await;
+    assert!(app.spooled().await.is_empty());
+    // In a batch, only that event is refused.
     let batch = json!({"batch": [
         {"type": "track", "userId": "u1", "event": "E", "messageId": "fine"},
         {"type": "track", "userId": "u1", "event": "E", "messageId": long},
     ]});
-    let response = app.post_basic("/v1/batch", &batch.to_string()).await;
-    assert_error(response, 400, "message_id_too_long").await;
-    assert!(app.spooled().await.is_empty());
+    let answer = success_body(app.post_basic("/v1/batch", &batch.to_string()).await).await;
+    assert_eq!(
+        answer["refused"],
+        json!([{"index": 1, "code": "message_id_too_long",
+                "message": "event 1 has a messageId longer than 100 characters"}])
+    );
+    let events = app.spooled().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].message_id, "fine");
     let exactly = "x".repeat(100);
     let single = json!({"userId": "u1", "event": "E", "messageId": exactly});
     assert_success(app.post_basic("/v1/track", &single.to_string()).await).await;
@@ -1204,4 +1258,84 @@ async fn health_and_readiness() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["status"], "ready");
+}
+
+// ---------------------------------------------------------------------------------------
+// Destination selection: Segment's `integrations` object
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn integrations_that_do_not_select_the_gateway_are_answered_200_and_not_stored() {
+    let app = spawn_app().await;
+    let body = json!({
+        "integrations": {"All": false},
+        "batch": [
+            {"type": "track", "userId": "u1", "event": "E", "messageId": "batch-all-off"},
+            {"type": "track", "userId": "u1", "event": "E", "messageId": "own-refiner-on",
+             "integrations": {"Refiner": true}},
+            {"type": "track", "userId": "u1", "event": "E", "messageId": "own-refiner-off",
+             "integrations": {"Refiner": false, "All": true}},
+            {"type": "track", "userId": "u1", "event": "E", "messageId": "webhooks-on",
+             "integrations": {"Webhooks": true}},
+        ],
+    });
+    assert_success(app.post_basic("/v1/batch", &body.to_string()).await).await;
+    let single = json!({"userId": "u1", "event": "E", "messageId": "single-off",
+                        "integrations": {"Refiner": false}});
+    assert_success(app.post_basic("/v1/track", &single.to_string()).await).await;
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["own-refiner-on", "webhooks-on"]);
+    let skipped = |reason: &'static str| {
+        let app = &app;
+        async move { metric(app, SKIPPED, &[("source", "default"), ("reason", reason)]).await }
+    };
+    assert_eq!(skipped("integrations_all_disabled").await, 1.0);
+    assert_eq!(skipped("integrations_disabled").await, 2.0);
+}
+
+#[tokio::test]
+async fn destination_names_are_configurable_per_source() {
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.integrations.destination_names = vec!["Refiner".into()];
+        settings
+            .integrations
+            .source_destination_names
+            .insert("default".into(), vec!["Internal Gateway".into()]);
+    })
+    .await;
+    let body = json!({"batch": [
+        {"type": "identify", "userId": "u1", "messageId": "own-name",
+         "integrations": {"All": false, "Internal Gateway": true}},
+        {"type": "identify", "userId": "u1", "messageId": "refiner-name",
+         "integrations": {"All": false, "Refiner": true}},
+    ]});
+    assert_success(app.post_basic("/v1/batch", &body.to_string()).await).await;
+    // The other source goes by the shared names.
+    let response = app
+        .client
+        .post(app.url("/v1/batch"))
+        .header("Authorization", basic(OTHER_KEY))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_success(response).await;
+    let spooled: Vec<(String, String)> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| (e.source, e.message_id))
+        .collect();
+    assert_eq!(
+        spooled,
+        [
+            ("default".to_string(), "own-name".to_string()),
+            ("hooked".to_string(), "refiner-name".to_string()),
+        ]
+    );
 }

@@ -14,5 +14,6 @@ mod observability;
 mod operator_safety;
 mod properties;
 mod python_client;
+mod sdk_clients;
 mod spool;
 mod webhook;

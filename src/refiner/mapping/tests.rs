@@ -131,7 +131,7 @@ fn identify_takes_the_email_from_context_traits_when_traits_lack_it() {
         json!({
             "userId": "u1",
             "traits": {"plan": "pro"},
-            "context": {"traits": {"email": "ctx@example.com", "plan": "ignored"}},
+            "context": {"traits": {"email": "ctx@example.com", "plan": "overridden"}},
         }),
     )
     .body;
@@ -139,6 +139,71 @@ fn identify_takes_the_email_from_context_traits_when_traits_lack_it() {
         body,
         json!({"id": "u1", "email": "ctx@example.com", "plan": "pro"})
     );
+}
+
+#[test]
+fn identify_traits_only_in_context_traits_are_sent() {
+    // rudder-sdk-python's identify: traits in context.traits, none at the root.
+    for root in [json!({}), json!(null), json!("nope")] {
+        let body = request(
+            EventType::Identify,
+            json!({
+                "userId": "u1",
+                "traits": root,
+                "context": {"traits": {"email": "r@example.com", "plan": "pro",
+                                        "createdAt": "2024-05-01T10:00:00Z"}},
+            }),
+        )
+        .body;
+        assert_eq!(
+            body,
+            json!({"id": "u1", "email": "r@example.com", "plan": "pro",
+                   "created_at": "2024-05-01T10:00:00Z"})
+        );
+    }
+    let body = request(
+        EventType::Identify,
+        json!({"userId": "u1", "context": {"traits": {"plan": "pro"}}}),
+    )
+    .body;
+    assert_eq!(body, json!({"id": "u1", "plan": "pro"}));
+}
+
+#[test]
+fn identify_root_traits_win_per_key_over_context_traits_even_with_null() {
+    let body = request(
+        EventType::Identify,
+        json!({
+            "userId": "u1",
+            "traits": {"plan": "pro", "seats": null},
+            "context": {"traits": {"plan": "free", "seats": 3, "company": {"name": "Initech"}}},
+        }),
+    )
+    .body;
+    assert_eq!(
+        body,
+        json!({"id": "u1", "plan": "pro", "company_name": "Initech"})
+    );
+}
+
+#[test]
+fn context_traits_are_not_sent_on_group_track_or_ping() {
+    let context = json!({"traits": {"email": "u@example.com", "plan": "pro"}});
+    let body = request(
+        EventType::Group,
+        json!({"userId": "u1", "groupId": "g1", "traits": {"name": "I"}, "context": context}),
+    )
+    .body;
+    assert_eq!(
+        body,
+        json!({"id": "u1", "email": "u@example.com", "account": {"id": "g1", "name": "I"}})
+    );
+    let body = request(
+        EventType::Track,
+        json!({"userId": "u1", "event": "E", "context": context}),
+    )
+    .body;
+    assert_eq!(body, json!({"id": "u1", "event": "E"}));
 }
 
 #[test]
