@@ -279,115 +279,134 @@ pub(super) fn list(conn: &Connection, query: &DeadLetterQuery) -> rusqlite::Resu
     let count: i64 = tx
         .prepare_cached(&format!("SELECT count(*) FROM dead_letters WHERE {filter}"))?
         .query_row(params_from_iter(values.iter()), |row| row.get(0))?;
-    let count = count.max(0) as u64;
-    let column = sort_column(query.sort);
-    let limit = i64::from(query.limit.max(1));
-    let order = |descending: bool| {
+    let listing = Listing {
+        conn: &tx,
+        query,
+        filter,
+        values,
+        count: count.max(0) as u64,
+        limit: i64::from(query.limit.max(1)),
+    };
+    let (items, more) = match &query.at {
+        PageAt::Offset(offset) => listing.at_offset(*offset)?,
+        PageAt::After(cursor) => listing.beside(cursor, true)?,
+        PageAt::Before(cursor) => listing.beside(cursor, false)?,
+    };
+    let count = listing.count;
+    drop(tx);
+    Ok(DeadLetterPage { count, items, more })
+}
+
+/// One listing's query, read in one transaction: a page is its filtered rows in the
+/// listing's order, from an offset or from beside a keyset cursor.
+struct Listing<'a> {
+    conn: &'a Connection,
+    query: &'a DeadLetterQuery,
+    /// The WHERE clause and its parameters.
+    filter: String,
+    values: Vec<Value>,
+    count: u64,
+    limit: i64,
+}
+
+impl Listing<'_> {
+    /// The ORDER BY of the listing (`descending`) or of its reverse; ties by id.
+    fn order(&self, descending: bool) -> String {
         let dir = if descending { "DESC" } else { "ASC" };
-        if query.sort == SortField::Id {
+        if self.query.sort == SortField::Id {
             format!("id {dir}")
         } else {
-            format!("{column} {dir}, id {dir}")
+            format!("{} {dir}, id {dir}", sort_column(self.query.sort))
         }
-    };
-    // The position condition of a keyset page: rows after (`forward`) or before the cursor
-    // in the listing's order.
-    let position = |cursor: &Cursor, forward: bool, values: &mut Vec<Value>| {
-        let greater = forward != query.descending;
-        let op = if greater { ">" } else { "<" };
-        if query.sort == SortField::Id {
+    }
+
+    /// The position condition of a keyset page: rows after (`forward`) or before the
+    /// cursor in the listing's order; its parameters are appended to `values`.
+    fn position(&self, cursor: &Cursor, forward: bool, values: &mut Vec<Value>) -> String {
+        let op = if forward != self.query.descending {
+            ">"
+        } else {
+            "<"
+        };
+        if self.query.sort == SortField::Id {
             values.push(Value::Integer(cursor.id));
             format!("id {op} ?")
         } else {
             values.push(sql_value(&cursor.value));
             values.push(Value::Integer(cursor.id));
-            format!("({column}, id) {op} (?, ?)")
+            format!("({}, id) {op} (?, ?)", sort_column(self.query.sort))
         }
-    };
-    let run = |sql: String, values: &[Value]| -> rusqlite::Result<Vec<DeadLetterSummary>> {
-        let mut stmt = tx.prepare_cached(&sql)?;
+    }
+
+    /// Up to `take` rows matching the filter and `condition`, in the listing's order
+    /// (`reversed`: its reverse), after skipping `skip`.
+    fn rows(
+        &self,
+        condition: Option<(String, Vec<Value>)>,
+        reversed: bool,
+        take: i64,
+        skip: i64,
+    ) -> rusqlite::Result<Vec<DeadLetterSummary>> {
+        let mut values = self.values.clone();
+        let mut sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM dead_letters WHERE {}",
+            self.filter
+        );
+        if let Some((condition, extra)) = condition {
+            sql.push_str(&format!(" AND {condition}"));
+            values.extend(extra);
+        }
+        let descending = self.query.descending != reversed;
+        sql.push_str(&format!(
+            " ORDER BY {} LIMIT ? OFFSET ?",
+            self.order(descending)
+        ));
+        values.push(Value::Integer(take));
+        values.push(Value::Integer(skip));
+        let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt
             .query_map(params_from_iter(values.iter()), |row| {
-                summary(row, query.sort)
+                summary(row, self.query.sort)
             })?
             .collect::<rusqlite::Result<Vec<_>>>();
         rows
-    };
-    let (items, more) = match &query.at {
-        PageAt::Offset(offset) => {
-            let offset = *offset;
-            if offset >= count {
-                (Vec::new(), false)
-            } else if offset <= count / 2 {
-                let mut values = values.clone();
-                values.push(Value::Integer(limit + 1));
-                values.push(Value::Integer(offset as i64));
-                let mut rows = run(
-                    format!(
-                        "SELECT {SUMMARY_COLUMNS} FROM dead_letters WHERE {filter}
-                         ORDER BY {} LIMIT ? OFFSET ?",
-                        order(query.descending)
-                    ),
-                    &values,
-                )?;
-                let more = rows.len() as i64 > limit;
-                rows.truncate(limit as usize);
-                (rows, more)
-            } else {
-                // Nearer the end: read the reversed order from the end.
-                let take = (limit as u64).min(count - offset);
-                let from_end = count - offset - take;
-                let mut values = values.clone();
-                values.push(Value::Integer(take as i64));
-                values.push(Value::Integer(from_end as i64));
-                let mut rows = run(
-                    format!(
-                        "SELECT {SUMMARY_COLUMNS} FROM dead_letters WHERE {filter}
-                         ORDER BY {} LIMIT ? OFFSET ?",
-                        order(!query.descending)
-                    ),
-                    &values,
-                )?;
-                rows.reverse();
-                (rows, offset + take < count)
-            }
+    }
+
+    /// A page at `offset`; nearer the end than the start, read backwards from the end, so
+    /// the last pages cost what the first do.
+    fn at_offset(&self, offset: u64) -> rusqlite::Result<(Vec<DeadLetterSummary>, bool)> {
+        if offset >= self.count {
+            return Ok((Vec::new(), false));
         }
-        PageAt::After(cursor) => {
-            let mut values = values.clone();
-            let condition = position(cursor, true, &mut values);
-            values.push(Value::Integer(limit + 1));
-            let mut rows = run(
-                format!(
-                    "SELECT {SUMMARY_COLUMNS} FROM dead_letters WHERE {filter} AND {condition}
-                     ORDER BY {} LIMIT ?",
-                    order(query.descending)
-                ),
-                &values,
-            )?;
-            let more = rows.len() as i64 > limit;
-            rows.truncate(limit as usize);
-            (rows, more)
+        if offset <= self.count / 2 {
+            let mut rows = self.rows(None, false, self.limit + 1, offset as i64)?;
+            let more = rows.len() as i64 > self.limit;
+            rows.truncate(self.limit as usize);
+            return Ok((rows, more));
         }
-        PageAt::Before(cursor) => {
-            let mut values = values.clone();
-            let condition = position(cursor, false, &mut values);
-            values.push(Value::Integer(limit + 1));
-            let mut rows = run(
-                format!(
-                    "SELECT {SUMMARY_COLUMNS} FROM dead_letters WHERE {filter} AND {condition}
-                     ORDER BY {} LIMIT ?",
-                    order(!query.descending)
-                ),
-                &values,
-            )?;
-            let more = rows.len() as i64 > limit;
-            rows.truncate(limit as usize);
+        let take = (self.limit as u64).min(self.count - offset);
+        let from_end = self.count - offset - take;
+        let mut rows = self.rows(None, true, take as i64, from_end as i64)?;
+        rows.reverse();
+        Ok((rows, offset + take < self.count))
+    }
+
+    /// The page after (`forward`) or before a cursor.
+    fn beside(
+        &self,
+        cursor: &Cursor,
+        forward: bool,
+    ) -> rusqlite::Result<(Vec<DeadLetterSummary>, bool)> {
+        let mut extra = Vec::new();
+        let condition = self.position(cursor, forward, &mut extra);
+        let mut rows = self.rows(Some((condition, extra)), !forward, self.limit + 1, 0)?;
+        let more = rows.len() as i64 > self.limit;
+        rows.truncate(self.limit as usize);
+        if !forward {
             rows.reverse();
-            (rows, more)
         }
-    };
-    drop(tx);
-    Ok(DeadLetterPage { count, items, more })
+        Ok((rows, more))
+    }
 }
 
 /// One dead letter with its payload and attempts.

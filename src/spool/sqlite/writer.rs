@@ -341,86 +341,7 @@ impl Writer {
         self.tally = Tally::default();
         let mut failure = None;
         for command in commands {
-            let outcome = match command {
-                Command::Append(_, _, reply) if self.dedup.is_full() => {
-                    // The dedup index's memory is full until its background flush lands.
-                    pending.push(Pending::Refused(reply));
-                    Ok(())
-                }
-                Command::Append(request, keys, reply) => {
-                    pending.push(Pending::Append(reply, AppendReport::default()));
-                    self.append(&request, &keys, now).map(|report| {
-                        if let Some(Pending::Append(_, slot)) = pending.last_mut() {
-                            *slot = report;
-                        }
-                    })
-                }
-                Command::Lease {
-                    max,
-                    lease_ms,
-                    reply,
-                } => {
-                    pending.push(Pending::Lease(reply, Vec::new()));
-                    self.lease(max, lease_ms, now).map(|leased| {
-                        if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
-                            *slot = leased;
-                        }
-                    })
-                }
-                Command::Settle(settlement, reply) => {
-                    pending.push(Pending::Unit(reply));
-                    self.settle(&settlement, now)
-                }
-                Command::Probe(reply) => {
-                    pending.push(Pending::Unit(reply));
-                    self.conn
-                        .prepare_cached(
-                            "INSERT INTO meta (key, value) VALUES ('probe', ?1)
-                             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        )
-                        .and_then(|mut stmt| stmt.execute(params![now.to_string()]))
-                        .map(|_| ())
-                }
-                Command::Stats(reply) => {
-                    pending.push(Pending::Stats(reply, SpoolStats::default()));
-                    self.stats().map(|stats| {
-                        if let Some(Pending::Stats(_, slot)) = pending.last_mut() {
-                            *slot = stats;
-                        }
-                    })
-                }
-                Command::Replay {
-                    filter,
-                    limit,
-                    reply,
-                } => {
-                    pending.push(Pending::Count(reply, 0));
-                    admin_sql::replay_chunk(&self.conn, &filter, limit, now, &mut self.tally).map(
-                        |n| {
-                            if let Some(Pending::Count(_, slot)) = pending.last_mut() {
-                                *slot = n;
-                            }
-                        },
-                    )
-                }
-                Command::Delete {
-                    filter,
-                    limit,
-                    reply,
-                } => {
-                    pending.push(Pending::Count(reply, 0));
-                    admin_sql::delete_chunk(&self.conn, &filter, limit).map(|n| {
-                        if let Some(Pending::Count(_, slot)) = pending.last_mut() {
-                            *slot = n;
-                        }
-                    })
-                }
-                Command::Shutdown(done) => {
-                    let _ = done.send(());
-                    Ok(())
-                }
-            };
-            if let Err(e) = outcome {
+            if let Err(e) = self.execute(command, now, pending) {
                 failure = Some(e);
                 break;
             }
@@ -435,6 +356,93 @@ impl Writer {
         match failure {
             Some(e) => Err(e),
             None => self.conn.execute_batch("COMMIT"),
+        }
+    }
+
+    /// Runs one command of the group inside its transaction. Its answer is pushed to
+    /// `pending` before its work, so a command that fails is failed with the group.
+    fn execute(
+        &mut self,
+        command: Command,
+        now: i64,
+        pending: &mut Vec<Pending>,
+    ) -> rusqlite::Result<()> {
+        match command {
+            Command::Append(_, _, reply) if self.dedup.is_full() => {
+                // The dedup index's memory is full until its background flush lands.
+                pending.push(Pending::Refused(reply));
+                Ok(())
+            }
+            Command::Append(request, keys, reply) => {
+                pending.push(Pending::Append(reply, AppendReport::default()));
+                self.append(&request, &keys, now).map(|report| {
+                    if let Some(Pending::Append(_, slot)) = pending.last_mut() {
+                        *slot = report;
+                    }
+                })
+            }
+            Command::Lease {
+                max,
+                lease_ms,
+                reply,
+            } => {
+                pending.push(Pending::Lease(reply, Vec::new()));
+                self.lease(max, lease_ms, now).map(|leased| {
+                    if let Some(Pending::Lease(_, slot)) = pending.last_mut() {
+                        *slot = leased;
+                    }
+                })
+            }
+            Command::Settle(settlement, reply) => {
+                pending.push(Pending::Unit(reply));
+                self.settle(&settlement, now)
+            }
+            Command::Probe(reply) => {
+                pending.push(Pending::Unit(reply));
+                self.conn
+                    .prepare_cached(
+                        "INSERT INTO meta (key, value) VALUES ('probe', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![now.to_string()]))
+                    .map(|_| ())
+            }
+            Command::Stats(reply) => {
+                pending.push(Pending::Stats(reply, SpoolStats::default()));
+                self.stats().map(|stats| {
+                    if let Some(Pending::Stats(_, slot)) = pending.last_mut() {
+                        *slot = stats;
+                    }
+                })
+            }
+            Command::Replay {
+                filter,
+                limit,
+                reply,
+            } => {
+                pending.push(Pending::Count(reply, 0));
+                admin_sql::replay_chunk(&self.conn, &filter, limit, now, &mut self.tally).map(|n| {
+                    if let Some(Pending::Count(_, slot)) = pending.last_mut() {
+                        *slot = n;
+                    }
+                })
+            }
+            Command::Delete {
+                filter,
+                limit,
+                reply,
+            } => {
+                pending.push(Pending::Count(reply, 0));
+                admin_sql::delete_chunk(&self.conn, &filter, limit).map(|n| {
+                    if let Some(Pending::Count(_, slot)) = pending.last_mut() {
+                        *slot = n;
+                    }
+                })
+            }
+            Command::Shutdown(done) => {
+                let _ = done.send(());
+                Ok(())
+            }
         }
     }
 
