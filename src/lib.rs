@@ -14,7 +14,6 @@ pub mod dispatch;
 pub mod ingest;
 pub mod refiner;
 pub mod request_id;
-pub mod sampler;
 pub mod segment;
 pub mod sim;
 pub mod spool;

@@ -283,7 +283,7 @@ impl Application {
     /// the spool.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let (stop_delivery, stopped) = watch::channel(false);
-        let sampler = crate::sampler::spawn(
+        let sampler = crate::telemetry::sampler::spawn(
             self.backend.clone(),
             self.metrics.clone(),
             self.stats_interval,

@@ -18,10 +18,10 @@ fn read(relative: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-/// The metric names the gateway exports: the `gateway_*` literals of `src/telemetry.rs`,
+/// The metric names the gateway exports: the `gateway_*` literals of `src/telemetry/mod.rs`,
 /// the process collector's, and Prometheus' own `up`.
 fn exported_metrics() -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = read("src/telemetry.rs")
+    let mut names: BTreeSet<String> = read("src/telemetry/mod.rs")
         .split('"')
         .filter(|piece| {
             piece.starts_with("gateway_")

@@ -466,7 +466,7 @@ fn every_not_forwarded_reason_is_documented() {
 
 #[test]
 fn every_metric_is_documented() {
-    let telemetry = read("src/telemetry.rs");
+    let telemetry = read("src/telemetry/mod.rs");
     let metrics: BTreeSet<&str> = telemetry
         .split('"')
         .filter(|piece| {

@@ -10,9 +10,11 @@
 //! gateways in one process do not share counters), named
 //! `gateway_<subsystem>_<name>_<unit>`. Counters and histograms are updated where things
 //! happen; the gauges that describe the spool as a whole (depth, oldest event's age, dead
-//! letters) are refreshed by [`crate::sampler`] every `spool.stats_interval_ms`, never
+//! letters) are refreshed by [`crate::telemetry::sampler`] every `spool.stats_interval_ms`, never
 //! computed per scrape. The process collector adds the standard `process_*` metrics (CPU,
 //! resident memory, open file descriptors) on Linux.
+
+pub mod sampler;
 
 use std::io::IsTerminal;
 use std::sync::Arc;
