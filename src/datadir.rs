@@ -164,12 +164,15 @@ fn tighten(dir: &Path, meta: &fs::Metadata) {
 /// Whether `gid` is the process's effective group or one of its supplementary groups.
 fn is_own_group(gid: u32) -> bool {
     // SAFETY: getegid has no preconditions and cannot fail.
-    if unsafe { libc::getegid() } == gid {
+    #[allow(unsafe_code)]
+    let egid = unsafe { libc::getegid() };
+    if egid == gid {
         return true;
     }
     let mut groups = vec![0 as libc::gid_t; 256];
     // SAFETY: the buffer holds `groups.len()` entries; getgroups writes at most that many
     // and returns how many it wrote, or -1 (then none are used).
+    #[allow(unsafe_code)]
     let count = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
     usize::try_from(count)
         .map(|n| groups[..n.min(groups.len())].contains(&gid))

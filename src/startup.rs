@@ -98,6 +98,7 @@ fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
     let path = std::ffi::CString::new(existing.as_os_str().as_bytes())
         .map_err(|_| problem(format!("{} is not a valid path", existing.display())))?;
     // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    #[allow(unsafe_code)]
     let allowed = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
     if !allowed {
         let what = if existing == dir {

@@ -181,6 +181,7 @@ pub fn main() -> ExitCode {
 fn private_files() {
     // SAFETY: umask only sets the process's mask and cannot fail; nothing has created
     // files or started threads yet.
+    #[allow(unsafe_code)]
     unsafe {
         libc::umask(0o077);
     }

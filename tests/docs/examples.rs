@@ -338,6 +338,7 @@ impl Environment {
     pub fn interrupt_demo(mut self) -> Ran {
         let mut child = self.children.remove(0);
         // SAFETY: kill(2) on the child's pid, which it still is (not yet waited for).
+        #[allow(unsafe_code)]
         unsafe {
             libc::kill(child.id() as i32, libc::SIGINT);
         }

@@ -314,6 +314,7 @@ impl Run {
         // merge or expiry) leaves existing mappings intact. The data directory belongs to
         // the gateway: another process truncating a run file would end it with SIGBUS, as
         // it would corrupt `spool.db`.
+        #[allow(unsafe_code)]
         let map = unsafe { MmapOptions::new().offset(bloom_at).len(mapped).map(&file)? };
         // Lookups touch one filter block at random: no read-ahead.
         let _ = map.advise(Advice::Random);
