@@ -8,140 +8,28 @@ impl Inner {
         options: NatsSpoolOptions,
         metrics: Metrics,
     ) -> Result<Arc<Inner>, SpoolError> {
-        let node_id = format!(
-            "{}-{}",
-            options
-                .node_name
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                })
-                .collect::<String>(),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let mut connect = async_nats::ConnectOptions::new()
-            .name(format!("refiner-gateway {node_id}"))
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(Duration::from_secs(5)))
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    other => tracing::debug!(event = %other, "NATS client event"),
-                }
-            });
-        if let Some(token) = &options.token {
-            connect = connect.token(token.clone());
-        }
-        if let (Some(user), Some(password)) = (&options.user, &options.password) {
-            connect = connect.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(path) = &options.credentials_file {
-            connect = connect
-                .credentials_file(path)
-                .await
-                .map_err(|e| storage("cannot read the NATS credentials file", e))?;
-        }
-        let servers = options
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(|u| u.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| storage(&format!("bad NATS URL `{}`", options.url), e))?;
-        let client = connect
-            .connect(servers)
-            .await
-            .map_err(|e| storage(&format!("cannot connect to NATS at {}", options.url), e))?;
+        let node_id = node_id(&options.node_name);
+        let client = client(&options, &node_id).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
             .ack_timeout(options.publish_timeout)
             .build(client.clone());
-
-        let events = js
-            .create_or_update_stream(stream::Config {
-                name: options.stream.clone(),
-                subjects: vec![format!("{}.events.*", options.subject_prefix)],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                duplicate_window: options.dedup_window,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| storage(&format!("cannot set up stream {}", options.stream), e))?;
-        let events = js
-            .get_stream(&events.config.name)
-            .await
-            .map_err(|e| storage("cannot open the events stream", e))?;
-        let dead = js
-            .create_or_update_stream(stream::Config {
-                name: options.dead_letter_stream.clone(),
-                subjects: vec![format!("{}.dead.*", options.subject_prefix)],
-                retention: stream::RetentionPolicy::Limits,
-                max_age: options.dead_letter_retention.unwrap_or_default(),
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                storage(
-                    &format!("cannot set up stream {}", options.dead_letter_stream),
-                    e,
-                )
-            })?;
-        let dead = js
-            .get_stream(&dead.config.name)
-            .await
-            .map_err(|e| storage("cannot open the dead-letter stream", e))?;
-        let kv = js
-            .create_or_update_key_value(kv::Config {
-                bucket: options.bucket.clone(),
-                history: 1,
-                max_age: options.ownership_ttl,
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| storage(&format!("cannot set up bucket {}", options.bucket), e))?;
-
+        let events = stream(&js, events_config(&options), "events").await?;
+        let dead = stream(&js, dead_letters_config(&options), "dead-letter").await?;
+        let kv = bucket(
+            &js,
+            &options.bucket,
+            options.ownership_ttl,
+            options.replicas,
+        )
+        .await?;
         let dedup = match &options.dedup_bucket {
-            Some(bucket) => Some(
-                js.create_or_update_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    max_age: options.dedup_window,
-                    storage: stream::StorageType::File,
-                    num_replicas: options.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| storage(&format!("cannot set up bucket {bucket}"), e))?,
-            ),
+            Some(name) => Some(bucket(&js, name, options.dedup_window, options.replicas).await?),
             None => None,
         };
+        // Retry records are removed with their event; the TTL only sweeps leftovers.
         let retries = match &options.retry_bucket {
-            Some(bucket) => Some(
-                js.create_or_update_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    // Records are removed with their event; the TTL only sweeps leftovers.
-                    max_age: RETRY_RECORD_TTL,
-                    storage: stream::StorageType::File,
-                    num_replicas: options.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| storage(&format!("cannot set up bucket {bucket}"), e))?,
-            ),
+            Some(name) => Some(bucket(&js, name, RETRY_RECORD_TTL, options.replicas).await?),
             None => None,
         };
         let (stop, _) = watch::channel(false);
@@ -175,4 +63,128 @@ impl Inner {
     pub(super) fn partition_key(partition: u32) -> String {
         format!("p.{partition}")
     }
+}
+
+/// The node's id in the ownership bucket: its name (made safe for a key) and a random
+/// suffix, so a restarted node never takes over its former self's keys by name.
+fn node_id(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A client connected to the configured servers with the configured credentials; it
+/// reconnects forever.
+async fn client(
+    options: &NatsSpoolOptions,
+    node_id: &str,
+) -> Result<async_nats::Client, SpoolError> {
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(format!("refiner-gateway {node_id}"))
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::debug!(event = %other, "NATS client event"),
+            }
+        });
+    if let Some(token) = &options.token {
+        connect = connect.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&options.user, &options.password) {
+        connect = connect.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(path) = &options.credentials_file {
+        connect = connect
+            .credentials_file(path)
+            .await
+            .map_err(|e| storage("cannot read the NATS credentials file", e))?;
+    }
+    let servers = options
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| storage(&format!("bad NATS URL `{}`", options.url), e))?;
+    connect
+        .connect(servers)
+        .await
+        .map_err(|e| storage(&format!("cannot connect to NATS at {}", options.url), e))
+}
+
+/// The events stream: a work queue, one subject per partition, JetStream's duplicate
+/// window as the dedup window.
+fn events_config(options: &NatsSpoolOptions) -> stream::Config {
+    stream::Config {
+        name: options.stream.clone(),
+        subjects: vec![format!("{}.events.*", options.subject_prefix)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        duplicate_window: options.dedup_window,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream: kept for the retention, one subject per source.
+fn dead_letters_config(options: &NatsSpoolOptions) -> stream::Config {
+    stream::Config {
+        name: options.dead_letter_stream.clone(),
+        subjects: vec![format!("{}.dead.*", options.subject_prefix)],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: options.dead_letter_retention.unwrap_or_default(),
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream, or updates it to `config`, and opens it.
+async fn stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    what: &str,
+) -> Result<stream::Stream, SpoolError> {
+    let name = config.name.clone();
+    let created = js
+        .create_or_update_stream(config)
+        .await
+        .map_err(|e| storage(&format!("cannot set up stream {name}"), e))?;
+    js.get_stream(&created.config.name)
+        .await
+        .map_err(|e| storage(&format!("cannot open the {what} stream"), e))
+}
+
+/// Creates the key-value bucket, or updates it, with one value per key kept for `max_age`.
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, SpoolError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: name.to_string(),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| storage(&format!("cannot set up bucket {name}"), e))
 }

@@ -25,8 +25,9 @@ impl Inner {
 
     /// One round: say this node is alive, renew what it owns, take or give up partitions
     /// towards an even share.
+    /// One round of ownership: announce this node, renew the owned partitions, then hand
+    /// over extras or take free ones until this node owns its share.
     pub(super) async fn balance(self: &Arc<Self>) {
-        let ttl = self.options.ownership_ttl;
         let connected = self.client.connection_state() == async_nats::connection::State::Connected;
         self.gauges.connected.set(i64::from(connected));
         if let Err(e) = self
@@ -40,6 +41,21 @@ impl Inner {
             tracing::warn!(error = %e, "cannot announce this node in the ownership bucket");
         }
         let mut owned = self.owned.lock().await;
+        self.renew(&mut owned).await;
+        let Some((nodes, taken)) = self.survey().await else {
+            return;
+        };
+        let share = (self.options.partitions as usize).div_ceil(nodes.max(1));
+        self.gauges.buffered.set(self.state().len() as i64);
+        self.hand_over(&mut owned, share).await;
+        self.take_free(&mut owned, share, &taken).await;
+        self.gauges.partitions.set(owned.len() as i64);
+    }
+
+    /// Renews each owned partition's key; a partition whose key another node holds now is
+    /// dropped, and one that cannot be renewed stops leasing well before its key expires.
+    async fn renew(&self, owned: &mut HashMap<u32, Owned>) {
+        let ttl = self.options.ownership_ttl;
         let mut lost = Vec::new();
         for (partition, own) in owned.iter_mut() {
             match self
@@ -77,33 +93,37 @@ impl Inner {
             }
             self.state().drop_partition(partition);
         }
+    }
 
-        // Who is alive, and which partitions are taken.
+    /// Who is alive (the number of nodes), and which partitions are taken; `None` when the
+    /// bucket cannot be listed.
+    async fn survey(&self) -> Option<(usize, std::collections::HashSet<u32>)> {
         let mut nodes = 0usize;
         let mut taken = std::collections::HashSet::new();
-        match self.kv.keys().await {
-            Ok(mut keys) => {
-                while let Some(key) = keys.next().await {
-                    let Ok(key) = key else { break };
-                    if key.starts_with("node.") {
-                        nodes += 1;
-                    } else if let Some(p) = key.strip_prefix("p.") {
-                        if let Ok(p) = p.parse::<u32>() {
-                            taken.insert(p);
-                        }
-                    }
-                }
-            }
+        let mut keys = match self.kv.keys().await {
+            Ok(keys) => keys,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the ownership bucket");
-                return;
+                return None;
+            }
+        };
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { break };
+            if key.starts_with("node.") {
+                nodes += 1;
+            } else if let Some(p) = key.strip_prefix("p.") {
+                if let Ok(p) = p.parse::<u32>() {
+                    taken.insert(p);
+                }
             }
         }
-        let partitions = self.options.partitions;
-        let share = (partitions as usize).div_ceil(nodes.max(1));
-        self.gauges.buffered.set(self.state().len() as i64);
+        Some((nodes, taken))
+    }
 
-        // Give up extras gracefully: stop leasing, wait for leased events to settle.
+    /// Gives up partitions beyond `share` gracefully: stop leasing, wait for the leased
+    /// events to settle (or three TTLs), then release.
+    async fn hand_over(&self, owned: &mut HashMap<u32, Owned>, share: usize) {
+        let ttl = self.options.ownership_ttl;
         let active = owned
             .values()
             .filter(|o| o.draining_since.is_none())
@@ -138,31 +158,39 @@ impl Inner {
                 self.release(partition, own).await;
             }
         }
+    }
 
-        // Take free partitions up to the share, starting at a random one.
+    /// Takes free partitions up to `share`, starting at a random one.
+    async fn take_free(
+        self: &Arc<Self>,
+        owned: &mut HashMap<u32, Owned>,
+        share: usize,
+        taken: &std::collections::HashSet<u32>,
+    ) {
+        let partitions = self.options.partitions;
         let active = owned
             .values()
             .filter(|o| o.draining_since.is_none())
             .count();
-        if active < share {
-            let start = fastrand::u32(0..partitions.max(1));
-            let mut wanted = share - active;
-            for i in 0..partitions {
-                if wanted == 0 {
-                    break;
-                }
-                let partition = (start + i) % partitions;
-                if taken.contains(&partition) || owned.contains_key(&partition) {
-                    continue;
-                }
-                if let Some(own) = self.acquire(partition).await {
-                    owned.insert(partition, own);
-                    self.gauges.takeovers.inc();
-                    wanted -= 1;
-                }
+        if active >= share {
+            return;
+        }
+        let start = fastrand::u32(0..partitions.max(1));
+        let mut wanted = share - active;
+        for i in 0..partitions {
+            if wanted == 0 {
+                break;
+            }
+            let partition = (start + i) % partitions;
+            if taken.contains(&partition) || owned.contains_key(&partition) {
+                continue;
+            }
+            if let Some(own) = self.acquire(partition).await {
+                owned.insert(partition, own);
+                self.gauges.takeovers.inc();
+                wanted -= 1;
             }
         }
-        self.gauges.partitions.set(owned.len() as i64);
     }
 
     pub(super) fn set_leasable(&self, partition: u32, leasable: bool) {
