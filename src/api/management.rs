@@ -573,6 +573,38 @@ async fn metrics(
         let params = authorized_query(&request, &state)?;
         let source = state.source(&path)?;
         params.only(&["start_at", "ends_at", "period"])?;
+        let span = Span::of(&params)?;
+        let rows = state
+            .metering("event counters")?
+            .counters(&source.slug, span.start / HOUR_MS, span.end / HOUR_MS)
+            .await?;
+        Ok(HttpResponse::Ok().json(json!({
+            "title": format!("Events of {} by {}", source.slug, span.period),
+            "scale": 1,
+            "unit": "events",
+            "period": span.period,
+            "start_at": iso(span.start),
+            "ends_at": iso(span.end),
+            "table": span.table(rows),
+        })))
+    }
+    .await;
+    respond(&request, outcome)
+}
+
+/// The periods a metrics table covers: whole hours or days from `start` to `end`.
+struct Span {
+    period: &'static str,
+    period_ms: i64,
+    start: i64,
+    end: i64,
+    periods: i64,
+}
+
+impl Span {
+    /// From `period`, `start_at` and `ends_at` (the last 24 hours or 30 days by default),
+    /// rounded out to whole periods and bounded to [`MAX_PERIODS`].
+    fn of(params: &Params) -> Result<Span, ApiError> {
         let (period, period_ms, default_periods) = match params.one("period")? {
             None | Some("hour") => ("hour", HOUR_MS, 24),
             Some("day") => ("day", 24 * HOUR_MS, 30),
@@ -612,18 +644,26 @@ async fn metrics(
                 ),
             ));
         }
-        let rows = state
-            .metering("event counters")?
-            .counters(&source.slug, start / HOUR_MS, end / HOUR_MS)
-            .await?;
+        Ok(Span {
+            period,
+            period_ms,
+            start,
+            end,
+            periods,
+        })
+    }
+
+    /// The table: one row per counter key (the fixed keys, then each skip reason seen),
+    /// one value per period, hourly counters summed into their period.
+    fn table(&self, rows: Vec<crate::spool::admin::CounterRow>) -> Vec<Value> {
         let mut table: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut reasons = BTreeSet::new();
         for row in rows {
-            let index = ((row.hour * HOUR_MS - start) / period_ms) as usize;
+            let index = ((row.hour * HOUR_MS - self.start) / self.period_ms) as usize;
             let mut add = |key: &str| {
                 let values = table
                     .entry(key.to_string())
-                    .or_insert_with(|| vec![0; periods as usize]);
+                    .or_insert_with(|| vec![0; self.periods as usize]);
                 if let Some(slot) = values.get_mut(index) {
                     *slot += row.value;
                 }
@@ -634,34 +674,24 @@ async fn metrics(
             }
             add(&row.name);
         }
-        let labels: Vec<String> = (0..periods).map(|i| iso(start + i * period_ms)).collect();
+        let labels: Vec<String> = (0..self.periods)
+            .map(|i| iso(self.start + i * self.period_ms))
+            .collect();
         let keys = METRIC_KEYS
             .iter()
             .map(|k| k.to_string())
             .chain(reasons.iter().map(|r| format!("skipped:{r}")));
-        let table: Vec<Value> = keys
-            .map(|key| {
-                let values = table
-                    .remove(&key)
-                    .unwrap_or_else(|| vec![0; periods as usize]);
-                let values: Vec<Value> = labels
-                    .iter()
-                    .zip(values)
-                    .map(|(label, value)| json!([label, value]))
-                    .collect();
-                json!({ "key": key, "values": values })
-            })
-            .collect();
-        Ok(HttpResponse::Ok().json(json!({
-            "title": format!("Events of {} by {period}", source.slug),
-            "scale": 1,
-            "unit": "events",
-            "period": period,
-            "start_at": iso(start),
-            "ends_at": iso(end),
-            "table": table,
-        })))
+        keys.map(|key| {
+            let values = table
+                .remove(&key)
+                .unwrap_or_else(|| vec![0; self.periods as usize]);
+            let values: Vec<Value> = labels
+                .iter()
+                .zip(values)
+                .map(|(label, value)| json!([label, value]))
+                .collect();
+            json!({ "key": key, "values": values })
+        })
+        .collect()
     }
-    .await;
-    respond(&request, outcome)
 }
