@@ -16,88 +16,16 @@ impl Inner {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(SpoolError::Storage("not connected to NATS".into()));
         }
-        let partitions = self.options.partitions;
         let publish = async {
-            // Ids accepted before (within the window, across server restarts): not again.
             let keys: Vec<String> = request
                 .events
                 .iter()
                 .map(|e| dedup_key(&request.source, &e.message_id))
                 .collect();
-            let seen: Vec<bool> = match &self.dedup {
-                Some(dedup) => {
-                    let lookups = keys.iter().map(|key| dedup.get(key.as_str()));
-                    futures_util::future::join_all(lookups)
-                        .await
-                        .into_iter()
-                        .map(|found| {
-                            found
-                                .map(|v| v.is_some())
-                                .map_err(|e| storage("cannot read the dedup bucket", e))
-                        })
-                        .collect::<Result<_, _>>()?
-                }
-                None => vec![false; keys.len()],
-            };
-            let mut report = AppendReport::default();
-            let mut pending = Vec::with_capacity(request.events.len());
-            for (i, event) in request.events.iter().enumerate() {
-                if seen[i] {
-                    report.duplicates += 1;
-                    continue;
-                }
-                let partition = partition_of(&request.source, &event.user_key, partitions);
-                let meta = Meta {
-                    s: request.source.clone(),
-                    m: event.message_id.clone(),
-                    k: event.kind.as_str().to_owned(),
-                    u: event.user_key.clone(),
-                    r: request.received_at_ms,
-                    a: 0,
-                    h: Vec::new(),
-                };
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    "Nats-Msg-Id",
-                    msg_id(&request.source, &event.message_id).as_str(),
-                );
-                let ack = self
-                    .js
-                    .publish_with_headers(
-                        self.options.event_subject(partition),
-                        headers,
-                        encode(&meta, &event.payload).into(),
-                    )
-                    .await
-                    .map_err(|e| storage("publishing an event failed", e))?;
-                pending.push((i, partition, ack));
-            }
-            let mut appended = Vec::new();
-            let mut stored = Vec::new();
-            for (i, partition, ack) in pending {
-                let ack = ack
-                    .await
-                    .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
-                stored.push(i);
-                if ack.duplicate {
-                    report.duplicates += 1;
-                } else {
-                    report.queued += 1;
-                    appended.push((partition, ack.sequence));
-                }
-            }
-            // Remember what is now stored. A failure here loses no event: the stream's
-            // duplicate window still covers a retry unless the server restarts meanwhile.
-            if let Some(dedup) = &self.dedup {
-                let records = stored
-                    .iter()
-                    .map(|i| dedup.put(keys[*i].as_str(), Vec::new().into()));
-                for record in futures_util::future::join_all(records).await {
-                    if let Err(e) = record {
-                        tracing::warn!(error = %e, "cannot record an accepted messageId");
-                    }
-                }
-            }
+            let seen = self.seen_before(&keys).await?;
+            let (report, appended, stored) = self.publish(&request, &seen).await?;
+            self.remember(stored.iter().map(|i| keys[*i].as_str()))
+                .await;
             Ok::<_, SpoolError>((report, appended))
         };
         let (report, appended) = tokio::time::timeout(self.options.publish_timeout, publish)
@@ -108,6 +36,96 @@ impl Inner {
             state.appended(partition, seq);
         }
         Ok(report)
+    }
+
+    /// Which of the ids were accepted before (within the window, across server restarts),
+    /// from the dedup bucket if there is one.
+    async fn seen_before(&self, keys: &[String]) -> Result<Vec<bool>, SpoolError> {
+        let Some(dedup) = &self.dedup else {
+            return Ok(vec![false; keys.len()]);
+        };
+        let lookups = keys.iter().map(|key| dedup.get(key.as_str()));
+        futures_util::future::join_all(lookups)
+            .await
+            .into_iter()
+            .map(|found| {
+                found
+                    .map(|v| v.is_some())
+                    .map_err(|e| storage("cannot read the dedup bucket", e))
+            })
+            .collect()
+    }
+
+    /// Publishes the events not `seen` before, all at once, then waits for every ack:
+    /// the report, the `(partition, seq)` of each new event, and the indexes of the events
+    /// now stored (new or a duplicate JetStream recognised).
+    async fn publish(
+        &self,
+        request: &AppendRequest,
+        seen: &[bool],
+    ) -> Result<(AppendReport, Vec<(u32, u64)>, Vec<usize>), SpoolError> {
+        let mut report = AppendReport::default();
+        let mut pending = Vec::with_capacity(request.events.len());
+        for (i, event) in request.events.iter().enumerate() {
+            if seen[i] {
+                report.duplicates += 1;
+                continue;
+            }
+            let partition = partition_of(&request.source, &event.user_key, self.options.partitions);
+            let meta = Meta {
+                s: request.source.clone(),
+                m: event.message_id.clone(),
+                k: event.kind.as_str().to_owned(),
+                u: event.user_key.clone(),
+                r: request.received_at_ms,
+                a: 0,
+                h: Vec::new(),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "Nats-Msg-Id",
+                msg_id(&request.source, &event.message_id).as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(
+                    self.options.event_subject(partition),
+                    headers,
+                    encode(&meta, &event.payload).into(),
+                )
+                .await
+                .map_err(|e| storage("publishing an event failed", e))?;
+            pending.push((i, partition, ack));
+        }
+        let mut appended = Vec::new();
+        let mut stored = Vec::new();
+        for (i, partition, ack) in pending {
+            let ack = ack
+                .await
+                .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
+            stored.push(i);
+            if ack.duplicate {
+                report.duplicates += 1;
+            } else {
+                report.queued += 1;
+                appended.push((partition, ack.sequence));
+            }
+        }
+        Ok((report, appended, stored))
+    }
+
+    /// Records stored ids in the dedup bucket. A failure here loses no event: the stream's
+    /// duplicate window still covers a retry unless the server restarts meanwhile.
+    async fn remember<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let Some(dedup) = &self.dedup else {
+            return;
+        };
+        let records = keys.map(|key| dedup.put(key, Vec::new().into()));
+        for record in futures_util::future::join_all(records).await {
+            if let Err(e) = record {
+                tracing::warn!(error = %e, "cannot record an accepted messageId");
+            }
+        }
     }
 
     pub(super) async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError> {
