@@ -162,6 +162,51 @@ impl Settings {
         if nats.url.trim().is_empty() {
             return Err(error("nats.url (GATEWAY_NATS_URL)", "must not be empty"));
         }
+        nats.validate_names()?;
+        nats.validate_sizes()?;
+        nats.validate_credentials()
+    }
+
+    /// The JetStream spool's options from these settings.
+    pub fn nats_spool_options(&self) -> NatsSpoolOptions {
+        let nats = &self.nats;
+        let mut options = NatsSpoolOptions::new(nats.url.clone());
+        let set = |value: &str| (!value.is_empty()).then(|| value.to_owned());
+        options.token = set(nats.token.expose());
+        options.user = set(&nats.user);
+        options.password = set(nats.password.expose());
+        options.credentials_file = set(&nats.credentials_file).map(PathBuf::from);
+        options.stream = nats.stream.clone();
+        options.dead_letter_stream = nats.dead_letter_stream.clone();
+        options.subject_prefix = nats.subject_prefix.clone();
+        options.consumer = nats.consumer.clone();
+        options.bucket = nats.bucket.clone();
+        options.dedup_bucket = set(&nats.dedup_bucket);
+        options.retry_bucket = set(&nats.retry_bucket);
+        options.replicas = nats.replicas;
+        options.partitions = nats.partitions;
+        options.dedup_window = Duration::from_secs(self.spool.dedup_window_secs);
+        options.publish_timeout = Duration::from_millis(nats.publish_timeout_ms);
+        options.ownership_ttl = Duration::from_secs(nats.ownership_ttl_secs);
+        options.ack_wait = Duration::from_secs(nats.ack_wait_secs);
+        options.max_deliver = nats.max_deliver;
+        options.dead_letter_retention = Some(Duration::from_secs(
+            self.dead_letters.retention_days.saturating_mul(24 * 3600),
+        ));
+        options.max_ack_pending = nats.max_ack_pending;
+        options.max_buffered = nats.max_buffered;
+        options.fetch_batch = nats.fetch_batch;
+        if !nats.node_name.trim().is_empty() {
+            options.node_name = nats.node_name.trim().to_owned();
+        }
+        options
+    }
+}
+
+impl NatsSettings {
+    /// Stream, bucket and subject names: valid for JetStream and distinct where they must be.
+    fn validate_names(&self) -> Result<(), ConfigError> {
+        let nats = self;
         for (key, name) in [
             ("nats.stream (GATEWAY_NATS_STREAM)", &nats.stream),
             ("nats.dead_letter_stream", &nats.dead_letter_stream),
@@ -223,6 +268,12 @@ impl Settings {
                 "must be dot-separated tokens of A-Z, a-z, 0-9, - and _",
             ));
         }
+        Ok(())
+    }
+
+    /// Replicas, partitions, timeouts and buffer sizes within their ranges.
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        let nats = self;
         if !(1..=5).contains(&nats.replicas) {
             return Err(error(
                 "nats.replicas (GATEWAY_NATS_REPLICAS)",
@@ -252,6 +303,12 @@ impl Settings {
                 "must be at least nats.fetch_batch",
             ));
         }
+        Ok(())
+    }
+
+    /// At most one authentication method, and a user and password only together.
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let nats = self;
         let methods = [
             !nats.token.expose().is_empty(),
             !nats.user.is_empty() || !nats.password.expose().is_empty(),
@@ -270,41 +327,6 @@ impl Settings {
             ));
         }
         Ok(())
-    }
-
-    /// The JetStream spool's options from these settings.
-    pub fn nats_spool_options(&self) -> NatsSpoolOptions {
-        let nats = &self.nats;
-        let mut options = NatsSpoolOptions::new(nats.url.clone());
-        let set = |value: &str| (!value.is_empty()).then(|| value.to_owned());
-        options.token = set(nats.token.expose());
-        options.user = set(&nats.user);
-        options.password = set(nats.password.expose());
-        options.credentials_file = set(&nats.credentials_file).map(PathBuf::from);
-        options.stream = nats.stream.clone();
-        options.dead_letter_stream = nats.dead_letter_stream.clone();
-        options.subject_prefix = nats.subject_prefix.clone();
-        options.consumer = nats.consumer.clone();
-        options.bucket = nats.bucket.clone();
-        options.dedup_bucket = set(&nats.dedup_bucket);
-        options.retry_bucket = set(&nats.retry_bucket);
-        options.replicas = nats.replicas;
-        options.partitions = nats.partitions;
-        options.dedup_window = Duration::from_secs(self.spool.dedup_window_secs);
-        options.publish_timeout = Duration::from_millis(nats.publish_timeout_ms);
-        options.ownership_ttl = Duration::from_secs(nats.ownership_ttl_secs);
-        options.ack_wait = Duration::from_secs(nats.ack_wait_secs);
-        options.max_deliver = nats.max_deliver;
-        options.dead_letter_retention = Some(Duration::from_secs(
-            self.dead_letters.retention_days.saturating_mul(24 * 3600),
-        ));
-        options.max_ack_pending = nats.max_ack_pending;
-        options.max_buffered = nats.max_buffered;
-        options.fetch_batch = nats.fetch_batch;
-        if !nats.node_name.trim().is_empty() {
-            options.node_name = nats.node_name.trim().to_owned();
-        }
-        options
     }
 }
 
