@@ -485,6 +485,28 @@ impl Settings {
     /// Checks every setting; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.validate_refiner_url()?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
+        }
+        self.validate_sources()?;
+        self.validate_counts()?;
+        self.validate_relations()?;
+        self.validate_secrets()?;
+        self.validate_ingest_limits()?;
+        self.validate_integrations()?;
+        self.validate_nats()?;
+        if self.spool.dedup_window_secs == 0 {
+            return Err(error(
+                "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refiner's base URL is an http or https URL.
+    fn validate_refiner_url(&self) -> Result<(), ConfigError> {
         let url = reqwest::Url::parse(&self.refiner.base_url).map_err(|e| {
             error(
                 "refiner.base_url (REFINER_BASE_URL)",
@@ -497,9 +519,12 @@ impl Settings {
                 "must be an http or https URL",
             ));
         }
-        if self.data_dir.as_os_str().is_empty() {
-            return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
-        }
+        Ok(())
+    }
+
+    /// At least one source; slugs valid and unique; write keys present, usable in Basic
+    /// authentication and never shared between sources.
+    fn validate_sources(&self) -> Result<(), ConfigError> {
         if self.sources.is_empty() {
             return Err(error(
                 "sources (GATEWAY_WRITE_KEYS)",
@@ -549,6 +574,11 @@ impl Settings {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Every count, size and interval that must be positive.
+    fn validate_counts(&self) -> Result<(), ConfigError> {
         let limits = &self.limits;
         for (name, value) in [
             ("limits.max_event_bytes", limits.max_event_bytes),
@@ -605,6 +635,11 @@ impl Settings {
                 return Err(error(name, "must be greater than 0"));
             }
         }
+        Ok(())
+    }
+
+    /// Settings bounded by a constant or by each other.
+    fn validate_relations(&self) -> Result<(), ConfigError> {
         if self.limits.max_message_id_len < 36 {
             return Err(error(
                 "limits.max_message_id_len",
@@ -621,16 +656,6 @@ impl Settings {
             return Err(error(
                 "dead_letters.retention_days",
                 "must be between 1 and 36500",
-            ));
-        }
-        self.validate_secrets()?;
-        self.validate_ingest_limits()?;
-        self.validate_integrations()?;
-        self.validate_nats()?;
-        if self.spool.dedup_window_secs == 0 {
-            return Err(error(
-                "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
-                "must be greater than 0",
             ));
         }
         Ok(())
