@@ -133,6 +133,27 @@ pub struct Application {
     _data_dir_lock: Option<DataDirLock>,
 }
 
+/// Opens the configured spool backend, its options built from the settings here.
+fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend, StartError> {
+    Ok(match settings.spool.backend {
+        SpoolBackend::Sqlite => {
+            let mut options = SqliteSpoolOptions::new(&settings.data_dir);
+            options.dedup_window = Duration::from_secs(settings.spool.dedup_window_secs);
+            options.queue_capacity = settings.spool.queue_capacity;
+            options.max_group = settings.spool.max_group;
+            options.dedup_flush_ids = settings.spool.dedup_flush_ids;
+            options.dead_letter_retention =
+                Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
+            options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
+            Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
+        }
+        SpoolBackend::Nats => Backend::nats(NatsSpool::open(
+            settings.nats_spool_options(),
+            metrics.clone(),
+        )?),
+    })
+}
+
 impl Application {
     /// Binds `settings.listen` and builds the application.
     pub fn build(settings: &Settings) -> Result<Application, StartError> {
@@ -154,21 +175,7 @@ impl Application {
             SpoolBackend::Nats => None,
         };
         let metrics = Metrics::new();
-        let mut options = SqliteSpoolOptions::new(&settings.data_dir);
-        options.dedup_window = std::time::Duration::from_secs(settings.spool.dedup_window_secs);
-        options.queue_capacity = settings.spool.queue_capacity;
-        options.max_group = settings.spool.max_group;
-        options.dedup_flush_ids = settings.spool.dedup_flush_ids;
-        options.dead_letter_retention =
-            Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
-        options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
-        let backend = match settings.spool.backend {
-            SpoolBackend::Sqlite => Backend::sqlite(SqliteSpool::open(options, metrics.clone())?),
-            SpoolBackend::Nats => Backend::nats(NatsSpool::open(
-                settings.nats_spool_options(),
-                metrics.clone(),
-            )?),
-        };
+        let backend = open_backend(settings, &metrics)?;
         let spool = backend.queue.clone();
 
         let dispatcher = if settings.delivery.enabled {
