@@ -33,13 +33,16 @@ pub(super) enum Resolved {
     Failed(Outcome),
 }
 
+/// A looked-up list: when it was read, and the manual segments in it.
+type CachedList = (Instant, Arc<Vec<SegmentInfo>>);
+
 /// Configured segments, and the looked-up lists per API key.
 pub(super) struct Segments {
     configured: BTreeMap<String, String>,
     by_name: bool,
     ttl: Duration,
     /// Per API key: when the list was read, and the manual segments in it.
-    cache: Mutex<HashMap<String, (Instant, Arc<Vec<SegmentInfo>>)>>,
+    cache: Mutex<HashMap<String, CachedList>>,
     /// Per (source, audience): when a missing segment was last logged, and how many reports
     /// were held back since.
     warned: std::sync::Mutex<HashMap<(String, String), (Instant, u64)>>,

@@ -104,9 +104,11 @@ impl SegmentBook {
             return;
         };
         if member {
-            if !segment.members.contains_key(&contact) {
+            if let std::collections::btree_map::Entry::Vacant(entry) =
+                segment.members.entry(contact)
+            {
                 self.joined += 1;
-                segment.members.insert(contact, self.joined);
+                entry.insert(self.joined);
             }
         } else {
             segment.members.remove(&contact);
