@@ -683,6 +683,37 @@ mod tests {
         );
     }
 
+    fn sync(seq: i64, user: &str, member: bool) -> (Vec<i64>, RefinerCall) {
+        (
+            vec![seq],
+            RefinerCall::SyncSegment {
+                user: UserRef::id(user),
+                audience: "power_users".into(),
+                member,
+                segment: None,
+            },
+        )
+    }
+
+    #[test]
+    fn sync_segment_calls_are_state_changes_that_stand_alone() {
+        // An enter and an exit (each after its attribute's identify-user call, which
+        // delivers no event of its own) between tracks: never in flight beside another call.
+        let calls = vec![
+            track(1, "u"),
+            (vec![], identify(2, "u").1),
+            sync(2, "u", true),
+            track(3, "u"),
+            (vec![], identify(4, "u").1),
+            sync(4, "u", false),
+            track(5, "u"),
+        ];
+        assert_eq!(
+            shape(&steps(calls, 16)),
+            vec![vec![1], vec![], vec![2], vec![3], vec![], vec![4], vec![5]]
+        );
+    }
+
     fn leased(seq: i64, attempts: u32, received_at_ms: i64) -> Leased {
         Leased {
             seq,
