@@ -162,6 +162,75 @@ mod tests {
         assert_eq!(find(&list, "power_users"), Resolved::Missing);
     }
 
+    fn client_of(base_url: String) -> RefinerClient {
+        RefinerClient::new(&crate::refiner::client::ClientOptions {
+            base_url,
+            timeout: Duration::from_secs(5),
+            max_idle_per_host: 1,
+        })
+        .expect("client")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_retry_a_failure_then_cache_the_list_per_key() {
+        use crate::sim::{self, Faults, SegmentSpec, SimOptions};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let options = SimOptions {
+            segments: vec![SegmentSpec::parse("Power Users=seg-power").expect("spec")],
+            faults: Faults {
+                count_503: 1,
+                ..Faults::none()
+            },
+            workers: Some(1),
+            ..SimOptions::with_key("k")
+        };
+        let sim = sim::spawn(listener, options).await.expect("simulator");
+        let client = client_of(sim.url());
+        let segments = Segments::new(&EngageSettings {
+            sync_segments: true,
+            ..EngageSettings::default()
+        });
+        let failed = segments.resolve(&client, "k", "power_users").await;
+        assert!(
+            matches!(
+                failed,
+                Resolved::Failed(Outcome::Retry {
+                    status: Some(503),
+                    ..
+                })
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(
+            segments.resolve(&client, "k", "power_users").await,
+            Resolved::Segment("seg-power".into())
+        );
+        // Created after the list was read: not seen before the TTL ends (never guessed).
+        sim.state()
+            .define_segment(SegmentSpec::parse("beta=seg-beta").expect("spec"));
+        assert_eq!(
+            segments.resolve(&client, "k", "beta").await,
+            Resolved::Missing
+        );
+        let lookups = sim
+            .state()
+            .calls()
+            .iter()
+            .filter(|c| c.path == "/v1/segments")
+            .count();
+        assert_eq!(lookups, 2, "one failed, one cached");
+        // Another key reads its own list.
+        let refused = segments.resolve(&client, "other", "beta").await;
+        assert!(
+            matches!(
+                refused,
+                Resolved::Failed(Outcome::Reject { status: 401, .. })
+            ),
+            "{refused:?}"
+        );
+        sim.stop().await;
+    }
+
     #[tokio::test]
     async fn configured_segments_need_no_lookup_and_others_are_missing_without_by_name() {
         let settings = EngageSettings {
@@ -170,12 +239,7 @@ mod tests {
         };
         let segments = Segments::new(&settings);
         // A client pointing nowhere: any lookup would fail with a connection error.
-        let client = RefinerClient::new(&crate::refiner::client::ClientOptions {
-            base_url: "http://127.0.0.1:9/v1".into(),
-            timeout: Duration::from_millis(200),
-            max_idle_per_host: 1,
-        })
-        .expect("client");
+        let client = client_of("http://127.0.0.1:9/v1".into());
         assert_eq!(
             segments.resolve(&client, "k", "vip").await,
             Resolved::Segment("seg-vip".into())
