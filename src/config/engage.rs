@@ -40,11 +40,6 @@ impl Default for EngageSettings {
 }
 
 impl EngageSettings {
-    /// Whether an audience's membership syncs to a manual segment.
-    pub fn syncs(&self, audience: &str) -> bool {
-        self.sync_segments || self.segments.contains_key(audience)
-    }
-
     /// Keys and uuids must not be blank.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for (audience, uuid) in &self.segments {
