@@ -13,9 +13,11 @@ use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
 
+mod engage;
 mod ingest;
 mod nats;
 mod secrets;
+pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
@@ -246,6 +248,8 @@ pub struct Settings {
     pub dead_letters: DeadLetterSettings,
     /// Segment's `integrations` object: the names that select this gateway.
     pub integrations: IntegrationSettings,
+    /// Segment Engage audiences and Refiner manual segments.
+    pub engage: EngageSettings,
     pub sources: Vec<SourceSettings>,
 }
 
@@ -266,6 +270,7 @@ impl Default for Settings {
             nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
             integrations: IntegrationSettings::default(),
+            engage: EngageSettings::default(),
             sources: Vec::new(),
         }
     }
@@ -486,6 +491,7 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.validate_refiner_url()?;
+        self.engage.validate()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
         }

@@ -192,7 +192,8 @@ impl Application {
                 settings.delivery.clone(),
                 settings.mapping.clone(),
                 metrics.clone(),
-            );
+            )
+            .with_engage(&settings.engage);
             // The delivered journal names events by the SQLite spool's `seq`, which is never
             // reused; without it, delivery is the same, with more duplicates after a crash.
             if settings.spool.backend == SpoolBackend::Sqlite {

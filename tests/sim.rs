@@ -1348,6 +1348,8 @@ async fn the_binary_serves_faults_from_flags_and_stops_on_sigterm() {
             "1",
             "--workers",
             "1",
+            "--segment",
+            "Power Users=seg-flag",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1385,6 +1387,19 @@ async fn the_binary_serves_faults_from_flags_and_stops_on_sigterm() {
             wrong.status().as_u16()
         ],
         [503, 200, 401]
+    );
+    let segments: Value = c
+        .get(format!("{url}/segments"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        segments["items"],
+        json!([{"uuid": "seg-flag", "name": "Power Users", "is_manual": true}])
     );
 
     let term = Command::new("kill")
@@ -1426,6 +1441,7 @@ fn the_binary_documents_its_flags_and_refuses_bad_rates() {
         "--rate-drop",
         "--count-503",
         "--seed",
+        "--segment",
     ] {
         assert!(text.contains(flag), "--help mentions {flag}");
     }
@@ -1434,4 +1450,131 @@ fn the_binary_documents_its_flags_and_refuses_bad_rates() {
         .output()
         .expect("refiner-sim --rate-500 1.5");
     assert_eq!(bad.status.code(), Some(2));
+}
+
+// ---------------------------------------------------------------------------------------
+// Segments and sync-segment
+
+#[tokio::test]
+async fn segments_are_listed_by_name_and_manual_ones_take_members() {
+    let sim = spawn_sim_with(|options| {
+        options.segments = vec![
+            sim::SegmentSpec::parse("Power Users=seg-power").expect("spec"),
+            sim::SegmentSpec {
+                name: "Signed Up 30 Days Ago".into(),
+                uuid: Some("seg-auto".into()),
+                is_manual: false,
+            },
+        ];
+    })
+    .await;
+    // Defined over the control route, as an operator would in Refiner's dashboard.
+    let response = client()
+        .post(format!("{}/_sim/segments", sim.base_url()))
+        .json(&json!({"name": "Beta", "uuid": "seg-beta"}))
+        .send()
+        .await
+        .expect("control request");
+    assert_eq!(answer(response).await.0, 200);
+    let (status, page) = get(&sim, "segments?page_length=2").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["Beta", "Power Users"]);
+    assert_eq!(page["pagination"]["last_page"], json!(2));
+    let (_, second) = get(&sim, "segments?page=2&page_length=2").await;
+    assert_eq!(second["items"][0]["is_manual"], json!(false));
+
+    // Joining creates the contact; joining twice is one membership; leaving removes it.
+    let (status, body) = post(
+        &sim,
+        "sync-segment",
+        json!({"id": "u1", "segment_uuid": "seg-power"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["segment_uid"], json!("seg-power"));
+    assert!(sim.state().contact("u1").is_some(), "a new user is created");
+    post(
+        &sim,
+        "sync-segment",
+        json!({"id": "u1", "segment_uuid": "seg-power"}),
+    )
+    .await;
+    post(
+        &sim,
+        "sync-segment",
+        json!({"email": "b@example.com", "segment_uuid": "seg-power"}),
+    )
+    .await;
+    let members = |state: &StateSnapshot, uuid: &str| {
+        state
+            .segments
+            .iter()
+            .find(|s| s.uuid == uuid)
+            .map(|s| s.members.clone())
+            .expect("segment")
+    };
+    assert_eq!(
+        members(&sim.state().snapshot(), "seg-power"),
+        ["u1", "b@example.com"]
+    );
+    let response = client()
+        .delete(format!("{}/sync-segment", sim.url()))
+        .bearer_auth(KEY)
+        .json(&json!({"id": "u1", "segment_uuid": "seg-power"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer(response).await.0, 200);
+    assert_eq!(
+        members(&sim.state().snapshot(), "seg-power"),
+        ["b@example.com"]
+    );
+
+    // Refusals change nothing.
+    let (status, _) = post(
+        &sim,
+        "sync-segment",
+        json!({"id": "u2", "segment_uuid": "nope"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = post(
+        &sim,
+        "sync-segment",
+        json!({"id": "u2", "segment_uuid": "seg-auto"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = post(&sim, "sync-segment", json!({"id": "u2"})).await;
+    assert_eq!(status, 400);
+    assert!(
+        sim.state().contact("u2").is_none(),
+        "a refused call creates no contact"
+    );
+
+    // A deleted contact leaves its segments; a reset keeps the segments given at start only.
+    let response = client()
+        .delete(format!("{}/contact?email=b@example.com", sim.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer(response).await.0, 200);
+    assert!(members(&sim.state().snapshot(), "seg-power").is_empty());
+    sim.state().reset();
+    let uuids: Vec<String> = sim
+        .state()
+        .snapshot()
+        .segments
+        .into_iter()
+        .map(|s| s.uuid)
+        .collect();
+    assert_eq!(uuids, ["seg-auto", "seg-power"]);
+    sim.stop().await;
 }

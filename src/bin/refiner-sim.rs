@@ -8,7 +8,9 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 
 use clap::Parser;
-use refiner_gateway::sim::{self, Faults, LongStrings, SimOptions, DEFAULT_LOG_CAPACITY};
+use refiner_gateway::sim::{
+    self, Faults, LongStrings, SegmentSpec, SimOptions, DEFAULT_LOG_CAPACITY,
+};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +82,10 @@ struct Cli {
     /// HTTP worker threads (default: one per physical core).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// A manual segment, as NAME=UUID or NAME (a random uuid); repeatable. Listed by
+    /// GET /segments, joined and left through /sync-segment.
+    #[arg(long = "segment", value_name = "NAME=UUID", value_parser = SegmentSpec::parse)]
+    segments: Vec<SegmentSpec>,
 }
 
 fn probability(text: &str) -> Result<f64, String> {
@@ -121,6 +127,7 @@ impl Cli {
             },
             log_capacity: self.log_capacity,
             workers: self.workers,
+            segments: self.segments.clone(),
         }
     }
 }

@@ -10,7 +10,11 @@
 //!   time, dead-lettered, postponed): a pure function of the answer, the events and the
 //!   retry policy, so it is unit-tested without a network.
 //!
-//! Order: a step is either one identify-user or delete-contact call, or a run of
+//! Engage: a membership that syncs to a manual segment is two calls, the identify-user
+//! call with the attribute (delivering no event by itself) and then the sync-segment call
+//! (delivering the event), whose segment is resolved just before it is sent.
+//!
+//! Order: a step is either one identify-user, delete-contact or sync-segment call, or a run of
 //! consecutive track-event calls. Steps go one after the other; the calls of a run are in
 //! flight together up to `per_user_window`. After a transient failure no further call of
 //! the user starts: the calls not yet sent are released, and the spool holds the user until
@@ -27,10 +31,14 @@ use futures_util::StreamExt;
 use super::journal::Ticket;
 use super::keys::Gate;
 use super::limiter::Signal;
+use super::segments::Resolved;
 use super::{now_ms, Dispatcher};
 use crate::refiner::client::{Failure, Outcome};
-use crate::refiner::mapping::{self, Mapped, RefinerCall};
+use crate::refiner::mapping::{self, Mapped, Membership, RefinerCall};
 use crate::spool::{DeadLetterRequest, Leased, Postponed, RetryAt, Settlement, Skipped};
+
+/// The skip reason of a membership whose audience has no Refiner manual segment.
+pub(super) const SEGMENT_NOT_FOUND: &str = "segment_not_found";
 
 /// Calls of one user: the events (seqs) each call delivers, and the call.
 type Calls = Vec<(Vec<i64>, RefinerCall)>;
@@ -156,6 +164,8 @@ enum Sent {
     Released(Vec<i64>),
     /// Not sent: the source is paused.
     Postponed(Vec<i64>, i64),
+    /// Not sent, and done: counted under the reason.
+    Skipped(Vec<i64>, &'static str),
     /// Refiner answered (or the call failed).
     Answered {
         seqs: Vec<i64>,
@@ -241,7 +251,9 @@ impl Dispatcher {
     fn plan(&self, chain: &[Leased], source: &str, out: &mut Settlement) -> Calls {
         let now = now_ms();
         let interval = (self.settings.ping_interval_secs * 1000) as i64;
-        let mut calls: Vec<(i64, RefinerCall)> = Vec::with_capacity(chain.len());
+        // `None`: a call that delivers no event by itself (the attribute of a membership
+        // whose event the sync-segment call after it delivers).
+        let mut calls: Vec<(Option<i64>, RefinerCall)> = Vec::with_capacity(chain.len());
         for event in chain {
             if self.journal.as_ref().is_some_and(|journal| {
                 journal.take_recovered(event.seq, &event.source, &event.message_id)
@@ -272,7 +284,7 @@ impl Dispatcher {
                             .dispatch_truncated_strings_total
                             .inc_by(notes.truncated as u64);
                     }
-                    calls.push((event.seq, call));
+                    self.push_call(&mut calls, event.seq, call, notes.membership);
                 }
                 Mapped::Ping(user) => {
                     let recent = self
@@ -286,7 +298,7 @@ impl Dispatcher {
                         });
                         self.skip(source, "ping_throttled");
                     } else {
-                        calls.push((event.seq, RefinerCall::ping(user)));
+                        calls.push((Some(event.seq), RefinerCall::ping(user)));
                     }
                 }
                 Mapped::NotForwarded(reason) => {
@@ -299,6 +311,95 @@ impl Dispatcher {
             }
         }
         mapping::coalesce(calls)
+            .into_iter()
+            .map(|(keys, call)| (keys.into_iter().flatten().collect(), call))
+            .collect()
+    }
+
+    /// Adds an event's call; an Engage membership that syncs to a manual segment adds the
+    /// attribute first, then the sync-segment call, which delivers the event. Both are
+    /// state changes of the user, so they keep the user's order like any identify.
+    fn push_call(
+        &self,
+        calls: &mut Vec<(Option<i64>, RefinerCall)>,
+        seq: i64,
+        call: RefinerCall,
+        membership: Option<Membership>,
+    ) {
+        match membership {
+            Some(Membership { audience, member }) if self.segments.syncs(&audience) => {
+                let user = call.user().clone();
+                calls.push((None, call));
+                let sync = RefinerCall::SyncSegment {
+                    user,
+                    audience,
+                    member,
+                    segment: None,
+                };
+                calls.push((Some(seq), sync));
+            }
+            _ => calls.push((Some(seq), call)),
+        }
+    }
+
+    /// A sync-segment call with its segment, or what became of it instead: skipped when the
+    /// audience has no manual segment (reported: a rate-limited warning, a metric, the skip
+    /// reason `segment_not_found`), or the failure of the segment lookup.
+    async fn with_segment(
+        &self,
+        run: &Run<'_>,
+        seqs: Vec<i64>,
+        call: RefinerCall,
+    ) -> Result<(Vec<i64>, RefinerCall), Sent> {
+        let RefinerCall::SyncSegment {
+            user,
+            audience,
+            member,
+            segment: None,
+        } = call
+        else {
+            return Ok((seqs, call));
+        };
+        match self
+            .segments
+            .resolve(&self.client, run.api_key, &audience)
+            .await
+        {
+            Resolved::Segment(uuid) => {
+                let call = RefinerCall::SyncSegment {
+                    user,
+                    audience,
+                    member,
+                    segment: Some(uuid),
+                };
+                Ok((seqs, call))
+            }
+            Resolved::Missing => {
+                self.metrics
+                    .engage_segment_missing_total
+                    .with_label_values(&[run.source, &audience])
+                    .inc();
+                self.segments.warn_missing(run.source, &audience);
+                Err(Sent::Skipped(seqs, SEGMENT_NOT_FOUND))
+            }
+            Resolved::Failed(outcome) => {
+                if matches!(outcome, Outcome::Retry { .. }) {
+                    run.stop.store(true, Ordering::SeqCst);
+                }
+                let call = RefinerCall::SyncSegment {
+                    user,
+                    audience,
+                    member,
+                    segment: None,
+                };
+                Err(Sent::Answered {
+                    seqs,
+                    call,
+                    outcome,
+                    tickets: Vec::new(),
+                })
+            }
+        }
     }
 
     /// Sends one call of a step, unless the user's run stopped, the breaker opened or the
@@ -312,6 +413,10 @@ impl Dispatcher {
             Gate::Recheck => run.recheck.store(true, Ordering::SeqCst),
             Gate::Paused { until_ms } => return Sent::Postponed(seqs, until_ms),
         }
+        let (seqs, call) = match self.with_segment(run, seqs, call).await {
+            Ok(resolved) => resolved,
+            Err(sent) => return sent,
+        };
         let request = call.to_request();
         let permit = loop {
             self.gates.wait_for(run.api_key, now_ms()).await;
@@ -379,6 +484,16 @@ impl Dispatcher {
             Sent::Postponed(seqs, until_ms) => {
                 out.postponed
                     .extend(seqs.into_iter().map(|seq| Postponed { seq, until_ms }));
+                return;
+            }
+            Sent::Skipped(seqs, reason) => {
+                for seq in seqs {
+                    out.skipped.push(Skipped {
+                        seq,
+                        reason: reason.into(),
+                    });
+                    self.skip(run.source, reason);
+                }
                 return;
             }
             Sent::Answered {
@@ -565,6 +680,37 @@ mod tests {
             shape(&steps(calls, 1)),
             (1..=9).map(|s| vec![s]).collect::<Vec<_>>(),
             "strict: one call at a time"
+        );
+    }
+
+    fn sync(seq: i64, user: &str, member: bool) -> (Vec<i64>, RefinerCall) {
+        (
+            vec![seq],
+            RefinerCall::SyncSegment {
+                user: UserRef::id(user),
+                audience: "power_users".into(),
+                member,
+                segment: None,
+            },
+        )
+    }
+
+    #[test]
+    fn sync_segment_calls_are_state_changes_that_stand_alone() {
+        // An enter and an exit (each after its attribute's identify-user call, which
+        // delivers no event of its own) between tracks: never in flight beside another call.
+        let calls = vec![
+            track(1, "u"),
+            (vec![], identify(2, "u").1),
+            sync(2, "u", true),
+            track(3, "u"),
+            (vec![], identify(4, "u").1),
+            sync(4, "u", false),
+            track(5, "u"),
+        ];
+        assert_eq!(
+            shape(&steps(calls, 16)),
+            vec![vec![1], vec![], vec![2], vec![3], vec![], vec![4], vec![5]]
         );
     }
 

@@ -34,6 +34,7 @@ mod chain;
 mod journal;
 mod keys;
 mod limiter;
+mod segments;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,7 +44,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
-use crate::config::{DeliverySettings, SourceSettings};
+use crate::config::{DeliverySettings, EngageSettings, SourceSettings};
 use crate::refiner::client::RefinerClient;
 use crate::refiner::mapping::MappingOptions;
 use crate::spool::{Leased, Settlement, Spool};
@@ -75,6 +76,8 @@ pub struct Dispatcher {
     journal: Option<Arc<Journal>>,
     /// Workers still running; the last one to stop clears the journal.
     running: AtomicUsize,
+    /// The Refiner manual segment of each Engage audience that syncs to one.
+    segments: segments::Segments,
 }
 
 fn now_ms() -> i64 {
@@ -128,7 +131,15 @@ impl Dispatcher {
             gates,
             journal: None,
             running: AtomicUsize::new(0),
+            segments: segments::Segments::new(&EngageSettings::default()),
         }
+    }
+
+    /// Syncs Engage audiences to Refiner manual segments as `engage` says (by default none
+    /// does: memberships reach Refiner as contact attributes only).
+    pub fn with_engage(mut self, engage: &EngageSettings) -> Dispatcher {
+        self.segments = segments::Segments::new(engage);
+        self
     }
 
     /// Records every 2xx answer in `journal` before its ack is committed, and acks without

@@ -81,6 +81,35 @@ pub fn is_retryable(status: u16) -> bool {
     matches!(status, 408 | 425 | 429) || (500..=599).contains(&status) && status != 501
 }
 
+/// A segment as Refiner's `GET /segments` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SegmentInfo {
+    pub uuid: String,
+    pub name: String,
+    /// Only manual segments take members through `/sync-segment`.
+    #[serde(default)]
+    pub is_manual: bool,
+}
+
+/// One page of `GET /segments`.
+#[derive(Debug, serde::Deserialize)]
+struct SegmentPage {
+    #[serde(default)]
+    items: Vec<SegmentInfo>,
+    pagination: Option<Pagination>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Pagination {
+    current_page: u64,
+    last_page: u64,
+}
+
+/// Segments asked for per page (Refiner's maximum).
+const SEGMENT_PAGE_LENGTH: u32 = 1000;
+/// Most pages of segments read: a million segments, far beyond any account.
+const MAX_SEGMENT_PAGES: u64 = 1000;
+
 /// Settings of the client.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -164,6 +193,61 @@ impl RefinerClient {
             }
         };
         classify(status, retry_after, body)
+    }
+}
+
+impl RefinerClient {
+    /// Every segment of the account (`GET /segments`, all pages). An answer that is not a
+    /// 2xx is classified like any call's; a 2xx that is not a segment list is a
+    /// [`Outcome::Reject`] (retrying would read the same).
+    pub async fn list_segments(&self, api_key: &str) -> Result<Vec<SegmentInfo>, Outcome> {
+        let mut segments = Vec::new();
+        for page in 1..=MAX_SEGMENT_PAGES {
+            let url = format!("{}/segments", self.base);
+            let result = self
+                .http
+                .get(&url)
+                .query(&[
+                    ("page", page),
+                    ("page_length", u64::from(SEGMENT_PAGE_LENGTH)),
+                ])
+                .bearer_auth(api_key)
+                .send()
+                .await;
+            let response = result.map_err(|e| transport_failure(&e))?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            let bytes = response.bytes().await.map_err(|e| transport_failure(&e))?;
+            if !status.is_success() {
+                return Err(classify(status, retry_after, truncate(&bytes)));
+            }
+            let page: SegmentPage =
+                serde_json::from_slice(&bytes).map_err(|e| Outcome::Reject {
+                    status: status.as_u16(),
+                    body: format!("GET /segments: not a segment list: {e}"),
+                })?;
+            segments.extend(page.items);
+            match page.pagination {
+                Some(p) if p.current_page < p.last_page => continue,
+                _ => break,
+            }
+        }
+        Ok(segments)
+    }
+}
+
+/// A call that got no complete answer: a timeout or a connection failure, retried.
+fn transport_failure(e: &reqwest::Error) -> Outcome {
+    let (kind, label) = if e.is_timeout() {
+        (Failure::Timeout, "timeout")
+    } else {
+        (Failure::Connection, "connection error")
+    };
+    Outcome::Retry {
+        kind,
+        status: None,
+        retry_after: None,
+        error: format!("{label}: {}", error_chain(e)),
     }
 }
 

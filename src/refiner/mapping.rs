@@ -30,6 +30,10 @@ use serde_json::{Map, Number, Value};
 
 use crate::segment::EventType;
 
+mod engage;
+
+pub use engage::{identify_membership, segment_name_matches, Membership};
+
 /// Default longest string sent to Refiner, in characters: Refiner's limit for string traits.
 pub const DEFAULT_MAX_STRING_LEN: usize = 255;
 
@@ -177,6 +181,16 @@ pub enum RefinerCall {
     TrackEvent { user: UserRef, event: String },
     /// `DELETE /contact`: deletes the contact (and its survey responses).
     DeleteContact { user: UserRef },
+    /// `POST /sync-segment` (`member`) or `DELETE /sync-segment`: adds the contact to, or
+    /// removes it from, the manual segment of an Engage audience. `segment` is the segment's
+    /// uuid once known (from configuration, or looked up by name by the dispatcher, which
+    /// resolves it before sending); the mapping never produces this call by itself.
+    SyncSegment {
+        user: UserRef,
+        audience: String,
+        member: bool,
+        segment: Option<String>,
+    },
 }
 
 impl RefinerCall {
@@ -195,23 +209,28 @@ impl RefinerCall {
         match self {
             RefinerCall::IdentifyUser { user, .. }
             | RefinerCall::TrackEvent { user, .. }
-            | RefinerCall::DeleteContact { user } => user,
+            | RefinerCall::DeleteContact { user }
+            | RefinerCall::SyncSegment { user, .. } => user,
         }
     }
 
-    /// A stable label for metrics and logs: `identify_user`, `track_event`, `delete_contact`.
+    /// A stable label for metrics and logs: `identify_user`, `track_event`, `delete_contact`,
+    /// `sync_segment`.
     pub fn name(&self) -> &'static str {
         match self {
             RefinerCall::IdentifyUser { .. } => "identify_user",
             RefinerCall::TrackEvent { .. } => "track_event",
             RefinerCall::DeleteContact { .. } => "delete_contact",
+            RefinerCall::SyncSegment { .. } => "sync_segment",
         }
     }
 
     /// The HTTP request Refiner expects for this call. Bodies:
     /// - identify-user: `{"id", "email"?, ...traits, "account"?: {"id", ...account traits}}`;
     /// - track-event: `{"id", "event"}`;
-    /// - delete contact: `{"id"}`.
+    /// - delete contact: `{"id"}`;
+    /// - sync-segment: `{"id", "segment_uuid"}` (`POST` to add, `DELETE` to remove; without a
+    ///   resolved segment, `segment_uuid` is absent and Refiner refuses the call).
     ///
     /// A user known only by email is sent as `{"email": ..}` in place of `id`. The email
     /// beside an id is sent with identify-user only. The identity fields are written last,
@@ -251,6 +270,26 @@ impl RefinerCall {
                 path: "/contact",
                 body: Value::Object(user.identity(false)),
             },
+            RefinerCall::SyncSegment {
+                user,
+                member,
+                segment,
+                ..
+            } => {
+                let mut body = user.identity(false);
+                if let Some(uuid) = segment {
+                    body.insert("segment_uuid".into(), Value::String(uuid.clone()));
+                }
+                RefinerRequest {
+                    method: if *member {
+                        HttpMethod::Post
+                    } else {
+                        HttpMethod::Delete
+                    },
+                    path: "/sync-segment",
+                    body: Value::Object(body),
+                }
+            }
         }
     }
 }
@@ -283,11 +322,14 @@ pub struct RefinerRequest {
     pub body: Value,
 }
 
-/// What the mapping changed on the way, for the dispatcher's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the mapping changed or found on the way, for the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Notes {
     /// How many string values were cut to [`MappingOptions::max_string_len`] characters.
     pub truncated: usize,
+    /// The Engage audience (or journey step) membership the event states, if any: the
+    /// call already sets the attribute; the dispatcher may also sync a manual segment.
+    pub membership: Option<Membership>,
 }
 
 /// The outcome of mapping one event.
@@ -392,6 +434,7 @@ pub fn map_event(kind: EventType, payload: &Value, options: &MappingOptions) -> 
                 return Mapped::NotForwarded(NotForwardedReason::Unidentifiable);
             };
             let traits = identify_traits(event);
+            notes.membership = identify_membership(event, &traits);
             let traits = convert_traits(&traits, &CONTACT_RESERVED, max, &mut notes.truncated);
             RefinerCall::IdentifyUser {
                 user,
@@ -427,6 +470,9 @@ pub fn map_event(kind: EventType, payload: &Value, options: &MappingOptions) -> 
             let Some(user) = user_ref(event, false) else {
                 return Mapped::NotForwarded(NotForwardedReason::Unidentifiable);
             };
+            if let Some(engage) = engage::track(event, event_name) {
+                return engage_track(user, engage, max);
+            }
             RefinerCall::TrackEvent {
                 user,
                 event: cut(event_name.clone(), max, &mut notes.truncated),
@@ -462,6 +508,30 @@ pub fn map_event(kind: EventType, payload: &Value, options: &MappingOptions) -> 
             },
             None => return Mapped::NotForwarded(NotForwardedReason::Unidentifiable),
         },
+    };
+    Mapped::Call(call, notes)
+}
+
+/// A track-shaped Engage event as the identify-user call that sets its attribute (Refiner
+/// would drop the track's properties, and with them which audience or trait it was about).
+/// The attribute is converted like any trait (a key named `id`, `email` or `account` is
+/// dropped, leaving a ping).
+fn engage_track(user: UserRef, engage: engage::EngageTrack, max: usize) -> Mapped {
+    let mut notes = Notes::default();
+    let (key, value) = match engage {
+        engage::EngageTrack::Membership(membership) => {
+            let pair = (membership.audience.clone(), Value::Bool(membership.member));
+            notes.membership = Some(membership);
+            pair
+        }
+        engage::EngageTrack::Computed { key, value } => (key, value),
+    };
+    let attribute = Map::from_iter([(key, value)]);
+    let traits = convert_traits(&attribute, &CONTACT_RESERVED, max, &mut notes.truncated);
+    let call = RefinerCall::IdentifyUser {
+        user,
+        traits,
+        account: None,
     };
     Mapped::Call(call, notes)
 }

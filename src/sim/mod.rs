@@ -21,6 +21,7 @@ mod error;
 pub mod faults;
 pub mod params;
 mod routes;
+mod segments;
 pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
@@ -34,6 +35,7 @@ pub use calls::{CallFilter, CallRecord, CallStats};
 pub use error::SimError;
 pub use faults::{Fault, Faults, FaultsError};
 pub use params::AuthMethod;
+pub use segments::{SegmentSpec, SegmentView};
 pub use store::{AccountView, ContactView, EventRecord, LongStrings, StateSnapshot, TraitType};
 
 use calls::CallLog;
@@ -57,6 +59,8 @@ pub struct SimOptions {
     pub log_capacity: usize,
     /// HTTP worker threads; `None` is actix-web's default (one per physical core).
     pub workers: Option<usize>,
+    /// Segments at start, and again after each reset (`GET /segments`, `/sync-segment`).
+    pub segments: Vec<SegmentSpec>,
 }
 
 impl Default for SimOptions {
@@ -67,6 +71,7 @@ impl Default for SimOptions {
             long_strings: LongStrings::Reject,
             log_capacity: DEFAULT_LOG_CAPACITY,
             workers: None,
+            segments: Vec::new(),
         }
     }
 }
@@ -101,6 +106,14 @@ pub struct SimState {
     faults: Mutex<FaultPlan>,
 }
 
+/// A store holding the given segments.
+fn seeded(mut store: Store, segments: &[SegmentSpec]) -> Store {
+    for spec in segments {
+        store.define_segment(spec.clone());
+    }
+    store
+}
+
 /// Locks a mutex, ignoring poisoning: a panicking handler leaves plain data behind, and
 /// a test tool should keep answering rather than cascade the panic.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,7 +127,7 @@ impl SimState {
         Ok(SimState {
             keys: KeySet::new(&options.api_keys),
             environment_uuid: uuid::Uuid::new_v4().to_string(),
-            store: Mutex::new(Store::new(options.log_capacity)),
+            store: Mutex::new(seeded(Store::new(options.log_capacity), &options.segments)),
             calls: Mutex::new(CallLog::new(options.log_capacity)),
             faults: Mutex::new(FaultPlan::new(options.faults.clone())),
             options,
@@ -191,6 +204,15 @@ impl SimState {
         calls.reset();
         *faults = FaultPlan::new(self.options.faults.clone());
         store.reset();
+        for spec in &self.options.segments {
+            store.define_segment(spec.clone());
+        }
+    }
+
+    /// Defines a segment (as Refiner's dashboard would); returns its uuid. Forgotten at
+    /// reset, unlike [`SimOptions::segments`].
+    pub fn define_segment(&self, spec: SegmentSpec) -> String {
+        lock(&self.store).define_segment(spec)
     }
 }
 

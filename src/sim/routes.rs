@@ -17,6 +17,7 @@ use super::calls::{CallFilter, CallRecord};
 use super::error::SimError;
 use super::faults::{Decision, Fault, Faults};
 use super::params::{self, authenticate, text_param, AuthMethod, AuthOutcome, BodyFormat, Params};
+use super::segments::SegmentSpec;
 use super::store::{iso, IdentifyInput, ListQuery, Lookup, TrackInput};
 use super::{lock, SimState};
 
@@ -28,7 +29,8 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
             .route("/state", web::get().to(sim_state))
             .route("/reset", web::post().to(sim_reset))
             .route("/faults", web::get().to(sim_get_faults))
-            .route("/faults", web::post().to(sim_set_faults)),
+            .route("/faults", web::post().to(sim_set_faults))
+            .route("/segments", web::post().to(sim_define_segment)),
     )
     .default_service(web::to(api_call));
 }
@@ -42,6 +44,8 @@ enum Route {
     Contacts,
     Contact,
     Account,
+    Segments,
+    SyncSegment,
     /// Under `/v1` but not implemented.
     UnknownV1,
     /// Outside `/v1` (and `/_sim`): logged, never faulted, always 404.
@@ -60,6 +64,8 @@ impl Route {
             "/contacts" => Route::Contacts,
             "/contact" => Route::Contact,
             "/account" => Route::Account,
+            "/segments" => Route::Segments,
+            "/sync-segment" => Route::SyncSegment,
             _ if rest.starts_with('/') => Route::UnknownV1,
             _ => Route::Outside,
         }
@@ -243,8 +249,38 @@ fn handle(call: &Call<'_>, sim: &SimState) -> Result<HttpResponse, SimError> {
             }
         }
         Route::Account if method == Method::GET => Ok(HttpResponse::Ok().json(account_info(sim))),
+        Route::Segments if method == Method::GET => {
+            let page = positive_param(call.params, "page", 1)?;
+            let length = positive_param(call.params, "page_length", 50)?;
+            Ok(HttpResponse::Ok().json(lock(&sim.store).segments_page(page, length)))
+        }
+        Route::SyncSegment if method == Method::POST || method == Method::DELETE => {
+            let lookup = Lookup::from_params(call.params)?;
+            let segment = text_param(call.params, "segment_uuid")
+                .ok_or_else(|| SimError::bad_request("a `segment_uuid` is required"))?;
+            let member = method == Method::POST;
+            let contact = lock(&sim.store).sync_segment(&lookup, &segment, member, Utc::now())?;
+            Ok(HttpResponse::Ok().json(json!({
+                "message": "ok",
+                "contact_uuid": contact,
+                "segment_uid": segment,
+            })))
+        }
         Route::UnknownV1 => Err(SimError::NotFound("not found")),
         _ => Err(SimError::MethodNotAllowed),
+    }
+}
+
+/// A positive integer parameter (a number or its decimal string), or `default`.
+fn positive_param(map: &Map<String, Value>, key: &str, default: u64) -> Result<u64, SimError> {
+    match text_param(map, key) {
+        None => Ok(default),
+        Some(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| SimError::bad_request(format!("`{key}` must be a positive integer"))),
     }
 }
 
@@ -299,6 +335,19 @@ async fn sim_state(sim: web::Data<SimState>) -> HttpResponse {
 async fn sim_reset(sim: web::Data<SimState>) -> HttpResponse {
     sim.reset();
     HttpResponse::Ok().json(json!({ "message": "ok" }))
+}
+
+/// Defines a segment: `{"name", "uuid"?, "is_manual"?}`; answers `{"uuid", "name", "is_manual"}`.
+async fn sim_define_segment(body: web::Bytes, sim: web::Data<SimState>) -> HttpResponse {
+    match serde_json::from_slice::<SegmentSpec>(&body) {
+        Ok(spec) if !spec.name.trim().is_empty() => {
+            let (name, is_manual) = (spec.name.clone(), spec.is_manual);
+            let uuid = sim.define_segment(spec);
+            HttpResponse::Ok().json(json!({ "uuid": uuid, "name": name, "is_manual": is_manual }))
+        }
+        Ok(_) => HttpResponse::BadRequest().json(json!({ "error": "`name` must not be empty" })),
+        Err(e) => HttpResponse::BadRequest().json(json!({ "error": e.to_string() })),
+    }
 }
 
 async fn sim_get_faults(sim: web::Data<SimState>) -> HttpResponse {

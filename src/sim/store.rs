@@ -25,6 +25,7 @@ use serde_json::{json, Map, Number, Value};
 
 use super::error::SimError;
 use super::params::text_param;
+use super::segments::{SegmentBook, SegmentSpec, SegmentView};
 
 /// Refiner's documented limit for string traits.
 pub const MAX_STRING_CHARS: usize = 255;
@@ -467,6 +468,9 @@ pub struct StateSnapshot {
     pub events_total: u64,
     /// Contacts created since start or reset (including deleted ones).
     pub contacts_created: u64,
+    /// Every segment, with the members of manual ones.
+    #[serde(default)]
+    pub segments: Vec<SegmentView>,
 }
 
 /// The simulated project's data.
@@ -483,6 +487,7 @@ pub struct Store {
     accounts_by_remote_id: HashMap<String, u64>,
     events: VecDeque<EventRecord>,
     events_total: u64,
+    segments: SegmentBook,
 }
 
 impl Store {
@@ -500,7 +505,58 @@ impl Store {
             accounts_by_remote_id: HashMap::new(),
             events: VecDeque::new(),
             events_total: 0,
+            segments: SegmentBook::default(),
         }
+    }
+
+    /// Defines a segment (see `segments.rs`); returns its uuid.
+    pub fn define_segment(&mut self, spec: SegmentSpec) -> String {
+        self.segments.define(spec)
+    }
+
+    /// `POST` (`member`) or `DELETE /sync-segment`: the contact the lookup names (created
+    /// when none matches, as Refiner does) joins or leaves the manual segment `uuid`.
+    /// Returns the contact's uuid.
+    pub fn sync_segment(
+        &mut self,
+        lookup: &Lookup,
+        uuid: &str,
+        member: bool,
+        now: DateTime<Utc>,
+    ) -> Result<String, SimError> {
+        self.segments.check_manual(uuid)?;
+        let seq = match self.find(lookup) {
+            Some(seq) => seq,
+            None if lookup.id.is_some() || lookup.email.is_some() => {
+                self.upsert_contact(lookup.id.as_deref(), lookup.email.as_deref(), now)
+            }
+            None => return Err(SimError::NotFound("contact not found")),
+        };
+        self.segments.set_member(uuid, seq, member);
+        Ok(self
+            .contacts
+            .get(&seq)
+            .map(|c| c.uuid.clone())
+            .unwrap_or_default())
+    }
+
+    /// One page of `GET /segments`.
+    pub fn segments_page(&self, page: u64, page_length: u64) -> Value {
+        self.segments.page(page, page_length)
+    }
+
+    /// Every segment with its members (their `id`, else their email, else their uuid).
+    pub fn segment_views(&self) -> Vec<SegmentView> {
+        self.segments.views(|seq| {
+            let contact = self.contacts.get(&seq)?;
+            Some(
+                contact
+                    .remote_id
+                    .clone()
+                    .or_else(|| contact.email.clone())
+                    .unwrap_or_else(|| contact.uuid.clone()),
+            )
+        })
     }
 
     /// Forgets everything.
@@ -604,6 +660,7 @@ impl Store {
             self.unindex_email(email, seq);
         }
         self.by_uuid.remove(&contact.uuid);
+        self.segments.forget(seq);
         if let Some(account) = contact.account.and_then(|a| self.accounts.get_mut(&a)) {
             account.contact_count = account.contact_count.saturating_sub(1);
         }
@@ -889,6 +946,7 @@ impl Store {
             events: self.events.iter().cloned().collect(),
             events_total: self.events_total,
             contacts_created: self.next_contact,
+            segments: self.segment_views(),
         }
     }
 }

@@ -118,6 +118,9 @@ pub struct MetricsInner {
     pub dispatch_events_total: IntCounterVec,
     /// Events not forwarded to Refiner, by source and reason.
     pub dispatch_skipped_total: IntCounterVec,
+    /// Engage memberships not synced because the audience has no Refiner manual segment,
+    /// by source and audience key.
+    pub engage_segment_missing_total: IntCounterVec,
     /// Events merged into another event's identify-user call.
     pub dispatch_coalesced_total: IntCounter,
     /// Strings cut to Refiner's length limit.
@@ -320,6 +323,11 @@ impl Metrics {
             "Events not forwarded to Refiner, by source and reason.",
             &["source", "reason"],
         );
+        let engage_segment_missing_total = counter_vec(
+            "gateway_engage_segment_missing_total",
+            "Engage memberships not synced: the audience has no Refiner manual segment.",
+            &["source", "audience"],
+        );
         let dispatch_coalesced_total = counter(
             "gateway_dispatch_coalesced_total",
             "Events merged into another event's identify-user call.",
@@ -426,6 +434,7 @@ impl Metrics {
             spool_stats_seconds,
             dispatch_events_total,
             dispatch_skipped_total,
+            engage_segment_missing_total,
             dispatch_coalesced_total,
             dispatch_truncated_strings_total,
             dispatch_delivery_latency_seconds,

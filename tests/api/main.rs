@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 #[path = "../support/deps.rs"]
 mod deps;
+mod engage;
 mod helpers;
 mod hostile;
 mod ingest;

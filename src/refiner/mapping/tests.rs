@@ -95,7 +95,7 @@ fn identify_becomes_identify_user_with_id_email_and_traits() {
             "address_postal_code": "75001",
         })
     );
-    assert_eq!(notes, Notes { truncated: 0 });
+    assert_eq!(notes, Notes::default());
 }
 
 #[test]
