@@ -545,11 +545,13 @@ async fn outage(test: &str, kind: Outage) {
         .values()
         .map(Vec::len)
         .sum::<usize>();
-    down.store(true, Ordering::SeqCst);
+    // Marked down once the signal has been delivered (`kill` is a process of its own): a
+    // request answered before that may still have been acknowledged by the server.
     match kind {
         Outage::Restart => server.stop(),
         Outage::Stall => server.pause(),
     }
+    down.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(match kind {
         Outage::Restart => 4,
         Outage::Stall => 12,
