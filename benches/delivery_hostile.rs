@@ -211,23 +211,34 @@ async fn post_batches(gateway: &str, events: Vec<Value>, per_request: usize, con
 /// Single-event requests from `connections` clients for `seconds`: requests answered 200
 /// per second.
 async fn ingest_rate(gateway: &str, connections: usize, seconds: u64) -> f64 {
-    let client = reqwest::Client::new();
     let url = format!("{gateway}/v1/track");
+    closed_loop(reqwest::Client::new(), connections, seconds, move |client, c, n| {
+        let body = json!({"writeKey": WRITE_KEY, "userId": format!("user-{}", (c as u64 * 7919 + n) % 1000),
+                          "event": "Report Exported", "messageId": format!("i-{c}-{n}-{}", fastrand::u64(..))});
+        client.post(&url).json(&body)
+    })
+    .await
+}
+
+/// `tasks` clients each sending the request `make(client, task, n)` as soon as the previous
+/// one is answered, for `seconds`: requests answered 2xx per second.
+async fn closed_loop<F>(client: reqwest::Client, tasks: usize, seconds: u64, make: F) -> f64
+where
+    F: Fn(&reqwest::Client, usize, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|c| {
-            let (client, url, stop, done) = (client.clone(), url.clone(), stop.clone(), done.clone());
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let (client, make, stop, done) =
+                (client.clone(), make.clone(), stop.clone(), done.clone());
             tokio::spawn(async move {
-                let mut n = 0;
+                let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let body = json!({"writeKey": WRITE_KEY, "userId": format!("user-{}", (c * 7919 + n) % 1000),
-                                      "event": "Report Exported", "messageId": format!("i-{c}-{n}-{}", fastrand::u64(..))});
-                    let ok = client
-                        .post(&url)
-                        .json(&body)
+                    let ok = make(&client, task, n)
                         .send()
                         .await
                         .is_ok_and(|r| r.status().is_success());
@@ -240,8 +251,8 @@ async fn ingest_rate(gateway: &str, connections: usize, seconds: u64) -> f64 {
         .collect();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        let _ = task.await;
+    for handle in handles {
+        let _ = handle.await;
     }
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
@@ -518,40 +529,12 @@ async fn raw_client(sim: &Proc, seconds: u64) -> f64 {
         .pool_max_idle_per_host(64)
         .build()
         .expect("client");
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
     let url = format!("{}/track-event", sim.url);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let (client, stop, done, url) =
-                (client.clone(), stop.clone(), done.clone(), url.clone());
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let body =
-                        json!({"id": format!("raw-{i}-{}", n % 16), "event": "Report Exported"});
-                    let ok = client
-                        .post(&url)
-                        .bearer_auth(API_KEY)
-                        .json(&body)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
-                    if ok {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        let _ = task.await;
-    }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    closed_loop(client, 64, seconds, move |client, i, n| {
+        let body = json!({"id": format!("raw-{i}-{}", n % 16), "event": "Report Exported"});
+        client.post(&url).bearer_auth(API_KEY).json(&body)
+    })
+    .await
 }
 
 async fn rates() {

@@ -350,15 +350,9 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         }
     };
     telemetry::init_logging(settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("refiner-gateway: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let app = match Application::build(&settings) {

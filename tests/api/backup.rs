@@ -11,7 +11,7 @@ use refiner_gateway::sim::{self, SimHandle, SimOptions};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
-use crate::helpers::{basic, spawn_app_in, spawn_app_with, TestApp, WRITE_KEY};
+use crate::helpers::{send_batch, spawn_app_in, spawn_app_with, TestApp};
 use crate::ingest::metric;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
@@ -47,15 +47,7 @@ fn event(id: &str) -> Value {
 
 async fn send(app: &TestApp, ids: &[String]) {
     let batch: Vec<Value> = ids.iter().map(|id| event(id)).collect();
-    let response = app
-        .client
-        .post(app.url("/v1/batch"))
-        .header("Authorization", basic(WRITE_KEY))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    assert_eq!(response.status(), 200);
+    send_batch(app, &batch).await;
 }
 
 /// How many track-event calls the simulator answered 2xx for `id`.

@@ -21,7 +21,7 @@ use sha1::Sha1;
 use tokio::process::{Child, Command};
 
 use crate::helpers::{
-    basic, spawn_app_in, spawn_app_with, TestApp, OTHER_KEY, WEBHOOK_SECRET, WRITE_KEY,
+    basic, send_batch, spawn_app_in, spawn_app_with, TestApp, OTHER_KEY, WEBHOOK_SECRET, WRITE_KEY,
 };
 
 /// The Refiner API keys of `test_settings`' two sources.
@@ -68,21 +68,6 @@ pub(crate) async fn spawn_delivering(
         customize(settings);
     })
     .await
-}
-
-/// Posts events as one `/v1/batch` of the `default` source and expects 200.
-async fn send_batch(app: &TestApp, events: &[Value]) {
-    let response = app
-        .client
-        .post(app.url("/v1/batch"))
-        .header("Authorization", basic(WRITE_KEY))
-        .json(&json!({ "batch": events }))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    let status = response.status();
-    let body = response.text().await.unwrap_or_default();
-    assert_eq!(status, 200, "POST /v1/batch answered {status}: {body}");
 }
 
 /// Posts one event to `/webhook` as Segment's classic Webhooks destination does, signed for

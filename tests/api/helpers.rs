@@ -10,6 +10,7 @@ use base64::Engine;
 use refiner_gateway::config::{Secret, Settings, SourceSettings};
 use refiner_gateway::spool::{Leased, Spool};
 use refiner_gateway::startup::Application;
+use serde_json::{json, Value};
 
 pub const WRITE_KEY: &str = "test-write-key";
 pub const OTHER_KEY: &str = "other-write-key";
@@ -128,6 +129,31 @@ impl TestApp {
     pub async fn spooled(&self) -> Vec<Leased> {
         spooled_events(&self.spool).await
     }
+
+    /// The `messageId`s of every queued event, in queue order (see [`TestApp::spooled`]).
+    pub async fn spooled_ids(&self) -> Vec<String> {
+        self.spooled()
+            .await
+            .into_iter()
+            .map(|e| e.message_id)
+            .collect()
+    }
+}
+
+/// Posts events as one `/v1/batch` of the `default` source and expects 200 (the body is
+/// shown otherwise).
+pub async fn send_batch(app: &TestApp, events: &[Value]) {
+    let response = app
+        .client
+        .post(app.url("/v1/batch"))
+        .header("Authorization", basic(WRITE_KEY))
+        .json(&json!({ "batch": events }))
+        .send()
+        .await
+        .expect("POST /v1/batch");
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "POST /v1/batch answered {status}: {body}");
 }
 
 /// Every event queued in a spool, by leasing all of them (a user's later events are leased

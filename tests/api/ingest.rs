@@ -668,12 +668,7 @@ async fn one_batch_item_over_32_kb_is_refused_and_the_others_are_accepted() {
         .as_str()
         .expect("message")
         .contains("event 1"));
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["small", "after"]);
     assert_eq!(
         metric(
@@ -1283,12 +1278,7 @@ async fn integrations_that_do_not_select_the_gateway_are_answered_200_and_not_st
     let single = json!({"userId": "u1", "event": "E", "messageId": "single-off",
                         "integrations": {"Refiner": false}});
     assert_success(app.post_basic("/v1/track", &single.to_string()).await).await;
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["own-refiner-on", "webhooks-on"]);
     let skipped = |reason: &'static str| {
         let app = &app;

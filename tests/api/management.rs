@@ -25,7 +25,7 @@ use refiner_gateway::telemetry::Metrics;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{basic, spawn_app_with, TestApp, OTHER_KEY, WRITE_KEY};
+use crate::helpers::{basic, send_batch, spawn_app_with, TestApp, OTHER_KEY, WRITE_KEY};
 
 const ADMIN: &str = "test-admin-token";
 const REFINER_KEY: &str = "refiner-key";
@@ -135,19 +135,6 @@ fn assert_error(answer: &Answer, status: u16, reason: &str, parameter: Option<&s
     if let Some(parameter) = parameter {
         assert_eq!(error["parameter"], json!(parameter), "{answer:?}");
     }
-}
-
-/// Posts events as one `/v1/batch` of the `default` source and expects 200.
-async fn send_batch(app: &TestApp, events: &[Value]) {
-    let response = app
-        .client
-        .post(app.url("/v1/batch"))
-        .header("Authorization", basic(WRITE_KEY))
-        .json(&json!({ "batch": events }))
-        .send()
-        .await
-        .expect("POST /v1/batch");
-    assert_eq!(response.status(), 200);
 }
 
 /// Sends `events`, then moves them all to the dead letters: `retries` failed attempts with

@@ -408,12 +408,7 @@ async fn a_captured_classic_body_wrapped_in_an_array_is_refused() {
     let forged = format!("[{CAPTURED},{FORGED}]");
     let response = post_signed(&app, "/webhook/hooked", &forged, &signature, CLASSIC).await;
     assert_error(response, 401, "array_not_allowed").await;
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["wh-captured"]);
 
     // Actions: arrays are allowed, but this signature was accepted with another body.
@@ -421,12 +416,7 @@ async fn a_captured_classic_body_wrapped_in_an_array_is_refused() {
     assert_success(post_signed(&app, "/webhook", CAPTURED, &signature, ACTIONS).await).await;
     let response = post_signed(&app, "/webhook", &forged, &signature, ACTIONS).await;
     assert_error(response, 401, "signature_reused").await;
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["wh-captured"]);
     let remembered = unlabelled_metric(&app, "gateway_ingest_webhook_signatures").await;
     assert_eq!(remembered, 1.0);
@@ -444,12 +434,7 @@ async fn a_known_signature_with_another_body_is_refused_and_a_retry_passes() {
     assert_error(response, 401, "signature_reused").await;
     // The same request again (Segment's retry) passes, and is deduplicated.
     assert_success(post_signed(&app, "/webhook", &batch, &signature, ACTIONS).await).await;
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["wh-batch-1", "wh-batch-2", "wh-batch-3"]);
     // The same bytes gzip-compressed are the same body.
     let response = app
@@ -502,12 +487,7 @@ async fn webhook_events_are_selected_by_integrations_and_refused_one_by_one() {
     assert_eq!(answer["success"], true);
     assert_eq!(answer["refused"][0]["index"], 2, "{answer}");
     assert_eq!(answer["refused"][0]["code"], "event_too_large", "{answer}");
-    let ids: Vec<String> = app
-        .spooled()
-        .await
-        .into_iter()
-        .map(|e| e.message_id)
-        .collect();
+    let ids = app.spooled_ids().await;
     assert_eq!(ids, ["wh-selected"]);
     let labels = [("source", "hooked"), ("reason", "integrations_disabled")];
     assert_eq!(
