@@ -6,9 +6,14 @@
 //! 60 s). Open: no batch is leased, so events keep their attempts and their place. When the
 //! cooldown is over, one worker leases a single event as a probe; its success closes the
 //! breaker, its failure reopens it.
+//!
+//! Time is tokio's clock (outside a runtime it is the system's monotonic clock), so tests
+//! run the cooldowns on a paused clock instead of sleeping.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// What a worker may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,15 +125,19 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn opens_after_threshold_and_closes_after_a_good_probe() {
-        let breaker = Breaker::new(3, Duration::from_millis(20));
+    use tokio::time::advance;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_threshold_and_closes_after_a_good_probe() {
+        let breaker = Breaker::new(3, Duration::from_secs(20));
         assert_eq!(breaker.admit(), Admit::Go);
         assert!(!breaker.failure());
         assert!(!breaker.failure());
         assert!(breaker.failure());
-        assert!(matches!(breaker.admit(), Admit::Wait(_)));
-        std::thread::sleep(Duration::from_millis(25));
+        assert_eq!(breaker.admit(), Admit::Wait(Duration::from_secs(20)));
+        advance(Duration::from_secs(19)).await;
+        assert_eq!(breaker.admit(), Admit::Wait(Duration::from_secs(1)));
+        advance(Duration::from_secs(1)).await;
         assert_eq!(breaker.admit(), Admit::Probe);
         assert!(
             matches!(breaker.admit(), Admit::Wait(_)),
@@ -139,16 +148,30 @@ mod tests {
         assert!(!breaker.is_open());
     }
 
-    #[test]
-    fn a_failed_probe_doubles_the_cooldown() {
-        let breaker = Breaker::new(1, Duration::from_millis(10));
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_doubles_the_cooldown_up_to_a_minute() {
+        let breaker = Breaker::new(1, Duration::from_secs(10));
         assert!(breaker.failure());
-        std::thread::sleep(Duration::from_millis(12));
-        assert_eq!(breaker.admit(), Admit::Probe);
-        assert!(breaker.failure());
-        match breaker.admit() {
-            Admit::Wait(d) => assert!(d > Duration::from_millis(10), "{d:?}"),
-            other => panic!("expected a wait, got {other:?}"),
+        let mut cooldown = Duration::from_secs(10);
+        for _ in 0..4 {
+            advance(cooldown).await;
+            assert_eq!(breaker.admit(), Admit::Probe);
+            assert!(breaker.failure(), "a failed probe reopens");
+            cooldown = (cooldown * 2).min(MAX_COOLDOWN);
+            assert_eq!(breaker.admit(), Admit::Wait(cooldown));
         }
+        assert_eq!(cooldown, MAX_COOLDOWN, "20 s, 40 s, then capped at 60 s");
+        advance(cooldown).await;
+        assert_eq!(breaker.admit(), Admit::Probe);
+        breaker.success();
+        assert!(
+            breaker.failure(),
+            "threshold 1: the next failure opens again"
+        );
+        assert_eq!(
+            breaker.admit(),
+            Admit::Wait(Duration::from_secs(10)),
+            "a success resets the cooldown"
+        );
     }
 }
