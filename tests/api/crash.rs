@@ -14,6 +14,7 @@ use refiner_gateway::telemetry::Metrics;
 use serde_json::json;
 use tokio::process::{Child, Command};
 
+use crate::common::free_port;
 use crate::helpers::{basic, WRITE_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
@@ -32,15 +33,6 @@ fn gateway_command(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Command {
     }
     command.kill_on_drop(true);
     command
-}
-
-/// A port that was free a moment ago (the gateway may still lose it to someone else, so
-/// start-up retries on `cannot listen`).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 /// A gateway process serving `data_dir`.

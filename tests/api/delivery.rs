@@ -7,7 +7,6 @@
 //! minutes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
@@ -92,24 +91,7 @@ async fn send_webhook(app: &TestApp, event: &Value) {
     assert_eq!(status, 200, "POST /webhook answered {status}: {text}");
 }
 
-/// Polls `check` until it returns `Ok`, or fails after `limit` with what it last said.
-pub(crate) async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(state) => assert!(
-                Instant::now() < deadline,
-                "{what}: not reached within {limit:?}; last seen: {state}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+pub(crate) use crate::common::wait_for;
 
 /// Waits until the spool holds nothing (every accepted event acked or dead-lettered).
 pub(crate) async fn wait_drained(app: &TestApp, limit: Duration) {

@@ -6,7 +6,6 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::ServerHandle;
-use base64::Engine;
 use refiner_gateway::config::{Secret, Settings, SourceSettings};
 use refiner_gateway::spool::{Leased, Spool};
 use refiner_gateway::startup::Application;
@@ -175,13 +174,7 @@ pub async fn spooled_events(spool: &Arc<dyn Spool>) -> Vec<Leased> {
     all
 }
 
-/// `Basic base64(key:)`.
-pub fn basic(key: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{key}:"))
-    )
-}
+pub use crate::common::basic;
 
 pub fn payload(event: &Leased) -> serde_json::Value {
     serde_json::from_slice(&event.payload).expect("payload is JSON")

@@ -2,6 +2,8 @@
 //! directory, driven over real HTTP.
 
 mod backup;
+#[path = "../support/common.rs"]
+mod common;
 mod crash;
 mod delivery;
 #[path = "../support/deps.rs"]

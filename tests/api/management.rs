@@ -9,10 +9,9 @@
 //! simulator for real.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use refiner_gateway::config::{Secret, Settings};
@@ -25,6 +24,7 @@ use refiner_gateway::telemetry::Metrics;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::common::wait_for;
 use crate::helpers::{basic, send_batch, spawn_app_with, TestApp, OTHER_KEY, WRITE_KEY};
 
 const ADMIN: &str = "test-admin-token";
@@ -245,25 +245,6 @@ async fn six_dead_letters(app: &TestApp) -> (String, String) {
         .to_string();
     assert!(first < second, "{first} {second}");
     (first, second)
-}
-
-/// Polls `check` until it returns `Ok`, or fails after `limit` with what it last said.
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(state) => assert!(
-                Instant::now() < deadline,
-                "{what}: not reached within {limit:?}; last seen: {state}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------

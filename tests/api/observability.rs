@@ -6,16 +6,16 @@
 //! Refiner simulator on 127.0.0.1), so the accounting identity of `docs/architecture.md`
 //! is checked on real counters: received = forwarded + skipped + pending + dead.
 
-use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use refiner_gateway::config::{Secret, Settings, SourceSettings};
 use refiner_gateway::sim::{self, Faults, SimHandle, SimOptions};
 use serde_json::{json, Value};
 
+use crate::common::wait_for;
 use crate::helpers::{basic, spawn_app, spawn_app_with, TestApp, WRITE_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
@@ -27,24 +27,6 @@ const NOKEY_WRITE_KEY: &str = "nokey-write-key";
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(state) => assert!(
-                Instant::now() < deadline,
-                "{what}: not reached within {limit:?}; last seen: {state}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// One scrape of `/metrics`, parsed into series.
 struct Scrape {
