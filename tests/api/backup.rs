@@ -2,15 +2,15 @@
 //! the restored copy: the dedup promise survives (ids remembered both in `dedup_log` rows and
 //! in run files are still refused), which a copy of `spool.db` alone does not keep.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use refiner_gateway::config::Settings;
-use refiner_gateway::sim::{self, SimHandle, SimOptions};
+use refiner_gateway::sim::{Faults, SimHandle};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{json, Value};
 
+use crate::delivery;
 use crate::helpers::{send_batch, spawn_app_in, spawn_app_with, TestApp};
 use crate::ingest::metric;
 
@@ -21,16 +21,7 @@ const REFINER_KEY: &str = "refiner-key";
 const FLUSH_IDS: usize = 16;
 
 async fn start_sim() -> SimHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    sim::spawn(
-        listener,
-        SimOptions {
-            workers: Some(2),
-            ..SimOptions::with_key(REFINER_KEY)
-        },
-    )
-    .await
-    .expect("the simulator starts")
+    delivery::start_sim(&[REFINER_KEY], Faults::none()).await
 }
 
 fn delivering(settings: &mut Settings, sim: &SimHandle) {

@@ -9,13 +9,12 @@
 //! simulator for real.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use refiner_gateway::config::{Secret, Settings};
-use refiner_gateway::sim::{self, Faults, SimHandle, SimOptions};
+use refiner_gateway::sim::{Faults, SimHandle};
 use refiner_gateway::spool::admin::DeadLetterFilter;
 use refiner_gateway::spool::{
     DeadLetterRequest, DeadLetters, RetryAt, Settlement, Spool, SqliteSpool, SqliteSpoolOptions,
@@ -25,6 +24,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::common::wait_for;
+use crate::delivery;
 use crate::helpers::{basic, send_batch, spawn_app_with, TestApp, OTHER_KEY, WRITE_KEY};
 
 const ADMIN: &str = "test-admin-token";
@@ -950,29 +950,14 @@ async fn delete_one_and_purge_by_filter_or_ids() {
 // Replay, delivered at the simulator
 
 async fn start_sim(faults: Faults) -> SimHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    sim::spawn(
-        listener,
-        SimOptions {
-            api_keys: vec![REFINER_KEY.into(), "refiner-key-2".into()],
-            faults,
-            workers: Some(2),
-            ..SimOptions::default()
-        },
-    )
-    .await
-    .expect("the simulator starts")
+    delivery::start_sim(&[REFINER_KEY, "refiner-key-2"], faults).await
 }
 
 fn deliver_to(settings: &mut Settings, sim: &SimHandle) {
-    settings.refiner.base_url = sim.url();
+    delivery::deliver_to(settings, sim);
     let delivery = &mut settings.delivery;
-    delivery.enabled = true;
     delivery.retry_base_ms = 20;
-    delivery.retry_cap_secs = 1;
     delivery.breaker_failures = 1000;
-    delivery.poll_interval_ms = 10;
-    delivery.timeout_secs = 5;
     // Every transient failure dead-letters at once: the outage below makes dead letters.
     delivery.max_age_secs = 0;
 }

@@ -12,10 +12,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use refiner_gateway::config::{Secret, Settings, SourceSettings};
-use refiner_gateway::sim::{self, Faults, SimHandle, SimOptions};
+use refiner_gateway::sim::{Faults, SimHandle};
 use serde_json::{json, Value};
 
 use crate::common::wait_for;
+use crate::delivery;
 use crate::helpers::{basic, spawn_app, spawn_app_with, TestApp, WRITE_KEY};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_refiner-gateway");
@@ -131,34 +132,18 @@ impl Accounts {
 }
 
 async fn start_sim() -> SimHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    let options = SimOptions {
-        api_keys: vec![DEFAULT_KEY.into(), HOOKED_KEY.into()],
-        faults: Faults::none(),
-        workers: Some(2),
-        ..SimOptions::default()
-    };
-    sim::spawn(listener, options)
-        .await
-        .expect("the simulator starts")
+    delivery::start_sim(&[DEFAULT_KEY, HOOKED_KEY], Faults::none()).await
 }
 
 /// Delivery on, pointed at `sim`, with test-sized timings, a fast sampler, strings long
 /// enough for the simulator to refuse (400), and a source without a Refiner API key.
 fn observed_settings(settings: &mut Settings, sim: &SimHandle) {
-    settings.refiner.base_url = sim.url();
+    delivery::deliver_to(settings, sim);
     settings.spool.stats_interval_ms = 50;
     settings.mapping.max_string_len = 1000;
-    let delivery = &mut settings.delivery;
-    delivery.enabled = true;
-    delivery.retry_base_ms = 50;
-    delivery.retry_cap_secs = 1;
-    delivery.breaker_cooldown_secs = 1;
-    delivery.poll_interval_ms = 10;
-    delivery.timeout_secs = 5;
     // Strict per-user order, so a user's events behind a failed one wait (and count as
     // pending) instead of overtaking it within the window.
-    delivery.per_user_window = 1;
+    settings.delivery.per_user_window = 1;
     settings.sources.push(SourceSettings {
         slug: "nokey".into(),
         write_keys: vec![Secret::new(NOKEY_WRITE_KEY)],
