@@ -1,4 +1,5 @@
-//! Settings: defaults, then a TOML file (`--config`), then the environment.
+//! Settings: defaults, then a TOML file (`--config`), then the environment (layered in
+//! [`load`]: every key as `GATEWAY_<TABLE>__<KEY>`, then the short names of [`ENV_VARS`]).
 //!
 //! The only IO here is reading the file. Loading either yields settings that passed
 //! [`Settings::validate`] or one [`ConfigError`] naming the offending key (and the
@@ -7,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -15,6 +16,7 @@ use crate::refiner::mapping::MappingOptions;
 
 mod engage;
 mod ingest;
+mod load;
 mod nats;
 mod secrets;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
@@ -292,44 +294,6 @@ fn error(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Where in a TOML document byte `at` is: `key `delivery.max_concurrency` (line 4)`.
-/// toml's message alone names the type, not the key; the key is the one assigned on the
-/// error's line (or the nearest line above that assigns one, for a value spread over
-/// lines), under the nearest table header above it.
-fn locate(text: &str, at: usize) -> String {
-    let at = at.min(text.len());
-    let line_no = text[..at].matches('\n').count() + 1;
-    let lines: Vec<&str> = text.lines().take(line_no).collect();
-    let assignment = lines.iter().rposition(|line| {
-        let line = line.trim_start();
-        !line.starts_with('[') && !line.starts_with('#') && line.contains('=')
-    });
-    let Some(index) = assignment else {
-        return format!("line {line_no}");
-    };
-    let key = lines[index].split('=').next().unwrap_or("").trim();
-    let key: String = key
-        .split('.')
-        .map(|part| part.trim().trim_matches('"'))
-        .collect::<Vec<_>>()
-        .join(".");
-    let header = lines[..index]
-        .iter()
-        .rev()
-        .map(|line| line.trim())
-        .find(|line| line.starts_with('['))
-        .map(|line| {
-            line.trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_string()
-        });
-    let dotted = match header {
-        Some(header) if !header.is_empty() => format!("{header}.{key}"),
-        _ => key,
-    };
-    format!("key `{dotted}` (line {line_no})")
-}
-
 /// Every environment variable the gateway reads, with the setting it overrides. Kept in
 /// one table so `docs/configuration.md` can be checked against it.
 pub const ENV_VARS: &[(&str, &str)] = &[
@@ -360,36 +324,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
 ];
 
 impl Settings {
-    /// Loads defaults, then `file` (if given), then the process environment.
-    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        Settings::load_with(file, |name| std::env::var(name).ok())
-    }
-
-    /// Like [`Settings::load`] with the environment given as a lookup function (tests).
-    pub fn load_with(
-        file: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Settings, ConfigError> {
-        let mut settings = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    error("--config", format!("cannot read {}: {e}", path.display()))
-                })?;
-                toml::from_str::<Settings>(&text).map_err(|e| {
-                    let place = match e.span() {
-                        Some(span) => format!("{}, {}", path.display(), locate(&text, span.start)),
-                        None => path.display().to_string(),
-                    };
-                    error(&place, e.message().to_string())
-                })?
-            }
-            None => Settings::default(),
-        };
-        settings.apply_env(|name| env(name).filter(|value| !value.trim().is_empty()))?;
-        settings.validate()?;
-        Ok(settings)
-    }
-
+    /// Applies the documented short names ([`ENV_VARS`]), the last layer.
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         self.apply_nats_env(&env)?;
         if let Some(v) = env("GATEWAY_LISTEN") {
@@ -722,7 +657,7 @@ mod tests {
         if let Some(text) = file {
             std::fs::write(&path, text).expect("write config");
         }
-        Settings::load_with(file.map(|_| path.as_path()), |name| env.get(name).cloned())
+        Settings::load_from(file.map(|_| path.as_path()), env)
     }
 
     #[test]
@@ -848,6 +783,64 @@ mod tests {
         )
         .expect_err("zero");
         assert!(err.to_string().contains("limits.max_event_bytes"), "{err}");
+    }
+
+    #[test]
+    fn every_key_can_come_from_the_environment() {
+        let file = "[delivery]\nmax_concurrency = 8\n[nats]\nurl = \"nats://file:4222\"\n";
+        let settings = load(
+            Some(file),
+            &[
+                ("GATEWAY_WRITE_KEYS", "k"),
+                ("GATEWAY_DELIVERY__MAX_CONCURRENCY", "48"),
+                ("GATEWAY_DELIVERY__ENABLED", "false"),
+                ("GATEWAY_ADMIN_TOKEN", "0123456789012345678"),
+                ("GATEWAY_NATS__URL", "nats://env:4222"),
+                ("GATEWAY_NATS_URL", "nats://alias:4222"),
+                ("GATEWAY_SKIP_NATS", "1"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            settings.delivery.max_concurrency, 48,
+            "the environment over the file"
+        );
+        assert!(!settings.delivery.enabled);
+        assert_eq!(
+            settings.admin_token,
+            Some(Secret::new("0123456789012345678")),
+            "digits stay text where the key wants text"
+        );
+        assert_eq!(
+            settings.nats.url, "nats://alias:4222",
+            "the short name wins"
+        );
+    }
+
+    #[test]
+    fn an_environment_key_error_names_the_variable() {
+        let err = load(
+            None,
+            &[
+                ("GATEWAY_WRITE_KEYS", "k"),
+                ("GATEWAY_DELIVERY__MAX_CONCURRENCY", "lots"),
+            ],
+        )
+        .expect_err("a word for a number");
+        let text = err.to_string();
+        assert!(text.contains("delivery.max_concurrency"), "{text}");
+        assert!(text.contains("GATEWAY_DELIVERY__MAX_CONCURRENCY"), "{text}");
+        let err = load(
+            None,
+            &[
+                ("GATEWAY_WRITE_KEYS", "k"),
+                ("GATEWAY_DELIVERY__MAX_CONCURENCY", "8"),
+            ],
+        )
+        .expect_err("a misspelt key");
+        let text = err.to_string();
+        assert!(text.contains("GATEWAY_DELIVERY__MAX_CONCURENCY"), "{text}");
+        assert!(text.contains("max_concurency"), "{text}");
     }
 
     #[test]
