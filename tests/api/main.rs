@@ -14,6 +14,7 @@ mod hostile;
 mod ingest;
 mod management;
 mod observability;
+mod openapi;
 mod operator_safety;
 mod properties;
 mod python_client;

@@ -1486,7 +1486,8 @@ async fn every_route_of_the_openapi_document_exists() {
     let app = spawn_admin(|_| {}).await;
     let mut checked = 0;
     let mut documented = BTreeSet::new();
-    for (path, operations) in paths {
+    // The management routes (tests/api/openapi.rs checks the whole surface).
+    for (path, operations) in paths.iter().filter(|(path, _)| path.starts_with("/api")) {
         let operations = operations.as_object().expect("operations");
         for method in ["get", "post", "put", "patch", "delete"] {
             let Some(operation) = operations.get(method) else {
