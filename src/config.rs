@@ -14,10 +14,12 @@ use serde::Deserialize;
 use crate::refiner::mapping::MappingOptions;
 
 mod engage;
+mod filters;
 mod ingest;
 mod nats;
 mod secrets;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
+pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
@@ -251,6 +253,9 @@ pub struct Settings {
     /// Segment Engage audiences and Refiner manual segments.
     pub engage: EngageSettings,
     pub sources: Vec<SourceSettings>,
+    /// Per source slug: Refiner environments and filter/transform rules
+    /// (`docs/filters.md`).
+    pub filters: std::collections::BTreeMap<String, SourceFilters>,
 }
 
 impl Default for Settings {
@@ -272,6 +277,7 @@ impl Default for Settings {
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
             sources: Vec::new(),
+            filters: Default::default(),
         }
     }
 }
@@ -502,6 +508,7 @@ impl Settings {
         self.validate_ingest_limits()?;
         self.validate_integrations()?;
         self.validate_nats()?;
+        self.validate_filters()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
                 "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
