@@ -46,6 +46,10 @@ pub(super) const SEGMENT_NOT_FOUND: &str = "segment_not_found";
 /// Calls of one user: the events (seqs) each call delivers, and the call.
 type Calls = Vec<(Vec<i64>, RefinerCall)>;
 
+/// Calls before coalescing: the event each delivers (`None`: a call that delivers no event
+/// by itself), and the call.
+type Planned = Vec<(Option<i64>, RefinerCall)>;
+
 /// Cuts a user's calls into steps: each identify-user or delete-contact call alone, each
 /// run of consecutive track-event calls together (with a window of 1, every call alone).
 pub(super) fn steps(calls: Calls, window: usize) -> Vec<Calls> {
@@ -286,7 +290,7 @@ impl Dispatcher {
     ) -> Vec<(Arc<str>, Calls)> {
         // `None`: a call that delivers no event by itself (the attribute of a membership
         // whose event the sync-segment call after it delivers).
-        let mut groups: Vec<(Arc<str>, Vec<(Option<i64>, RefinerCall)>)> = Vec::new();
+        let mut groups: Vec<(Arc<str>, Planned)> = Vec::new();
         for event in chain {
             let Some((environment, mapped)) = self.decide(event, source, routing, out) else {
                 continue;
@@ -365,7 +369,7 @@ impl Dispatcher {
     /// Adds one mapped event to its group's calls (or settles it as skipped).
     fn plan_one(
         &self,
-        calls: &mut Vec<(Option<i64>, RefinerCall)>,
+        calls: &mut Planned,
         seq: i64,
         source: &str,
         mapped: Mapped,

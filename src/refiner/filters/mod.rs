@@ -278,11 +278,12 @@ fn apply(action: &Action, kind: &str, event: &mut Cow<'_, Value>) {
                 !keys.iter().any(|key| key == k)
             });
         }
-        Action::RenameEvent(name) if kind == "track" => {
-            if event.get("event").and_then(Value::as_str) != Some(name.as_str()) {
-                if let Some(map) = event.to_mut().as_object_mut() {
-                    map.insert("event".into(), Value::String(name.clone()));
-                }
+        Action::RenameEvent(name)
+            if kind == "track"
+                && event.get("event").and_then(Value::as_str) != Some(name.as_str()) =>
+        {
+            if let Some(map) = event.to_mut().as_object_mut() {
+                map.insert("event".into(), Value::String(name.clone()));
             }
         }
         Action::SetTrait(key, value) if kind == "identify" => {
