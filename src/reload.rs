@@ -1,7 +1,8 @@
 //! Reloading the configuration without a restart (SIGHUP, `POST /api/reload`).
 //!
 //! A reload reads the configuration the process started with again (the same `--config`
-//! file, then the environment), validates all of it, and only then swaps the delivery
+//! file, then the environment; without `--config` there is nothing to read again and the
+//! reload is refused), validates all of it, and only then swaps the delivery
 //! routing (Refiner API keys, environments, rules, mapping options) in one step
 //! ([`SharedRouting::store`]). An invalid configuration is refused as a whole, with the
 //! error naming the key (for a rule: `filters.<source>.rules[<rule>].<field>`); the running
@@ -93,7 +94,16 @@ impl Reloader {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let next = Settings::load(file.as_deref())?;
+        let Some(file) = file else {
+            return Err(ConfigError {
+                key: "--config".into(),
+                message: "the gateway was started without a configuration file: there is \
+                          nothing to read again (the environment of a running process does \
+                          not change)"
+                    .into(),
+            });
+        };
+        let next = Settings::load(Some(&file))?;
         self.apply(next)
     }
 

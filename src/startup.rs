@@ -277,7 +277,7 @@ impl Application {
     }
 
     /// Names the configuration file a reload reads again (`serve --config`); without one, a
-    /// reload reads the environment alone.
+    /// reload is refused (there is nothing to read again).
     pub fn with_config_file(self, file: Option<std::path::PathBuf>) -> Application {
         self.reloader.set_file(file);
         self
