@@ -15,11 +15,13 @@ use serde::Deserialize;
 use crate::refiner::mapping::MappingOptions;
 
 mod engage;
+mod filters;
 mod ingest;
 mod load;
 mod nats;
 mod secrets;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
+pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
@@ -253,6 +255,9 @@ pub struct Settings {
     /// Segment Engage audiences and Refiner manual segments.
     pub engage: EngageSettings,
     pub sources: Vec<SourceSettings>,
+    /// Per source slug: Refiner environments and filter/transform rules
+    /// (`docs/filters.md`).
+    pub filters: std::collections::BTreeMap<String, SourceFilters>,
 }
 
 impl Default for Settings {
@@ -274,6 +279,7 @@ impl Default for Settings {
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
             sources: Vec::new(),
+            filters: Default::default(),
         }
     }
 }
@@ -437,6 +443,7 @@ impl Settings {
         self.validate_ingest_limits()?;
         self.validate_integrations()?;
         self.validate_nats()?;
+        self.validate_filters()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
                 "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",
