@@ -87,7 +87,7 @@ fn spawn_bare() -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-fn spawn_gateway(data_dir: &std::path::Path) -> String {
+async fn spawn_gateway(data_dir: &std::path::Path) -> String {
     let settings = Settings {
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
@@ -105,7 +105,9 @@ fn spawn_gateway(data_dir: &std::path::Path) -> String {
         ..Settings::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(&settings, listener).expect("gateway");
+    let app = Application::build_with_listener(&settings, listener)
+        .await
+        .expect("gateway");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     format!("http://127.0.0.1:{port}")
@@ -351,7 +353,7 @@ fn main() {
     runtime.block_on(async {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let bare_url = spawn_bare();
-        let gateway_url = spawn_gateway(data_dir.path());
+        let gateway_url = spawn_gateway(data_dir.path()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         println!(
             "ingest benchmark: {} s per run, {} connections, batches of {} events, {} cores",

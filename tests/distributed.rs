@@ -479,6 +479,7 @@ async fn outage(test: &str, kind: Outage) {
         &settings(&server.url(), &sim.url(), dir.path()),
         listener,
     )
+    .await
     .expect("build the gateway");
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
@@ -656,6 +657,7 @@ async fn the_management_api_works_on_the_jetstream_spool() {
         &settings,
         TcpListener::bind("127.0.0.1:0").expect("bind"),
     )
+    .await
     .expect("build the gateway");
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();

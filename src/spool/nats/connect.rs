@@ -49,9 +49,10 @@ impl Inner {
             gate: RwLock::new(()),
             stop,
             gauges: NodeGauges::register(&metrics),
+            tasks: Mutex::new(Vec::new()),
         });
         inner.balance().await;
-        tokio::spawn(inner.clone().ownership_loop());
+        inner.spawn_task(inner.clone().ownership_loop());
         Ok(inner)
     }
 
