@@ -254,13 +254,13 @@ impl Backend {
         }
     }
 
-    /// The JetStream spool: it keeps no usage counters.
+    /// The JetStream spool: every capability (usage counted in a shared bucket).
     pub fn nats(spool: NatsSpool) -> Backend {
         let spool = Arc::new(spool);
         Backend {
             queue: spool.clone(),
-            dead_letters: spool,
-            metering: None,
+            dead_letters: spool.clone(),
+            metering: Some(spool),
         }
     }
 }

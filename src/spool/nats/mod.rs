@@ -34,6 +34,8 @@
 
 mod connect;
 mod dead;
+mod hll;
+mod metering;
 mod ownership;
 mod pull;
 mod queue;
@@ -86,6 +88,9 @@ pub struct NatsSpoolOptions {
     /// The key-value bucket of retried events' attempts and retry times, so that a new
     /// owner of a partition continues their backoff; `None`: a new owner starts over.
     pub retry_bucket: Option<String>,
+    /// The key-value bucket of usage (MTU, MTE, MPV) and hourly counters, merged into by
+    /// every node ([`metering`]); `None`: the management API's usage routes fail with 503.
+    pub usage_bucket: Option<String>,
     /// Replicas of the streams and the bucket (3 in production).
     pub replicas: usize,
     /// Partitions (fixed for the life of the stream: changing it moves users).
@@ -130,6 +135,7 @@ impl NatsSpoolOptions {
             bucket: "gateway_partitions".into(),
             dedup_bucket: Some("gateway_dedup".into()),
             retry_bucket: Some("gateway_retries".into()),
+            usage_bucket: Some("gateway_usage".into()),
             replicas: 1,
             partitions: 16,
             dedup_window: Duration::from_secs(24 * 3600),
@@ -252,6 +258,12 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long one pull request waits for events.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
 
+/// Events one append publishes before it waits for their acks (a larger request is
+/// published in windows of this size, one wait per window).
+const PUBLISH_WINDOW: usize = 1024;
+/// Events a node has published and not seen acknowledged, at most (all requests together).
+const MAX_PUBLISH_IN_FLIGHT: usize = 8192;
+
 /// How long a retry record outlives its last write if nothing removes it.
 const RETRY_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -325,6 +337,13 @@ struct Inner {
     kv: kv::Store,
     dedup: Option<kv::Store>,
     retries: Option<kv::Store>,
+    /// The usage bucket and this node's counts not merged into it yet.
+    usage: Option<kv::Store>,
+    tally: Mutex<metering::Tally>,
+    usage_flush: tokio::sync::Mutex<()>,
+    /// Permits for unacknowledged publishes ([`MAX_PUBLISH_IN_FLIGHT`]).
+    publish_permits: tokio::sync::Semaphore,
+    known_sources: Mutex<std::collections::HashSet<String>>,
     state: Mutex<QueueState>,
     owned: tokio::sync::Mutex<HashMap<u32, Owned>>,
     closed: AtomicBool,
