@@ -147,9 +147,9 @@ async fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend,
             options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
             Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
         }
-        SpoolBackend::Nats => Backend::nats(
-            NatsSpool::open(settings.nats_spool_options(), metrics.clone()).await?,
-        ),
+        SpoolBackend::Nats => {
+            Backend::nats(NatsSpool::open(settings.nats_spool_options(), metrics.clone()).await?)
+        }
     })
 }
 

@@ -20,6 +20,8 @@
 pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
+#[doc(hidden)]
+pub mod metering_conformance;
 pub mod nats;
 pub mod sqlite;
 

@@ -36,15 +36,9 @@ impl Inner {
             None => None,
         };
         let usage = match &options.usage_bucket {
-            Some(name) => Some(
-                bucket(
-                    &js,
-                    name,
-                    metering::COUNTER_RETENTION,
-                    options.replicas,
-                )
-                .await?,
-            ),
+            Some(name) => {
+                Some(bucket(&js, name, metering::COUNTER_RETENTION, options.replicas).await?)
+            }
             None => None,
         };
         let (stop, _) = watch::channel(false);

@@ -357,6 +357,9 @@ impl Inner {
                 .map_err(|e| storage("JetStream did not acknowledge a replay", e))?;
             if !ack.duplicate {
                 self.state().appended(partition, ack.sequence);
+                let mut tally = self.tally();
+                tally.count(&record.meta.source, now, "replayed", 1);
+                tally.depth(&record.meta.source, 1);
             }
             self.dead
                 .delete_message(record.id as u64)

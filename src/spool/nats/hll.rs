@@ -141,7 +141,10 @@ mod tests {
         let mut union = a.clone();
         union.merge(&b);
         let once = union.clone();
-        assert!(!union.merge(&b), "merging the same sketch again changes nothing");
+        assert!(
+            !union.merge(&b),
+            "merging the same sketch again changes nothing"
+        );
         assert_eq!(union, once);
         let error = (union.estimate() as f64 - 7_500.0).abs() / 7_500.0;
         assert!(error < 0.03, "estimate {}", union.estimate());

@@ -445,10 +445,8 @@ impl Metering for NatsSpool {
         to_hour: i64,
     ) -> Result<Vec<CounterRow>, SpoolError> {
         let source = source.to_owned();
-        self.run(
-            move |inner| async move { inner.read_counters(&source, from_hour, to_hour).await },
-        )
-        .await
+        self.run(move |inner| async move { inner.read_counters(&source, from_hour, to_hour).await })
+            .await
     }
 }
 
@@ -463,8 +461,13 @@ mod tests {
         tally.accepted(
             "web",
             at,
-            [("track", "u:1"), ("page", "u:1"), ("screen", "a:x"), ("track", "e:a@b")]
-                .into_iter(),
+            [
+                ("track", "u:1"),
+                ("page", "u:1"),
+                ("screen", "a:x"),
+                ("track", "e:a@b"),
+            ]
+            .into_iter(),
         );
         let month = &tally.months[&("web".to_string(), month_of(at))];
         assert_eq!((month.meta.mte, month.meta.mpv), (4, 2));

@@ -382,7 +382,10 @@ impl NatsSpool {
     /// Connects, creates (or updates) the streams and the bucket, takes this node's share
     /// of the partitions and starts pulling, on the caller's Tokio runtime: the spool's
     /// tasks live on it until the spool is closed or dropped.
-    pub async fn open(options: NatsSpoolOptions, metrics: Metrics) -> Result<NatsSpool, SpoolError> {
+    pub async fn open(
+        options: NatsSpoolOptions,
+        metrics: Metrics,
+    ) -> Result<NatsSpool, SpoolError> {
         let inner = Inner::connect(options, metrics).await?;
         Ok(NatsSpool {
             inner,

@@ -44,7 +44,12 @@ impl Inner {
         });
         tally.accepted(&request.source, request.received_at_ms, queued);
         let duplicates = report.duplicates as u64;
-        tally.count(&request.source, request.received_at_ms, "duplicates", duplicates);
+        tally.count(
+            &request.source,
+            request.received_at_ms,
+            "duplicates",
+            duplicates,
+        );
         Ok(report)
     }
 
@@ -185,6 +190,7 @@ impl Inner {
         // Dead letters are copied first: if that fails nothing changes and the caller
         // retries the whole settlement.
         let mut burials = Vec::new();
+        let counts = self.settlement_counts(&settlement);
         {
             let state = self.state();
             let now = now_ms();
@@ -251,7 +257,51 @@ impl Inner {
             futures_util::future::join_all(writes).await;
         }
         self.answer(replies).await;
+        let now = now_ms();
+        let mut tally = self.tally();
+        for (source, name, removed) in counts {
+            tally.count(&source, now, &name, 1);
+            if removed {
+                tally.depth(&source, -1);
+            }
+        }
         Ok(())
+    }
+
+    /// What a settlement counts, per event still held: its source, the counter's name, and
+    /// whether the event leaves the queue.
+    fn settlement_counts(&self, settlement: &Settlement) -> Vec<(String, String, bool)> {
+        let state = self.state();
+        let source = |seq: i64| state.get(seq).map(|e| e.event.source.clone());
+        let mut counts = Vec::new();
+        let named = settlement
+            .acked
+            .iter()
+            .map(|seq| (*seq, "forwarded".to_owned(), true))
+            .chain(
+                settlement
+                    .skipped
+                    .iter()
+                    .map(|s| (s.seq, format!("skipped:{}", s.reason), true)),
+            )
+            .chain(
+                settlement
+                    .dead
+                    .iter()
+                    .map(|d| (d.seq, "dead_lettered".to_owned(), true)),
+            )
+            .chain(
+                settlement
+                    .retried
+                    .iter()
+                    .map(|r| (r.seq, "retried".to_owned(), false)),
+            );
+        for (seq, name, removed) in named {
+            if let Some(source) = source(seq) {
+                counts.push((source, name, removed));
+            }
+        }
+        counts
     }
 
     pub(super) async fn check_writable(&self) -> Result<(), SpoolError> {
@@ -303,6 +353,9 @@ impl Inner {
     pub(super) async fn close(&self) {
         let _gate = self.gate.write().await;
         self.closed.store(true, Ordering::Release);
+        if let Err(e) = self.flush_usage().await {
+            tracing::warn!(error = %e, "the last usage counts could not be merged");
+        }
         let _ = self.stop.send(true);
         let mut owned = self.owned.lock().await;
         for (partition, own) in owned.drain() {
