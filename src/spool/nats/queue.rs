@@ -42,7 +42,9 @@ impl Inner {
             let event = &request.events[*i];
             (event.kind.as_str(), event.user_key.as_str())
         });
-        tally.accepted(&request.source, request.received_at_ms, queued);
+        if !appended.is_empty() {
+            tally.accepted(&request.source, request.received_at_ms, queued);
+        }
         let duplicates = report.duplicates as u64;
         tally.count(
             &request.source,
