@@ -7,7 +7,7 @@ use std::sync::Arc;
 use refiner_gateway::config::{DeliverySettings, Secret, Settings, SourceSettings, SpoolBackend};
 use refiner_gateway::segment::EventType;
 use refiner_gateway::spool::conformance::{event, request};
-use refiner_gateway::spool::{metering_conformance, Backend, Metering, NatsSpool, Spool};
+use refiner_gateway::spool::{metering_conformance, Backend, NatsSpool, Spool};
 use refiner_gateway::startup::Application;
 use refiner_gateway::telemetry::Metrics;
 use serde_json::json;
