@@ -74,7 +74,9 @@ fn settings(data_dir: &std::path::Path, refiner: &str, deliver: bool) -> Setting
 
 async fn start(settings: &Settings) -> (String, Application) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(settings, listener).expect("gateway");
+    let app = Application::build_with_listener(settings, listener)
+        .await
+        .expect("gateway");
     (format!("http://127.0.0.1:{}", app.port()), app)
 }
 

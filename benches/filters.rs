@@ -181,7 +181,9 @@ fn event(n: usize, users: usize) -> String {
 
 async fn start(settings: &Settings) -> (String, Application) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(settings, listener).expect("gateway");
+    let app = Application::build_with_listener(settings, listener)
+        .await
+        .expect("gateway");
     (format!("http://127.0.0.1:{}", app.port()), app)
 }
 

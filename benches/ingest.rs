@@ -87,8 +87,16 @@ fn spawn_bare() -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-fn spawn_gateway(data_dir: &std::path::Path) -> String {
-    let settings = Settings {
+async fn spawn_gateway(data_dir: &std::path::Path) -> String {
+    spawn_gateway_with(data_dir, |_| {}).await
+}
+
+/// A gateway with delivery off, its settings changed by `customize` (the spool backend).
+async fn spawn_gateway_with(
+    data_dir: &std::path::Path,
+    customize: impl FnOnce(&mut Settings),
+) -> String {
+    let mut settings = Settings {
         listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
         sources: vec![SourceSettings {
@@ -104,8 +112,11 @@ fn spawn_gateway(data_dir: &std::path::Path) -> String {
         },
         ..Settings::default()
     };
+    customize(&mut settings);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(&settings, listener).expect("gateway");
+    let app = Application::build_with_listener(&settings, listener)
+        .await
+        .expect("gateway");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     format!("http://127.0.0.1:{port}")
@@ -351,7 +362,7 @@ fn main() {
     runtime.block_on(async {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let bare_url = spawn_bare();
-        let gateway_url = spawn_gateway(data_dir.path());
+        let gateway_url = spawn_gateway(data_dir.path()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         println!(
             "ingest benchmark: {} s per run, {} connections, batches of {} events, {} cores",
@@ -360,6 +371,10 @@ fn main() {
             options.batch_size,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
+        if options.only.as_deref() == Some("backends") {
+            backends(&gateway_url, &options).await;
+            return;
+        }
         if options.only.as_deref() == Some("spool") {
             spool_ceiling(options.seconds, options.batch_size).await;
             return;
@@ -432,4 +447,64 @@ fn main() {
             &gateway,
         );
     });
+}
+
+/// The two spool backends behind the same HTTP ingest: the SQLite gateway against a
+/// gateway on JetStream (one node, one `nats-server` on loopback this benchmark starts),
+/// with its default settings and without the dedup bucket (JetStream's duplicate window
+/// alone), batches, alternated twice so drift hits all alike. Printed: each run and the
+/// ratios JetStream / SQLite of the summed rates.
+async fn backends(sqlite_url: &str, options: &Options) {
+    use refiner_gateway::config::SpoolBackend;
+    use refiner_gateway::spool::nats::testing::NatsServer;
+    let Some(server) = NatsServer::start("ingest benchmark") else {
+        println!("backends: no nats-server (set NATS_SERVER_BIN)");
+        return;
+    };
+    let nats_dir = tempfile::tempdir().expect("temp dir");
+    let mut urls = vec![("sqlite", sqlite_url.to_owned())];
+    for (name, dedup_bucket, prefix) in [
+        ("jetstream", "gateway_dedup", "gw1"),
+        ("jetstream, no dedup bucket", "", "gw2"),
+    ] {
+        let url = spawn_gateway_with(&nats_dir.path().join(prefix), |settings| {
+            settings.spool.backend = SpoolBackend::Nats;
+            settings.nats.url = server.url();
+            settings.nats.dedup_bucket = dedup_bucket.into();
+            settings.nats.stream = format!("{}_EVENTS", prefix.to_uppercase());
+            settings.nats.dead_letter_stream = format!("{}_DEAD", prefix.to_uppercase());
+            settings.nats.subject_prefix = prefix.into();
+            settings.nats.consumer = prefix.into();
+            settings.nats.bucket = format!("{prefix}_partitions");
+            settings.nats.retry_bucket = format!("{prefix}_retries");
+        })
+        .await;
+        urls.push((name, url));
+    }
+    let size = Some(options.batch_size);
+    let (c, s) = (options.connections, options.seconds);
+    for (_, url) in &urls {
+        let _ = drive(format!("{url}/v1/batch"), c, 1, size).await;
+    }
+    let mut sums = vec![0.0; urls.len()];
+    for round in 1..=2 {
+        let mut line = format!("round {round}:");
+        for (i, (name, url)) in urls.iter().enumerate() {
+            let run = drive(format!("{url}/v1/batch"), c, s, size).await;
+            sums[i] += run.events_per_sec();
+            line += &format!(
+                " | {name} {:.0} ev/s (errors {})",
+                run.events_per_sec(),
+                run.errors
+            );
+        }
+        println!("{line}");
+    }
+    for (i, (name, _)) in urls.iter().enumerate().skip(1) {
+        println!(
+            "batches of {}, {c} connections: {name} / sqlite = {:.2}",
+            options.batch_size,
+            sums[i] / sums[0].max(1e-9)
+        );
+    }
 }

@@ -179,7 +179,9 @@ fn main() {
             ..Settings::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let app = Application::build_with_listener(&settings, listener).expect("app");
+        let app = Application::build_with_listener(&settings, listener)
+            .await
+            .expect("app");
         let port = app.port();
         let spool = app.spool();
         let handle = app.handle();

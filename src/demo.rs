@@ -64,7 +64,9 @@ pub async fn run(options: DemoOptions) -> Result<(), String> {
         ..Settings::default()
     };
     settings.validate().map_err(|e| e.to_string())?;
-    let app = Application::build(&settings).map_err(|e| e.to_string())?;
+    let app = Application::build(&settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let gateway = format!("http://127.0.0.1:{}", app.port());
     let state = simulator.state();
     // Both servers are bound and accepting: the banner is the last thing start-up prints.

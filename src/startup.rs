@@ -145,7 +145,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// Opens the configured spool backend, its options built from the settings here.
-fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend, StartError> {
+async fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend, StartError> {
     Ok(match settings.spool.backend {
         SpoolBackend::Sqlite => {
             let mut options = SqliteSpoolOptions::new(&settings.data_dir);
@@ -158,26 +158,25 @@ fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend, Start
             options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
             Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
         }
-        SpoolBackend::Nats => Backend::nats(NatsSpool::open(
-            settings.nats_spool_options(),
-            metrics.clone(),
-        )?),
+        SpoolBackend::Nats => {
+            Backend::nats(NatsSpool::open(settings.nats_spool_options(), metrics.clone()).await?)
+        }
     })
 }
 
 impl Application {
     /// Binds `settings.listen` and builds the application.
-    pub fn build(settings: &Settings) -> Result<Application, StartError> {
+    pub async fn build(settings: &Settings) -> Result<Application, StartError> {
         let listener =
             TcpListener::bind(&settings.listen).map_err(|source| StartError::Listen {
                 address: settings.listen.clone(),
                 source,
             })?;
-        Application::build_with_listener(settings, listener)
+        Application::build_with_listener(settings, listener).await
     }
 
     /// Builds the application on an already bound listener (port 0 in tests).
-    pub fn build_with_listener(
+    pub async fn build_with_listener(
         settings: &Settings,
         listener: TcpListener,
     ) -> Result<Application, StartError> {
@@ -186,7 +185,7 @@ impl Application {
             SpoolBackend::Nats => None,
         };
         let metrics = Metrics::new();
-        let backend = open_backend(settings, &metrics)?;
+        let backend = open_backend(settings, &metrics).await?;
         let spool = backend.queue.clone();
 
         let routing =

@@ -355,7 +355,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        let app = match Application::build(&settings) {
+        let app = match Application::build(&settings).await {
             Ok(app) => app.with_config_file(config.clone()),
             Err(e) => {
                 eprintln!("refiner-gateway: {e}");

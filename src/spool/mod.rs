@@ -20,6 +20,8 @@
 pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
+#[doc(hidden)]
+pub mod metering_conformance;
 pub mod nats;
 pub mod sqlite;
 
@@ -254,13 +256,13 @@ impl Backend {
         }
     }
 
-    /// The JetStream spool: it keeps no usage counters.
+    /// The JetStream spool: every capability (usage counted in a shared bucket).
     pub fn nats(spool: NatsSpool) -> Backend {
         let spool = Arc::new(spool);
         Backend {
             queue: spool.clone(),
-            dead_letters: spool,
-            metering: None,
+            dead_letters: spool.clone(),
+            metering: Some(spool),
         }
     }
 }

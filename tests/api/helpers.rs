@@ -73,7 +73,9 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
 /// Spawns a gateway on an existing data dir with the given settings.
 pub async fn spawn_app_in(data_dir: tempfile::TempDir, settings: Settings) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(&settings, listener).expect("build app");
+    let app = Application::build_with_listener(&settings, listener)
+        .await
+        .expect("build app");
     let port = app.port();
     let spool = app.spool();
     let handle = app.handle();
@@ -204,6 +206,7 @@ pub async fn spawn_app_from_file(data_dir: tempfile::TempDir, file: &std::path::
     let settings = Settings::load_with(Some(file), |_| None).expect("the test configuration");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let app = Application::build_with_listener(&settings, listener)
+        .await
         .expect("build app")
         .with_config_file(Some(file.to_path_buf()));
     let port = app.port();

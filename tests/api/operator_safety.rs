@@ -27,7 +27,7 @@ const KEY: &str = "wk-operator-safety";
 async fn a_second_application_on_a_data_dir_is_refused_until_the_first_stops() {
     let app = spawn_app_with(|_| {}).await;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let second = Application::build_with_listener(&app.settings, listener);
+    let second = Application::build_with_listener(&app.settings, listener).await;
     match second {
         Err(StartError::DataDir(DataDirError::Locked { dir, holder })) => {
             assert_eq!(dir, app.data_dir.path());

@@ -42,6 +42,18 @@ impl Storage {
 }
 
 #[tokio::test]
+async fn sqlite_usage_and_counters_follow_appends_and_settlements() {
+    let storage = Storage::new();
+    let mut options = SqliteSpoolOptions::new(storage.path());
+    options.sources = vec![SOURCE.to_owned()];
+    let spool = SqliteSpool::open(options, Metrics::new()).expect("open");
+    refiner_gateway::spool::metering_conformance::usage_and_counters_follow_appends_and_settlements(
+        refiner_gateway::spool::Backend::sqlite(spool),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn sqlite_append_reports_queued_and_duplicates() {
     let storage = Storage::new();
     conformance::append_reports_queued_and_duplicates(storage.open()).await;

@@ -13,6 +13,9 @@ impl Inner {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
             .ack_timeout(options.publish_timeout)
+            // Above the appends' own bound, so the replays' and dead letters' publishes
+            // never wait behind them.
+            .max_ack_inflight(MAX_PUBLISH_IN_FLIGHT + 1024)
             .build(client.clone());
         let events = stream(&js, events_config(&options), "events").await?;
         let dead = stream(&js, dead_letters_config(&options), "dead-letter").await?;
@@ -32,6 +35,12 @@ impl Inner {
             Some(name) => Some(bucket(&js, name, RETRY_RECORD_TTL, options.replicas).await?),
             None => None,
         };
+        let usage = match &options.usage_bucket {
+            Some(name) => {
+                Some(bucket(&js, name, metering::COUNTER_RETENTION, options.replicas).await?)
+            }
+            None => None,
+        };
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             options,
@@ -43,15 +52,22 @@ impl Inner {
             kv,
             dedup,
             retries,
+            usage,
+            tally: Mutex::new(metering::Tally::default()),
+            usage_flush: tokio::sync::Mutex::new(()),
+            publish_permits: tokio::sync::Semaphore::new(MAX_PUBLISH_IN_FLIGHT),
+            known_sources: Mutex::new(std::collections::HashSet::new()),
             state: Mutex::new(QueueState::default()),
             owned: tokio::sync::Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             gate: RwLock::new(()),
             stop,
             gauges: NodeGauges::register(&metrics),
+            tasks: Mutex::new(Vec::new()),
         });
         inner.balance().await;
-        tokio::spawn(inner.clone().ownership_loop());
+        inner.spawn_task(inner.clone().ownership_loop());
+        inner.spawn_task(inner.clone().usage_loop());
         Ok(inner)
     }
 

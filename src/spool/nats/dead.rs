@@ -273,7 +273,14 @@ impl Inner {
         };
         let message = match self.dead.get_raw_message(seq).await {
             Ok(message) => message,
-            Err(e) if e.to_string().contains("not found") => return Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(storage("cannot read a dead letter", e)),
         };
         if message.subject.as_str() != self.options.dead_subject(source) {
@@ -357,6 +364,9 @@ impl Inner {
                 .map_err(|e| storage("JetStream did not acknowledge a replay", e))?;
             if !ack.duplicate {
                 self.state().appended(partition, ack.sequence);
+                let mut tally = self.tally();
+                tally.count(&record.meta.source, now, "replayed", 1);
+                tally.depth(&record.meta.source, 1);
             }
             self.dead
                 .delete_message(record.id as u64)

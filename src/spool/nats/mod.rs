@@ -28,11 +28,14 @@
 //! - A node that cannot renew its ownership stops leasing from the partition before the key
 //!   can expire, so two nodes never lease the same partition's events at once.
 //!
-//! The spool runs on its own small Tokio runtime (one thread, its tasks), so it can be
-//! opened from synchronous start-up code and outlives the caller's runtime flavour.
+//! The spool runs on the runtime that opens it: its tasks (ownership, one pull per owned
+//! partition) are spawned there and end when the spool is closed, or are aborted when it
+//! is dropped without closing (a node that dies).
 
 mod connect;
 mod dead;
+mod hll;
+mod metering;
 mod ownership;
 mod pull;
 mod queue;
@@ -50,7 +53,7 @@ use async_nats::{HeaderMap, Subject};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch, RwLock};
+use tokio::sync::{watch, RwLock};
 
 use super::{
     AppendReport, AppendRequest, DeadLetters, Leased, Settlement, Spool, SpoolError, SpoolStats,
@@ -85,6 +88,9 @@ pub struct NatsSpoolOptions {
     /// The key-value bucket of retried events' attempts and retry times, so that a new
     /// owner of a partition continues their backoff; `None`: a new owner starts over.
     pub retry_bucket: Option<String>,
+    /// The key-value bucket of usage (MTU, MTE, MPV) and hourly counters, merged into by
+    /// every node ([`metering`]); `None`: the management API's usage routes fail with 503.
+    pub usage_bucket: Option<String>,
     /// Replicas of the streams and the bucket (3 in production).
     pub replicas: usize,
     /// Partitions (fixed for the life of the stream: changing it moves users).
@@ -129,6 +135,7 @@ impl NatsSpoolOptions {
             bucket: "gateway_partitions".into(),
             dedup_bucket: Some("gateway_dedup".into()),
             retry_bucket: Some("gateway_retries".into()),
+            usage_bucket: Some("gateway_usage".into()),
             replicas: 1,
             partitions: 16,
             dedup_window: Duration::from_secs(24 * 3600),
@@ -251,6 +258,12 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long one pull request waits for events.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
 
+/// Events one append publishes before it waits for their acks (a larger request is
+/// published in windows of this size, one wait per window).
+const PUBLISH_WINDOW: usize = 1024;
+/// Events a node has published and not seen acknowledged, at most (all requests together).
+const MAX_PUBLISH_IN_FLIGHT: usize = 8192;
+
 /// How long a retry record outlives its last write if nothing removes it.
 const RETRY_RECORD_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -324,6 +337,13 @@ struct Inner {
     kv: kv::Store,
     dedup: Option<kv::Store>,
     retries: Option<kv::Store>,
+    /// The usage bucket and this node's counts not merged into it yet.
+    usage: Option<kv::Store>,
+    tally: Mutex<metering::Tally>,
+    usage_flush: tokio::sync::Mutex<()>,
+    /// Permits for unacknowledged publishes ([`MAX_PUBLISH_IN_FLIGHT`]).
+    publish_permits: tokio::sync::Semaphore,
+    known_sources: Mutex<std::collections::HashSet<String>>,
     state: Mutex<QueueState>,
     owned: tokio::sync::Mutex<HashMap<u32, Owned>>,
     closed: AtomicBool,
@@ -331,64 +351,50 @@ struct Inner {
     gate: RwLock<()>,
     stop: watch::Sender<bool>,
     gauges: NodeGauges,
+    /// The spool's background tasks, aborted when the spool is dropped without closing.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Inner {
+    /// Spawns a background task of the spool on the current runtime and keeps its handle.
+    fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(handle);
+    }
+
+    fn abort_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            task.abort();
+        }
+    }
 }
 
 /// The JetStream-backed [`Spool`].
 pub struct NatsSpool {
     inner: Arc<Inner>,
-    runtime: tokio::runtime::Handle,
-    stop_runtime: Mutex<Option<oneshot::Sender<()>>>,
     closed: AtomicBool,
 }
 
 impl NatsSpool {
     /// Connects, creates (or updates) the streams and the bucket, takes this node's share
-    /// of the partitions and starts pulling. Blocks the calling thread until then.
-    pub fn open(options: NatsSpoolOptions, metrics: Metrics) -> Result<NatsSpool, SpoolError> {
-        let (ready, answer) = std::sync::mpsc::channel();
-        let (stop_runtime, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("nats-spool".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("nats-spool-io")
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready.send(Err(storage("cannot start the spool runtime", e)));
-                        return;
-                    }
-                };
-                let handle = runtime.handle().clone();
-                runtime.block_on(async move {
-                    match Inner::connect(options, metrics).await {
-                        Ok(inner) => {
-                            let _ = ready.send(Ok((inner, handle)));
-                            let _ = stopped.await;
-                        }
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                        }
-                    }
-                });
-                runtime.shutdown_timeout(Duration::from_secs(1));
-            })
-            .map_err(|e| storage("cannot start the spool thread", e))?;
-        let (inner, runtime) = answer
-            .recv()
-            .map_err(|_| SpoolError::Storage("the spool thread stopped".into()))??;
+    /// of the partitions and starts pulling, on the caller's Tokio runtime: the spool's
+    /// tasks live on it until the spool is closed or dropped.
+    pub async fn open(
+        options: NatsSpoolOptions,
+        metrics: Metrics,
+    ) -> Result<NatsSpool, SpoolError> {
+        let inner = Inner::connect(options, metrics).await?;
         Ok(NatsSpool {
             inner,
-            runtime,
-            stop_runtime: Mutex::new(Some(stop_runtime)),
             closed: AtomicBool::new(false),
         })
     }
 
-    /// Runs `work` on the spool's runtime.
+    /// Runs `work` as its own task, so a caller that gives up (a client that hangs up)
+    /// never cuts an append or a settlement short between two of its steps.
     async fn run<T, F, Fut>(&self, work: F) -> Result<T, SpoolError>
     where
         T: Send + 'static,
@@ -398,7 +404,7 @@ impl NatsSpool {
         if self.closed.load(Ordering::Acquire) || self.inner.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
-        let task = self.runtime.spawn(work(self.inner.clone()));
+        let task = tokio::spawn(work(self.inner.clone()));
         task.await.map_err(|_| SpoolError::Closed)?
     }
 
@@ -409,24 +415,18 @@ impl NatsSpool {
 
     /// The partitions this node owns now (tests and the benchmark).
     pub async fn owned_partitions(&self) -> Vec<u32> {
-        let inner = self.inner.clone();
-        let task = self.runtime.spawn(async move {
-            let mut owned: Vec<u32> = inner.owned.lock().await.keys().copied().collect();
-            owned.sort_unstable();
-            owned
-        });
-        task.await.unwrap_or_default()
+        let mut owned: Vec<u32> = self.inner.owned.lock().await.keys().copied().collect();
+        owned.sort_unstable();
+        owned
     }
 }
 
 impl Drop for NatsSpool {
+    /// A spool dropped without `close` stops at once, like a node that dies: its
+    /// background tasks are aborted, nothing is released, its keys expire.
     fn drop(&mut self) {
         let _ = self.inner.stop.send(true);
-        if let Ok(mut stop) = self.stop_runtime.lock() {
-            if let Some(stop) = stop.take() {
-                let _ = stop.send(());
-            }
-        }
+        self.inner.abort_tasks();
     }
 }
 
@@ -461,16 +461,7 @@ impl Spool for NatsSpool {
             return;
         }
         let inner = self.inner.clone();
-        let _ = self
-            .runtime
-            .spawn(async move {
-                inner.close().await;
-            })
-            .await;
-        let stop = self.stop_runtime.lock().ok().and_then(|mut s| s.take());
-        if let Some(stop) = stop {
-            let _ = stop.send(());
-        }
+        let _ = tokio::spawn(async move { inner.close().await }).await;
     }
 }
 

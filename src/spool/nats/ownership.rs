@@ -251,7 +251,7 @@ impl Inner {
             },
         );
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(self.clone().pull_loop(partition, consumer, stopped));
+        self.spawn_task(self.clone().pull_loop(partition, consumer, stopped));
         Ok(stop)
     }
 

@@ -31,10 +31,27 @@ impl Inner {
         let (report, appended) = tokio::time::timeout(self.options.publish_timeout, publish)
             .await
             .map_err(|_| SpoolError::Storage("JetStream did not acknowledge in time".into()))??;
-        let mut state = self.state();
-        for (partition, seq) in appended {
-            state.appended(partition, seq);
+        {
+            let mut state = self.state();
+            for (_, partition, seq) in &appended {
+                state.appended(*partition, *seq);
+            }
         }
+        let mut tally = self.tally();
+        let queued = appended.iter().map(|(i, _, _)| {
+            let event = &request.events[*i];
+            (event.kind.as_str(), event.user_key.as_str())
+        });
+        if !appended.is_empty() {
+            tally.accepted(&request.source, request.received_at_ms, queued);
+        }
+        let duplicates = report.duplicates as u64;
+        tally.count(
+            &request.source,
+            request.received_at_ms,
+            "duplicates",
+            duplicates,
+        );
         Ok(report)
     }
 
@@ -56,62 +73,84 @@ impl Inner {
             .collect()
     }
 
-    /// Publishes the events not `seen` before, all at once, then waits for every ack:
-    /// the report, the `(partition, seq)` of each new event, and the indexes of the events
-    /// now stored (new or a duplicate JetStream recognised).
+    /// Publishes the events not `seen` before as pipelined asynchronous publishes, in
+    /// windows of at most [`PUBLISH_WINDOW`], each window's acks awaited together: the
+    /// report, the `(index, partition, seq)` of each new event, and the indexes of the
+    /// events now stored (new or a duplicate JetStream recognised).
+    ///
+    /// Order: the publishes go out one after the other on this node's one connection, so
+    /// JetStream stores a partition's events of the request in request order.
+    /// In flight: a window takes its permits from [`Inner::publish_permits`] all at once
+    /// before it publishes, so the node never has more than [`MAX_PUBLISH_IN_FLIGHT`]
+    /// unacknowledged events and no request waits for permits while holding some.
     async fn publish(
         &self,
         request: &AppendRequest,
         seen: &[bool],
-    ) -> Result<(AppendReport, Vec<(u32, u64)>, Vec<usize>), SpoolError> {
+    ) -> Result<(AppendReport, Vec<(usize, u32, u64)>, Vec<usize>), SpoolError> {
         let mut report = AppendReport::default();
-        let mut pending = Vec::with_capacity(request.events.len());
-        for (i, event) in request.events.iter().enumerate() {
-            if seen[i] {
-                report.duplicates += 1;
-                continue;
+        let fresh: Vec<usize> = (0..request.events.len()).filter(|i| !seen[*i]).collect();
+        report.duplicates = request.events.len() - fresh.len();
+        let mut appended = Vec::with_capacity(fresh.len());
+        let mut stored = Vec::with_capacity(fresh.len());
+        for window in fresh.chunks(PUBLISH_WINDOW) {
+            let _permits = self
+                .publish_permits
+                .acquire_many(window.len() as u32)
+                .await
+                .map_err(|_| SpoolError::Closed)?;
+            let mut pending = Vec::with_capacity(window.len());
+            for &i in window {
+                let (partition, ack) = self.publish_one(request, &request.events[i]).await?;
+                pending.push((i, partition, ack));
             }
-            let partition = partition_of(&request.source, &event.user_key, self.options.partitions);
-            let meta = Meta {
-                s: request.source.clone(),
-                m: event.message_id.clone(),
-                k: event.kind.as_str().to_owned(),
-                u: event.user_key.clone(),
-                r: request.received_at_ms,
-                a: 0,
-                h: Vec::new(),
-            };
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                "Nats-Msg-Id",
-                msg_id(&request.source, &event.message_id).as_str(),
-            );
-            let ack = self
-                .js
-                .publish_with_headers(
-                    self.options.event_subject(partition),
-                    headers,
-                    encode(&meta, &event.payload).into(),
-                )
-                .await
-                .map_err(|e| storage("publishing an event failed", e))?;
-            pending.push((i, partition, ack));
-        }
-        let mut appended = Vec::new();
-        let mut stored = Vec::new();
-        for (i, partition, ack) in pending {
-            let ack = ack
-                .await
-                .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
-            stored.push(i);
-            if ack.duplicate {
-                report.duplicates += 1;
-            } else {
-                report.queued += 1;
-                appended.push((partition, ack.sequence));
+            for (i, partition, ack) in pending {
+                let ack = ack
+                    .await
+                    .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
+                stored.push(i);
+                if ack.duplicate {
+                    report.duplicates += 1;
+                } else {
+                    report.queued += 1;
+                    appended.push((i, partition, ack.sequence));
+                }
             }
         }
         Ok((report, appended, stored))
+    }
+
+    /// Sends one event to its partition's subject without waiting for the ack.
+    async fn publish_one(
+        &self,
+        request: &AppendRequest,
+        event: &crate::segment::Event,
+    ) -> Result<(u32, jetstream::context::PublishAckFuture), SpoolError> {
+        let partition = partition_of(&request.source, &event.user_key, self.options.partitions);
+        let meta = Meta {
+            s: request.source.clone(),
+            m: event.message_id.clone(),
+            k: event.kind.as_str().to_owned(),
+            u: event.user_key.clone(),
+            r: request.received_at_ms,
+            a: 0,
+            h: Vec::new(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            msg_id(&request.source, &event.message_id).as_str(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(
+                self.options.event_subject(partition),
+                headers,
+                encode(&meta, &event.payload).into(),
+            )
+            .await
+            .map_err(|e| storage("publishing an event failed", e))?;
+        Ok((partition, ack))
     }
 
     /// Records stored ids in the dedup bucket. A failure here loses no event: the stream's
@@ -153,6 +192,7 @@ impl Inner {
         // Dead letters are copied first: if that fails nothing changes and the caller
         // retries the whole settlement.
         let mut burials = Vec::new();
+        let counts = self.settlement_counts(&settlement);
         {
             let state = self.state();
             let now = now_ms();
@@ -219,7 +259,51 @@ impl Inner {
             futures_util::future::join_all(writes).await;
         }
         self.answer(replies).await;
+        let now = now_ms();
+        let mut tally = self.tally();
+        for (source, name, removed) in counts {
+            tally.count(&source, now, &name, 1);
+            if removed {
+                tally.depth(&source, -1);
+            }
+        }
         Ok(())
+    }
+
+    /// What a settlement counts, per event still held: its source, the counter's name, and
+    /// whether the event leaves the queue.
+    fn settlement_counts(&self, settlement: &Settlement) -> Vec<(String, String, bool)> {
+        let state = self.state();
+        let source = |seq: i64| state.get(seq).map(|e| e.event.source.clone());
+        let mut counts = Vec::new();
+        let named = settlement
+            .acked
+            .iter()
+            .map(|seq| (*seq, "forwarded".to_owned(), true))
+            .chain(
+                settlement
+                    .skipped
+                    .iter()
+                    .map(|s| (s.seq, format!("skipped:{}", s.reason), true)),
+            )
+            .chain(
+                settlement
+                    .dead
+                    .iter()
+                    .map(|d| (d.seq, "dead_lettered".to_owned(), true)),
+            )
+            .chain(
+                settlement
+                    .retried
+                    .iter()
+                    .map(|r| (r.seq, "retried".to_owned(), false)),
+            );
+        for (seq, name, removed) in named {
+            if let Some(source) = source(seq) {
+                counts.push((source, name, removed));
+            }
+        }
+        counts
     }
 
     pub(super) async fn check_writable(&self) -> Result<(), SpoolError> {
@@ -271,6 +355,9 @@ impl Inner {
     pub(super) async fn close(&self) {
         let _gate = self.gate.write().await;
         self.closed.store(true, Ordering::Release);
+        if let Err(e) = self.flush_usage().await {
+            tracing::warn!(error = %e, "the last usage counts could not be merged");
+        }
         let _ = self.stop.send(true);
         let mut owned = self.owned.lock().await;
         for (partition, own) in owned.drain() {
