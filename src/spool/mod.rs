@@ -20,6 +20,7 @@
 pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
+pub mod dedup;
 pub mod nats;
 pub mod sqlite;
 
