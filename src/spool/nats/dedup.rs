@@ -45,11 +45,11 @@ use crate::spool::dedup::run::{self, Run};
 use crate::spool::sqlite::keys::{dedup_key, PassThrough};
 
 /// Ids a partition keeps on the heap before it writes them out as a run.
-pub const FLUSH_IDS: usize = 65_536;
+pub const FLUSH_IDS: usize = 16_384;
 /// Runs of one size class merged at once.
 const MERGE_FAN_IN: usize = 4;
 /// Entries in the smallest size class.
-const TIER_BASE: u64 = 4096;
+const TIER_BASE: u64 = 16_384;
 /// Bytes of a run file per chunk message (below the server's default 1 MiB payload).
 const CHUNK: usize = 512 * 1024;
 const ENTRY: usize = 24;
@@ -146,6 +146,13 @@ impl PartitionIndex {
     }
 }
 
+impl Drop for PartitionIndex {
+    /// The run files are a cache of the stream: gone with the index (mappings stay valid).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The dedup stream and this node's partition indexes.
 pub struct DedupStore {
     js: jetstream::Context,
@@ -208,9 +215,10 @@ impl DedupStore {
         format!("{}.dedup.{partition}.{what}", self.prefix)
     }
 
-    /// The key of an event in the index.
-    pub fn key(source: &str, message_id: &str) -> u128 {
-        dedup_key(source, message_id)
+    /// The key of an event in the index: of its `Nats-Msg-Id` (source and `messageId`;
+    /// a replayed dead letter has its own, so a replay is not a repeat of its original).
+    pub fn key(msg_id: &str) -> u128 {
+        dedup_key("nats", msg_id)
     }
 
     pub fn window(&self) -> Duration {
@@ -220,8 +228,8 @@ impl DedupStore {
     /// Loads partition `partition`'s index from the stream: the manifest's runs into local
     /// files, then the journal after them into the heap.
     pub async fn load(&self, partition: u32) -> Result<PartitionIndex, SpoolError> {
-        let dir = self.dir.join(format!("p{partition}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        // A directory per load: a reload replaces an index whose drop removes its own.
+        let dir = self.dir.join(format!("p{partition}-{}", new_run_id()));
         std::fs::create_dir_all(&dir).map_err(|e| storage("cannot create a dedup directory", e))?;
         let (manifest, manifest_seq) = self.manifest(partition).await?;
         let mut index = PartitionIndex {
@@ -594,4 +602,82 @@ fn tier(count: u64) -> u32 {
         tier += 1;
     }
     tier
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(dir: &Path) -> PartitionIndex {
+        PartitionIndex {
+            partition: 0,
+            dir: dir.to_path_buf(),
+            memtable: HashMap::with_hasher(PassThrough),
+            unlogged: Vec::new(),
+            runs: Vec::new(),
+            manifest_seq: 0,
+            log_high: 0,
+            log_upto: 0,
+            last_flush: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn values_order_by_time_whatever_the_sequence() {
+        assert!(pack(100, u64::MAX) < pack(101, 0));
+        assert!(pack(100, 7) >= cutoff(100 + 60, Duration::from_secs(60)));
+        assert!(pack(99, 7) < cutoff(100 + 60, Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_repeat_is_another_sequence_and_the_same_event_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut index = index(&dir.path().join("p0"));
+        let day = Duration::from_secs(86_400);
+        let key = DedupStore::key("web:m1");
+        assert_eq!(index.check(key, 10, 1_000, day), Verdict::New);
+        assert_eq!(index.check(key, 10, 1_001, day), Verdict::Again);
+        assert_eq!(index.check(key, 11, 1_002, day), Verdict::Repeat);
+        assert_eq!(index.unlogged.len(), 1, "only the first copy is recorded");
+        // Past the window the id is new again.
+        assert_eq!(index.check(key, 12, 1_000 + 86_401, day), Verdict::New);
+    }
+
+    #[test]
+    fn runs_are_found_with_their_values() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut index = index(dir.path());
+        let entries: Vec<(u128, i64)> = (0..1_000u64)
+            .map(|i| (DedupStore::key(&format!("web:m{i}")), pack(1_000, i)))
+            .collect();
+        let path = dir.path().join(run::file_name(1));
+        let info = run::write_sorted(&path, entries).expect("run");
+        index
+            .runs
+            .push((reference(1, info), open(&path, 1).expect("open")));
+        let day = Duration::from_secs(86_400);
+        let key = DedupStore::key("web:m500");
+        assert_eq!(index.check(key, 500, 2_000, day), Verdict::Again);
+        assert_eq!(index.check(key, 5_000, 2_000, day), Verdict::Repeat);
+        let fresh = DedupStore::key("web:m5000");
+        assert_eq!(index.check(fresh, 5_000, 2_000, day), Verdict::New);
+        assert_eq!(index.ids(), 1_001);
+    }
+
+    #[test]
+    fn merges_take_four_runs_of_one_size_class_oldest_first() {
+        let small = [(5, 10), (1, 10), (3, 10), (2, 20_000), (4, 10)];
+        assert_eq!(merge_group(&small), Some(vec![1, 3, 4, 5]));
+        assert_eq!(merge_group(&small[..3]), None);
+        assert!(tier(FLUSH_IDS as u64) < tier(FLUSH_IDS as u64 * 4 + 1));
+    }
+
+    #[test]
+    fn journal_entries_round_trip() {
+        let key = DedupStore::key("web:m1");
+        assert_eq!(
+            decode_entry(&encode_entry(key, pack(5, 9))),
+            (key, pack(5, 9))
+        );
+    }
 }

@@ -165,18 +165,23 @@ impl Inner {
         let now_secs = now_ms() / 1000;
         let verdicts: Vec<dedup::Verdict> = batch
             .iter()
-            .map(
-                |message| match (message.info(), decode::<Meta>(&message.payload)) {
-                    (Ok(info), Some((meta, _))) => index.check(
-                        dedup::DedupStore::key(&meta.s, &meta.m),
+            .map(|message| {
+                let msg_id = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned());
+                match (message.info(), msg_id) {
+                    (Ok(info), Some(msg_id)) => index.check(
+                        dedup::DedupStore::key(&msg_id),
                         info.stream_sequence,
                         now_secs,
                         store.window(),
                     ),
-                    // Unreadable: `receive` dead-letters it.
+                    // Without an id nothing can repeat it: taken in as it is.
                     _ => dedup::Verdict::New,
-                },
-            )
+                }
+            })
             .collect();
         if !store.log(index, stopped).await {
             return false;
