@@ -509,7 +509,7 @@ impl DedupStore {
         let body = serde_json::to_vec(&manifest).unwrap_or_default();
         let subject = self.subject(index.partition, "manifest");
         index.manifest_seq = self
-            .publish(&subject, body.into(), Some(index.manifest_seq))
+            .publish(&subject, body, Some(index.manifest_seq))
             .await?;
         Ok(())
     }
