@@ -13,7 +13,9 @@
 //! One `refiner-gateway serve` node (release build) against one `nats-server`, delivering to
 //! the Refiner simulator in this process; `SENDERS` requests of `BATCH` distinct events in
 //! flight for `BENCH_SECS` (600 by default; `BENCH_BASELINE_SECS`, 300, for the former
-//! way), then until everything accepted was delivered. Each sample prints the seconds, the
+//! way), at most `BENCH_RATE` events/s (0, the default: as fast as answered; set it to what
+//! delivery keeps up with, or the backlog's own memory shows in the figures), then until
+//! everything accepted was delivered. Each sample prints the seconds, the
 //! ids accepted, and both processes' RSS. Memory per id is the growth of RSS per accepted
 //! id after the warm-up (least squares over the samples past `BENCH_WINDOW_SECS` + 60 s).
 //! Run with `cargo bench --bench nats_dedup`; needs `nats-server` (see
@@ -179,6 +181,10 @@ fn senders(
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let b = next.fetch_add(1, Ordering::Relaxed);
+                    if rate > 0 {
+                        let due = Duration::from_secs_f64((b * BATCH) as f64 / rate as f64);
+                        tokio::time::sleep_until((started + due).into()).await;
+                    }
                     let batch: Vec<serde_json::Value> = (0..BATCH)
                         .map(|i| {
                             let n = b * BATCH + i;
@@ -210,7 +216,7 @@ fn senders(
         .collect()
 }
 
-async fn run(index: bool, secs: u64, window: u64) -> Option<Vec<Sample>> {
+async fn run(index: bool, secs: u64, window: u64, rate: u64) -> Option<Vec<Sample>> {
     let server = NatsServer::start("nats dedup benchmark")?;
     let server_pid = server.pid()?;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -235,7 +241,7 @@ async fn run(index: bool, secs: u64, window: u64) -> Option<Vec<Sample>> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = senders(&address, &accepted, &stop);
+    let tasks = senders(&address, &accepted, &stop, rate);
     let started = Instant::now();
     let mut samples = Vec::new();
     let sample = |samples: &mut Vec<Sample>| {
@@ -303,12 +309,13 @@ fn main() {
     let secs = env_secs("BENCH_SECS", 600);
     let baseline_secs = env_secs("BENCH_BASELINE_SECS", 300);
     let window = env_secs("BENCH_WINDOW_SECS", 30);
+    let rate = env_secs("BENCH_RATE", 0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     println!(
-        "nats dedup: distinct ids in batches of {BATCH}, {SENDERS} requests in flight, one node, one nats-server, {} cores",
+        "nats dedup: distinct ids in batches of {BATCH}, {SENDERS} requests in flight, at most {rate} events/s (0: no limit), one node, one nats-server, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut results = Vec::new();
@@ -321,7 +328,7 @@ fn main() {
         ),
     ] {
         println!("{name}, {secs} s:");
-        let Some(samples) = runtime.block_on(run(index, secs, window)) else {
+        let Some(samples) = runtime.block_on(run(index, secs, window, rate)) else {
             return;
         };
         results.push((name, samples));
