@@ -156,12 +156,15 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     num / den
 }
 
-/// Sends batches of distinct events as fast as they are answered until `stop`.
+/// Sends batches of distinct events until `stop`: as fast as they are answered, or at most
+/// `rate` events per second (`BENCH_RATE`; 0: no limit).
 fn senders(
     address: &str,
     accepted: &Arc<AtomicUsize>,
     stop: &Arc<AtomicBool>,
+    rate: u64,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    let started = Instant::now();
     let auth = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"))

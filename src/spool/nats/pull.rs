@@ -183,7 +183,10 @@ impl Inner {
                 }
             })
             .collect();
-        if !store.log(index, stopped).await {
+        // Given up meanwhile (the journal write can take long while JetStream is away):
+        // the next owner, or this node's next consumer, delivers these events, so nothing
+        // of this pull may reach the queue state any more.
+        if !store.log(index, stopped).await || *stopped.borrow() {
             return false;
         }
         for (message, verdict) in batch.into_iter().zip(verdicts) {
