@@ -315,17 +315,91 @@ mod dead_letters {
     }
 }
 
-/// JetStream keeps the duplicate window's ids in memory and rebuilds them at start-up from
-/// the messages still stored: an acked (deleted) event's id survives a server restart only
-/// if the spool keeps it elsewhere.
-#[tokio::test]
+/// Options with JetStream's duplicate window cut to a second, so that a repeat sent after
+/// it can only be caught by the partition owner's index, and the index's scratch files in
+/// `dir`.
+fn short_window(server: &NatsServer, dir: &tempfile::TempDir) -> NatsSpoolOptions {
+    let mut options = options(server);
+    options.duplicate_window = Duration::from_secs(1);
+    options.dedup_dir = dir.path().to_path_buf();
+    options
+}
+
+/// Leases until an event with message id `last` arrives, acking everything; the message
+/// ids leased, in order.
+async fn lease_until(spool: &Arc<dyn Spool>, last: &str) -> Vec<String> {
+    use refiner_gateway::spool::conformance::LONG_LEASE_MS;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut ids = Vec::new();
+    while !ids.iter().any(|id| id == last) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{last} never came: {ids:?}"
+        );
+        let leased = spool.lease(100, LONG_LEASE_MS).await.expect("lease");
+        let seqs: Vec<i64> = leased.iter().map(|l| l.seq).collect();
+        ids.extend(leased.into_iter().map(|l| l.message_id));
+        spool.ack(seqs).await.expect("ack");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ids
+}
+
+/// Past JetStream's (short) duplicate window, a repeated messageId is accepted at ingest
+/// but its partition's owner drops it: it is not delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
+    use refiner_gateway::spool::conformance::{event, request, SOURCE};
+    let Some(server) = deps::nats("a_repeat_after_the_duplicate_window", NatsServer::start) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool: Arc<dyn Spool> = open_with(short_window(&server, &dir)).await;
+    spool
+        .append(request(SOURCE, 1_000, vec![event("m1", "u:1")]))
+        .await
+        .expect("append");
+    assert_eq!(lease_until(&spool, "m1").await, ["m1"]);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let report = spool
+        .append(request(
+            SOURCE,
+            2_000,
+            vec![event("m1", "u:1"), event("m2", "u:1")],
+        ))
+        .await
+        .expect("append again");
+    assert_eq!(
+        report.queued, 2,
+        "JetStream's window has passed: both are accepted at ingest"
+    );
+    assert_eq!(
+        lease_until(&spool, "m2").await,
+        ["m2"],
+        "m1 is not delivered again"
+    );
+    spool.close().await;
+}
+
+/// The owners' index lives in JetStream (journal and runs): a repeat is still dropped after
+/// the server restarts, whether the ids were still in the journal or written out as runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_survives_a_server_restart() {
-    use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+    for flush in [Duration::from_secs(300), Duration::ZERO] {
+        dedup_survives_a_server_restart_with(flush).await;
+    }
+}
+
+async fn dedup_survives_a_server_restart_with(flush: Duration) {
+    use refiner_gateway::spool::conformance::{event, request, SOURCE};
     let Some(mut server) = deps::nats("dedup_survives_a_server_restart", NatsServer::start) else {
         return;
     };
-    let spool = open(&server).await;
-    let report = spool
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = short_window(&server, &dir);
+    options.dedup_flush = flush;
+    let spool: Arc<dyn Spool> = open_with(options.clone()).await;
+    spool
         .append(request(
             SOURCE,
             1_000,
@@ -333,31 +407,66 @@ async fn dedup_survives_a_server_restart() {
         ))
         .await
         .expect("append");
-    assert_eq!(report.queued, 2);
-    let leased = spool.lease(10, LONG_LEASE_MS).await.expect("lease");
-    let m1: Vec<i64> = leased
-        .iter()
-        .filter(|l| l.message_id == "m1")
-        .map(|l| l.seq)
-        .collect();
-    spool.ack(m1).await.expect("ack m1");
+    let leased = lease_until(&spool, "m2").await;
+    assert!(leased.contains(&"m1".to_string()), "{leased:?}");
     spool.close().await;
     server.restart();
-    let spool = open(&server).await;
-    let report = spool
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let spool: Arc<dyn Spool> = open_with(options).await;
+    spool
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:2")],
+            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
         ))
         .await
         .expect("append after restart");
     assert_eq!(
-        (report.queued, report.duplicates),
-        (0, 2),
-        "m1 (delivered) and m2 (queued) are duplicates after the restart"
+        lease_until(&spool, "m3").await,
+        ["m3"],
+        "m1 and m2 (delivered before the restart) are not delivered again (flush every {flush:?})"
     );
     spool.close().await;
+}
+
+/// A node that takes a partition over (its owner died) loads the partition's index from
+/// JetStream: a repeat of an id the dead owner delivered is dropped by the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_survives_a_change_of_owner() {
+    use refiner_gateway::spool::conformance::{event, request, SOURCE};
+    let Some(server) = deps::nats("dedup_survives_a_change_of_owner", NatsServer::start) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first: Arc<dyn Spool> = open_with(short_window(&server, &dir)).await;
+    first
+        .append(request(
+            SOURCE,
+            1_000,
+            vec![event("m1", "u:1"), event("m2", "u:2")],
+        ))
+        .await
+        .expect("append");
+    assert_eq!(lease_until(&first, "m2").await.len(), 2);
+    // The owner dies: no close, its ownership keys expire.
+    drop(first);
+    let second = open_with(short_window(&server, &dir)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while second.owned_partitions().await.len() < 8 {
+        assert!(std::time::Instant::now() < deadline, "no take-over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second: Arc<dyn Spool> = second;
+    second
+        .append(request(
+            SOURCE,
+            2_000,
+            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
+        ))
+        .await
+        .expect("append to the new owner");
+    assert_eq!(lease_until(&second, "m3").await, ["m3"]);
+    second.close().await;
 }
 
 /// A node that dies leaves its retried events' attempts and retry times behind: the next

@@ -44,6 +44,13 @@ pub struct NatsSettings {
     pub dedup_bucket: String,
     /// Key-value bucket of retried events' attempts and retry times; empty: none.
     pub retry_bucket: String,
+    /// Stream of the partition owners' dedup indexes; empty: none (JetStream's duplicate
+    /// window is then the whole dedup window).
+    pub dedup_stream: String,
+    /// JetStream's duplicate window while the owners' index is on, in seconds.
+    pub duplicate_window_secs: u64,
+    /// Scratch directory of the owners' dedup run files; empty: the system's temp directory.
+    pub dedup_dir: String,
     /// Replicas of the streams and the bucket.
     pub replicas: usize,
     /// Partitions of the events stream; per-user order is kept within one.
@@ -83,6 +90,9 @@ impl Default for NatsSettings {
             bucket: defaults.bucket,
             dedup_bucket: defaults.dedup_bucket.unwrap_or_default(),
             retry_bucket: defaults.retry_bucket.unwrap_or_default(),
+            dedup_stream: defaults.dedup_stream.unwrap_or_default(),
+            duplicate_window_secs: defaults.duplicate_window.as_secs(),
+            dedup_dir: String::new(),
             replicas: defaults.replicas,
             partitions: defaults.partitions,
             publish_timeout_ms: defaults.publish_timeout.as_millis() as u64,
@@ -183,6 +193,11 @@ impl Settings {
         options.bucket = nats.bucket.clone();
         options.dedup_bucket = set(&nats.dedup_bucket);
         options.retry_bucket = set(&nats.retry_bucket);
+        options.dedup_stream = set(&nats.dedup_stream);
+        options.duplicate_window = Duration::from_secs(nats.duplicate_window_secs);
+        if !nats.dedup_dir.trim().is_empty() {
+            options.dedup_dir = PathBuf::from(nats.dedup_dir.trim());
+        }
         options.replicas = nats.replicas;
         options.partitions = nats.partitions;
         options.dedup_window = Duration::from_secs(self.spool.dedup_window_secs);
@@ -249,6 +264,16 @@ impl NatsSettings {
                 "must differ from nats.bucket and nats.dedup_bucket",
             ));
         }
+        if !nats.dedup_stream.is_empty()
+            && (!valid_name(&nats.dedup_stream)
+                || nats.dedup_stream == nats.stream
+                || nats.dedup_stream == nats.dead_letter_stream)
+        {
+            return Err(error(
+                "nats.dedup_stream",
+                "must be empty, or 1-64 characters of A-Z, a-z, 0-9, - and _ and differ from the other streams",
+            ));
+        }
         if nats.stream == nats.dead_letter_stream {
             return Err(error(
                 "nats.dead_letter_stream",
@@ -292,6 +317,7 @@ impl NatsSettings {
             ("nats.ack_wait_secs", nats.ack_wait_secs),
             ("nats.max_ack_pending", nats.max_ack_pending.max(0) as u64),
             ("nats.fetch_batch", nats.fetch_batch as u64),
+            ("nats.duplicate_window_secs", nats.duplicate_window_secs),
         ] {
             if value == 0 {
                 return Err(error(key, "must be greater than 0"));

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod conformance;
 #[doc(hidden)]
 pub mod metering_conformance;
+pub mod dedup;
 pub mod nats;
 pub mod sqlite;
 

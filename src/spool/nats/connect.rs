@@ -30,6 +30,12 @@ impl Inner {
             Some(name) => Some(bucket(&js, name, options.dedup_window, options.replicas).await?),
             None => None,
         };
+        let dedup_index = match &options.dedup_stream {
+            Some(name) => {
+                Some(dedup::DedupStore::open(&js, &options, name, &node_id, &metrics).await?)
+            }
+            None => None,
+        };
         // Retry records are removed with their event; the TTL only sweeps leftovers.
         let retries = match &options.retry_bucket {
             Some(name) => Some(bucket(&js, name, RETRY_RECORD_TTL, options.replicas).await?),
@@ -51,6 +57,7 @@ impl Inner {
             dead,
             kv,
             dedup,
+            dedup_index,
             retries,
             usage,
             tally: Mutex::new(metering::Tally::default()),
@@ -142,7 +149,7 @@ async fn client(
 }
 
 /// The events stream: a work queue, one subject per partition, JetStream's duplicate
-/// window as the dedup window.
+/// window short when the owners' dedup index keeps the rest of the dedup window.
 fn events_config(options: &NatsSpoolOptions) -> stream::Config {
     stream::Config {
         name: options.stream.clone(),
@@ -150,7 +157,7 @@ fn events_config(options: &NatsSpoolOptions) -> stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: options.replicas,
-        duplicate_window: options.dedup_window,
+        duplicate_window: options.jetstream_window(),
         allow_direct: true,
         ..Default::default()
     }

@@ -36,6 +36,7 @@ mod connect;
 mod dead;
 mod hll;
 mod metering;
+pub mod dedup;
 mod ownership;
 mod pull;
 mod queue;
@@ -82,9 +83,21 @@ pub struct NatsSpoolOptions {
     /// The key-value bucket of partition ownership.
     pub bucket: String,
     /// The key-value bucket that remembers accepted `(source, messageId)` pairs for the
-    /// dedup window (JetStream's own duplicate window forgets delivered events when the
-    /// server restarts); `None`: rely on the duplicate window alone.
+    /// dedup window, looked up at ingest (about 350 bytes of server memory per id);
+    /// `None` (the default): the partition owners' index ([`dedup`]) keeps the promise.
     pub dedup_bucket: Option<String>,
+    /// The stream of the partition owners' dedup indexes ([`dedup`]); `None`: no index,
+    /// JetStream's duplicate window is then the whole dedup window.
+    pub dedup_stream: Option<String>,
+    /// JetStream's duplicate window when the owners' index is on: a repeat within it is
+    /// dropped at ingest, a later one by the partition's owner.
+    pub duplicate_window: Duration,
+    /// How often a partition's owner writes its recent ids out as a run (also when
+    /// [`dedup::FLUSH_IDS`] are waiting).
+    pub dedup_flush: Duration,
+    /// Scratch directory of the owners' run files (a cache of the dedup stream, cleared at
+    /// start).
+    pub dedup_dir: std::path::PathBuf,
     /// The key-value bucket of retried events' attempts and retry times, so that a new
     /// owner of a partition continues their backoff; `None`: a new owner starts over.
     pub retry_bucket: Option<String>,
@@ -95,7 +108,7 @@ pub struct NatsSpoolOptions {
     pub replicas: usize,
     /// Partitions (fixed for the life of the stream: changing it moves users).
     pub partitions: u32,
-    /// JetStream's duplicate window: how long a `(source, messageId)` suppresses repeats.
+    /// How long a `(source, messageId)` suppresses repeats (24 h by default).
     pub dedup_window: Duration,
     /// How long an append waits for JetStream's acks before failing.
     pub publish_timeout: Duration,
@@ -133,7 +146,11 @@ impl NatsSpoolOptions {
             subject_prefix: "gateway".into(),
             consumer: "gateway".into(),
             bucket: "gateway_partitions".into(),
-            dedup_bucket: Some("gateway_dedup".into()),
+            dedup_bucket: None,
+            dedup_stream: Some("GATEWAY_DEDUP".into()),
+            duplicate_window: Duration::from_secs(300),
+            dedup_flush: Duration::from_secs(300),
+            dedup_dir: std::env::temp_dir().join("refiner-gateway-dedup"),
             retry_bucket: Some("gateway_retries".into()),
             usage_bucket: Some("gateway_usage".into()),
             replicas: 1,
@@ -158,6 +175,14 @@ impl NatsSpoolOptions {
 
     fn dead_subject(&self, source: &str) -> String {
         format!("{}.dead.{source}", self.subject_prefix)
+    }
+
+    /// The events stream's duplicate window: short when the owners' index keeps the rest.
+    fn jetstream_window(&self) -> Duration {
+        match self.dedup_stream {
+            Some(_) => self.duplicate_window.min(self.dedup_window),
+            None => self.dedup_window,
+        }
     }
 
     fn consumer_name(&self, partition: u32) -> String {
@@ -336,6 +361,7 @@ struct Inner {
     dead: stream::Stream,
     kv: kv::Store,
     dedup: Option<kv::Store>,
+    dedup_index: Option<dedup::DedupStore>,
     retries: Option<kv::Store>,
     /// The usage bucket and this node's counts not merged into it yet.
     usage: Option<kv::Store>,

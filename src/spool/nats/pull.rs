@@ -15,6 +15,9 @@ impl Inner {
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
+        let Some(mut index) = self.load_dedup(partition, &mut stopped).await else {
+            return;
+        };
         loop {
             if *stopped.borrow() {
                 return;
@@ -58,7 +61,16 @@ impl Inner {
                 match next {
                     Some(Ok(message)) => {
                         backoff = Duration::from_millis(100);
-                        self.receive(partition, message).await;
+                        let (batch, ended) = self.ready(message, &mut messages);
+                        if !self
+                            .receive_batch(partition, batch, index.as_mut(), &stopped)
+                            .await
+                        {
+                            return;
+                        }
+                        if ended {
+                            break;
+                        }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
@@ -74,6 +86,140 @@ impl Inner {
             // leader being elected answers "no responders" for seconds).
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// The partition's dedup index, loaded from the stream (retried until it loads or the
+    /// partition is given up: `None` then); `Some(None)` without an index.
+    async fn load_dedup(
+        &self,
+        partition: u32,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Option<Option<dedup::PartitionIndex>> {
+        let store = match &self.dedup_index {
+            Some(store) => store,
+            None => return Some(None),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match store.load(partition).await {
+                Ok(index) => {
+                    tracing::info!(
+                        partition,
+                        ids = index.ids(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "loaded the partition's dedup index"
+                    );
+                    return Some(Some(index));
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot load the partition's dedup index")
+                }
+            }
+            if self.sleep_or_stop(backoff, stopped).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// `first` and the messages already received behind it (up to a fetch batch), and
+    /// whether the pull ended meanwhile.
+    fn ready(
+        &self,
+        first: jetstream::Message,
+        messages: &mut consumer::pull::Stream,
+    ) -> (Vec<jetstream::Message>, bool) {
+        use futures_util::FutureExt;
+        let mut batch = vec![first];
+        while batch.len() < self.options.fetch_batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => batch.push(message),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "pulling from a partition failed; pulling again");
+                    return (batch, true);
+                }
+                Some(None) => return (batch, true),
+                None => break,
+            }
+        }
+        (batch, false)
+    }
+
+    /// Judges a batch against the partition's dedup index, persists the new ids in its
+    /// journal, then drops the repeats (acked) and takes in the rest. False when the
+    /// partition was given up before the journal could be written (nothing taken in).
+    async fn receive_batch(
+        &self,
+        partition: u32,
+        batch: Vec<jetstream::Message>,
+        index: Option<&mut dedup::PartitionIndex>,
+        stopped: &watch::Receiver<bool>,
+    ) -> bool {
+        let (Some(store), Some(index)) = (&self.dedup_index, index) else {
+            for message in batch {
+                self.receive(partition, message).await;
+            }
+            return true;
+        };
+        let now_secs = now_ms() / 1000;
+        let verdicts: Vec<dedup::Verdict> = batch
+            .iter()
+            .map(|message| {
+                let msg_id = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned());
+                match (message.info(), msg_id) {
+                    (Ok(info), Some(msg_id)) => index.check(
+                        dedup::DedupStore::key(&msg_id),
+                        info.stream_sequence,
+                        now_secs,
+                        store.window(),
+                    ),
+                    // Without an id nothing can repeat it: taken in as it is.
+                    _ => dedup::Verdict::New,
+                }
+            })
+            .collect();
+        // Given up meanwhile (the journal write can take long while JetStream is away):
+        // the next owner, or this node's next consumer, delivers these events, so nothing
+        // of this pull may reach the queue state any more.
+        if !store.log(index, stopped).await || *stopped.borrow() {
+            return false;
+        }
+        for (message, verdict) in batch.into_iter().zip(verdicts) {
+            if verdict == dedup::Verdict::Repeat {
+                self.drop_repeat(partition, message).await;
+            } else {
+                self.receive(partition, message).await;
+            }
+        }
+        if let Err(e) = store.maintain(index).await {
+            tracing::warn!(partition, error = %e, "cannot write the partition's dedup index out");
+        }
+        true
+    }
+
+    /// Acks a repeat of an id accepted before (its first copy is in the index's journal).
+    async fn drop_repeat(&self, partition: u32, message: jetstream::Message) {
+        let Ok(seq) = message.info().map(|info| info.stream_sequence) else {
+            return;
+        };
+        if let Some(p) = self.state().partitions.get_mut(&partition) {
+            p.seen_high = p.seen_high.max(seq);
+        }
+        if let Some(store) = &self.dedup_index {
+            store.repeats.inc();
+        }
+        tracing::debug!(partition, seq, "dropped a repeated messageId");
+        let reply = message
+            .reply
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        self.answer(vec![Reply::Ack { seq, reply }]).await;
     }
 
     pub(super) async fn recover_consumer(

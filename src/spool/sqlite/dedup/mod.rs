@@ -27,7 +27,7 @@
 //! - Only one background job (a flush or a merge) runs at a time; the writer thread owns
 //!   everything else and never waits for the job.
 
-mod run;
+use crate::spool::dedup::run;
 
 use std::collections::HashMap;
 use std::io;

@@ -1,4 +1,4 @@
-//! One immutable run of the dedup index: a file of `(key, seen_at)` entries sorted by key,
+//! One immutable run of a dedup index: a file of `(key, seen_at)` entries sorted by key,
 //! with a split-block Bloom filter and a fence index (the first key of every block).
 //!
 //! Invariants:
