@@ -77,14 +77,25 @@ async fn a_jetstream_outage_answers_503_and_loses_nothing_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_jetstream_store_answers_503_and_recovers_when_drained() {
+async fn a_full_jetstream_store_answers_503_and_recovers_when_space_is_freed() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let params = if long() {
-        scenarios::DiskParams::long()
+        scenarios::DiskParams::long_server()
     } else {
-        scenarios::DiskParams::quick()
+        scenarios::DiskParams::quick_server()
     };
-    finish(scenarios::disk_full("distributed JetStream disk full", params).await);
+    finish(scenarios::disk_full("distributed JetStream disk full (server)", params).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_events_stream_answers_503_and_recovers_when_drained() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let params = if long() {
+        scenarios::DiskParams::long_stream()
+    } else {
+        scenarios::DiskParams::quick_stream()
+    };
+    finish(scenarios::disk_full("distributed JetStream disk full (stream)", params).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,8 @@ use crate::harness::free_port;
 pub struct Member {
     pub name: String,
     pub port: u16,
+    cluster_port: u16,
+    store: PathBuf,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -47,6 +49,7 @@ impl Member {
 /// A cluster of `nats-server`s with JetStream, routes between all of them.
 pub struct NatsCluster {
     pub members: Vec<Member>,
+    routes: Vec<String>,
     binary: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -80,35 +83,29 @@ impl NatsCluster {
             .iter()
             .map(|(_, cluster)| format!("\"nats://127.0.0.1:{cluster}\""))
             .collect();
-        let mut members = Vec::with_capacity(n);
-        for (i, (port, cluster_port)) in ports.iter().enumerate() {
-            let name = format!("n{i}");
-            let store = dir.path().join(format!("{name}-store"));
-            let limit = max_file_store
-                .map(|bytes| format!("  max_file_store: {bytes}\n"))
-                .unwrap_or_default();
-            let config = dir.path().join(format!("{name}.conf"));
-            let text = format!(
-                "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{\n  store_dir: {store:?}\n{limit}}}\n\
-                 cluster {{\n  name: reliability\n  listen: \"127.0.0.1:{cluster_port}\"\n  \
-                 routes: [{}]\n}}\n",
-                routes.join(", ")
-            );
-            std::fs::write(&config, text).expect("write the server config");
-            members.push(Member {
-                log: dir.path().join(format!("{name}.log")),
-                name,
-                port: *port,
-                config,
-                child: None,
-            });
-        }
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster_port))| {
+                let name = format!("n{i}");
+                Member {
+                    log: dir.path().join(format!("{name}.log")),
+                    config: dir.path().join(format!("{name}.conf")),
+                    store: dir.path().join(format!("{name}-store")),
+                    name,
+                    port: *port,
+                    cluster_port: *cluster_port,
+                    child: None,
+                }
+            })
+            .collect();
         let mut cluster = NatsCluster {
             members,
+            routes,
             binary,
             dir,
         };
+        cluster.set_max_file_store(max_file_store);
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -122,6 +119,28 @@ impl NatsCluster {
             .map(Member::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Rewrites every member's configuration with this `max_file_store` (bytes; `None`:
+    /// the server's default), for the next start of each.
+    pub fn set_max_file_store(&mut self, max_file_store: Option<u64>) {
+        let limit = max_file_store
+            .map(|bytes| format!("  max_file_store: {bytes}\n"))
+            .unwrap_or_default();
+        for member in &self.members {
+            let text = format!(
+                "server_name: {}\nlisten: \"127.0.0.1:{}\"\n\
+                 jetstream {{\n  store_dir: {:?}\n{limit}}}\n\
+                 cluster {{\n  name: reliability\n  listen: \"127.0.0.1:{}\"\n  \
+                 routes: [{}]\n}}\n",
+                member.name,
+                member.port,
+                member.store,
+                member.cluster_port,
+                self.routes.join(", ")
+            );
+            std::fs::write(&member.config, text).expect("write the server config");
+        }
     }
 
     /// Starts member `i` (on its ports and store) and waits until it listens.
@@ -204,11 +223,21 @@ impl NatsCluster {
         ))
     }
 
-    /// The store directory of member `i`.
-    pub fn store(&self, i: usize) -> PathBuf {
-        self.dir
-            .path()
-            .join(format!("{}-store", self.members[i].name))
+    /// Caps the stream `name` at `max_bytes`, refusing new messages beyond (an operator's
+    /// limit on the stream itself, as opposed to the server's store).
+    pub async fn limit_stream(&self, name: &str, max_bytes: i64) -> Result<(), String> {
+        let js = jetstream::new(connect(&self.urls()).await?);
+        let mut stream = js.get_stream(name).await.map_err(|e| e.to_string())?;
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .config
+            .clone();
+        config.max_bytes = max_bytes;
+        config.discard = jetstream::stream::DiscardPolicy::New;
+        js.update_stream(config).await.map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// The scratch directory (configs, logs, stores).
@@ -217,10 +246,10 @@ impl NatsCluster {
     }
 }
 
-async fn probe(urls: &str, replicas: usize) -> Result<(), String> {
+async fn connect(urls: &str) -> Result<async_nats::Client, String> {
     let servers: Vec<async_nats::ServerAddr> =
         urls.split(',').filter_map(|u| u.parse().ok()).collect();
-    let client = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(3),
         async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
@@ -228,8 +257,11 @@ async fn probe(urls: &str, replicas: usize) -> Result<(), String> {
     )
     .await
     .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    let js = jetstream::new(client);
+    .map_err(|e| e.to_string())
+}
+
+async fn probe(urls: &str, replicas: usize) -> Result<(), String> {
+    let js = jetstream::new(connect(urls).await?);
     let name = format!("PROBE_{}", uuid::Uuid::new_v4().simple());
     let created = tokio::time::timeout(
         Duration::from_secs(5),

@@ -211,7 +211,7 @@ impl OutageParams {
 /// What `/readyz` answers on a node.
 async fn readyz(fleet: &Fleet, i: usize) -> String {
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
     match client
@@ -300,10 +300,21 @@ pub async fn outage(test: &str, params: OutageParams) -> Option<Report> {
 // ---------------------------------------------------------------------------------------
 // JetStream disk full
 
+/// What fills up.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreLimit {
+    /// Each server's `max_file_store` (bytes): nats-server disables JetStream on a server
+    /// whose store is full, so space is freed by restarting the servers with a larger
+    /// limit (the second figure), as an operator grows the volumes.
+    Server(u64, u64),
+    /// The events stream's `max_bytes` (discard new): the stream refuses new messages
+    /// until the consumers drain it (a work queue deletes what is acknowledged).
+    Stream(i64),
+}
+
 #[derive(Debug, Clone)]
 pub struct DiskParams {
-    /// Each server's `max_file_store`, bytes.
-    pub max_file_store: u64,
+    pub limit: StoreLimit,
     /// How long the 503s are held once the store is full.
     pub hold: Duration,
     pub traffic: Traffic,
@@ -311,39 +322,64 @@ pub struct DiskParams {
 }
 
 impl DiskParams {
-    pub fn quick() -> DiskParams {
+    fn sized(limit: StoreLimit, hold_secs: u64, clients: usize) -> DiskParams {
         DiskParams {
-            max_file_store: 4 << 20,
-            hold: Duration::from_secs(3),
+            limit,
+            hold: Duration::from_secs(hold_secs),
             traffic: Traffic {
                 padding: 400,
-                ..traffic(2, 20, 20)
+                ..traffic(clients, 20, 20)
             },
-            drain_limit: Duration::from_secs(90),
+            drain_limit: Duration::from_secs(180),
         }
     }
 
-    pub fn long() -> DiskParams {
-        DiskParams {
-            max_file_store: 32 << 20,
-            hold: Duration::from_secs(30),
-            traffic: Traffic {
-                padding: 400,
-                ..traffic(3, 20, 20)
-            },
-            drain_limit: Duration::from_secs(240),
-        }
+    pub fn quick_server() -> DiskParams {
+        DiskParams::sized(StoreLimit::Server(4 << 20, 64 << 20), 3, 2)
+    }
+
+    pub fn long_server() -> DiskParams {
+        DiskParams::sized(StoreLimit::Server(32 << 20, 256 << 20), 30, 3)
+    }
+
+    pub fn quick_stream() -> DiskParams {
+        DiskParams::sized(StoreLimit::Stream(2 << 20), 3, 2)
+    }
+
+    pub fn long_stream() -> DiskParams {
+        DiskParams::sized(StoreLimit::Stream(16 << 20), 30, 3)
+    }
+}
+
+fn describe_limit(limit: StoreLimit) -> String {
+    match limit {
+        StoreLimit::Server(bytes, grown) => format!(
+            "servers with max_file_store = {} KiB, restarted with {} KiB to free space",
+            bytes >> 10,
+            grown >> 10
+        ),
+        StoreLimit::Stream(bytes) => format!(
+            "the events stream capped at max_bytes = {} KiB (discard new), freed by the \
+             consumers draining it",
+            bytes >> 10
+        ),
     }
 }
 
 pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
-    let cluster = cluster(test, Some(params.max_file_store))?;
-    let mut report = Report::new("JetStream disk full");
+    let server_limit = match params.limit {
+        StoreLimit::Server(bytes, _) => Some(bytes),
+        StoreLimit::Stream(_) => None,
+    };
+    let cluster = cluster(test, server_limit)?;
+    let mut report = Report::new(match params.limit {
+        StoreLimit::Server(..) => "JetStream disk full (server store)",
+        StoreLimit::Stream(_) => "JetStream disk full (stream max_bytes)",
+    });
     report.ran = format!(
-        "servers with max_file_store = {} KiB; Refiner refusing every call (503) so nothing \
-         drains until ingest answers 503, 503s held for {}, then Refiner back and the \
-         consumers drain; {}, ~{} B padding per event",
-        params.max_file_store >> 10,
+        "{}; Refiner refusing every call (503) so nothing drains until ingest answers 503, \
+         503s held for {}, then Refiner back; {}, ~{} B padding per event",
+        describe_limit(params.limit),
         secs(params.hold),
         params.traffic.describe(),
         params.traffic.padding
@@ -353,6 +389,11 @@ pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
         ..Faults::none()
     };
     let mut fleet = fleet(test, cluster, refusing).await;
+    if let StoreLimit::Stream(bytes) = params.limit {
+        if let Err(e) = fleet.cluster.limit_stream("GATEWAY_EVENTS", bytes).await {
+            panic!("{test}: cannot cap the events stream: {e}");
+        }
+    }
     fleet.start_load(params.traffic);
     let filled = Instant::now();
     let full = wait_for(Duration::from_secs(120), "ingest answers 503", || {
@@ -372,29 +413,30 @@ pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
     let (held_to, refused_to) = (fleet.acked(), fleet.answers("503"));
     let ready_while_full = readyz(&fleet, 0).await;
     let alive = fleet.nodes_alive();
+    let freed = Instant::now();
+    if let StoreLimit::Server(_, grown) = params.limit {
+        free_server_space(&mut fleet, grown).await;
+    }
     fleet
         .sim
         .state()
         .set_faults(Faults::none())
         .expect("valid faults");
-    let healed = Instant::now();
     let resumed = wait_for(Duration::from_secs(120), "ingest accepts again", || {
         let (acked, refused) = (fleet.acked(), fleet.answers("503"));
         async move {
-            // Accepting again, and no longer refusing: the store has room.
             if acked > held_to + 500 {
                 Ok(())
             } else {
                 Err(format!(
-                    "{} accepted since Refiner came back, {} answers 503 in all",
-                    acked - held_to,
-                    refused
+                    "{} accepted since space was freed, {refused} answers 503 in all",
+                    acked - held_to
                 ))
             }
         }
     })
     .await;
-    let resume_time = healed.elapsed();
+    let resume_time = freed.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("accepted until the first 503", full_at);
     report.figure("filled in", secs(fill_time));
@@ -408,7 +450,7 @@ pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
     );
     report.figure("/readyz while full", &ready_while_full);
     report.figure(
-        "ingest accepting again after Refiner came back",
+        "ingest accepting again after space was freed",
         secs(resume_time),
     );
     report.check(
@@ -424,7 +466,7 @@ pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
         format!("alive: {alive}"),
     );
     report.check(
-        "ingest recovered once the consumers drained",
+        "ingest recovered once space was freed",
         resumed.is_ok(),
         resumed
             .err()
@@ -432,6 +474,18 @@ pub async fn disk_full(test: &str, params: DiskParams) -> Option<Report> {
     );
     fleet.settle(&mut report, params.drain_limit).await;
     Some(report)
+}
+
+/// Restarts every server with a larger `max_file_store`, one at a time.
+async fn free_server_space(fleet: &mut Fleet, grown: u64) {
+    fleet.cluster.set_max_file_store(Some(grown));
+    for i in 0..fleet.cluster.members.len() {
+        fleet.cluster.terminate(i);
+        fleet.cluster.spawn(i);
+    }
+    if let Err(e) = fleet.cluster.wait_ready(3, Duration::from_secs(60)).await {
+        panic!("the cluster did not come back with more space: {e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
