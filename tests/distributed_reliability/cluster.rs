@@ -207,12 +207,18 @@ impl NatsCluster {
 
     /// Waits until JetStream takes a replicated stream across the running members (a meta
     /// leader is elected and enough peers are current), by creating and deleting a probe
-    /// stream with `replicas`.
+    /// stream with `replicas`, and until every existing stream has a leader and every
+    /// replica current (a restarted server has caught up), as an operator waits before
+    /// restarting the next server.
     pub async fn wait_ready(&self, replicas: usize, limit: Duration) -> Result<Duration, String> {
         let started = Instant::now();
         let mut last = String::new();
         while started.elapsed() < limit {
-            match probe(&self.urls(), replicas).await {
+            let ready = match probe(&self.urls(), replicas).await {
+                Ok(()) => streams_current(&self.urls()).await,
+                Err(e) => Err(e),
+            };
+            match ready {
                 Ok(()) => return Ok(started.elapsed()),
                 Err(e) => last = e,
             }
@@ -258,6 +264,38 @@ async fn connect(urls: &str) -> Result<async_nats::Client, String> {
     .await
     .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())
+}
+
+/// Every stream has a leader and all its replicas current and online.
+async fn streams_current(urls: &str) -> Result<(), String> {
+    use futures_util::StreamExt;
+    let js = jetstream::new(connect(urls).await?);
+    let names: Vec<String> = js
+        .stream_names()
+        .filter_map(|name| async move { name.ok() })
+        .collect()
+        .await;
+    for name in names.iter().filter(|n| !n.starts_with("PROBE_")) {
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let info = stream.info().await.map_err(|e| format!("{name}: {e}"))?;
+        let cluster = info.cluster.clone().unwrap_or_default();
+        let behind: Vec<&str> = cluster
+            .replicas
+            .iter()
+            .filter(|peer| !peer.current || peer.offline)
+            .map(|peer| peer.name.as_str())
+            .collect();
+        if cluster.leader.is_none() || !behind.is_empty() {
+            return Err(format!(
+                "stream {name}: leader {:?}, replicas not current: {behind:?}",
+                cluster.leader
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn probe(urls: &str, replicas: usize) -> Result<(), String> {

@@ -64,6 +64,8 @@ pub struct Fleet {
     pub loads: Vec<Load>,
     /// Users per client of the load.
     users: u64,
+    /// Node starts that exited during start-up (and were started again).
+    pub start_failures: usize,
     scratch: tempfile::TempDir,
     pub started: Instant,
 }
@@ -99,6 +101,7 @@ impl Fleet {
             specs,
             loads: Vec::new(),
             users: 1,
+            start_failures: 0,
             scratch,
             started: Instant::now(),
         };
@@ -152,13 +155,34 @@ impl Fleet {
 
     /// Starts node `i` again (fresh process, its own data dir) and gives it its clients
     /// back. Returns the time to `/readyz` 200.
+    ///
+    /// A node exits at start-up when JetStream does not answer its set-up in time (a
+    /// cluster still settling after a server restart): it is started again after a second,
+    /// as a supervisor (systemd, Kubernetes) does, up to ten times; such exits are counted
+    /// in `start_failures`.
     pub async fn start_node(&mut self, i: usize) -> Duration {
-        let node =
-            Gateway::start(&self.specs[i], self.scratch.path(), Duration::from_secs(60)).await;
-        let ready = node.ready_after;
-        self.nodes[i] = Some(node);
-        self.route_clients();
-        ready
+        let spawned = Instant::now();
+        for _ in 0..10 {
+            let (spec, logs) = (self.specs[i].clone(), self.scratch.path().to_path_buf());
+            // `Gateway::start` panics on an exit during start-up: caught here.
+            let attempt =
+                tokio::spawn(
+                    async move { Gateway::start(&spec, &logs, Duration::from_secs(60)).await },
+                );
+            match attempt.await {
+                Ok(node) => {
+                    self.nodes[i] = Some(node);
+                    self.route_clients();
+                    return spawned.elapsed();
+                }
+                Err(e) if e.is_panic() => {
+                    self.start_failures += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => panic!("starting node {i}: {e}"),
+            }
+        }
+        panic!("node {i} did not start in 10 attempts");
     }
 
     /// Whether every node that should run still does.

@@ -81,7 +81,7 @@ impl KillParams {
 
     pub fn long() -> KillParams {
         KillParams {
-            cycles: 40,
+            cycles: 20,
             cycle_ms: (2000, 6000),
             pause: Duration::from_secs(2),
             traffic: traffic(3, 10, 25),
@@ -515,7 +515,7 @@ impl RollingParams {
 
     pub fn long() -> RollingParams {
         RollingParams {
-            rounds: 5,
+            rounds: 3,
             gap: Duration::from_secs(5),
             pause: Duration::from_secs(2),
             traffic: traffic(3, 10, 25),
