@@ -16,7 +16,6 @@
 #[allow(dead_code)]
 #[path = "distributed_reliability/cluster.rs"]
 mod cluster;
-#[allow(dead_code)]
 #[path = "support/deps.rs"]
 mod deps;
 #[allow(dead_code)]
@@ -39,12 +38,10 @@ mod scenarios;
 #[path = "reliability/witness.rs"]
 mod witness;
 
-use std::sync::Mutex;
-
 use scenarios::long;
 
 /// One scenario at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn finish(report: Option<report::Report>) {
     let Some(report) = report else {
@@ -57,7 +54,7 @@ fn finish(report: Option<report::Report>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "per-user order breaks when a nats-server is killed or restarted under load: a later event of a user is first delivered seconds before an earlier one (see docs/reliability.md, Distributed mode)"]
 async fn a_kill_loop_of_nodes_and_servers_loses_nothing_accepted() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let params = if long() {
         scenarios::KillParams::long()
     } else {
@@ -68,7 +65,7 @@ async fn a_kill_loop_of_nodes_and_servers_loses_nothing_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jetstream_outage_answers_503_and_loses_nothing_accepted() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let params = if long() {
         scenarios::OutageParams::long()
     } else {
@@ -79,7 +76,7 @@ async fn a_jetstream_outage_answers_503_and_loses_nothing_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_jetstream_store_answers_503_and_recovers_when_space_is_freed() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let params = if long() {
         scenarios::DiskParams::long_server()
     } else {
@@ -90,7 +87,7 @@ async fn a_full_jetstream_store_answers_503_and_recovers_when_space_is_freed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_events_stream_answers_503_and_recovers_when_drained() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let params = if long() {
         scenarios::DiskParams::long_stream()
     } else {
@@ -102,7 +99,7 @@ async fn a_full_events_stream_answers_503_and_recovers_when_drained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "per-user order breaks when a nats-server is killed or restarted under load: a later event of a user is first delivered seconds before an earlier one (see docs/reliability.md, Distributed mode)"]
 async fn a_rolling_restart_keeps_per_user_order() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let params = if long() {
         scenarios::RollingParams::long()
     } else {
