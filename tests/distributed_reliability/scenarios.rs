@@ -125,6 +125,7 @@ pub async fn kill_loop(test: &str, params: KillParams) -> Option<Report> {
     let mut rng = fastrand::Rng::with_seed(params.seed);
     let (mut node_ready, mut cluster_ready) = (Vec::new(), Vec::new());
     let (mut node_kills, mut server_kills) = (0, 0);
+    let mut stuck = None;
     for cycle in 0..params.cycles {
         let wait = rng.u64(params.cycle_ms.0..=params.cycle_ms.1);
         tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -142,7 +143,11 @@ pub async fn kill_loop(test: &str, params: KillParams) -> Option<Report> {
                 fleet.cluster.spawn(i);
                 match fleet.cluster.wait_ready(3, Duration::from_secs(60)).await {
                     Ok(ready) => cluster_ready.push(ready),
-                    Err(e) => panic!("{test}: cycle {cycle}: {e}"),
+                    Err(e) => {
+                        // Reported, and the accepted events still checked.
+                        stuck = Some(format!("cycle {cycle}, server {i} restarted: {e}"));
+                        break;
+                    }
                 }
             }
         }
@@ -157,6 +162,11 @@ pub async fn kill_loop(test: &str, params: KillParams) -> Option<Report> {
     report.figure(
         "server restart to an R3 stream accepted",
         spread(&cluster_ready),
+    );
+    report.check(
+        "the cluster took replicated streams again after every server restart",
+        stuck.is_none(),
+        stuck.unwrap_or_else(|| format!("{server_kills} restarts")),
     );
     fleet.settle(&mut report, params.drain_limit).await;
     Some(report)
@@ -539,14 +549,17 @@ pub async fn rolling_restart(test: &str, params: RollingParams) -> Option<Report
     fleet.start_load(params.traffic);
     let mut unclean = Vec::new();
     let mut handover = Vec::new();
-    for round in 0..params.rounds {
+    let mut stuck = None;
+    'rounds: for round in 0..params.rounds {
         for i in 0..3 {
             tokio::time::sleep(params.gap).await;
             fleet.cluster.terminate(i);
             tokio::time::sleep(params.pause).await;
             fleet.cluster.spawn(i);
             if let Err(e) = fleet.cluster.wait_ready(3, Duration::from_secs(60)).await {
-                panic!("{test}: round {round}, server {i}: {e}");
+                // Reported, and the accepted events still checked.
+                stuck = Some(format!("round {round}, server {i} restarted: {e}"));
+                break 'rounds;
             }
         }
         for i in 0..2 {
@@ -577,6 +590,11 @@ pub async fn rolling_restart(test: &str, params: RollingParams) -> Option<Report
     report.figure(
         "node restart to both nodes owning partitions",
         spread(&handover),
+    );
+    report.check(
+        "the cluster took replicated streams again after every server restart",
+        stuck.is_none(),
+        stuck.unwrap_or_else(|| format!("{} restarts", 3 * params.rounds)),
     );
     report.check(
         "every node stopped cleanly on SIGTERM",
