@@ -13,10 +13,12 @@ use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
 
+mod console;
 mod engage;
 mod ingest;
 mod nats;
 mod secrets;
+pub use console::ConsoleSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
@@ -250,6 +252,8 @@ pub struct Settings {
     pub integrations: IntegrationSettings,
     /// Segment Engage audiences and Refiner manual segments.
     pub engage: EngageSettings,
+    /// The web console (`[console]`).
+    pub console: ConsoleSettings,
     pub sources: Vec<SourceSettings>,
 }
 
@@ -271,6 +275,7 @@ impl Default for Settings {
             dead_letters: DeadLetterSettings::default(),
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
+            console: ConsoleSettings::default(),
             sources: Vec::new(),
         }
     }
@@ -492,6 +497,7 @@ impl Settings {
         self.listen_addr()?;
         self.validate_refiner_url()?;
         self.engage.validate()?;
+        self.console.validate()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
         }

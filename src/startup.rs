@@ -231,12 +231,21 @@ impl Application {
                 .as_ref()
                 .map(|token| api::management::auth::digest(token.expose())),
         });
+        let console_sessions = api::console::store(
+            settings
+                .admin_token
+                .as_ref()
+                .map(|token| api::management::auth::digest(token.expose())),
+            // `Settings::validate` refuses a proxy that is not an address.
+            settings.console.proxies().unwrap_or_default(),
+        );
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(middleware::from_fn(request_id))
                 .app_data(ingest_state.clone())
                 .app_data(ops_state.clone())
                 .app_data(management_state.clone())
+                .app_data(console_sessions.clone())
                 .configure(ingest::configure)
                 .configure(api::configure)
                 .default_service(web::to(ingest::not_found))

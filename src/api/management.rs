@@ -3,8 +3,8 @@
 //! month, and hourly or daily event counters.
 //!
 //! Conventions:
-//! - Every route needs the admin token ([`auth`]); without a configured token the whole API
-//!   answers 403. The check comes first, so an unauthenticated caller learns nothing about
+//! - Every route needs the admin token or a console session cookie ([`auth`]); without a
+//!   configured token the whole API answers 403. The check comes first, so an unauthenticated caller learns nothing about
 //!   sources or routes.
 //! - Errors are `{"error": {"message", "code", "reason", "requestId"}}` ([`error`]); every
 //!   answer carries `X-Request-Id` (set by the request-id middleware).
@@ -149,11 +149,11 @@ fn authorized_query(request: &HttpRequest, state: &ManagementState) -> Result<Pa
     let params = match Params::from_query(request.query_string()) {
         Ok(params) => params,
         Err(e) => {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(e);
         }
     };
-    auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+    auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
     Ok(params)
 }
 
@@ -168,7 +168,7 @@ async fn authorized_body(
         let chunk =
             chunk.map_err(|e| ApiError::parameter("body", format!("unreadable body: {e}")))?;
         if body.len() + chunk.len() > MAX_BODY_BYTES {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(ApiError::BodyTooLarge(MAX_BODY_BYTES));
         }
         body.extend_from_slice(&chunk);
@@ -182,15 +182,15 @@ async fn authorized_body(
     let mut params = match Params::from_query(request.query_string()) {
         Ok(params) => params,
         Err(e) => {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(e);
         }
     };
     if let Err(e) = params.add_body(&content_type, &body) {
-        auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+        auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
         return Err(e);
     }
-    auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+    auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
     Ok(params)
 }
 
