@@ -94,7 +94,10 @@ async fn every_route_refuses_requests_without_a_session_or_token() {
                 request = request.header(COOKIE, cookie);
             }
             let (status, reason) = reason(request.send().await.expect("request")).await;
-            assert_eq!(status, 401, "{method} {path} with cookie {cookie:?}: {reason}");
+            assert_eq!(
+                status, 401,
+                "{method} {path} with cookie {cookie:?}: {reason}"
+            );
             let expected = if cookie.is_some() {
                 "invalid_session"
             } else {
@@ -321,7 +324,10 @@ fn browser_available(chromium: &Path, package: &Path) -> Result<(), String> {
     if !node.is_ok_and(|o| o.status.success()) {
         return Err("node is missing".into());
     }
-    if !package.join("node_modules/playwright-core/package.json").is_file() {
+    if !package
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
         return Err(format!(
             "{} has no node_modules/playwright-core",
             package.display()

@@ -183,7 +183,10 @@ async fn sign_out(request: HttpRequest, store: web::Data<SessionStore>) -> HttpR
             store.sign_out(&id);
             HttpResponse::Ok()
                 .insert_header((header::CACHE_CONTROL, "no-store"))
-                .insert_header((header::SET_COOKIE, session::clear_cookie(store.secure(&request))))
+                .insert_header((
+                    header::SET_COOKIE,
+                    session::clear_cookie(store.secure(&request)),
+                ))
                 .json(json!({ "signed_out": true }))
         }
         Err(e) => refuse(&request, e),

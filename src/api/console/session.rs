@@ -201,7 +201,9 @@ impl SessionStore {
             .unwrap_or_default();
         let token_ok: bool = presented.ct_eq(csrf.as_bytes()).into();
         if !token_ok {
-            return Err(ApiError::CrossSite("the X-CSRF-Token header is missing or wrong"));
+            return Err(ApiError::CrossSite(
+                "the X-CSRF-Token header is missing or wrong",
+            ));
         }
         if !same_origin(request.headers()) {
             return Err(ApiError::CrossSite("the request is not same-origin"));
@@ -293,7 +295,9 @@ mod tests {
     fn a_session_needs_the_token_and_failures_are_limited() {
         let store = store();
         let peer: IpAddr = "10.0.0.1".parse().expect("ip");
-        let session = store.sign_in(Some(peer), "admin-token-0123").expect("signed in");
+        let session = store
+            .sign_in(Some(peer), "admin-token-0123")
+            .expect("signed in");
         assert_eq!(session.id.len(), 64);
         assert_ne!(session.id, session.csrf);
         for _ in 0..MAX_FAILURES {
@@ -379,7 +383,13 @@ mod tests {
             ttl: SESSION_TTL,
         };
         let text = set_cookie(&s, true);
-        for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure", "Max-Age=43200"] {
+        for part in [
+            "HttpOnly",
+            "SameSite=Strict",
+            "Path=/",
+            "Secure",
+            "Max-Age=43200",
+        ] {
             assert!(text.contains(part), "{text}");
         }
         assert!(!set_cookie(&s, false).contains("Secure"));
