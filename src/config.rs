@@ -15,11 +15,13 @@ use crate::refiner::mapping::MappingOptions;
 
 mod console;
 mod engage;
+mod filters;
 mod ingest;
 mod nats;
 mod secrets;
 pub use console::ConsoleSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
+pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
@@ -255,6 +257,9 @@ pub struct Settings {
     /// The web console (`[console]`).
     pub console: ConsoleSettings,
     pub sources: Vec<SourceSettings>,
+    /// Per source slug: Refiner environments and filter/transform rules
+    /// (`docs/filters.md`).
+    pub filters: std::collections::BTreeMap<String, SourceFilters>,
 }
 
 impl Default for Settings {
@@ -277,6 +282,7 @@ impl Default for Settings {
             engage: EngageSettings::default(),
             console: ConsoleSettings::default(),
             sources: Vec::new(),
+            filters: Default::default(),
         }
     }
 }
@@ -508,6 +514,7 @@ impl Settings {
         self.validate_ingest_limits()?;
         self.validate_integrations()?;
         self.validate_nats()?;
+        self.validate_filters()?;
         if self.spool.dedup_window_secs == 0 {
             return Err(error(
                 "spool.dedup_window_secs (GATEWAY_DEDUP_WINDOW_SECS)",

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod ingest;
 pub mod refiner;
+pub mod reload;
 pub mod request_id;
 pub mod segment;
 pub mod sim;

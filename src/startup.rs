@@ -32,9 +32,11 @@ use actix_web::{middleware, web, App, HttpServer};
 use crate::api::{self, OpsState};
 use crate::config::{Settings, SpoolBackend};
 use crate::datadir::{DataDirError, DataDirLock};
+use crate::dispatch::routing::{Routing, SharedRouting};
 use crate::dispatch::{Dispatcher, Journal};
 use crate::ingest::{self, IngestState};
 use crate::refiner::client::{ClientOptions, RefinerClient};
+use crate::reload::Reloader;
 use crate::request_id::request_id;
 use crate::spool::{Backend, NatsSpool, Spool, SpoolError, SqliteSpool, SqliteSpoolOptions};
 use crate::telemetry::Metrics;
@@ -128,6 +130,8 @@ pub struct Application {
     stats_interval: Duration,
     source_slugs: Vec<String>,
     started: Arc<AtomicBool>,
+    /// Reloads the configuration (SIGHUP, `POST /api/reload`).
+    reloader: Arc<Reloader>,
     /// The data directory's lock (embedded spool only); released when the application is
     /// dropped, after the spool has closed.
     _data_dir_lock: Option<DataDirLock>,
@@ -178,6 +182,10 @@ impl Application {
         let backend = open_backend(settings, &metrics)?;
         let spool = backend.queue.clone();
 
+        let routing =
+            Routing::from_settings(settings).map_err(|e| StartError::Delivery(e.to_string()))?;
+        let routing = Arc::new(SharedRouting::new(routing));
+        let reloader = Arc::new(Reloader::new(None, settings.clone(), routing.clone()));
         let dispatcher = if settings.delivery.enabled {
             let client = RefinerClient::new(&ClientOptions {
                 base_url: settings.refiner.base_url.clone(),
@@ -193,7 +201,8 @@ impl Application {
                 settings.mapping.clone(),
                 metrics.clone(),
             )
-            .with_engage(&settings.engage);
+            .with_engage(&settings.engage)
+            .with_routing(routing.clone());
             // The delivered journal names events by the SQLite spool's `seq`, which is never
             // reused; without it, delivery is the same, with more duplicates after a crash.
             if settings.spool.backend == SpoolBackend::Sqlite {
@@ -239,8 +248,10 @@ impl Application {
             // `Settings::validate` refuses a proxy that is not an address.
             settings.console.proxies().unwrap_or_default(),
         );
+        let reload_state = web::Data::from(reloader.clone());
         let server = HttpServer::new(move || {
             App::new()
+                .app_data(reload_state.clone())
                 .wrap(middleware::from_fn(request_id))
                 .app_data(ingest_state.clone())
                 .app_data(ops_state.clone())
@@ -269,8 +280,16 @@ impl Application {
             stats_interval: Duration::from_millis(settings.spool.stats_interval_ms),
             source_slugs: settings.sources.iter().map(|s| s.slug.clone()).collect(),
             started,
+            reloader,
             _data_dir_lock: data_dir_lock,
         })
+    }
+
+    /// Names the configuration file a reload reads again (`serve --config`); without one, a
+    /// reload is refused (there is nothing to read again).
+    pub fn with_config_file(self, file: Option<std::path::PathBuf>) -> Application {
+        self.reloader.set_file(file);
+        self
     }
 
     /// The port the server listens on.
@@ -313,9 +332,11 @@ impl Application {
             None => Vec::new(),
         };
         let signals = tokio::spawn(stop_on_signal(self.server.handle()));
+        let reloads = tokio::spawn(reload_on_sighup(self.reloader.clone()));
         self.started.store(true, Ordering::Release);
         let result = self.server.await;
         signals.abort();
+        reloads.abort();
         self.started.store(false, Ordering::Release);
         let _ = stop_delivery.send(true);
         let drain = futures_util::future::join_all(workers);
@@ -330,6 +351,29 @@ impl Application {
         self.spool.close().await;
         tracing::info!("gateway stopped");
         result
+    }
+}
+
+/// Reloads the configuration on every SIGHUP (see [`crate::reload`]); a refused reload is
+/// logged with its error and changes nothing.
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /api/reload");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let reloader = reloader.clone();
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(_)) => tracing::info!("SIGHUP: configuration reloaded"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "SIGHUP: reload refused; the running configuration stays")
+            }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed"),
+        }
     }
 }
 

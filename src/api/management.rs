@@ -18,6 +18,7 @@
 
 pub(crate) mod auth;
 pub mod error;
+mod filters;
 mod params;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -113,6 +114,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             )
             .service(resource("/profile/{source}", "GET").route(web::get().to(profile)))
             .service(resource("/metrics/{source}/events", "GET").route(web::get().to(metrics)))
+            .configure(filters::configure)
             .default_service(web::to(not_found)),
     );
 }

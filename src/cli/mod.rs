@@ -356,7 +356,7 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
     };
     runtime.block_on(async {
         let app = match Application::build(&settings) {
-            Ok(app) => app,
+            Ok(app) => app.with_config_file(config.clone()),
             Err(e) => {
                 eprintln!("refiner-gateway: {e}");
                 return ExitCode::from(1);

@@ -24,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -31,9 +32,11 @@ use futures_util::StreamExt;
 use super::journal::Ticket;
 use super::keys::Gate;
 use super::limiter::Signal;
+use super::routing::{Decision, Routing, SourceRoute};
 use super::segments::Resolved;
 use super::{now_ms, Dispatcher};
 use crate::refiner::client::{Failure, Outcome};
+use crate::refiner::filters::DEFAULT_ENVIRONMENT;
 use crate::refiner::mapping::{self, Mapped, Membership, RefinerCall};
 use crate::spool::{DeadLetterRequest, Leased, Postponed, RetryAt, Settlement, Skipped};
 
@@ -42,6 +45,10 @@ pub(super) const SEGMENT_NOT_FOUND: &str = "segment_not_found";
 
 /// Calls of one user: the events (seqs) each call delivers, and the call.
 type Calls = Vec<(Vec<i64>, RefinerCall)>;
+
+/// Calls before coalescing: the event each delivers (`None`: a call that delivers no event
+/// by itself), and the call.
+type Planned = Vec<(Option<i64>, RefinerCall)>;
 
 /// Cuts a user's calls into steps: each identify-user or delete-contact call alone, each
 /// run of consecutive track-event calls together (with a window of 1, every call alone).
@@ -200,44 +207,47 @@ impl Dispatcher {
         let Some(source) = chain.first().map(|e| e.source.clone()) else {
             return out;
         };
-        let Some(api_key) = self.keys.get(&source) else {
-            out.dead.extend(chain.iter().map(|event| DeadLetterRequest {
-                seq: event.seq,
-                status: None,
-                error: format!("no Refiner API key is configured for source `{source}`"),
-                attempted: false,
-            }));
-            self.count_events(&source, "dead_lettered", chain.len());
+        // One snapshot for the whole run: every event sees the same rules and keys.
+        let routing = self.routing.load();
+        let route = routing.sources.get(&source).cloned().unwrap_or_default();
+        if route.api_key.is_none() && route.environments.is_empty() {
+            self.dead_without_key(&source, "default", chain.iter().map(|e| e.seq), &mut out);
             return out;
-        };
-        let calls = self.plan(&chain, &source, &mut out);
-        let run = Run {
+        }
+        let (keys, groups): (Vec<Arc<str>>, Vec<Calls>) = self
+            .plan(&chain, &source, &routing, &route, &mut out)
+            .into_iter()
+            .unzip();
+        let mut run = Run {
             source: &source,
-            api_key,
+            api_key: "",
             probe,
             events: chain.iter().map(|e| (e.seq, e)).collect(),
             stop: AtomicBool::new(false),
             recheck: AtomicBool::new(false),
         };
         let window = self.settings.per_user_window.max(1);
-        for step in steps(calls, window) {
-            // Ack what is done before the next step, keeping the user held: a crash then
-            // redelivers at most the step in flight, not the user's whole run.
-            if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
-                let done = Settlement {
-                    acked: std::mem::take(&mut out.acked),
-                    skipped: std::mem::take(&mut out.skipped),
-                    dead: std::mem::take(&mut out.dead),
-                    keep_holds: true,
-                    ..Settlement::default()
-                };
-                self.settle(done, tickets).await;
-            }
-            let mut answers = futures_util::stream::iter(step)
-                .map(|(seqs, call)| self.send(&run, seqs, call))
-                .buffer_unordered(window);
-            while let Some(sent) = answers.next().await {
-                self.record(&run, sent, &mut out, tickets);
+        for (api_key, calls) in keys.iter().zip(groups) {
+            run.api_key = &**api_key;
+            for step in steps(calls, window) {
+                // Ack what is done before the next step, keeping the user held: a crash then
+                // redelivers at most the step in flight, not the user's whole run.
+                if !out.acked.is_empty() || !out.skipped.is_empty() || !out.dead.is_empty() {
+                    let done = Settlement {
+                        acked: std::mem::take(&mut out.acked),
+                        skipped: std::mem::take(&mut out.skipped),
+                        dead: std::mem::take(&mut out.dead),
+                        keep_holds: true,
+                        ..Settlement::default()
+                    };
+                    self.settle(done, tickets).await;
+                }
+                let mut answers = futures_util::stream::iter(step)
+                    .map(|(seqs, call)| self.send(&run, seqs, call))
+                    .buffer_unordered(window);
+                while let Some(sent) = answers.next().await {
+                    self.record(&run, sent, &mut out, tickets);
+                }
             }
         }
         if run.recheck.load(Ordering::SeqCst) {
@@ -247,73 +257,158 @@ impl Dispatcher {
         out
     }
 
-    /// Maps a user's events to calls; skips and dead letters go straight to `out`.
-    fn plan(&self, chain: &[Leased], source: &str, out: &mut Settlement) -> Calls {
-        let now = now_ms();
-        let interval = (self.settings.ping_interval_secs * 1000) as i64;
+    /// Dead-letters events that have no Refiner API key to go with.
+    fn dead_without_key(
+        &self,
+        source: &str,
+        environment: &str,
+        seqs: impl Iterator<Item = i64>,
+        out: &mut Settlement,
+    ) {
+        let before = out.dead.len();
+        out.dead.extend(seqs.map(|seq| DeadLetterRequest {
+            seq,
+            status: None,
+            error: format!(
+                "no Refiner API key is configured for source `{source}` (environment `{environment}`)"
+            ),
+            attempted: false,
+        }));
+        self.count_events(source, "dead_lettered", out.dead.len() - before);
+    }
+
+    /// Maps a user's events to calls, grouped by API key in delivery order (consecutive
+    /// events for one key form a group, coalesced within it); skips and dead letters go
+    /// straight to `out`.
+    fn plan(
+        &self,
+        chain: &[Leased],
+        source: &str,
+        routing: &Routing,
+        route: &SourceRoute,
+        out: &mut Settlement,
+    ) -> Vec<(Arc<str>, Calls)> {
         // `None`: a call that delivers no event by itself (the attribute of a membership
         // whose event the sync-segment call after it delivers).
-        let mut calls: Vec<(Option<i64>, RefinerCall)> = Vec::with_capacity(chain.len());
+        let mut groups: Vec<(Arc<str>, Planned)> = Vec::new();
         for event in chain {
-            if self.journal.as_ref().is_some_and(|journal| {
-                journal.take_recovered(event.seq, &event.source, &event.message_id)
-            }) {
-                // Refiner answered 2xx to a process that was stopped before committing the
-                // ack: acked now, not sent again.
-                out.acked.push(event.seq);
-                self.count_events(source, "forwarded", 1);
+            let Some((environment, mapped)) = self.decide(event, source, routing, out) else {
                 continue;
-            }
-            let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    out.dead.push(DeadLetterRequest {
-                        seq: event.seq,
-                        status: None,
-                        error: format!("stored payload is not JSON: {e}"),
-                        attempted: false,
-                    });
-                    self.count_events(source, "dead_lettered", 1);
-                    continue;
-                }
             };
-            match mapping::map_named_event(&event.kind, &payload, &self.mapping) {
-                Mapped::Call(call, notes) => {
-                    if notes.truncated > 0 {
-                        self.metrics
-                            .dispatch_truncated_strings_total
-                            .inc_by(notes.truncated as u64);
-                    }
-                    self.push_call(&mut calls, event.seq, call, notes.membership);
-                }
-                Mapped::Ping(user) => {
-                    let recent = self
-                        .pings
-                        .get(&format!("{source}\u{1f}{}", user.key()))
-                        .is_some_and(|last| now - *last < interval);
-                    if recent {
-                        out.skipped.push(Skipped {
-                            seq: event.seq,
-                            reason: "ping_throttled".into(),
-                        });
-                        self.skip(source, "ping_throttled");
-                    } else {
-                        calls.push((Some(event.seq), RefinerCall::ping(user)));
-                    }
-                }
-                Mapped::NotForwarded(reason) => {
-                    out.skipped.push(Skipped {
-                        seq: event.seq,
-                        reason: reason.as_str().into(),
-                    });
-                    self.skip(source, reason.as_str());
-                }
+            let Some(key) = route.key_of(environment.as_deref()) else {
+                let environment = environment.as_deref().unwrap_or(DEFAULT_ENVIRONMENT);
+                self.dead_without_key(source, environment, std::iter::once(event.seq), out);
+                continue;
+            };
+            if groups.last().is_none_or(|(last, _)| *last != key) {
+                groups.push((key, Vec::new()));
+            }
+            if let Some((_, calls)) = groups.last_mut() {
+                self.plan_one(calls, event.seq, source, mapped, out);
             }
         }
-        mapping::coalesce(calls)
+        groups
             .into_iter()
-            .map(|(keys, call)| (keys.into_iter().flatten().collect(), call))
+            .map(|(key, calls)| {
+                let calls = mapping::coalesce(calls)
+                    .into_iter()
+                    .map(|(keys, call)| (keys.into_iter().flatten().collect(), call))
+                    .collect();
+                (key, calls)
+            })
             .collect()
+    }
+
+    /// The rules' and the mapping's verdict on one event, or `None` when the event is
+    /// already settled in `out` (recovered from the journal, unreadable, dropped by a rule).
+    fn decide(
+        &self,
+        event: &Leased,
+        source: &str,
+        routing: &Routing,
+        out: &mut Settlement,
+    ) -> Option<(Option<Arc<str>>, Mapped)> {
+        if self.journal.as_ref().is_some_and(|journal| {
+            journal.take_recovered(event.seq, &event.source, &event.message_id)
+        }) {
+            // Refiner answered 2xx to a process that was stopped before committing the
+            // ack: acked now, not sent again.
+            out.acked.push(event.seq);
+            self.count_events(source, "forwarded", 1);
+            return None;
+        }
+        let payload = match serde_json::from_slice::<serde_json::Value>(&event.payload) {
+            Ok(payload) => payload,
+            Err(e) => {
+                out.dead.push(DeadLetterRequest {
+                    seq: event.seq,
+                    status: None,
+                    error: format!("stored payload is not JSON: {e}"),
+                    attempted: false,
+                });
+                self.count_events(source, "dead_lettered", 1);
+                return None;
+            }
+        };
+        match routing.decide(source, &event.kind, &payload).decision {
+            Decision::Dropped(reason) => {
+                self.skip(source, &reason);
+                out.skipped.push(Skipped {
+                    seq: event.seq,
+                    reason,
+                });
+                None
+            }
+            Decision::Mapped {
+                environment,
+                mapped,
+            } => Some((environment, mapped)),
+        }
+    }
+
+    /// Adds one mapped event to its group's calls (or settles it as skipped).
+    fn plan_one(
+        &self,
+        calls: &mut Planned,
+        seq: i64,
+        source: &str,
+        mapped: Mapped,
+        out: &mut Settlement,
+    ) {
+        let now = now_ms();
+        let interval = (self.settings.ping_interval_secs * 1000) as i64;
+        match mapped {
+            Mapped::Call(call, notes) => {
+                if notes.truncated > 0 {
+                    self.metrics
+                        .dispatch_truncated_strings_total
+                        .inc_by(notes.truncated as u64);
+                }
+                self.push_call(calls, seq, call, notes.membership);
+            }
+            Mapped::Ping(user) => {
+                let recent = self
+                    .pings
+                    .get(&format!("{source}\u{1f}{}", user.key()))
+                    .is_some_and(|last| now - *last < interval);
+                if recent {
+                    out.skipped.push(Skipped {
+                        seq,
+                        reason: "ping_throttled".into(),
+                    });
+                    self.skip(source, "ping_throttled");
+                } else {
+                    calls.push((Some(seq), RefinerCall::ping(user)));
+                }
+            }
+            Mapped::NotForwarded(reason) => {
+                out.skipped.push(Skipped {
+                    seq,
+                    reason: reason.as_str().into(),
+                });
+                self.skip(source, reason.as_str());
+            }
+        }
     }
 
     /// Adds an event's call; an Engage membership that syncs to a manual segment adds the

@@ -34,6 +34,7 @@ mod chain;
 mod journal;
 mod keys;
 mod limiter;
+pub mod routing;
 mod segments;
 
 use std::collections::HashMap;
@@ -52,6 +53,7 @@ use crate::telemetry::Metrics;
 use breaker::{Admit, Breaker};
 use keys::Keys;
 use limiter::Limiter;
+use routing::{Routing, SharedRouting};
 
 pub use journal::Journal;
 use journal::Ticket;
@@ -60,10 +62,9 @@ use journal::Ticket;
 pub struct Dispatcher {
     spool: Arc<dyn Spool>,
     client: RefinerClient,
-    /// Refiner API key per source slug.
-    keys: HashMap<String, String>,
+    /// API keys, environments, rules and mapping options, swapped whole on reload.
+    routing: Arc<SharedRouting>,
     settings: DeliverySettings,
-    mapping: MappingOptions,
     metrics: Metrics,
     limiter: Limiter,
     breaker: Breaker,
@@ -93,14 +94,7 @@ impl Dispatcher {
         mapping: MappingOptions,
         metrics: Metrics,
     ) -> Dispatcher {
-        let keys = sources
-            .iter()
-            .filter_map(|s| {
-                s.refiner_api_key
-                    .as_ref()
-                    .map(|k| (s.slug.clone(), k.expose().to_string()))
-            })
-            .collect();
+        let routing = Arc::new(SharedRouting::new(Routing::without_rules(sources, mapping)));
         let limiter = Limiter::new(
             settings.initial_concurrency,
             settings.max_concurrency,
@@ -121,9 +115,8 @@ impl Dispatcher {
         Dispatcher {
             spool,
             client,
-            keys,
+            routing,
             settings,
-            mapping,
             metrics,
             limiter,
             breaker,
@@ -139,6 +132,13 @@ impl Dispatcher {
     /// does: memberships reach Refiner as contact attributes only).
     pub fn with_engage(mut self, engage: &EngageSettings) -> Dispatcher {
         self.segments = segments::Segments::new(engage);
+        self
+    }
+
+    /// Delivers under `routing` (shared with the reload and preview routes) instead of the
+    /// sources' keys alone.
+    pub fn with_routing(mut self, routing: Arc<SharedRouting>) -> Dispatcher {
+        self.routing = routing;
         self
     }
 

@@ -11,4 +11,5 @@
 //! the calls and acks. The user-facing reference of the mapping is `docs/mapping.md`.
 
 pub mod client;
+pub mod filters;
 pub mod mapping;

@@ -32,6 +32,11 @@ pub struct CallRecord {
     pub user: Option<String>,
     pub auth: AuthMethod,
     pub auth_ok: bool,
+    /// The position in the simulator's `api_keys` of the key that authenticated the call
+    /// (`None` when refused, or when any key is accepted): which Refiner environment the
+    /// call was made for, without recording the key.
+    #[serde(default)]
+    pub key_index: Option<usize>,
     /// The fault injected into this call, if any.
     pub fault: Option<Fault>,
     /// The status answered; `None` if dropped or still in flight.

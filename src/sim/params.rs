@@ -210,17 +210,25 @@ pub enum AuthMethod {
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
     keys: HashSet<String>,
+    /// The configured keys in order, to report which one a call used.
+    order: Vec<String>,
 }
 
 impl KeySet {
     pub fn new(keys: &[String]) -> KeySet {
         KeySet {
             keys: keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
+            order: keys.to_vec(),
         }
     }
 
     fn accepts(&self, key: &str) -> bool {
         !key.is_empty() && (self.keys.is_empty() || self.keys.contains(key))
+    }
+
+    /// The position of `key` in the configured keys (never the key itself).
+    fn position(&self, key: &str) -> Option<usize> {
+        self.order.iter().position(|k| k == key)
     }
 }
 
@@ -230,6 +238,8 @@ pub struct AuthOutcome {
     /// The method that succeeded, else the first one presented, else `None`.
     pub method: AuthMethod,
     pub ok: bool,
+    /// Which configured key authenticated the call (its position in `api_keys`).
+    pub key_index: Option<usize>,
 }
 
 /// Checks every key the call presents; removes `api_key` from the parameters.
@@ -256,6 +266,7 @@ pub fn authenticate(headers: &HeaderMap, params: &mut Params, keys: &KeySet) -> 
             return AuthOutcome {
                 method: *method,
                 ok: true,
+                key_index: key.as_deref().and_then(|k| keys.position(k)),
             };
         }
     }
@@ -265,6 +276,7 @@ pub fn authenticate(headers: &HeaderMap, params: &mut Params, keys: &KeySet) -> 
             .map(|(method, _)| *method)
             .unwrap_or(AuthMethod::None),
         ok: false,
+        key_index: None,
     }
 }
 

@@ -98,6 +98,7 @@ async fn api_call(req: HttpRequest, body: web::Bytes, sim: web::Data<SimState>) 
         user: text_param(&params.map, "id").or_else(|| text_param(&params.map, "email")),
         auth: auth.method,
         auth_ok: auth.ok,
+        key_index: auth.key_index,
         fault: None,
         status: None,
         dropped: false,

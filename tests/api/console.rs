@@ -76,6 +76,7 @@ fn routes() -> Vec<(Method, &'static str)> {
         (Method::GET, "/api/profile/default"),
         (Method::GET, "/api/metrics/default/events"),
         (Method::POST, "/api/sources/default/preview"),
+        (Method::POST, "/api/reload"),
         (Method::GET, "/api/no-such-route"),
         (Method::DELETE, "/console/session"),
         (Method::POST, "/console/sign-out"),

@@ -204,3 +204,27 @@ pub async fn unlabelled_metric(app: &TestApp, name: &str) -> f64 {
         .next()
         .unwrap_or(0.0)
 }
+
+/// Spawns a gateway whose settings were loaded from `file`, which a reload (SIGHUP,
+/// `POST /api/reload`) reads again.
+pub async fn spawn_app_from_file(data_dir: tempfile::TempDir, file: &std::path::Path) -> TestApp {
+    let settings = Settings::load_with(Some(file), |_| None).expect("the test configuration");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let app = Application::build_with_listener(&settings, listener)
+        .expect("build app")
+        .with_config_file(Some(file.to_path_buf()));
+    let port = app.port();
+    let spool = app.spool();
+    let handle = app.handle();
+    let task = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client: reqwest::Client::new(),
+        spool,
+        handle,
+        data_dir,
+        settings,
+        task,
+    }
+}

@@ -8,6 +8,7 @@ mod delivery;
 #[path = "../support/deps.rs"]
 mod deps;
 mod engage;
+mod filters;
 mod helpers;
 mod hostile;
 mod ingest;

@@ -1556,7 +1556,13 @@ async fn every_route_of_the_openapi_document_exists() {
                 answer.status != 404 && answer.status != 405,
                 "{method} {concrete}: {answer:?}"
             );
-            assert!(answer.status < 300, "{method} {concrete}: {answer:?}");
+            // Reload needs a configuration file and preview an event: their answers are
+            // tested in tests/api/filters.rs.
+            let needs_setup = path == "/api/reload" || path.ends_with("/preview");
+            assert!(
+                answer.status < 300 || needs_setup && answer.status == 400,
+                "{method} {concrete}: {answer:?}"
+            );
             let unauthenticated = call(&app, method.clone(), &concrete, Auth::None, None).await;
             assert_eq!(unauthenticated.status, 401, "{method} {concrete}");
             documented.insert(format!("{method} {path}"));
@@ -1573,13 +1579,15 @@ async fn every_route_of_the_openapi_document_exists() {
         "DELETE /api/events/{source}/dead-letters/{id}",
         "GET /api/profile/{source}",
         "GET /api/metrics/{source}/events",
+        "POST /api/reload",
+        "POST /api/sources/{source}/preview",
     ] {
         assert!(
             documented.contains(route),
             "{route} is not in docs/openapi.yaml: {documented:?}"
         );
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 10);
     app.stop().await;
 }
 
