@@ -209,8 +209,8 @@ async function main() {
     await signIn(page);
 
 
-    await deadLetter(page);
 
+    await playground(page);
     await signOut(page, context);
   } finally {
     await context.close();
