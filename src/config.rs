@@ -13,10 +13,12 @@ use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
 
+mod delivery_log;
 mod engage;
 mod ingest;
 mod nats;
 mod secrets;
+pub use delivery_log::DeliveryLogSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
@@ -246,6 +248,8 @@ pub struct Settings {
     pub mapping: MappingOptions,
     pub nats: NatsSettings,
     pub dead_letters: DeadLetterSettings,
+    /// The delivery log and the live view.
+    pub delivery_log: DeliveryLogSettings,
     /// Segment's `integrations` object: the names that select this gateway.
     pub integrations: IntegrationSettings,
     /// Segment Engage audiences and Refiner manual segments.
@@ -269,6 +273,7 @@ impl Default for Settings {
             mapping: MappingOptions::default(),
             nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
+            delivery_log: DeliveryLogSettings::default(),
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
             sources: Vec::new(),
@@ -664,6 +669,7 @@ impl Settings {
                 "must be between 1 and 36500",
             ));
         }
+        self.delivery_log.validate()?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! directory, driven over real HTTP.
 
 mod backup;
+mod console_api;
 mod crash;
 mod delivery;
 #[path = "../support/deps.rs"]
