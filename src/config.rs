@@ -14,12 +14,14 @@ use serde::Deserialize;
 use crate::refiner::mapping::MappingOptions;
 
 mod console;
+mod delivery_log;
 mod engage;
 mod filters;
 mod ingest;
 mod nats;
 mod secrets;
 pub use console::ConsoleSettings;
+pub use delivery_log::DeliveryLogSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
@@ -250,6 +252,8 @@ pub struct Settings {
     pub mapping: MappingOptions,
     pub nats: NatsSettings,
     pub dead_letters: DeadLetterSettings,
+    /// The delivery log and the live view.
+    pub delivery_log: DeliveryLogSettings,
     /// Segment's `integrations` object: the names that select this gateway.
     pub integrations: IntegrationSettings,
     /// Segment Engage audiences and Refiner manual segments.
@@ -278,6 +282,7 @@ impl Default for Settings {
             mapping: MappingOptions::default(),
             nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
+            delivery_log: DeliveryLogSettings::default(),
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
             console: ConsoleSettings::default(),
@@ -677,6 +682,7 @@ impl Settings {
                 "must be between 1 and 36500",
             ));
         }
+        self.delivery_log.validate()?;
         Ok(())
     }
 

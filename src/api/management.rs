@@ -16,9 +16,13 @@
 //! - Handlers only parse, call the [`Spool`] trait and shape the answer: the API never
 //!   touches storage directly.
 
+pub mod activity;
 pub(crate) mod auth;
 pub mod error;
 mod filters;
+mod events;
+mod live;
+mod overview;
 mod params;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,6 +116,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::get().to(show))
                     .route(web::delete().to(delete_one)),
             )
+            .service(resource("/events/{source}", "GET").route(web::get().to(events::lookup)))
+            .service(resource("/live", "GET").route(web::get().to(live::live)))
+            .service(resource("/overview", "GET").route(web::get().to(overview::overview)))
             .service(resource("/profile/{source}", "GET").route(web::get().to(profile)))
             .service(resource("/metrics/{source}/events", "GET").route(web::get().to(metrics)))
             .configure(filters::configure)

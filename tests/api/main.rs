@@ -3,6 +3,7 @@
 
 mod backup;
 mod console;
+mod console_api;
 mod crash;
 mod delivery;
 #[path = "../support/deps.rs"]
