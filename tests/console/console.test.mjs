@@ -100,7 +100,7 @@ async function liveView(page) {
   await send('track', { messageId, userId: 'u-console', event: 'Console Test', properties: { plan: 'pro' } });
   await page.waitForSelector(entry, { timeout: 1000 });
   timings.live_event_ms = Date.now() - sent;
-  await page.waitForSelector(`${entry}[data-outcome="delivered"] .calls .call`, { timeout: Math.max(1, 1000 - (Date.now() - sent)) });
+  await page.waitForSelector(`${entry}[data-outcome="delivered"] .calls .call`, { state: 'attached', timeout: Math.max(1, 1000 - (Date.now() - sent)) });
   timings.live_outcome_ms = Date.now() - sent;
   await page.click(`${entry} summary`);
   const calls = await page.$$eval(`${entry} .calls .call`, (els) => els.map((e) => e.textContent));
