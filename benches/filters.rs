@@ -239,8 +239,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let mut sim_options = SimOptions::default();
-        sim_options.log_capacity = 1000;
+        let sim_options = SimOptions {
+            log_capacity: 1000,
+            ..SimOptions::default()
+        };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let simulator = sim::spawn(listener, sim_options).await.expect("simulator");
         println!(

@@ -19,8 +19,8 @@
 pub mod activity;
 pub(crate) mod auth;
 pub mod error;
-mod filters;
 mod events;
+mod filters;
 mod live;
 mod overview;
 mod params;

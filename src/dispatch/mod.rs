@@ -34,8 +34,8 @@ mod chain;
 mod journal;
 mod keys;
 mod limiter;
-pub mod routing;
 mod observe;
+pub mod routing;
 mod segments;
 
 use std::collections::HashMap;

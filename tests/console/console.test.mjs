@@ -87,7 +87,6 @@ async function signIn(page) {
   await page.waitForSelector('#top:not([hidden])');
   step('overview');
   await page.waitForSelector('#overview .card[data-source="default"] svg');
-  await shot(page, 'overview');
 }
 
 async function liveView(page) {
@@ -176,6 +175,10 @@ async function playground(page) {
 }
 
 async function signOut(page, context) {
+  step('overview after the traffic');
+  await page.click('nav a[data-page="overview"]');
+  await page.waitForSelector('#overview .card[data-source="default"] svg');
+  await shot(page, 'overview');
   step('sign out; the old session is refused by /api and /console');
   const cookies = await context.cookies(GATEWAY);
   const session = cookies.find((c) => c.name === 'refiner_gateway_session');
