@@ -14,12 +14,16 @@ use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
 
+mod console;
+mod delivery_log;
 mod engage;
 mod filters;
 mod ingest;
 mod load;
 mod nats;
 mod secrets;
+pub use console::ConsoleSettings;
+pub use delivery_log::DeliveryLogSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
 pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
@@ -250,10 +254,14 @@ pub struct Settings {
     pub mapping: MappingOptions,
     pub nats: NatsSettings,
     pub dead_letters: DeadLetterSettings,
+    /// The delivery log and the live view.
+    pub delivery_log: DeliveryLogSettings,
     /// Segment's `integrations` object: the names that select this gateway.
     pub integrations: IntegrationSettings,
     /// Segment Engage audiences and Refiner manual segments.
     pub engage: EngageSettings,
+    /// The web console (`[console]`).
+    pub console: ConsoleSettings,
     pub sources: Vec<SourceSettings>,
     /// Per source slug: Refiner environments and filter/transform rules
     /// (`docs/filters.md`).
@@ -276,8 +284,10 @@ impl Default for Settings {
             mapping: MappingOptions::default(),
             nats: NatsSettings::default(),
             dead_letters: DeadLetterSettings::default(),
+            delivery_log: DeliveryLogSettings::default(),
             integrations: IntegrationSettings::default(),
             engage: EngageSettings::default(),
+            console: ConsoleSettings::default(),
             sources: Vec::new(),
             filters: Default::default(),
         }
@@ -433,6 +443,7 @@ impl Settings {
         self.listen_addr()?;
         self.validate_refiner_url()?;
         self.engage.validate()?;
+        self.console.validate()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(error("data_dir (GATEWAY_DATA_DIR)", "must not be empty"));
         }
@@ -606,6 +617,7 @@ impl Settings {
                 "must be between 1 and 36500",
             ));
         }
+        self.delivery_log.validate()?;
         Ok(())
     }
 

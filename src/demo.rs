@@ -5,6 +5,9 @@
 //! the embedded spool in `data_dir`. Both stop on Ctrl-C / SIGTERM. Nothing leaves
 //! 127.0.0.1.
 //!
+//! The web console is at `/console` on the gateway's address (the banner prints it); it
+//! signs in with the admin token.
+//!
 //! The management API is on: the admin token is made once, kept in `data_dir/admin-token`
 //! (readable by the user alone) and printed, so the same token works after a restart and
 //! scripts can read it. The simulator keeps what it received in memory only: after a
@@ -145,6 +148,8 @@ fn banner(b: &Banner) -> String {
          \n  Refiner simulator  {simulator}/v1   (API key: {DEMO_REFINER_KEY})\
          \n  spool              {data_dir}\
          \n  admin token        {admin_token}   (also in {token_file})\
+         \n\nOpen the console and sign in with the admin token:\n\
+         \n  {gateway}/console\
          \n\nSend an event:\n\
          \n  curl -u {DEMO_WRITE_KEY}: {gateway}/v1/identify -d '{{\"userId\":\"u1\",\"traits\":{{\"email\":\"ada@example.com\",\"plan\":\"pro\"}}}}'\
          \n  curl -u {DEMO_WRITE_KEY}: {gateway}/v1/track -d '{{\"userId\":\"u1\",\"event\":\"Signed Up\"}}'\
@@ -191,6 +196,7 @@ mod tests {
             "curl -H 'Authorization: Bearer demo-admin-0123456789abcdef' http://127.0.0.1:18080/api/events/default/dead-letters",
             "refiner-gateway dead-letters list --url http://127.0.0.1:18080 --token demo-admin-0123456789abcdef",
             "curl http://127.0.0.1:18090/_sim/state",
+            "Open the console and sign in with the admin token:\n\n  http://127.0.0.1:18080/console\n",
             "keeps what it received in memory",
         ] {
             assert!(text.contains(expected), "{expected:?} not in:\n{text}");

@@ -4,6 +4,7 @@
 //! Data flow: `ingest` (HTTP) → `segment` (parse, validate, normalize; pure) →
 //! `spool` (durable queue) → delivery. See `docs/architecture.md`.
 
+pub mod activity;
 pub mod api;
 pub mod backup;
 pub mod cli;

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{middleware, web, App, HttpServer};
 
+use crate::activity::Activity;
 use crate::api::{self, OpsState};
 use crate::config::{Settings, SpoolBackend};
 use crate::datadir::{DataDirError, DataDirLock};
@@ -156,6 +157,7 @@ async fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend,
             options.dead_letter_retention =
                 Duration::from_secs(settings.dead_letters.retention_days * 24 * 3600);
             options.sources = settings.sources.iter().map(|s| s.slug.clone()).collect();
+            options.delivery_log = settings.delivery_log.options();
             Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
         }
         SpoolBackend::Nats => {
@@ -187,6 +189,10 @@ impl Application {
         let metrics = Metrics::new();
         let backend = open_backend(settings, &metrics).await?;
         let spool = backend.queue.clone();
+        let activity = Arc::new(Activity::new(
+            backend.delivery_log.clone(),
+            settings.delivery_log.max_live_clients,
+        ));
 
         let routing =
             Routing::from_settings(settings).map_err(|e| StartError::Delivery(e.to_string()))?;
@@ -208,7 +214,8 @@ impl Application {
                 metrics.clone(),
             )
             .with_engage(&settings.engage)
-            .with_routing(routing.clone());
+            .with_routing(routing.clone())
+            .with_activity(activity.clone());
             // The delivered journal names events by the SQLite spool's `seq`, which is never
             // reused; without it, delivery is the same, with more duplicates after a crash.
             if settings.spool.backend == SpoolBackend::Sqlite {
@@ -232,8 +239,15 @@ impl Application {
                 source,
             })?
             .port();
-        let ingest_state =
-            web::Data::new(IngestState::new(settings, spool.clone(), metrics.clone()));
+        let ingest_state = web::Data::new(
+            IngestState::new(settings, spool.clone(), metrics.clone())
+                .with_activity(activity.clone()),
+        );
+        let activity_state = web::Data::new(api::management::activity::ActivityState::new(
+            &backend,
+            activity,
+            dispatcher.clone(),
+        ));
         let started = Arc::new(AtomicBool::new(false));
         let management_state =
             web::Data::new(api::management::ManagementState::new(settings, &backend));
@@ -246,6 +260,14 @@ impl Application {
                 .as_ref()
                 .map(|token| api::management::auth::digest(token.expose())),
         });
+        let console_sessions = api::console::store(
+            settings
+                .admin_token
+                .as_ref()
+                .map(|token| api::management::auth::digest(token.expose())),
+            // `Settings::validate` refuses a proxy that is not an address.
+            settings.console.proxies().unwrap_or_default(),
+        );
         let reload_state = web::Data::from(reloader.clone());
         let server = HttpServer::new(move || {
             App::new()
@@ -254,6 +276,8 @@ impl Application {
                 .app_data(ingest_state.clone())
                 .app_data(ops_state.clone())
                 .app_data(management_state.clone())
+                .app_data(console_sessions.clone())
+                .app_data(activity_state.clone())
                 .configure(routes)
                 .default_service(web::to(ingest::not_found))
         })

@@ -571,6 +571,9 @@ fn every_management_error_reason_is_documented_with_its_status() {
         ApiError::Overloaded,
         ApiError::Unavailable(String::new()),
         ApiError::NotSupported(String::new()),
+        ApiError::InvalidSession,
+        ApiError::CrossSite(""),
+        ApiError::TooManyAttempts,
     ];
     // Fails to compile when a variant is added: add it above, and document its reason.
     for error in &all {
@@ -585,7 +588,10 @@ fn every_management_error_reason_is_documented_with_its_status() {
             | ApiError::BodyTooLarge(_)
             | ApiError::Overloaded
             | ApiError::Unavailable(_)
-            | ApiError::NotSupported(_) => {}
+            | ApiError::NotSupported(_)
+            | ApiError::InvalidSession
+            | ApiError::CrossSite(_)
+            | ApiError::TooManyAttempts => {}
         }
     }
     let reasons: BTreeSet<&str> = all.iter().map(ApiError::reason).collect();

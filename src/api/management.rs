@@ -3,8 +3,8 @@
 //! month, and hourly or daily event counters.
 //!
 //! Conventions:
-//! - Every route needs the admin token ([`auth`]); without a configured token the whole API
-//!   answers 403. The check comes first, so an unauthenticated caller learns nothing about
+//! - Every route needs the admin token or a console session cookie ([`auth`]); without a
+//!   configured token the whole API answers 403. The check comes first, so an unauthenticated caller learns nothing about
 //!   sources or routes.
 //! - Errors are `{"error": {"message", "code", "reason", "requestId"}}` ([`error`]); every
 //!   answer carries `X-Request-Id` (set by the request-id middleware).
@@ -16,9 +16,13 @@
 //! - Handlers only parse, call the [`Spool`] trait and shape the answer: the API never
 //!   touches storage directly.
 
+pub mod activity;
 pub(crate) mod auth;
 pub mod error;
+mod events;
 mod filters;
+mod live;
+mod overview;
 mod params;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,6 +116,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::get().to(show))
                     .route(web::delete().to(delete_one)),
             )
+            .service(resource("/events/{source}", "GET").route(web::get().to(events::lookup)))
+            .service(resource("/live", "GET").route(web::get().to(live::live)))
+            .service(resource("/overview", "GET").route(web::get().to(overview::overview)))
             .service(resource("/profile/{source}", "GET").route(web::get().to(profile)))
             .service(resource("/metrics/{source}/events", "GET").route(web::get().to(metrics)))
             .configure(filters::configure)
@@ -151,11 +158,11 @@ fn authorized_query(request: &HttpRequest, state: &ManagementState) -> Result<Pa
     let params = match Params::from_query(request.query_string()) {
         Ok(params) => params,
         Err(e) => {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(e);
         }
     };
-    auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+    auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
     Ok(params)
 }
 
@@ -170,7 +177,7 @@ async fn authorized_body(
         let chunk =
             chunk.map_err(|e| ApiError::parameter("body", format!("unreadable body: {e}")))?;
         if body.len() + chunk.len() > MAX_BODY_BYTES {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(ApiError::BodyTooLarge(MAX_BODY_BYTES));
         }
         body.extend_from_slice(&chunk);
@@ -184,15 +191,15 @@ async fn authorized_body(
     let mut params = match Params::from_query(request.query_string()) {
         Ok(params) => params,
         Err(e) => {
-            auth::authorize(state.admin.as_ref(), request.headers(), &[])?;
+            auth::authorize_request(request, state.admin.as_ref(), &[])?;
             return Err(e);
         }
     };
     if let Err(e) = params.add_body(&content_type, &body) {
-        auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+        auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
         return Err(e);
     }
-    auth::authorize(state.admin.as_ref(), request.headers(), &params.api_keys())?;
+    auth::authorize_request(request, state.admin.as_ref(), &params.api_keys())?;
     Ok(params)
 }
 

@@ -11,6 +11,7 @@
 //! digest in constant time, like the admin token (see `management::auth`). The probes stay
 //! open: the kubelet calls them without credentials and they reveal nothing.
 
+pub mod console;
 pub mod management;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
     management::configure(cfg);
+    console::configure(cfg);
 }
 
 async fn healthz() -> HttpResponse {

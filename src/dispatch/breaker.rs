@@ -83,6 +83,18 @@ impl Breaker {
             .unwrap_or(false)
     }
 
+    /// `closed`, `open` (cooling down) or `half_open` (its cooldown over: a probe may go).
+    pub fn state_name(&self) -> &'static str {
+        let Ok(state) = self.state.lock() else {
+            return "closed";
+        };
+        match state.open_until {
+            None => "closed",
+            Some(until) if Instant::now() < until && !state.probing => "open",
+            Some(_) => "half_open",
+        }
+    }
+
     /// A probe that found nothing to send, or whose event made no call, gives its turn
     /// back.
     pub fn probe_abandoned(&self) {

@@ -179,6 +179,8 @@ enum Sent {
         call: RefinerCall,
         outcome: Outcome,
         tickets: Vec<Ticket>,
+        /// How long the call took (zero when it was not sent).
+        latency: Duration,
     },
 }
 
@@ -212,6 +214,7 @@ impl Dispatcher {
         let route = routing.sources.get(&source).cloned().unwrap_or_default();
         if route.api_key.is_none() && route.environments.is_empty() {
             self.dead_without_key(&source, "default", chain.iter().map(|e| e.seq), &mut out);
+            self.publish_outcomes(&chain.iter().map(|e| (e.seq, e)).collect(), &out);
             return out;
         }
         let (keys, groups): (Vec<Arc<str>>, Vec<Calls>) = self
@@ -237,9 +240,11 @@ impl Dispatcher {
                         acked: std::mem::take(&mut out.acked),
                         skipped: std::mem::take(&mut out.skipped),
                         dead: std::mem::take(&mut out.dead),
+                        notes: std::mem::take(&mut out.notes),
                         keep_holds: true,
                         ..Settlement::default()
                     };
+                    self.publish_outcomes(&run.events, &done);
                     self.settle(done, tickets).await;
                 }
                 let mut answers = futures_util::stream::iter(step)
@@ -254,6 +259,7 @@ impl Dispatcher {
             // Nothing answered the recheck (all released): the next run may try.
             self.gates.recheck_abandoned(&source);
         }
+        self.publish_outcomes(&run.events, &out);
         out
     }
 
@@ -492,6 +498,7 @@ impl Dispatcher {
                     call,
                     outcome,
                     tickets: Vec::new(),
+                    latency: Duration::ZERO,
                 })
             }
         }
@@ -561,11 +568,13 @@ impl Dispatcher {
         if matches!(outcome, Outcome::Retry { .. }) {
             run.stop.store(true, Ordering::SeqCst);
         }
+        self.observe_latency(run.source, latency);
         Sent::Answered {
             seqs,
             call,
             outcome,
             tickets,
+            latency,
         }
     }
 
@@ -596,7 +605,12 @@ impl Dispatcher {
                 call,
                 outcome,
                 tickets,
-            } => (seqs, call, outcome, tickets),
+                latency,
+            } => {
+                out.notes
+                    .extend(Self::notes(&seqs, &call, &outcome, latency, now_ms()));
+                (seqs, call, outcome, tickets)
+            }
         };
         tickets.extend(new_tickets);
         let source = run.source;
@@ -840,7 +854,14 @@ mod tests {
     #[test]
     fn a_2xx_acks_every_coalesced_event() {
         let events = [leased(1, 0, 0), leased(2, 0, 0)];
-        let (verdict, out) = apply_to(Outcome::Delivered { status: 200 }, &events, 10);
+        let (verdict, out) = apply_to(
+            Outcome::Delivered {
+                status: 200,
+                body: String::new(),
+            },
+            &events,
+            10,
+        );
         assert_eq!(verdict, Verdict::Go);
         assert_eq!(out.acked, vec![1, 2]);
     }

@@ -34,6 +34,7 @@ mod chain;
 mod journal;
 mod keys;
 mod limiter;
+mod observe;
 pub mod routing;
 mod segments;
 
@@ -45,6 +46,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
+use crate::activity::Activity;
 use crate::config::{DeliverySettings, EngageSettings, SourceSettings};
 use crate::refiner::client::RefinerClient;
 use crate::refiner::mapping::MappingOptions;
@@ -79,6 +81,8 @@ pub struct Dispatcher {
     running: AtomicUsize,
     /// The Refiner manual segment of each Engage audience that syncs to one.
     segments: segments::Segments,
+    /// The console's live feed and per-minute counts.
+    activity: Arc<Activity>,
 }
 
 fn now_ms() -> i64 {
@@ -125,6 +129,7 @@ impl Dispatcher {
             journal: None,
             running: AtomicUsize::new(0),
             segments: segments::Segments::new(&EngageSettings::default()),
+            activity: Arc::new(Activity::default()),
         }
     }
 
@@ -281,9 +286,11 @@ impl Dispatcher {
             .dispatch_events_total
             .with_label_values(&[source, outcome])
             .inc_by(n as u64);
+        self.count_activity(source, outcome, n);
     }
 
     fn skip(&self, source: &str, reason: &str) {
+        self.count_skip(source, reason);
         self.metrics
             .dispatch_skipped_total
             .with_label_values(&[source, reason])

@@ -32,6 +32,7 @@ use actix_cors::Cors;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::activity::Activity;
 use crate::config::Settings;
 use crate::segment::{self, Arrival, Destinations, EventType, Limits, Parsed};
 use crate::spool::{AppendRequest, Spool};
@@ -56,6 +57,8 @@ pub struct IngestState {
     /// Per source (by [`SourceAuth::index`]): the names in `integrations` that select the
     /// gateway.
     pub destinations: Vec<Destinations>,
+    /// The console's live feed and counts, and the delivery log of refused events.
+    pub activity: Arc<Activity>,
 }
 
 impl IngestState {
@@ -82,7 +85,14 @@ impl IngestState {
                 .map(|source| settings.integrations.destinations(&source.slug))
                 .collect(),
             metrics,
+            activity: Arc::new(Activity::default()),
         }
+    }
+
+    /// Reports accepted and refused events to `activity` (the console's).
+    pub fn with_activity(mut self, activity: Arc<Activity>) -> IngestState {
+        self.activity = activity;
+        self
     }
 
     /// The destination names of `source`.
@@ -296,6 +306,9 @@ async fn accept(
         }
     }
     report_refused(state, source, &parsed.refused);
+    state
+        .activity
+        .refused(&source.slug, received_at_ms, &parsed.refused);
     let answer = || success_with(&parsed.refused);
     if events.is_empty() {
         return Ok(answer());
@@ -309,6 +322,8 @@ async fn accept(
     for event in &events {
         per_type[event.kind as usize] += 1;
     }
+    // Shown live only when someone watches: no copy otherwise.
+    let shown = state.activity.live.watched().then(|| events.clone());
     let appended = state
         .spool
         .append(AppendRequest {
@@ -334,6 +349,12 @@ async fn accept(
         }
     }
     let report = appended?;
+    state.activity.accepted(
+        &source.slug,
+        received_at_ms,
+        shown.as_deref().unwrap_or_default(),
+        report.queued,
+    );
     if report.duplicates > 0 {
         state
             .metrics

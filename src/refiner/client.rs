@@ -26,6 +26,8 @@ pub const MAX_KEPT_BODY: usize = 2048;
 pub enum Outcome {
     Delivered {
         status: u16,
+        /// Refiner's answer (its first bytes), for the delivery log.
+        body: String,
     },
     /// A transient failure: try again later.
     Retry {
@@ -38,10 +40,7 @@ pub enum Outcome {
         error: String,
     },
     /// A permanent failure: retrying would get the same answer.
-    Reject {
-        status: u16,
-        body: String,
-    },
+    Reject { status: u16, body: String },
 }
 
 /// Why a call failed transiently.
@@ -59,7 +58,9 @@ impl Outcome {
     /// The status label for metrics: the code, or `timeout` / `connection`.
     pub fn status_label(&self) -> String {
         match self {
-            Outcome::Delivered { status } | Outcome::Reject { status, .. } => status.to_string(),
+            Outcome::Delivered { status, .. } | Outcome::Reject { status, .. } => {
+                status.to_string()
+            }
             Outcome::Retry { kind, .. } => kind.label(),
         }
     }
@@ -254,7 +255,7 @@ fn transport_failure(e: &reqwest::Error) -> Outcome {
 fn classify(status: StatusCode, retry_after: Option<Duration>, body: String) -> Outcome {
     let code = status.as_u16();
     if status.is_success() {
-        Outcome::Delivered { status: code }
+        Outcome::Delivered { status: code, body }
     } else if is_retryable(code) {
         Outcome::Retry {
             kind: Failure::Status(code),
@@ -308,8 +309,14 @@ mod tests {
         for code in [400, 401, 403, 404, 409, 422, 501, 301] {
             assert!(!is_retryable(code), "{code}");
         }
-        let ok = classify(StatusCode::OK, None, String::new());
-        assert_eq!(ok, Outcome::Delivered { status: 200 });
+        let ok = classify(StatusCode::OK, None, "{}".into());
+        assert_eq!(
+            ok,
+            Outcome::Delivered {
+                status: 200,
+                body: "{}".into()
+            }
+        );
         let rejected = classify(StatusCode::BAD_REQUEST, None, "{\"error\":\"x\"}".into());
         assert_eq!(
             rejected,

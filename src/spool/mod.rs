@@ -23,6 +23,7 @@ pub mod conformance;
 #[doc(hidden)]
 pub mod metering_conformance;
 pub mod dedup;
+pub mod delivery_log;
 pub mod nats;
 pub mod sqlite;
 
@@ -128,6 +129,8 @@ pub struct Settlement {
     /// A partial outcome of a batch still in progress: the users stay held (their later
     /// events are still being delivered). The final settlement of a batch leaves it false.
     pub keep_holds: bool,
+    /// The attempts behind this outcome, for the delivery log (see [`delivery_log`]).
+    pub notes: Vec<delivery_log::AttemptNote>,
 }
 
 impl Settlement {
@@ -244,6 +247,8 @@ pub struct Backend {
     pub queue: Arc<dyn Spool>,
     pub dead_letters: Arc<dyn DeadLetters>,
     pub metering: Option<Arc<dyn Metering>>,
+    /// What became of each event, where the backend keeps it (see [`delivery_log`]).
+    pub delivery_log: Option<Arc<dyn delivery_log::DeliveryLog>>,
 }
 
 impl Backend {
@@ -253,7 +258,8 @@ impl Backend {
         Backend {
             queue: spool.clone(),
             dead_letters: spool.clone(),
-            metering: Some(spool),
+            metering: Some(spool.clone()),
+            delivery_log: Some(spool),
         }
     }
 
@@ -264,6 +270,7 @@ impl Backend {
             queue: spool.clone(),
             dead_letters: spool.clone(),
             metering: Some(spool),
+            delivery_log: None,
         }
     }
 }

@@ -4,6 +4,8 @@
 mod backup;
 #[path = "../support/common.rs"]
 mod common;
+mod console;
+mod console_api;
 mod crash;
 mod delivery;
 #[path = "../support/deps.rs"]

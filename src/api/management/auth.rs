@@ -6,8 +6,13 @@
 //! does not depend on how much of a guess is right. Every credential a request presents must
 //! be the token: a right token in one place does not excuse a wrong one in another. A write
 //! key is never an admin token (configuration refuses a token equal to a write key).
+//!
+//! [`authorize_request`] also accepts the web console's session cookie in place of the token
+//! (see `api::console::session`): only when the request presents no token at all, and with
+//! the CSRF and same-origin checks on every method other than GET and HEAD.
 
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
+use actix_web::{web, HttpRequest};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -70,6 +75,25 @@ pub fn authorize(
     } else {
         Err(ApiError::InvalidToken)
     }
+}
+
+/// Checks a request: the admin token as [`authorize`] does, or, when it presents no token,
+/// a console session cookie (the session store must be in the app data).
+pub fn authorize_request(
+    request: &HttpRequest,
+    expected: Option<&[u8; 32]>,
+    api_keys: &[&str],
+) -> Result<(), ApiError> {
+    let presents_token = !api_keys.is_empty() || request.headers().contains_key(AUTHORIZATION);
+    if !presents_token && expected.is_some() {
+        if let Some(id) = crate::api::console::session::cookie(request.headers()) {
+            let store = request
+                .app_data::<web::Data<crate::api::console::session::SessionStore>>()
+                .ok_or(ApiError::InvalidSession)?;
+            return store.authorize(request, &id).map(|_| ());
+        }
+    }
+    authorize(expected, request.headers(), api_keys)
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use crate::spool::SpoolError;
 
 /// Seconds a client is asked to wait after a 429 or 503.
 const RETRY_AFTER_SECS: u64 = 1;
+/// Seconds a client is asked to wait after too many failed console sign-ins.
+const SIGN_IN_RETRY_AFTER_SECS: u64 = 60;
 
 /// Why a management request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +41,15 @@ pub enum ApiError {
     /// The configured spool backend does not offer the operation.
     #[error("{0}")]
     NotSupported(String),
+    /// A console session cookie that names no live session (expired, signed out, unknown).
+    #[error("the console session has expired or was signed out; sign in again")]
+    InvalidSession,
+    /// A cookie-authenticated action without the session's CSRF token or from another site.
+    #[error("cross-site request refused: {0}")]
+    CrossSite(&'static str),
+    /// Too many failed console sign-ins from one address.
+    #[error("too many failed sign-ins; retry in a minute")]
+    TooManyAttempts,
 }
 
 impl ApiError {
@@ -60,6 +71,9 @@ impl ApiError {
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::InvalidSession => StatusCode::UNAUTHORIZED,
+            ApiError::CrossSite(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -77,11 +91,14 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::NotSupported(_) => "not_supported",
+            ApiError::InvalidSession => "invalid_session",
+            ApiError::CrossSite(_) => "cross_site",
+            ApiError::TooManyAttempts => "too_many_attempts",
         }
     }
 
     /// Every reason, for the documentation check.
-    pub const REASONS: [&'static str; 11] = [
+    pub const REASONS: [&'static str; 14] = [
         "api_disabled",
         "missing_token",
         "invalid_token",
@@ -93,6 +110,9 @@ impl ApiError {
         "overloaded",
         "unavailable",
         "not_supported",
+        "invalid_session",
+        "cross_site",
+        "too_many_attempts",
     ];
 
     /// The answer, carrying the request's id.
@@ -108,6 +128,9 @@ impl ApiError {
             }
             ApiError::Overloaded => {
                 response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+            }
+            ApiError::TooManyAttempts => {
+                response.insert_header((header::RETRY_AFTER, SIGN_IN_RETRY_AFTER_SECS.to_string()));
             }
             ApiError::Unavailable(cause) => {
                 tracing::error!(%cause, "management API answered 503");

@@ -30,6 +30,7 @@ mod checkpointer;
 mod dedup;
 pub mod keys;
 mod lanes;
+mod log;
 mod schema;
 mod wal_sync;
 mod writer;
@@ -48,6 +49,10 @@ use self::admin as admin_sql;
 use crate::spool::admin::{
     month_of, CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     ReplayReport, SourceUsage,
+};
+use crate::spool::delivery_log::{
+    DeliveryLog, DeliveryLogOptions, EventFacts, LogQuery, LogSize, LoggedEvent, RefusedEntry,
+    MAX_RESULTS,
 };
 use crate::spool::{
     AppendReport, AppendRequest, DeadLetters, Leased, Metering, Settlement, Spool, SpoolError,
@@ -81,6 +86,8 @@ pub struct SqliteSpoolOptions {
     /// Ids the dedup index keeps in memory before writing them out as a run (see
     /// `dedup/mod.rs`); appends are refused as overload at four times as many.
     pub dedup_flush_ids: usize,
+    /// The delivery log's retention (see [`crate::spool::delivery_log`]).
+    pub delivery_log: DeliveryLogOptions,
 }
 
 impl SqliteSpoolOptions {
@@ -97,6 +104,7 @@ impl SqliteSpoolOptions {
             prune_interval: Duration::from_secs(60),
             sources: Vec::new(),
             dedup_flush_ids: 131_072,
+            delivery_log: DeliveryLogOptions::default(),
         }
     }
 }
@@ -104,8 +112,16 @@ impl SqliteSpoolOptions {
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 enum Command {
-    /// A request and its events' dedup keys (hashed by the caller, off the writer thread).
-    Append(AppendRequest, Vec<u128>, Reply<AppendReport>),
+    /// A request, its events' dedup keys and their facts for the delivery log (read by the
+    /// caller, off the writer thread; empty when the log is off).
+    Append(
+        AppendRequest,
+        Vec<u128>,
+        Vec<EventFacts>,
+        Reply<AppendReport>,
+    ),
+    /// Events refused at ingest, for the delivery log.
+    LogRefused(Vec<RefusedEntry>, Reply<()>),
     Lease {
         max: usize,
         lease_ms: i64,
@@ -138,6 +154,8 @@ pub struct SqliteSpool {
     /// Idle read-only connections (the management API's reads).
     readers: Arc<Mutex<Vec<Connection>>>,
     closed: AtomicBool,
+    /// Whether appends carry facts for the delivery log.
+    log_enabled: bool,
 }
 
 /// Idle read connections kept for reuse.
@@ -157,7 +175,9 @@ impl SqliteSpool {
             ))
         })?;
         let path = options.data_dir.join("spool.db");
+        let log_enabled = options.delivery_log.enabled;
         let conn = open_connection(&path, &options.sources).map_err(storage)?;
+        let log = log::LogBook::open(&conn, options.delivery_log.clone()).map_err(storage)?;
         let tuning = Tuning {
             flush_ids: options.dedup_flush_ids.max(1),
             max_memtable: options.dedup_flush_ids.max(1) * 4,
@@ -187,7 +207,7 @@ impl SqliteSpool {
         })
         .map_err(|e| SpoolError::Storage(format!("cannot start the spool's sync thread: {e}")))?;
         let (sender, receiver) = mpsc::channel(options.queue_capacity.max(1));
-        let writer = Writer::new(conn, options, metrics, dedup, checkpointer, sync);
+        let writer = Writer::new(conn, options, metrics, dedup, checkpointer, sync, log);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || writer.run(receiver))
@@ -198,6 +218,7 @@ impl SqliteSpool {
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
             closed: AtomicBool::new(false),
+            log_enabled,
         })
     }
 
@@ -256,9 +277,18 @@ impl Spool for SqliteSpool {
             .iter()
             .map(|event| dedup_key(&request.source, &event.message_id))
             .collect();
+        let facts = if self.log_enabled {
+            request
+                .events
+                .iter()
+                .map(|event| EventFacts::of(&event.payload))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (reply, answer) = oneshot::channel();
         self.sender
-            .try_send(Command::Append(request, keys, reply))
+            .try_send(Command::Append(request, keys, facts, reply))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => SpoolError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
@@ -399,6 +429,34 @@ impl Metering for SqliteSpool {
         let source = source.to_string();
         self.read(move |conn| admin_sql::counters(conn, &source, from_hour, to_hour))
             .await
+    }
+}
+
+#[async_trait]
+impl DeliveryLog for SqliteSpool {
+    async fn record_refused(&self, entries: Vec<RefusedEntry>) -> Result<(), SpoolError> {
+        if !self.log_enabled || entries.is_empty() {
+            return Ok(());
+        }
+        // Like an append: refused rather than queued without bound when the writer lags.
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .try_send(Command::LogRefused(entries, reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SpoolError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => SpoolError::Closed,
+            })?;
+        answer.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    async fn find_events(&self, mut query: LogQuery) -> Result<Vec<LoggedEvent>, SpoolError> {
+        query.limit = query.limit.min(MAX_RESULTS);
+        self.read(move |conn| log::find(conn, &query, now_ms()))
+            .await
+    }
+
+    async fn log_size(&self) -> Result<LogSize, SpoolError> {
+        self.read(log::size).await
     }
 }
 

@@ -23,10 +23,12 @@ use super::checkpointer::Checkpointer;
 use super::dedup::DedupIndex;
 use super::keys::PassThrough;
 use super::lanes;
+use super::log::LogBook;
 use super::wal_sync::WalSync;
 use super::{now_ms, storage, Command, Reply, SqliteSpoolOptions};
 use crate::segment::EventType;
 use crate::spool::admin::{month_of, HOUR_MS};
+use crate::spool::delivery_log::EventFacts;
 use crate::spool::{AppendReport, AppendRequest, Leased, SpoolError, SpoolStats};
 use crate::telemetry::Metrics;
 
@@ -55,6 +57,8 @@ pub(super) struct Writer {
     sync: WalSync<Committed>,
     /// Users known to be in `usage_users` (this transaction's additions staged).
     counted: CountedUsers,
+    /// The delivery log's writer side.
+    log: LogBook,
 }
 
 /// Users already in `usage_users` for a (source, month), so an append skips their
@@ -162,8 +166,10 @@ impl Writer {
         dedup: DedupIndex,
         checkpointer: Checkpointer,
         sync: WalSync<Committed>,
+        log: LogBook,
     ) -> Writer {
         Writer {
+            log,
             conn,
             options,
             metrics,
@@ -353,6 +359,9 @@ impl Writer {
             let tally = std::mem::take(&mut self.tally);
             failure = tally.flush(&self.conn, now).err();
         }
+        if failure.is_none() {
+            failure = self.log.finish(&self.conn, now).err();
+        }
         match failure {
             Some(e) => Err(e),
             None => self.conn.execute_batch("COMMIT"),
@@ -368,14 +377,14 @@ impl Writer {
         pending: &mut Vec<Pending>,
     ) -> rusqlite::Result<()> {
         match command {
-            Command::Append(_, _, reply) if self.dedup.is_full() => {
+            Command::Append(_, _, _, reply) if self.dedup.is_full() => {
                 // The dedup index's memory is full until its background flush lands.
                 pending.push(Pending::Refused(reply));
                 Ok(())
             }
-            Command::Append(request, keys, reply) => {
+            Command::Append(request, keys, facts, reply) => {
                 pending.push(Pending::Append(reply, AppendReport::default()));
-                self.append(&request, &keys, now).map(|report| {
+                self.append(&request, &keys, &facts, now).map(|report| {
                     if let Some(Pending::Append(_, slot)) = pending.last_mut() {
                         *slot = report;
                     }
@@ -396,6 +405,10 @@ impl Writer {
             Command::Settle(settlement, reply) => {
                 pending.push(Pending::Unit(reply));
                 self.settle(&settlement, now)
+            }
+            Command::LogRefused(entries, reply) => {
+                pending.push(Pending::Unit(reply));
+                self.log.refused(&self.conn, &entries)
             }
             Command::Probe(reply) => {
                 pending.push(Pending::Unit(reply));
@@ -448,11 +461,13 @@ impl Writer {
 
     /// Queues a request's new events; repeats (in the dedup index within the window,
     /// earlier in this transaction included) are counted, not kept.
-    /// `keys[i]` is the [`dedup_key`] of event `i`.
+    /// `keys[i]` is the [`dedup_key`] of event `i`, `facts[i]` its delivery log facts (none
+    /// when the log is off).
     fn append(
         &mut self,
         request: &AppendRequest,
         keys: &[u128],
+        facts: &[EventFacts],
         now: i64,
     ) -> rusqlite::Result<AppendReport> {
         let cutoff = now - self.options.dedup_window.as_millis() as i64;
@@ -461,7 +476,8 @@ impl Writer {
         let mut views = 0;
         // Identified users of the request (`u:` and `e:` keys), for the month's MTU.
         let mut users: HashSet<&str> = HashSet::new();
-        for (event, &key) in request.events.iter().zip(keys) {
+        let mut logged = Vec::new();
+        for (i, (event, &key)) in request.events.iter().zip(keys).enumerate() {
             if self.dedup.is_repeat(key, cutoff)? {
                 report.duplicates += 1;
                 continue;
@@ -475,6 +491,9 @@ impl Writer {
                 event.payload,
             ])?;
             self.dedup.remember(key, now);
+            if facts.len() > i {
+                logged.push((self.conn.last_insert_rowid(), i));
+            }
             report.queued += 1;
             if matches!(event.kind, EventType::Page | EventType::Screen) {
                 views += 1;
@@ -485,6 +504,19 @@ impl Writer {
             }
         }
         drop(insert);
+        if self.log.enabled() {
+            for (seq, i) in logged {
+                let event = &request.events[i];
+                self.log.received(
+                    &self.conn,
+                    seq,
+                    &request.source,
+                    (&event.message_id, event.kind.as_str()),
+                    &facts[i],
+                    request.received_at_ms,
+                )?;
+            }
+        }
         self.count_append(request, &report, views, &users)?;
         Ok(report)
     }

@@ -101,6 +101,7 @@ impl Writer {
         }
         self.postpone(&settlement.postponed, &mut users)?;
         self.bury(&settlement.dead, now, &mut users)?;
+        self.log.settled(&self.conn, settlement)?;
         if !settlement.keep_holds {
             let all: HashSet<&String> = users
                 .touched
