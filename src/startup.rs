@@ -149,10 +149,10 @@ fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend, Start
             options.delivery_log = settings.delivery_log.options();
             Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
         }
-        SpoolBackend::Nats => Backend::nats(NatsSpool::open(
-            settings.nats_spool_options(),
-            metrics.clone(),
-        )?),
+        SpoolBackend::Nats => Backend::nats_with_log(
+            NatsSpool::open(settings.nats_spool_options(), metrics.clone())?,
+            &settings.delivery_log.options(),
+        )?,
     })
 }
 

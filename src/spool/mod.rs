@@ -21,6 +21,8 @@ pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
 pub mod delivery_log;
+#[doc(hidden)]
+pub mod log_conformance;
 pub mod nats;
 pub mod sqlite;
 
@@ -258,6 +260,28 @@ impl Backend {
             metering: Some(spool.clone()),
             delivery_log: Some(spool),
         }
+    }
+
+    /// The JetStream spool with its delivery log (a stream beside the queue's), unless
+    /// `log` is off.
+    pub fn nats_with_log(
+        spool: NatsSpool,
+        log: &delivery_log::DeliveryLogOptions,
+    ) -> Result<Backend, SpoolError> {
+        if !log.enabled {
+            return Ok(Backend::nats(spool));
+        }
+        let delivery_log = Arc::new(spool.delivery_log(log)?);
+        let spool = Arc::new(spool);
+        Ok(Backend {
+            queue: Arc::new(nats::delivery_log::LoggingSpool::new(
+                spool.clone(),
+                delivery_log.clone(),
+            )),
+            dead_letters: spool,
+            metering: None,
+            delivery_log: Some(delivery_log),
+        })
     }
 
     /// The JetStream spool: it keeps no usage counters.

@@ -33,6 +33,7 @@
 
 mod connect;
 mod dead;
+pub mod delivery_log;
 mod ownership;
 mod pull;
 mod queue;
