@@ -576,8 +576,8 @@ async fn three_replicas_survive_losing_a_server() {
 /// conformance checks.
 mod delivery_log {
     use super::*;
-    use refiner_gateway::spool::log_conformance;
     use refiner_gateway::spool::delivery_log::DeliveryLogOptions;
+    use refiner_gateway::spool::log_conformance;
 
     fn backend(server: &NatsServer, max_bytes: u64) -> Backend {
         let spool = NatsSpool::open(options(server), Metrics::new()).expect("open the NATS spool");
