@@ -684,3 +684,44 @@ async fn three_replicas_survive_losing_a_server() {
     );
     spool.close().await;
 }
+
+/// The JetStream spool's delivery log (a stream beside the queue's) through the shared
+/// conformance checks.
+mod delivery_log {
+    use super::*;
+    use refiner_gateway::spool::delivery_log::DeliveryLogOptions;
+    use refiner_gateway::spool::log_conformance;
+
+    async fn backend(server: &NatsServer, max_bytes: u64) -> Backend {
+        let spool = NatsSpool::open(options(server), Metrics::new())
+            .await
+            .expect("open the NATS spool");
+        let log = DeliveryLogOptions {
+            max_bytes,
+            ..DeliveryLogOptions::default()
+        };
+        Backend::nats_with_log(spool, &log)
+            .await
+            .expect("open the delivery log")
+    }
+
+    #[tokio::test]
+    async fn nats_log_records_events_attempts_and_outcomes() {
+        let Some(server) = deps::nats("nats_log_records", NatsServer::start) else {
+            return;
+        };
+        let b = backend(&server, 16 << 20).await;
+        let log = b.delivery_log.expect("a log");
+        log_conformance::records_events_attempts_and_outcomes(b.queue, log).await;
+    }
+
+    #[tokio::test]
+    async fn nats_log_stays_within_its_byte_budget() {
+        let Some(server) = deps::nats("nats_log_budget", NatsServer::start) else {
+            return;
+        };
+        let b = backend(&server, 64 * 1024).await;
+        let log = b.delivery_log.expect("a log");
+        log_conformance::stays_within_its_byte_budget(b.queue, log, 64 * 1024).await;
+    }
+}

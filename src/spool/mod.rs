@@ -24,6 +24,8 @@ pub mod conformance;
 pub mod metering_conformance;
 pub mod dedup;
 pub mod delivery_log;
+#[doc(hidden)]
+pub mod log_conformance;
 pub mod nats;
 pub mod sqlite;
 
@@ -261,6 +263,28 @@ impl Backend {
             metering: Some(spool.clone()),
             delivery_log: Some(spool),
         }
+    }
+
+    /// The JetStream spool with its delivery log (a stream beside the queue's), unless
+    /// `log` is off.
+    pub async fn nats_with_log(
+        spool: NatsSpool,
+        log: &delivery_log::DeliveryLogOptions,
+    ) -> Result<Backend, SpoolError> {
+        if !log.enabled {
+            return Ok(Backend::nats(spool));
+        }
+        let delivery_log = Arc::new(spool.delivery_log(log).await?);
+        let spool = Arc::new(spool);
+        Ok(Backend {
+            queue: Arc::new(nats::delivery_log::LoggingSpool::new(
+                spool.clone(),
+                delivery_log.clone(),
+            )),
+            dead_letters: spool.clone(),
+            metering: Some(spool),
+            delivery_log: Some(delivery_log),
+        })
     }
 
     /// The JetStream spool: every capability (usage counted in a shared bucket).

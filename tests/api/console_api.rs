@@ -440,3 +440,33 @@ async fn console_routes_refuse_requests_without_the_token_and_bound_live_clients
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["reason"], "too_many_clients");
 }
+
+/// The embedded spool's delivery log through the shared conformance checks.
+mod sqlite_log {
+    use refiner_gateway::spool::{log_conformance, Backend, SqliteSpool, SqliteSpoolOptions};
+    use refiner_gateway::telemetry::Metrics;
+
+    fn backend(dir: &std::path::Path, max_bytes: Option<u64>) -> Backend {
+        let mut options = SqliteSpoolOptions::new(dir);
+        if let Some(max_bytes) = max_bytes {
+            options.delivery_log.max_bytes = max_bytes;
+        }
+        Backend::sqlite(SqliteSpool::open(options, Metrics::new()).expect("open the spool"))
+    }
+
+    #[tokio::test]
+    async fn sqlite_log_records_events_attempts_and_outcomes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = backend(dir.path(), None);
+        let log = b.delivery_log.expect("a log");
+        log_conformance::records_events_attempts_and_outcomes(b.queue, log).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_log_stays_within_its_byte_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = backend(dir.path(), Some(64 * 1024));
+        let log = b.delivery_log.expect("a log");
+        log_conformance::stays_within_its_byte_budget(b.queue, log, 64 * 1024).await;
+    }
+}

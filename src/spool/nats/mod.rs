@@ -37,6 +37,7 @@ mod dead;
 mod hll;
 mod metering;
 pub mod dedup;
+pub mod delivery_log;
 mod ownership;
 mod pull;
 mod queue;

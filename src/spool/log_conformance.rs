@@ -1,0 +1,251 @@
+//! The delivery log's conformance checks (see [`super::delivery_log`]): every backend's
+//! log must pass them, driven through the [`Spool`] and [`DeliveryLog`] traits only. Like
+//! [`super::conformance`], each check takes a fresh backend and closes its spool.
+//!
+//! A backend may write its log after the queue answered (the JetStream spool does), so the
+//! checks poll the log for up to [`WAIT`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::conformance::request;
+use super::delivery_log::{
+    AttemptNote, CallView, DeliveryLog, EventState, LogKey, LogQuery, LoggedEvent, RefusedEntry,
+};
+use super::{DeadLetterRequest, RetryAt, Settlement, Skipped, Spool};
+use crate::segment::{Event, EventType};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// How long a check waits for the log to show a change.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+fn identify(message_id: &str, user: &str, email: &str) -> Event {
+    Event {
+        kind: EventType::Identify,
+        message_id: message_id.into(),
+        user_key: format!("u:{user}"),
+        payload: format!(
+            r#"{{"type":"identify","messageId":"{message_id}","userId":"{user}","traits":{{"email":"{email}"}}}}"#
+        )
+        .into_bytes(),
+    }
+}
+
+fn note(seq: i64, status: u16, body: &str) -> AttemptNote {
+    AttemptNote {
+        seq,
+        at_ms: now_ms() + seq,
+        status: Some(status),
+        latency_ms: Some(12),
+        response_body: Some(body.into()),
+        error: None,
+        calls: vec![CallView {
+            method: "POST".into(),
+            path: "/identify-user".into(),
+            body: r#"{"id":"x"}"#.into(),
+        }],
+    }
+}
+
+async fn find(log: &Arc<dyn DeliveryLog>, key: LogKey) -> Vec<LoggedEvent> {
+    log.find_events(LogQuery {
+        source: "web".into(),
+        key,
+        limit: 50,
+    })
+    .await
+    .expect("find_events")
+}
+
+/// Polls `key` until `done` holds; panics with what it last found.
+async fn find_until(
+    log: &Arc<dyn DeliveryLog>,
+    key: LogKey,
+    what: &str,
+    done: impl Fn(&[LoggedEvent]) -> bool,
+) -> Vec<LoggedEvent> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = find(log, key.clone()).await;
+        if done(&found) {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {found:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Accepted events are found by message id, user id and email; their attempts and final
+/// states (delivered, skipped, dead, retrying) follow the settlements; refused events are
+/// found with their reason.
+pub async fn records_events_attempts_and_outcomes(
+    spool: Arc<dyn Spool>,
+    log: Arc<dyn DeliveryLog>,
+) {
+    let events = vec![
+        identify("ok-1", "u1", "one@example.com"),
+        identify("skip-1", "u2", "two@example.com"),
+        identify("dead-1", "u3", "three@example.com"),
+        identify("retry-1", "u4", "four@example.com"),
+    ];
+    spool
+        .append(request("web", now_ms(), events))
+        .await
+        .expect("append");
+    let leased = spool.lease(10, 60_000).await.expect("lease");
+    assert_eq!(leased.len(), 4);
+    let seq = |id: &str| leased.iter().find(|l| l.message_id == id).expect(id).seq;
+    let (ok, skip, dead, retry) = (seq("ok-1"), seq("skip-1"), seq("dead-1"), seq("retry-1"));
+    spool
+        .settle(Settlement {
+            acked: vec![ok],
+            skipped: vec![Skipped {
+                seq: skip,
+                reason: "alias".into(),
+            }],
+            dead: vec![DeadLetterRequest {
+                seq: dead,
+                status: Some(400),
+                error: "HTTP 400: bad trait".into(),
+                attempted: true,
+            }],
+            retried: vec![RetryAt {
+                seq: retry,
+                next_attempt_at_ms: i64::MAX / 2,
+                status: Some(503),
+                error: "HTTP 503".into(),
+            }],
+            notes: vec![
+                note(ok, 200, r#"{"message":"ok"}"#),
+                note(dead, 400, "bad trait"),
+                note(retry, 503, "unavailable"),
+            ],
+            ..Settlement::default()
+        })
+        .await
+        .expect("settle");
+    let delivered = find_until(&log, LogKey::MessageId("ok-1".into()), "delivered", |f| {
+        f.first().is_some_and(|e| e.state == EventState::Delivered)
+    })
+    .await;
+    let e = &delivered[0];
+    assert_eq!(
+        (e.kind.as_str(), e.user_id.as_deref()),
+        ("identify", Some("u1"))
+    );
+    assert_eq!(e.email.as_deref(), Some("one@example.com"));
+    assert_eq!(e.attempts.len(), 1);
+    assert_eq!(e.attempts[0].status, Some(200));
+    assert_eq!(
+        e.attempts[0].response_body.as_deref(),
+        Some(r#"{"message":"ok"}"#)
+    );
+    assert_eq!(e.calls[0].path, "/identify-user");
+    assert!(e.payload.contains("\"messageId\":\"ok-1\""));
+
+    let skipped = find_until(&log, LogKey::UserId("u2".into()), "skipped", |f| {
+        f.first().is_some_and(|e| e.state == EventState::Skipped)
+    })
+    .await;
+    assert_eq!(skipped[0].reason.as_deref(), Some("alias"));
+    let dead_found = find_until(
+        &log,
+        LogKey::Email("three@example.com".into()),
+        "dead",
+        |f| f.first().is_some_and(|e| e.state == EventState::Dead),
+    )
+    .await;
+    assert_eq!(dead_found[0].reason.as_deref(), Some("HTTP 400: bad trait"));
+    assert_eq!(dead_found[0].attempts[0].status, Some(400));
+    let retrying = find_until(&log, LogKey::MessageId("retry-1".into()), "retrying", |f| {
+        f.first().is_some_and(|e| e.state == EventState::Retrying)
+    })
+    .await;
+    assert_eq!(retrying[0].next_attempt_at_ms, Some(i64::MAX / 2));
+    assert_eq!(retrying[0].attempts[0].status, Some(503));
+
+    log.record_refused(vec![RefusedEntry {
+        source: "web".into(),
+        at_ms: now_ms(),
+        message_id: "big-1".into(),
+        kind: "track".into(),
+        user_id: Some("u9".into()),
+        email: None,
+        reason: "event_too_large: the event is over 32 KB".into(),
+        raw: r#"{"type":"track","messageId":"big-1""#.into(),
+    }])
+    .await
+    .expect("record_refused");
+    let refused = find_until(&log, LogKey::UserId("u9".into()), "refused", |f| {
+        !f.is_empty()
+    })
+    .await;
+    assert_eq!(refused[0].state, EventState::Refused);
+    assert_eq!(refused[0].message_id, "big-1");
+    assert!(refused[0]
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("event_too_large")));
+    assert!(find(&log, LogKey::MessageId("nope".into()))
+        .await
+        .is_empty());
+    spool.close().await;
+}
+
+/// Appending past the byte budget keeps the log within it, oldest records removed first.
+/// `budget` is the backend's `max_bytes`.
+pub async fn stays_within_its_byte_budget(
+    spool: Arc<dyn Spool>,
+    log: Arc<dyn DeliveryLog>,
+    budget: u64,
+) {
+    let pad = "p".repeat(1000);
+    let mut appended = 0u64;
+    for r in 0..40 {
+        let events: Vec<Event> = (0..10)
+            .map(|i| {
+                let id = format!("b{r}-{i}");
+                Event {
+                    kind: EventType::Track,
+                    payload: format!(
+                        r#"{{"type":"track","messageId":"{id}","userId":"u","event":"{pad}"}}"#
+                    )
+                    .into_bytes(),
+                    message_id: id,
+                    user_key: "u:u".into(),
+                }
+            })
+            .collect();
+        spool
+            .append(request("web", now_ms() + r, events))
+            .await
+            .expect("append");
+        appended += 10 * 1100;
+        let size = log.log_size().await.expect("log_size");
+        assert!(
+            size.bytes <= budget,
+            "after {appended} bytes appended: {size:?}"
+        );
+    }
+    assert!(
+        appended > 3 * budget,
+        "the check writes well past the budget"
+    );
+    find_until(
+        &log,
+        LogKey::MessageId("b39-9".into()),
+        "the newest is kept",
+        |f| !f.is_empty(),
+    )
+    .await;
+    assert!(
+        find(&log, LogKey::MessageId("b0-0".into()))
+            .await
+            .is_empty(),
+        "the oldest is gone"
+    );
+    spool.close().await;
+}

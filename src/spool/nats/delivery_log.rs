@@ -1,0 +1,498 @@
+//! The JetStream spool's delivery log (see [`crate::spool::delivery_log`]): a stream
+//! `<events stream>_LOG` with limits retention, `max_age` and `max_bytes` from
+//! `[delivery_log]` (JetStream removes the oldest records itself: nothing here grows with
+//! the log).
+//!
+//! Layout: every record of an event goes to `<prefix>.log.<source>.m.<h(messageId)>`
+//! (`h`: the first 32 hex digits of SHA-256): the record written when it is accepted (with
+//! its payload), then one per attempt and one for its outcome. Index records
+//! `<prefix>.log.<source>.u.<h(userId)>` and `….e.<h(email)>` name the message ids of a user.
+//! A lookup reads a subject's records with a short-lived consumer and folds them.
+//!
+//! Invariants:
+//! - [`LoggingSpool`] wraps the queue: it writes the log after the queue's own append or
+//!   settle succeeded, in the background, so the log never delays or fails ingest or
+//!   delivery. A failed log write is logged (debug) and counted nowhere else: the log is a
+//!   view, never the truth about an event.
+//! - A repeated append of the same event writes its accepted record once (`Nats-Msg-Id`
+//!   within the stream's duplicate window).
+//! - State: the log knows queued, retrying (until a time) and the outcomes; it does not see
+//!   leases.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{storage, NatsSpool};
+use crate::spool::delivery_log::{
+    AttemptView, CallView, DeliveryLog, DeliveryLogOptions, EventFacts, EventState, LogKey,
+    LogQuery, LogSize, LoggedEvent, RefusedEntry, MAX_RESULTS,
+};
+use crate::spool::{
+    AppendReport, AppendRequest, Leased, Settlement, Spool, SpoolError, SpoolStats,
+};
+
+/// Records a lookup reads per subject at most.
+const MAX_RECORDS: usize = 1000;
+
+/// One record of an event (every field optional: records are folded in order).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Record {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    facts: Option<EventFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    received_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<EventState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_attempt_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempt: Option<AttemptView>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    calls: Vec<CallView>,
+}
+
+fn hash(value: &str) -> String {
+    hex::encode(&Sha256::digest(value.as_bytes())[..16])
+}
+
+/// The log's stream and where its records go.
+pub struct NatsDeliveryLog {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    runtime: tokio::runtime::Handle,
+}
+
+impl NatsSpool {
+    /// Opens (creates or updates) the delivery log's stream beside this spool's.
+    pub async fn delivery_log(
+        &self,
+        options: &DeliveryLogOptions,
+    ) -> Result<NatsDeliveryLog, SpoolError> {
+        let inner = self.inner.clone();
+        let config = stream::Config {
+            name: format!("{}_LOG", inner.options.stream),
+            subjects: vec![format!("{}.log.>", inner.options.subject_prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: options.max_age,
+            max_bytes: options.max_bytes.min(i64::MAX as u64) as i64,
+            duplicate_window: Duration::from_secs(120),
+            storage: stream::StorageType::File,
+            num_replicas: inner.options.replicas,
+            ..Default::default()
+        };
+        let js = inner.js.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| storage("cannot set up the delivery log stream", e))?;
+        let opened = js
+            .get_stream(format!("{}_LOG", inner.options.stream))
+            .await
+            .map_err(|e| storage("cannot open the delivery log stream", e))?;
+        Ok(NatsDeliveryLog {
+            js: inner.js.clone(),
+            stream: opened,
+            prefix: inner.options.subject_prefix.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+}
+
+impl NatsDeliveryLog {
+    fn subject(&self, source: &str, key: &LogKey) -> String {
+        let (kind, value) = match key {
+            LogKey::MessageId(v) => ("m", v),
+            LogKey::UserId(v) => ("u", v),
+            LogKey::Email(v) => ("e", v),
+        };
+        // Source slugs are `[a-z0-9_-]`: safe as a subject token.
+        format!("{}.log.{source}.{kind}.{}", self.prefix, hash(value))
+    }
+
+    /// Publishes records in the background; the log never holds up the caller.
+    fn publish(&self, records: Vec<(String, Option<String>, Vec<u8>)>) {
+        if records.is_empty() {
+            return;
+        }
+        let js = self.js.clone();
+        self.runtime.spawn(async move {
+            let mut acks = Vec::with_capacity(records.len());
+            for (subject, msg_id, body) in records {
+                let mut headers = HeaderMap::new();
+                if let Some(id) = msg_id {
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                }
+                match js.publish_with_headers(subject, headers, body.into()).await {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => tracing::debug!(error = %e, "writing the delivery log failed"),
+                }
+            }
+            for ack in acks {
+                if let Err(e) = ack.await {
+                    tracing::debug!(error = %e, "writing the delivery log failed");
+                }
+            }
+        });
+    }
+
+    /// The records of an append, built before the request moves into the queue.
+    fn accepted(&self, request: &AppendRequest) -> Vec<(String, Option<String>, Vec<u8>)> {
+        let mut records = Vec::new();
+        for event in &request.events {
+            let facts = EventFacts::of(&event.payload);
+            let mid = LogKey::MessageId(event.message_id.clone());
+            let index: Vec<LogKey> = [
+                facts.user_id.clone().map(LogKey::UserId),
+                facts.email.clone().map(LogKey::Email),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let record = Record {
+                message_id: Some(event.message_id.clone()),
+                kind: Some(event.kind.as_str().to_string()),
+                facts: Some(facts),
+                received_at_ms: Some(request.received_at_ms),
+                state: Some(EventState::Queued),
+                ..Record::default()
+            };
+            let id = format!("{}:{}", request.source, event.message_id);
+            for key in index {
+                let body = event.message_id.clone().into_bytes();
+                let kind = if matches!(key, LogKey::UserId(_)) {
+                    "u"
+                } else {
+                    "e"
+                };
+                records.push((
+                    self.subject(&request.source, &key),
+                    Some(format!("{id}:{kind}")),
+                    body,
+                ));
+            }
+            let body = serde_json::to_vec(&record).unwrap_or_default();
+            records.push((self.subject(&request.source, &mid), Some(id), body));
+        }
+        records
+    }
+
+    fn settled(&self, s: &Settlement, events: &HashMap<i64, (String, String)>) {
+        let mut by_seq: HashMap<i64, Record> = HashMap::new();
+        for note in &s.notes {
+            let r = by_seq.entry(note.seq).or_default();
+            r.attempt = Some(AttemptView::from(note));
+            r.calls = note.calls.clone();
+        }
+        for &seq in &s.acked {
+            by_seq.entry(seq).or_default().state = Some(EventState::Delivered);
+        }
+        for k in &s.skipped {
+            let r = by_seq.entry(k.seq).or_default();
+            r.state = Some(EventState::Skipped);
+            r.reason = Some(k.reason.clone());
+        }
+        for d in &s.dead {
+            let r = by_seq.entry(d.seq).or_default();
+            r.state = Some(EventState::Dead);
+            r.reason = Some(d.error.clone());
+        }
+        for t in &s.retried {
+            let r = by_seq.entry(t.seq).or_default();
+            r.state = Some(EventState::Retrying);
+            r.next_attempt_at_ms = Some(t.next_attempt_at_ms);
+            r.reason = Some(t.error.clone());
+        }
+        let records = by_seq
+            .into_iter()
+            .filter_map(|(seq, record)| {
+                let (source, message_id) = events.get(&seq)?;
+                let subject = self.subject(source, &LogKey::MessageId(message_id.clone()));
+                Some((subject, None, serde_json::to_vec(&record).ok()?))
+            })
+            .collect();
+        self.publish(records);
+    }
+
+    /// Every record on `subject`, in order (at most [`MAX_RECORDS`], the newest).
+    async fn read(&self, subject: String) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let stream = self.stream.clone();
+        let task = self.runtime.spawn(async move {
+            let fail = |e: &dyn std::fmt::Display| storage("cannot read the delivery log", e);
+            let mut consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: subject,
+                    ack_policy: consumer::AckPolicy::None,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    inactive_threshold: Duration::from_secs(30),
+                    memory_storage: true,
+                    num_replicas: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| fail(&e))?;
+            let pending = consumer.info().await.map_err(|e| fail(&e))?.num_pending as usize;
+            let mut bodies = Vec::with_capacity(pending.min(MAX_RECORDS));
+            let mut read = 0;
+            while read < pending {
+                let mut batch = consumer
+                    .fetch()
+                    .max_messages((pending - read).min(1000))
+                    .messages()
+                    .await
+                    .map_err(|e| fail(&e))?;
+                let before = read;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|e| fail(&e))?;
+                    read += 1;
+                    bodies.push(message.payload.to_vec());
+                    if bodies.len() > MAX_RECORDS {
+                        bodies.remove(0);
+                    }
+                }
+                if read == before {
+                    break;
+                }
+            }
+            let name = consumer.cached_info().name.clone();
+            let _ = stream.delete_consumer(&name).await;
+            Ok(bodies)
+        });
+        task.await
+            .map_err(|e| storage("the delivery log read failed", e))?
+    }
+
+    /// Folds an event's records; `None` without its accepted (or refused) record.
+    fn fold(source: &str, bodies: &[Vec<u8>]) -> Option<LoggedEvent> {
+        let mut event: Option<LoggedEvent> = None;
+        let mut later: Vec<Record> = Vec::new();
+        for body in bodies {
+            let Ok(record) = serde_json::from_slice::<Record>(body) else {
+                continue;
+            };
+            match (&record.facts, record.received_at_ms) {
+                (Some(facts), Some(at)) if event.is_none() => {
+                    event = Some(LoggedEvent {
+                        source: source.to_string(),
+                        message_id: record.message_id.clone().unwrap_or_default(),
+                        kind: record.kind.clone().unwrap_or_default(),
+                        event: facts.event.clone(),
+                        user_id: facts.user_id.clone(),
+                        email: facts.email.clone(),
+                        received_at_ms: at,
+                        state: record.state.unwrap_or(EventState::Queued),
+                        next_attempt_at_ms: None,
+                        reason: record.reason.clone(),
+                        payload: facts.payload.clone(),
+                        calls: Vec::new(),
+                        attempts: Vec::new(),
+                    })
+                }
+                _ => later.push(record),
+            }
+        }
+        let mut event = event?;
+        for record in later {
+            if let Some(attempt) = record.attempt {
+                event.attempts.push(attempt);
+            }
+            if !record.calls.is_empty() {
+                event.calls = record.calls;
+            }
+            // A final state is never undone by a late retry record.
+            let final_now = matches!(
+                event.state,
+                EventState::Delivered | EventState::Skipped | EventState::Dead
+            );
+            if let (Some(state), false) = (record.state, final_now) {
+                event.state = state;
+                event.next_attempt_at_ms = record.next_attempt_at_ms;
+                event.reason = record.reason.or(event.reason);
+            }
+        }
+        event.attempts.sort_by_key(|a| a.at_ms);
+        if event.state != EventState::Retrying {
+            event.next_attempt_at_ms = None;
+        }
+        Some(event)
+    }
+}
+
+#[async_trait]
+impl DeliveryLog for NatsDeliveryLog {
+    async fn record_refused(&self, entries: Vec<RefusedEntry>) -> Result<(), SpoolError> {
+        let records = entries
+            .iter()
+            .flat_map(|e| {
+                let record = Record {
+                    message_id: Some(e.message_id.clone()),
+                    kind: Some(e.kind.clone()),
+                    facts: Some(EventFacts {
+                        event: None,
+                        user_id: e.user_id.clone(),
+                        email: e.email.clone(),
+                        payload: e.raw.clone(),
+                    }),
+                    received_at_ms: Some(e.at_ms),
+                    state: Some(EventState::Refused),
+                    reason: Some(e.reason.clone()),
+                    ..Record::default()
+                };
+                let mut out = vec![(
+                    self.subject(&e.source, &LogKey::MessageId(e.message_id.clone())),
+                    None,
+                    serde_json::to_vec(&record).unwrap_or_default(),
+                )];
+                for key in [
+                    e.user_id.clone().map(LogKey::UserId),
+                    e.email.clone().map(LogKey::Email),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    out.push((
+                        self.subject(&e.source, &key),
+                        None,
+                        e.message_id.clone().into_bytes(),
+                    ));
+                }
+                out
+            })
+            .collect();
+        self.publish(records);
+        Ok(())
+    }
+
+    async fn find_events(&self, query: LogQuery) -> Result<Vec<LoggedEvent>, SpoolError> {
+        let limit = query.limit.min(MAX_RESULTS);
+        let ids: Vec<String> = match &query.key {
+            LogKey::MessageId(id) => vec![id.clone()],
+            key => {
+                let bodies = self.read(self.subject(&query.source, key)).await?;
+                let mut ids: Vec<String> = Vec::new();
+                for body in bodies.iter().rev() {
+                    let id = String::from_utf8_lossy(body).into_owned();
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                    if ids.len() == limit {
+                        break;
+                    }
+                }
+                ids
+            }
+        };
+        let mut found = Vec::new();
+        for id in ids {
+            let bodies = self
+                .read(self.subject(&query.source, &LogKey::MessageId(id)))
+                .await?;
+            found.extend(Self::fold(&query.source, &bodies));
+        }
+        found.sort_by_key(|e| std::cmp::Reverse(e.received_at_ms));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn log_size(&self) -> Result<LogSize, SpoolError> {
+        let mut stream = self.stream.clone();
+        let task = self
+            .runtime
+            .spawn(async move { stream.info().await.map(|i| i.state.clone()) });
+        let state = task
+            .await
+            .map_err(|e| storage("the delivery log read failed", e))?
+            .map_err(|e| storage("cannot read the delivery log's size", e))?;
+        Ok(LogSize {
+            records: state.messages,
+            bytes: state.bytes,
+        })
+    }
+}
+
+/// The JetStream queue with its delivery log: the queue's answers unchanged, the log
+/// written behind them (see the module header).
+pub struct LoggingSpool {
+    queue: Arc<dyn Spool>,
+    log: Arc<NatsDeliveryLog>,
+    /// `(source, messageId)` of leased events by seq, until their final outcome.
+    leased: Mutex<HashMap<i64, (String, String)>>,
+}
+
+/// Leased events remembered at most (a bound for events whose lease moved to another node).
+const MAX_REMEMBERED: usize = 1_000_000;
+
+impl LoggingSpool {
+    pub fn new(queue: Arc<dyn Spool>, log: Arc<NatsDeliveryLog>) -> LoggingSpool {
+        LoggingSpool {
+            queue,
+            log,
+            leased: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl Spool for LoggingSpool {
+    async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
+        let records = self.log.accepted(&request);
+        let report = self.queue.append(request).await?;
+        self.log.publish(records);
+        Ok(report)
+    }
+
+    async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError> {
+        let leased = self.queue.lease(max, lease_ms).await?;
+        if let Ok(mut known) = self.leased.lock() {
+            if known.len() + leased.len() > MAX_REMEMBERED {
+                known.clear();
+            }
+            for e in &leased {
+                known.insert(e.seq, (e.source.clone(), e.message_id.clone()));
+            }
+        }
+        Ok(leased)
+    }
+
+    async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError> {
+        self.queue.settle(settlement.clone()).await?;
+        if let Ok(mut known) = self.leased.lock() {
+            self.log.settled(&settlement, &known);
+            let done = settlement
+                .acked
+                .iter()
+                .chain(settlement.skipped.iter().map(|k| &k.seq))
+                .chain(settlement.dead.iter().map(|d| &d.seq));
+            for seq in done {
+                known.remove(seq);
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_writable(&self) -> Result<(), SpoolError> {
+        self.queue.check_writable().await
+    }
+
+    async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        self.queue.stats().await
+    }
+
+    async fn close(&self) {
+        self.queue.close().await
+    }
+}
