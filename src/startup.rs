@@ -160,11 +160,13 @@ async fn open_backend(settings: &Settings, metrics: &Metrics) -> Result<Backend,
             options.delivery_log = settings.delivery_log.options();
             Backend::sqlite(SqliteSpool::open(options, metrics.clone())?)
         }
-        SpoolBackend::Nats => Backend::nats_with_log(
-            NatsSpool::open(settings.nats_spool_options(), metrics.clone()).await?,
-            &settings.delivery_log.options(),
-        )
-        .await?,
+        SpoolBackend::Nats => {
+            Backend::nats_with_log(
+                NatsSpool::open(settings.nats_spool_options(), metrics.clone()).await?,
+                &settings.delivery_log.options(),
+            )
+            .await?
+        }
     })
 }
 

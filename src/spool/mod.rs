@@ -20,12 +20,12 @@
 pub mod admin;
 #[doc(hidden)]
 pub mod conformance;
-#[doc(hidden)]
-pub mod metering_conformance;
 pub mod dedup;
 pub mod delivery_log;
 #[doc(hidden)]
 pub mod log_conformance;
+#[doc(hidden)]
+pub mod metering_conformance;
 pub mod nats;
 pub mod sqlite;
 

@@ -34,10 +34,10 @@
 
 mod connect;
 mod dead;
-mod hll;
-mod metering;
 pub mod dedup;
 pub mod delivery_log;
+mod hll;
+mod metering;
 mod ownership;
 mod pull;
 mod queue;
