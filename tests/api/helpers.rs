@@ -72,10 +72,20 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// Spawns a gateway on an existing data dir with the given settings.
 pub async fn spawn_app_in(data_dir: tempfile::TempDir, settings: Settings) -> TestApp {
+    spawn_with_config_file(data_dir, settings, None).await
+}
+
+/// Spawns a gateway; a reload reads `file` again.
+async fn spawn_with_config_file(
+    data_dir: tempfile::TempDir,
+    settings: Settings,
+    file: Option<std::path::PathBuf>,
+) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let app = Application::build_with_listener(&settings, listener)
         .await
-        .expect("build app");
+        .expect("build app")
+        .with_config_file(file);
     let port = app.port();
     let spool = app.spool();
     let handle = app.handle();
@@ -204,23 +214,5 @@ pub async fn unlabelled_metric(app: &TestApp, name: &str) -> f64 {
 /// `POST /api/reload`) reads again.
 pub async fn spawn_app_from_file(data_dir: tempfile::TempDir, file: &std::path::Path) -> TestApp {
     let settings = Settings::load_with(Some(file), |_| None).expect("the test configuration");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let app = Application::build_with_listener(&settings, listener)
-        .await
-        .expect("build app")
-        .with_config_file(Some(file.to_path_buf()));
-    let port = app.port();
-    let spool = app.spool();
-    let handle = app.handle();
-    let task = tokio::spawn(app.run_until_stopped());
-    TestApp {
-        address: format!("http://127.0.0.1:{port}"),
-        port,
-        client: reqwest::Client::new(),
-        spool,
-        handle,
-        data_dir,
-        settings,
-        task,
-    }
+    spawn_with_config_file(data_dir, settings, Some(file.to_path_buf())).await
 }
