@@ -195,7 +195,7 @@ impl Application {
         let spool = backend.queue.clone();
         let activity = Arc::new(Activity::new(
             backend.delivery_log.clone(),
-            settings.delivery_log.max_live_clients,
+            settings.delivery_log.live_options(),
         ));
 
         let routing =

@@ -5,8 +5,9 @@
 //!
 //! Invariants:
 //! - Watching never slows ingest or delivery: publishing to the live feed is a check of the
-//!   subscriber count when nobody watches, and a non-blocking send into a bounded broadcast
-//!   channel otherwise (a slow client loses messages, and is told so).
+//!   subscriber count when nobody watches; otherwise the feed samples (a bounded number of
+//!   messages a second is built) and sends without blocking into a bounded broadcast
+//!   channel (a slow client loses messages, and is told so).
 //! - Counting is a short critical section per request or settlement, in memory; nothing
 //!   here does IO on the hot paths.
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 
 use crate::segment;
 use crate::spool::delivery_log::{cut, DeliveryLog, EventFacts, RefusedEntry};
-use live::{LiveEvent, LiveFeed, LiveMessage, LiveOutcome};
+use live::{LiveEvent, LiveFeed, LiveOptions, LiveOutcome};
 use minutes::Minutes;
 
 /// The console's view of the gateway's activity, shared by ingest, delivery and the API.
@@ -30,32 +31,29 @@ pub struct Activity {
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity::new(None, live::MAX_CLIENTS)
+        Activity::new(None, LiveOptions::default())
     }
 }
 
 impl Activity {
-    /// An activity recorder; refused events go to `log`, at most `max_clients` watch live.
-    pub fn new(log: Option<Arc<dyn DeliveryLog>>, max_clients: usize) -> Activity {
+    /// An activity recorder; refused events go to `log`; `live` bounds the live feed.
+    pub fn new(log: Option<Arc<dyn DeliveryLog>>, live: LiveOptions) -> Activity {
         Activity {
-            live: LiveFeed::new(max_clients),
+            live: LiveFeed::new(live),
             minutes: Minutes::default(),
             log,
         }
     }
 
-    /// Events of `source` accepted (durable) at `at_ms`: counted, and shown to watchers.
-    pub fn accepted(&self, source: &str, at_ms: i64, events: &[segment::Event], queued: usize) {
+    /// Events of `source` accepted (durable) at `at_ms`: `queued` counted, and `shown`
+    /// (what [`LiveFeed::sample`] chose of them) shown to watchers.
+    pub fn accepted(&self, source: &str, at_ms: i64, shown: &[segment::Event], queued: usize) {
         self.minutes
             .count(source, at_ms, minutes::Counter::Received, queued as u64);
-        if !self.live.watched() {
-            return;
-        }
-        for event in events {
+        for event in shown {
             let payload = serde_json::from_slice(&event.payload).unwrap_or_default();
-            self.live.publish(LiveMessage::Event(LiveEvent::of(
-                source, at_ms, event, payload,
-            )));
+            self.live
+                .publish_event(LiveEvent::of(source, at_ms, event, payload));
         }
     }
 
@@ -69,11 +67,16 @@ impl Activity {
             .iter()
             .map(|r| refused_entry(source, at_ms, r))
             .collect();
-        if self.live.watched() {
-            for e in &entries {
-                self.live
-                    .publish(LiveMessage::Outcome(LiveOutcome::refused(e)));
-            }
+        for e in &entries {
+            let user_key = e
+                .user_id
+                .as_ref()
+                .map(|u| format!("u:{u}"))
+                .unwrap_or_default();
+            self.live
+                .offer_outcome(at_ms, (&e.message_id, &user_key), || {
+                    LiveOutcome::refused(e)
+                });
         }
         if let Some(log) = self.log.clone() {
             tokio::spawn(async move {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{error, ConfigError};
+use crate::activity::live::LiveOptions;
 use crate::spool::delivery_log::DeliveryLogOptions;
 
 /// `[delivery_log]`: what became of each event, kept for lookups (see
@@ -21,6 +22,9 @@ pub struct DeliveryLogSettings {
     pub max_bytes: u64,
     /// Live-view clients at once (`GET /api/live`); more are answered 503.
     pub max_live_clients: usize,
+    /// Events the live view shows a second at most (and as many outcomes of other events);
+    /// above it the view is a sample and says so.
+    pub live_events_per_sec: u64,
 }
 
 impl Default for DeliveryLogSettings {
@@ -31,6 +35,7 @@ impl Default for DeliveryLogSettings {
             max_age_secs: options.max_age.as_secs(),
             max_bytes: options.max_bytes,
             max_live_clients: crate::activity::live::MAX_CLIENTS,
+            live_events_per_sec: crate::activity::live::PER_SECOND,
         }
     }
 }
@@ -41,6 +46,13 @@ impl DeliveryLogSettings {
             enabled: self.enabled,
             max_age: Duration::from_secs(self.max_age_secs),
             max_bytes: self.max_bytes,
+        }
+    }
+
+    pub fn live_options(&self) -> LiveOptions {
+        LiveOptions {
+            max_clients: self.max_live_clients,
+            per_second: self.live_events_per_sec,
         }
     }
 
@@ -61,6 +73,12 @@ impl DeliveryLogSettings {
             return Err(error(
                 "delivery_log.max_live_clients",
                 "must be between 1 and 1024",
+            ));
+        }
+        if !(1..=100_000).contains(&self.live_events_per_sec) {
+            return Err(error(
+                "delivery_log.live_events_per_sec",
+                "must be between 1 and 100000",
             ));
         }
         Ok(())

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{now_ms, Dispatcher};
-use crate::activity::live::{iso, LiveMessage, LiveOutcome, Who};
+use crate::activity::live::{iso, LiveOutcome, Who};
 use crate::activity::minutes::Counter;
 use crate::activity::Activity;
 use crate::refiner::client::Outcome;
@@ -90,22 +90,24 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Shows a settlement's outcomes live (nothing when nobody watches).
+    /// Shows a settlement's outcomes live (nothing when nobody watches; see
+    /// [`crate::activity::live::LiveFeed::offer_outcome`] for which are shown).
     pub(super) fn publish_outcomes(&self, events: &HashMap<i64, &Leased>, s: &Settlement) {
         if !self.activity.live.watched() {
             return;
         }
         let notes: HashMap<i64, &AttemptNote> = s.notes.iter().map(|n| (n.seq, n)).collect();
+        let now = now_ms();
         let publish = |seq: i64, outcome: &'static str, next: Option<i64>, reason: Option<&str>| {
             let Some(event) = events.get(&seq) else {
                 return;
             };
-            let note = notes.get(&seq);
-            let facts = EventFacts::of(&event.payload);
-            let anonymous = event.user_key.strip_prefix("a:").map(str::to_string);
-            self.activity
-                .live
-                .publish(LiveMessage::Outcome(LiveOutcome {
+            let id = (event.message_id.as_str(), event.user_key.as_str());
+            self.activity.live.offer_outcome(now, id, || {
+                let note = notes.get(&seq);
+                let facts = EventFacts::of(&event.payload);
+                let anonymous = event.user_key.strip_prefix("a:").map(str::to_string);
+                LiveOutcome {
                     message_id: event.message_id.clone(),
                     source: event.source.clone(),
                     outcome,
@@ -124,7 +126,8 @@ impl Dispatcher {
                             .flatten()
                             .collect(),
                     },
-                }));
+                }
+            });
         };
         for &seq in &s.acked {
             publish(seq, "delivered", None, None);

@@ -322,8 +322,8 @@ async fn accept(
     for event in &events {
         per_type[event.kind as usize] += 1;
     }
-    // Shown live only when someone watches: no copy otherwise.
-    let shown = state.activity.live.watched().then(|| events.clone());
+    // Copies of the few events shown live (none when nobody watches).
+    let shown = state.activity.live.sample(received_at_ms, &events);
     let appended = state
         .spool
         .append(AppendRequest {
@@ -349,12 +349,9 @@ async fn accept(
         }
     }
     let report = appended?;
-    state.activity.accepted(
-        &source.slug,
-        received_at_ms,
-        shown.as_deref().unwrap_or_default(),
-        report.queued,
-    );
+    state
+        .activity
+        .accepted(&source.slug, received_at_ms, &shown, report.queued);
     if report.duplicates > 0 {
         state
             .metrics

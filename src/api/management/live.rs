@@ -2,12 +2,12 @@
 //! `docs/api.md`).
 //!
 //! Messages: `event: event` (an accepted event), `event: outcome` (what delivery made of
-//! it), `event: sampled` with `{"dropped": n}` when this client fell behind and lost `n`
-//! messages, and a `: ping` comment every [`PING`]. Filters are applied here, before
+//! it), `event: sampled` with `{"skipped": n, "of", "per_second"}` when the feed's sample
+//! left `n` messages of the last second out, or with `{"dropped": n}` when this client fell
+//! behind and lost `n` messages, and a `: ping` comment every [`PING`]. Filters are applied here, before
 //! anything is written. At most `delivery_log.max_live_clients` clients at once: the next
 //! is answered 503 with `Retry-After`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -15,12 +15,11 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, OwnedSemaphorePermit};
 
 use super::activity::ActivityState;
 use super::error::ApiError;
 use super::{authorized_query, request_id, respond, ManagementState};
-use crate::activity::live::{LiveFilter, LiveMessage};
+use crate::activity::live::{LiveFilter, Subscription};
 
 /// How often an idle stream sends a comment (keeps proxies from closing it).
 pub const PING: Duration = Duration::from_secs(15);
@@ -61,14 +60,13 @@ pub(super) async fn live(
         Ok(filter) => filter,
         Err(e) => return respond(&request, Err(e)),
     };
-    let Some((receiver, permit)) = activity.activity.live.subscribe() else {
+    let Some(subscription) = activity.activity.live.subscribe(&filter) else {
         return too_many_clients(&request_id(&request));
     };
     let stream = futures_util::stream::unfold(
         Client {
-            receiver,
+            subscription,
             filter,
-            _permit: Arc::new(permit),
             ping: tokio::time::interval_at(tokio::time::Instant::now() + PING, PING),
             started: false,
         },
@@ -86,10 +84,9 @@ pub(super) async fn live(
 
 /// One watching client.
 struct Client {
-    receiver: broadcast::Receiver<Arc<LiveMessage>>,
-    filter: LiveFilter,
     /// Released when the client goes (the stream is dropped).
-    _permit: Arc<OwnedSemaphorePermit>,
+    subscription: Subscription,
+    filter: LiveFilter,
     ping: tokio::time::Interval,
     started: bool,
 }
@@ -104,8 +101,10 @@ impl Client {
         }
         loop {
             tokio::select! {
-                message = self.receiver.recv() => match message {
-                    Ok(message) if self.filter.matches(&message) => return Some(frame(&message)),
+                message = self.subscription.receiver.recv() => match message {
+                    Ok(published) if self.filter.matches(&published.message) => {
+                        return Some(published.frame.clone())
+                    }
                     Ok(_) => continue,
                     Err(RecvError::Lagged(dropped)) => {
                         let data = json!({"dropped": dropped});
@@ -117,17 +116,6 @@ impl Client {
             }
         }
     }
-}
-
-fn frame(message: &LiveMessage) -> Bytes {
-    let (name, data) = match message {
-        LiveMessage::Event(e) => ("event", serde_json::to_string(e)),
-        LiveMessage::Outcome(o) => ("outcome", serde_json::to_string(o)),
-    };
-    Bytes::from(format!(
-        "event: {name}\ndata: {}\n\n",
-        data.unwrap_or_default()
-    ))
 }
 
 fn too_many_clients(request_id: &str) -> HttpResponse {

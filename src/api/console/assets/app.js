@@ -287,7 +287,7 @@ function livePage(page) {
   const type = h('select', { id: 'live-type' }, ['', 'identify', 'track', 'page', 'screen', 'group', 'alias'].map((t) => h('option', { value: t }, t || 'all types')));
   const eventName = h('input', { id: 'live-event', placeholder: 'event name' });
   const user = h('input', { id: 'live-user', placeholder: 'user id or email' });
-  const sampled = h('p', { id: 'live-sampled', class: 'notice' }, 'sampled: 0 dropped');
+  const sampled = h('p', { id: 'live-sampled', class: 'notice' }, 'sampled: 0 not shown');
   const connection = h('span', { id: 'live-state', class: 'hint' }, 'connecting…');
   const list = h('ol', { id: 'live-list', class: 'entries' });
   const apply = h('button', { type: 'submit' }, 'Apply filters');
@@ -296,6 +296,7 @@ function livePage(page) {
   page.append(h('h1', {}, 'Live events'), form, h('p', {}, connection), sampled, list);
   const entries = new Map();
   let dropped = 0;
+  let skipped = 0;
   let stream = null;
   const connect = () => {
     if (stream) stream.close();
@@ -311,8 +312,10 @@ function livePage(page) {
     stream.addEventListener('event', (e) => liveEvent(list, entries, JSON.parse(e.data)));
     stream.addEventListener('outcome', (e) => liveOutcome(list, entries, JSON.parse(e.data)));
     stream.addEventListener('sampled', (e) => {
-      dropped += Number(JSON.parse(e.data).dropped) || 0;
-      sampled.textContent = `sampled: ${dropped} dropped (events arrive faster than the page shows them; ingest is not slowed)`;
+      const data = JSON.parse(e.data);
+      dropped += Number(data.dropped) || 0;
+      skipped += Number(data.skipped) || 0;
+      sampled.textContent = `sampled: ${skipped + dropped} not shown (events arrive faster than the page shows them: up to ${data.per_second || 'the page\'s pace'} a second are shown; ingest is not slowed)`;
     });
   };
   connect();
