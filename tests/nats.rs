@@ -716,6 +716,16 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    async fn nats_log_finds_records_among_many() {
+        let Some(server) = deps::nats("nats_log_many", NatsServer::start) else {
+            return;
+        };
+        let b = backend(&server, 64 << 20).await;
+        let log = b.delivery_log.expect("a log");
+        log_conformance::finds_records_among_many(b.queue, log, 5_000).await;
+    }
+
+    #[tokio::test]
     async fn nats_log_stays_within_its_byte_budget() {
         let Some(server) = deps::nats("nats_log_budget", NatsServer::start) else {
             return;

@@ -249,3 +249,60 @@ pub async fn stays_within_its_byte_budget(
     );
     spool.close().await;
 }
+
+/// Among `n` records (more than a few of any backend's lookup chunks), the first, a middle
+/// and the last are found by message id; a user's records spread over the whole log are
+/// found newest first within the limit; an email finds its one record; an unknown id
+/// finds nothing.
+pub async fn finds_records_among_many(spool: Arc<dyn Spool>, log: Arc<dyn DeliveryLog>, n: usize) {
+    append_many(&spool, "many", 0..n).await;
+    let last = format!("many-{}", n - 1);
+    find_until(
+        &log,
+        LogKey::MessageId(last.clone()),
+        "the last record",
+        |f| f.len() == 1,
+    )
+    .await;
+    for i in [0, n / 2, n - 1] {
+        let found = find(&log, LogKey::MessageId(format!("many-{i}"))).await;
+        assert_eq!(found.len(), 1, "many-{i}: {found:?}");
+        assert_eq!(found[0].user_id.as_deref(), Some(&*format!("u{}", i % 7)));
+    }
+    // u3's records: every 7th, newest first, 50 of them (the limit).
+    let found = find(&log, LogKey::UserId("u3".into())).await;
+    assert_eq!(found.len(), 50);
+    let newest = (0..n).rev().find(|i| i % 7 == 3).expect("a record of u3");
+    assert_eq!(found[0].message_id, format!("many-{newest}"));
+    assert!(found
+        .windows(2)
+        .all(|w| w[0].received_at_ms >= w[1].received_at_ms));
+    let email = find(&log, LogKey::Email(format!("m{}@x.io", n / 3))).await;
+    assert_eq!(email.len(), 1, "{email:?}");
+    assert!(find(&log, LogKey::MessageId("never".into()))
+        .await
+        .is_empty());
+    spool.close().await;
+}
+
+/// Appends identify events `<prefix>-<i>` for each `i` of `ids`, of users `u<i % 7>` with
+/// emails `m<i>@x.io`, in requests of 500.
+pub async fn append_many(spool: &Arc<dyn Spool>, prefix: &str, ids: std::ops::Range<usize>) {
+    let start = now_ms();
+    let end = ids.end;
+    for (r, from) in ids.step_by(500).enumerate() {
+        let events: Vec<Event> = (from..(from + 500).min(end))
+            .map(|i| {
+                identify(
+                    &format!("{prefix}-{i}"),
+                    &format!("u{}", i % 7),
+                    &format!("m{i}@x.io"),
+                )
+            })
+            .collect();
+        spool
+            .append(request("web", start + r as i64, events))
+            .await
+            .expect("append");
+    }
+}

@@ -443,6 +443,7 @@ async fn console_routes_refuse_requests_without_the_token_and_bound_live_clients
 
 /// The embedded spool's delivery log through the shared conformance checks.
 mod sqlite_log {
+    use refiner_gateway::spool::delivery_log::{LogKey, LogQuery};
     use refiner_gateway::spool::{log_conformance, Backend, SqliteSpool, SqliteSpoolOptions};
     use refiner_gateway::telemetry::Metrics;
 
@@ -460,6 +461,41 @@ mod sqlite_log {
         let b = backend(dir.path(), None);
         let log = b.delivery_log.expect("a log");
         log_conformance::records_events_attempts_and_outcomes(b.queue, log).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_log_finds_records_among_many() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = backend(dir.path(), None);
+        let log = b.delivery_log.expect("a log");
+        log_conformance::finds_records_among_many(b.queue, log, 10_000).await;
+    }
+
+    /// The lookup filters of the rows after the last sealed chunk are rebuilt when the file
+    /// is opened again, and sealing goes on from there.
+    #[tokio::test]
+    async fn sqlite_log_finds_records_after_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = backend(dir.path(), None);
+        log_conformance::append_many(&b.queue, "pre", 0..6_000).await;
+        b.queue.close().await;
+        drop(b);
+        let b = backend(dir.path(), None);
+        log_conformance::append_many(&b.queue, "pre", 6_000..9_000).await;
+        let log = b.delivery_log.expect("a log");
+        // Sealed before the restart, rebuilt at the restart and sealed after it, open.
+        for i in [0, 4_500, 5_999, 8_999] {
+            let found = log
+                .find_events(LogQuery {
+                    source: "web".into(),
+                    key: LogKey::MessageId(format!("pre-{i}")),
+                    limit: 10,
+                })
+                .await
+                .expect("find");
+            assert_eq!(found.len(), 1, "pre-{i}: {found:?}");
+        }
+        b.queue.close().await;
     }
 
     #[tokio::test]

@@ -100,6 +100,22 @@ impl Bloom {
     fn blocks(&self) -> usize {
         self.bytes.len() / 32
     }
+
+    /// False only when `key` was never inserted.
+    pub fn contains(&self, key: u128) -> bool {
+        Self::may_contain(&self.bytes, key)
+    }
+
+    /// The filter as stored (see [`Bloom::from_stored`]).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// A filter from [`Bloom::as_bytes`]; `None` when `bytes` is not a whole number of
+    /// blocks (not a filter).
+    pub fn from_stored(bytes: Vec<u8>) -> Option<Bloom> {
+        (!bytes.is_empty() && bytes.len() % 32 == 0).then_some(Bloom { bytes })
+    }
 }
 
 /// The header of a run file.

@@ -11,11 +11,14 @@
 //! - Retention removes a prefix of the table (oldest `id`s) per transaction, at most
 //!   [`prune_chunk`] rows, and only while the head is too old or the total is over budget:
 //!   `O(rows removed)`, never a scan of what is kept.
+//! - The table has no index on a random key: rows go in `id` order, and lookups by message
+//!   id, user id or email read the chunks whose filters admit the key ([`log_chunks`]).
 
 use std::collections::HashMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::log_chunks::{self, Field, OpenChunk, RowKeys};
 use crate::spool::delivery_log::{
     AttemptView, CallView, DeliveryLogOptions, EventFacts, EventState, LogKey, LogQuery, LogSize,
     LoggedEvent, RefusedEntry, RECORD_OVERHEAD,
@@ -44,11 +47,6 @@ CREATE TABLE IF NOT EXISTS delivery_log (
     bytes       INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS delivery_log_seq ON delivery_log (seq) WHERE seq IS NOT NULL;
-CREATE INDEX IF NOT EXISTS delivery_log_message ON delivery_log (source, message_id);
-CREATE INDEX IF NOT EXISTS delivery_log_user ON delivery_log (source, user_id)
-    WHERE user_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS delivery_log_email ON delivery_log (source, email)
-    WHERE email IS NOT NULL;
 ";
 
 const INSERT: &str = "INSERT INTO delivery_log
@@ -81,6 +79,8 @@ pub(super) struct LogBook {
     changed: bool,
     /// `received_at` of the oldest row, `None` when the table is empty.
     head_at: Option<i64>,
+    /// The lookup filter of the rows since the last sealed chunk.
+    chunk: OpenChunk,
 }
 
 impl LogBook {
@@ -106,6 +106,7 @@ impl LogBook {
             added: 0,
             changed: false,
             head_at,
+            chunk: OpenChunk::open(conn)?,
         })
     }
 
@@ -143,6 +144,13 @@ impl LogBook {
             facts.payload,
             bytes as i64,
         ])?;
+        let keys = RowKeys {
+            source,
+            message_id,
+            user_id: facts.user_id.as_deref(),
+            email: facts.email.as_deref(),
+        };
+        self.chunk.add(conn, conn.last_insert_rowid(), &keys)?;
         self.grew(bytes as i64, received_at);
         Ok(())
     }
@@ -173,6 +181,13 @@ impl LogBook {
                 e.raw,
                 bytes as i64,
             ])?;
+            let keys = RowKeys {
+                source: &e.source,
+                message_id: &e.message_id,
+                user_id: e.user_id.as_deref(),
+                email: e.email.as_deref(),
+            };
+            self.chunk.add(conn, conn.last_insert_rowid(), &keys)?;
             self.grew(bytes as i64, e.at_ms);
         }
         Ok(())
@@ -281,6 +296,7 @@ impl LogBook {
         if let Some(last) = last {
             conn.prepare_cached("DELETE FROM delivery_log WHERE id <= ?1")?
                 .execute(params![last])?;
+            log_chunks::pruned(conn, last)?;
             self.bytes = (self.bytes - freed).max(0);
             self.changed = true;
         }
@@ -302,41 +318,74 @@ pub(super) fn find(
     query: &LogQuery,
     now: i64,
 ) -> rusqlite::Result<Vec<LoggedEvent>> {
-    let (column, value) = match &query.key {
-        LogKey::MessageId(v) => ("message_id", v),
-        LogKey::UserId(v) => ("user_id", v),
-        LogKey::Email(v) => ("email", v),
+    let (column, field, value) = match &query.key {
+        LogKey::MessageId(v) => ("message_id", Field::MessageId, v),
+        LogKey::UserId(v) => ("user_id", Field::UserId, v),
+        LogKey::Email(v) => ("email", Field::Email, v),
     };
+    let mut found = Vec::new();
+    for (first, last) in log_chunks::candidates(conn, &query.source, field, value)? {
+        let room = query.limit.saturating_sub(found.len());
+        if room == 0 {
+            break;
+        }
+        found.extend(read_range(
+            conn,
+            query,
+            (column, value),
+            (first, last),
+            room,
+            now,
+        )?);
+    }
+    Ok(found)
+}
+
+/// The records of ids `first..=last` whose `column` is `value`, newest first, at most
+/// `limit`.
+fn read_range(
+    conn: &Connection,
+    query: &LogQuery,
+    (column, value): (&str, &str),
+    (first, last): (i64, i64),
+    limit: usize,
+    now: i64,
+) -> rusqlite::Result<Vec<LoggedEvent>> {
     let sql = format!(
         "SELECT seq, source, message_id, kind, event_name, user_id, email, received_at, state,
                 reason, payload, calls, attempts
-         FROM delivery_log WHERE source = ?1 AND {column} = ?2 ORDER BY id DESC LIMIT ?3"
+         FROM delivery_log WHERE id BETWEEN ?1 AND ?2 AND source = ?3 AND {column} = ?4
+         ORDER BY id DESC LIMIT ?5"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![query.source, value, query.limit as i64], |row| {
-        let seq: Option<i64> = row.get(0)?;
-        let state: String = row.get(8)?;
-        let calls: String = row.get(11)?;
-        let attempts: String = row.get(12)?;
-        Ok((
-            seq,
-            LoggedEvent {
-                source: row.get(1)?,
-                message_id: row.get(2)?,
-                kind: row.get(3)?,
-                event: row.get(4)?,
-                user_id: row.get(5)?,
-                email: row.get(6)?,
-                received_at_ms: row.get(7)?,
-                state: EventState::parse(&state).unwrap_or(EventState::Queued),
-                next_attempt_at_ms: None,
-                reason: row.get(9)?,
-                payload: row.get(10)?,
-                calls: serde_json::from_str::<Vec<CallView>>(&calls).unwrap_or_default(),
-                attempts: serde_json::from_str::<Vec<AttemptView>>(&attempts).unwrap_or_default(),
-            },
-        ))
-    })?;
+    let rows = stmt.query_map(
+        params![first, last, query.source, value, limit as i64],
+        |row| {
+            let seq: Option<i64> = row.get(0)?;
+            let state: String = row.get(8)?;
+            let calls: String = row.get(11)?;
+            let attempts: String = row.get(12)?;
+            Ok((
+                seq,
+                LoggedEvent {
+                    source: row.get(1)?,
+                    message_id: row.get(2)?,
+                    kind: row.get(3)?,
+                    event: row.get(4)?,
+                    user_id: row.get(5)?,
+                    email: row.get(6)?,
+                    received_at_ms: row.get(7)?,
+                    state: EventState::parse(&state).unwrap_or(EventState::Queued),
+                    next_attempt_at_ms: None,
+                    reason: row.get(9)?,
+                    payload: row.get(10)?,
+                    calls: serde_json::from_str::<Vec<CallView>>(&calls).unwrap_or_default(),
+                    attempts: serde_json::from_str::<Vec<AttemptView>>(&attempts)
+                        .unwrap_or_default(),
+                },
+            ))
+        },
+    )?;
     let mut found = Vec::new();
     for row in rows {
         let (seq, mut event) = row?;

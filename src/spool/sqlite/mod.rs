@@ -31,6 +31,7 @@ mod dedup;
 pub mod keys;
 mod lanes;
 mod log;
+mod log_chunks;
 mod schema;
 mod wal_sync;
 mod writer;

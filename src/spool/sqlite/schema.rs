@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags};
 
-use super::{dedup, lanes, log, now_ms};
+use super::{dedup, lanes, log, log_chunks, now_ms};
 
 /// The layout this code reads and writes (`PRAGMA user_version`).
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64 + 1;
@@ -26,11 +26,22 @@ type Migration = fn(&Connection) -> rusqlite::Result<()>;
 /// `MIGRATIONS[i]` brings a file of version `i + 1` to version `i + 2`. To change the
 /// schema: change [`SCHEMA`] for new files and append the step that brings existing files
 /// to the same layout (a test opens a file of the previous version).
-const MIGRATIONS: [Migration; 1] = [add_delivery_log];
+const MIGRATIONS: [Migration; 2] = [add_delivery_log, chunk_delivery_log];
 
 /// Version 2: the delivery log's table and indexes.
 fn add_delivery_log(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(log::SCHEMA)
+}
+
+/// Version 3: the delivery log's lookups by chunk filters instead of an index per key
+/// (the existing rows are chunked when the writer opens the file).
+fn chunk_delivery_log(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "DROP INDEX IF EXISTS delivery_log_message;
+         DROP INDEX IF EXISTS delivery_log_user;
+         DROP INDEX IF EXISTS delivery_log_email;",
+    )?;
+    conn.execute_batch(log_chunks::SCHEMA)
 }
 
 pub(super) const SCHEMA: &str = "
@@ -207,6 +218,7 @@ fn set_up(conn: &Connection, path: &Path, sources: &[String]) -> rusqlite::Resul
     conn.execute_batch(dedup::SCHEMA)?;
     conn.execute_batch(lanes::SCHEMA)?;
     conn.execute_batch(log::SCHEMA)?;
+    conn.execute_batch(log_chunks::SCHEMA)?;
     let mut known =
         conn.prepare("INSERT OR IGNORE INTO sources (slug, created_at) VALUES (?1, ?2)")?;
     for slug in sources {
