@@ -114,7 +114,7 @@ impl Bloom {
     /// A filter from [`Bloom::as_bytes`]; `None` when `bytes` is not a whole number of
     /// blocks (not a filter).
     pub fn from_stored(bytes: Vec<u8>) -> Option<Bloom> {
-        (!bytes.is_empty() && bytes.len() % 32 == 0).then_some(Bloom { bytes })
+        (!bytes.is_empty() && bytes.len().is_multiple_of(32)).then_some(Bloom { bytes })
     }
 }
 
