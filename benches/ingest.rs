@@ -451,8 +451,9 @@ fn main() {
 
 /// The two spool backends behind the same HTTP ingest: the SQLite gateway against a
 /// gateway on JetStream (one node, one `nats-server` on loopback this benchmark starts),
-/// with its default settings and without the dedup bucket (JetStream's duplicate window
-/// alone), batches, alternated twice so drift hits all alike. Printed: each run and the
+/// with its default settings (JetStream's short duplicate window and the partition owners'
+/// dedup index) and with the optional dedup bucket on as well, batches, alternated twice so
+/// drift hits all alike. Printed: each run and the
 /// ratios JetStream / SQLite of the summed rates.
 async fn backends(sqlite_url: &str, options: &Options) {
     use refiner_gateway::config::SpoolBackend;
@@ -464,8 +465,8 @@ async fn backends(sqlite_url: &str, options: &Options) {
     let nats_dir = tempfile::tempdir().expect("temp dir");
     let mut urls = vec![("sqlite", sqlite_url.to_owned())];
     for (name, dedup_bucket, prefix) in [
-        ("jetstream", "gateway_dedup", "gw1"),
-        ("jetstream, no dedup bucket", "", "gw2"),
+        ("jetstream + dedup bucket", "gateway_dedup", "gw1"),
+        ("jetstream (defaults)", "", "gw2"),
     ] {
         let url = spawn_gateway_with(&nats_dir.path().join(prefix), |settings| {
             settings.spool.backend = SpoolBackend::Nats;
@@ -477,6 +478,7 @@ async fn backends(sqlite_url: &str, options: &Options) {
             settings.nats.consumer = prefix.into();
             settings.nats.bucket = format!("{prefix}_partitions");
             settings.nats.retry_bucket = format!("{prefix}_retries");
+            settings.nats.dedup_stream = format!("{}_DEDUP", prefix.to_uppercase());
         })
         .await;
         urls.push((name, url));
