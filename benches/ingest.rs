@@ -214,8 +214,18 @@ async fn drive(url: String, connections: usize, seconds: u64, batch: Option<usiz
                         let _ = r.bytes().await;
                         requests.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    failed => {
+                        // The first failure is shown: a benchmark of errors measures nothing.
+                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            match failed {
+                                Ok(r) => eprintln!(
+                                    "first error: {} {}",
+                                    r.status(),
+                                    r.text().await.unwrap_or_default()
+                                ),
+                                Err(e) => eprintln!("first error: {e}"),
+                            }
+                        }
                     }
                 }
             }
@@ -355,6 +365,10 @@ async fn spool_ceiling(seconds: u64, batch: usize) {
 
 fn main() {
     let options = options();
+    // RUST_LOG=warn shows why the gateways refused requests.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -465,8 +479,8 @@ async fn backends(sqlite_url: &str, options: &Options) {
     let nats_dir = tempfile::tempdir().expect("temp dir");
     let mut urls = vec![("sqlite", sqlite_url.to_owned())];
     for (name, dedup_bucket, prefix) in [
-        ("jetstream + dedup bucket", "gateway_dedup", "gw1"),
-        ("jetstream (defaults)", "", "gw2"),
+        ("jetstream (defaults)", "", "gw1"),
+        ("jetstream + dedup bucket", "gateway_dedup", "gw2"),
     ] {
         let url = spawn_gateway_with(&nats_dir.path().join(prefix), |settings| {
             settings.spool.backend = SpoolBackend::Nats;
