@@ -147,6 +147,15 @@ fn locate(text: &str, at: usize) -> String {
     let at = at.min(text.len());
     let line_no = text[..at].matches('\n').count() + 1;
     let lines: Vec<&str> = text.lines().take(line_no).collect();
+    // A table whose header is on the error's line (`[sources.x]` where a list is wanted).
+    if let Some(header) = lines
+        .last()
+        .map(|l| l.trim())
+        .filter(|l| l.starts_with('['))
+    {
+        let name = header.trim_matches(|c| c == '[' || c == ']').trim();
+        return format!("table `{name}` (line {line_no})");
+    }
     let assignment = lines.iter().rposition(|line| {
         let line = line.trim_start();
         !line.starts_with('[') && !line.starts_with('#') && line.contains('=')
@@ -175,4 +184,25 @@ fn locate(text: &str, at: usize) -> String {
         _ => key,
     };
     format!("key `{dotted}` (line {line_no})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::locate;
+
+    #[test]
+    fn an_error_is_located_at_its_key_or_its_table() {
+        let text = "listen = \"x\"\n[delivery]\nenabled = false\n\n[sources.default]\nslug = 1\n";
+        let at = |needle: &str| text.find(needle).expect("in the text");
+        assert_eq!(locate(text, at("false")), "key `delivery.enabled` (line 3)");
+        assert_eq!(
+            locate(text, at("[sources")),
+            "table `sources.default` (line 5)"
+        );
+        assert_eq!(
+            locate(text, at("1\n")),
+            "key `sources.default.slug` (line 6)"
+        );
+        assert_eq!(locate(text, 0), "key `listen` (line 1)");
+    }
 }
