@@ -163,9 +163,10 @@ impl Rule {
 }
 
 /// A source's rules, validated ([`compile`]). The empty set forwards everything unchanged.
+/// Shared, not copied: delivery takes the set of a source for every run of a user's events.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
-    rules: Vec<Rule>,
+    rules: Arc<[Rule]>,
 }
 
 /// What the rules decided for one event.
@@ -218,7 +219,7 @@ impl RuleSet {
             };
         }
         let kind_value = Value::String(kind.to_string());
-        for rule in &self.rules {
+        for rule in self.rules.iter() {
             let applies = rule
                 .when
                 .as_ref()

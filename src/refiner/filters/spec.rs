@@ -127,7 +127,9 @@ pub fn compile(
         }
         compiled.push(rule);
     }
-    Ok(RuleSet { rules: compiled })
+    Ok(RuleSet {
+        rules: compiled.into(),
+    })
 }
 
 fn fail(rule: &str, field: &str, message: impl Into<String>) -> RuleError {
