@@ -109,7 +109,7 @@ mod dead_letters {
 
     /// Buries `ids` (one user each) after one failed attempt each.
     async fn bury(spool: &Arc<dyn Spool>, ids: &[&str]) {
-        let events = ids.iter().map(|id| event(id, &format!("u:{id}"))).collect();
+        let events = ids.iter().map(|id| event(id, id)).collect();
         spool
             .append(request(SOURCE, 1_000, events))
             .await
@@ -356,7 +356,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
     let dir = tempfile::tempdir().expect("temp dir");
     let spool: Arc<dyn Spool> = open_with(short_window(&server, &dir)).await;
     spool
-        .append(request(SOURCE, 1_000, vec![event("m1", "u:1")]))
+        .append(request(SOURCE, 1_000, vec![event("m1", "1")]))
         .await
         .expect("append");
     assert_eq!(lease_until(&spool, "m1").await, ["m1"]);
@@ -365,7 +365,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:1")],
+            vec![event("m1", "1"), event("m2", "1")],
         ))
         .await
         .expect("append again");
@@ -403,7 +403,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("m1", "u:1"), event("m2", "u:2")],
+            vec![event("m1", "1"), event("m2", "2")],
         ))
         .await
         .expect("append");
@@ -417,7 +417,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
+            vec![event("m1", "1"), event("m2", "2"), event("m3", "1")],
         ))
         .await
         .expect("append after restart");
@@ -443,7 +443,7 @@ async fn dedup_survives_a_change_of_owner() {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("m1", "u:1"), event("m2", "u:2")],
+            vec![event("m1", "1"), event("m2", "2")],
         ))
         .await
         .expect("append");
@@ -461,7 +461,7 @@ async fn dedup_survives_a_change_of_owner() {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
+            vec![event("m1", "1"), event("m2", "2"), event("m3", "1")],
         ))
         .await
         .expect("append to the new owner");
@@ -484,7 +484,7 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("a1", "u:a"), event("a2", "u:a"), event("b1", "u:b")],
+            vec![event("a1", "a"), event("a2", "a"), event("b1", "b")],
         ))
         .await
         .expect("append");
@@ -556,7 +556,7 @@ async fn an_event_past_max_deliver_is_dead_lettered() {
     options.max_deliver = 3;
     let spool: Arc<dyn Spool> = open_with(options).await;
     spool
-        .append(request(SOURCE, 1_000, vec![event("p1", "u:1")]))
+        .append(request(SOURCE, 1_000, vec![event("p1", "1")]))
         .await
         .expect("append");
     let mut deliveries = 0;
@@ -630,7 +630,7 @@ async fn three_replicas_survive_losing_a_server() {
             cluster.servers[0].stop();
         }
         let events: Vec<_> = (0..10)
-            .map(|u| event(&format!("r{round}-u{u}"), &format!("u:{u}")))
+            .map(|u| event(&format!("r{round}-u{u}"), &u.to_string()))
             .collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -668,7 +668,7 @@ async fn three_replicas_survive_losing_a_server() {
             continue;
         }
         for l in &batch {
-            let seen = leased.entry(l.user_key.clone()).or_default();
+            let seen = leased.entry(l.user_key.to_string()).or_default();
             if !seen.contains(&l.message_id) {
                 seen.push(l.message_id.clone());
             }

@@ -235,12 +235,7 @@ async fn version(request: HttpRequest, state: web::Data<ManagementState>) -> Htt
 const LISTED_ERROR_CHARS: usize = 200;
 
 fn printable_name(item: &DeadLetterSummary) -> String {
-    let who = match item.user_key.split_once(':') {
-        Some(("u", id)) => format!("user {id}"),
-        Some(("e", email)) => format!("email {email}"),
-        Some(("a", anonymous)) => format!("anonymous {anonymous}"),
-        _ => item.user_key.clone(),
-    };
+    let who = item.user_key.describe();
     match &item.event {
         Some(event) => format!("{} \"{event}\" of {who}", item.kind),
         None => format!("{} of {who}", item.kind),
@@ -412,7 +407,7 @@ async fn show(
             .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id} in `{slug}`")))?;
         let mut body = summary_json(&letter.summary, true);
         body["source"] = json!(letter.summary.source);
-        body["user_key"] = json!(letter.summary.user_key);
+        body["user_key"] = json!(letter.summary.user_key.as_str());
         body["payload"] = serde_json::from_slice::<Value>(&letter.payload)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&letter.payload)));
         body["history"] = letter

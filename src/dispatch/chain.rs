@@ -38,6 +38,7 @@ use super::{now_ms, Dispatcher};
 use crate::refiner::client::{Failure, Outcome};
 use crate::refiner::filters::DEFAULT_ENVIRONMENT;
 use crate::refiner::mapping::{self, Mapped, Membership, RefinerCall};
+use crate::segment::HoldKey;
 use crate::spool::{DeadLetterRequest, Leased, Postponed, RetryAt, Settlement, Skipped};
 
 /// The skip reason of a membership whose audience has no Refiner manual segment.
@@ -356,7 +357,10 @@ impl Dispatcher {
                 return None;
             }
         };
-        match routing.decide(source, &event.kind, &payload).decision {
+        match routing
+            .decide(source, event.kind.as_str(), &payload)
+            .decision
+        {
             Decision::Dropped(reason) => {
                 self.skip(source, &reason);
                 out.skipped.push(Skipped {
@@ -395,7 +399,7 @@ impl Dispatcher {
             Mapped::Ping(user) => {
                 let recent = self
                     .pings
-                    .get(&format!("{source}\u{1f}{}", user.key()))
+                    .get(&HoldKey::new(source, &user.key()))
                     .is_some_and(|last| now - *last < interval);
                 if recent {
                     out.skipped.push(Skipped {
@@ -671,7 +675,7 @@ impl Dispatcher {
                 if matches!(call, RefinerCall::IdentifyUser { traits, account: None, .. } if traits.is_empty())
                 {
                     self.pings
-                        .insert(format!("{source}\u{1f}{}", call.user().key()), now);
+                        .insert(HoldKey::new(source, &call.user().key()), now);
                 }
                 for event in seqs.iter().filter_map(|seq| run.events.get(seq)) {
                     self.metrics
@@ -732,6 +736,7 @@ mod tests {
 
     use super::*;
     use crate::refiner::mapping::UserRef;
+    use crate::segment::{EventType, UserKey};
 
     fn track(seq: i64, user: &str) -> (Vec<i64>, RefinerCall) {
         (
@@ -828,8 +833,8 @@ mod tests {
             seq,
             source: "web".into(),
             message_id: format!("m{seq}"),
-            kind: "track".into(),
-            user_key: "u:u".into(),
+            kind: EventType::Track,
+            user_key: UserKey::user_id("u"),
             payload: Vec::new(),
             attempts,
             received_at_ms,

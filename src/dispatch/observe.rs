@@ -102,7 +102,7 @@ impl Dispatcher {
             };
             let note = notes.get(&seq);
             let facts = EventFacts::of(&event.payload);
-            let anonymous = event.user_key.strip_prefix("a:").map(str::to_string);
+            let anonymous = event.user_key.anonymous_id().map(str::to_string);
             self.activity
                 .live
                 .publish(LiveMessage::Outcome(LiveOutcome {
@@ -117,7 +117,7 @@ impl Dispatcher {
                         .map(|n| n.calls.iter().map(CallView::to_json).collect())
                         .unwrap_or_default(),
                     who: Who {
-                        kind: event.kind.clone(),
+                        kind: event.kind.as_str().to_string(),
                         event: facts.event,
                         users: [facts.user_id, anonymous, facts.email]
                             .into_iter()

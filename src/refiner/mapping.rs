@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
-use crate::segment::EventType;
+use crate::segment::{EventType, UserKey};
 
 mod engage;
 
@@ -130,12 +130,12 @@ impl UserRef {
         }
     }
 
-    /// The identity calls are ordered and coalesced by: `u:<userId>` or `e:<email>`, the
-    /// same scheme as the spool's user key (`segment::user_key`).
-    pub fn key(&self) -> String {
+    /// The identity calls are ordered and coalesced by: the spool's user key
+    /// (`segment::user_key`) of the same user.
+    pub fn key(&self) -> UserKey {
         match self {
-            UserRef::Id { id, .. } => format!("u:{id}"),
-            UserRef::Email(email) => format!("e:{email}"),
+            UserRef::Id { id, .. } => UserKey::user_id(id),
+            UserRef::Email(email) => UserKey::email(email),
         }
     }
 
@@ -761,7 +761,7 @@ fn join(items: &[Value]) -> Option<String> {
 pub fn coalesce<K>(calls: Vec<(K, RefinerCall)>) -> Vec<(Vec<K>, RefinerCall)> {
     let mut slots: Vec<Option<(Vec<K>, RefinerCall)>> = Vec::with_capacity(calls.len());
     // Per user key: the slot holding the user's open run.
-    let mut open: HashMap<String, usize> = HashMap::new();
+    let mut open: HashMap<UserKey, usize> = HashMap::new();
     for (key, call) in calls {
         let user = call.user().key();
         if !matches!(call, RefinerCall::IdentifyUser { .. }) {

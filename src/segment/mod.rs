@@ -41,6 +41,7 @@
 //! keeps the earlier tree-based parser, and `differential` checks that both agree.
 
 mod destinations;
+mod identity;
 mod normalize;
 #[cfg(test)]
 mod oracle;
@@ -53,6 +54,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub use destinations::{Destinations, Flag, DEFAULT_DESTINATION_NAMES};
+pub use identity::{HoldKey, Identity, UserKey};
 pub use normalize::user_key;
 pub use time::{correct_clock_skew, format_timestamp};
 
@@ -107,6 +109,12 @@ impl EventType {
             "delete" if allow_delete => EventType::Delete,
             _ => return None,
         })
+    }
+
+    /// The type of an event read back from a spool, which stored [`EventType::as_str`]
+    /// (`delete` included); `None` for a text no version of the gateway wrote.
+    pub fn from_stored(name: &str) -> Option<EventType> {
+        EventType::parse(name, true)
     }
 
     /// The type implied by a `/v1/{path}` route: full names and analytics.js' one-letter
@@ -269,9 +277,8 @@ impl Skip {
 pub struct Event {
     pub kind: EventType,
     pub message_id: String,
-    /// The identity the dispatcher keeps order by: `u:<userId>`, `e:<email>` or
-    /// `a:<anonymousId>`.
-    pub user_key: String,
+    /// The identity the dispatcher keeps order by.
+    pub user_key: UserKey,
     /// The normalized event as JSON bytes.
     pub payload: Vec<u8>,
 }

@@ -241,7 +241,7 @@ fn single_track_is_normalized_exactly() {
     let event = only_event(parsed);
     assert_eq!(event.kind, EventType::Track);
     assert_eq!(event.message_id, "m1");
-    assert_eq!(event.user_key, "u:u1");
+    assert_eq!(event.user_key, UserKey::user_id("u1"));
     assert_eq!(
         payload(&event),
         json!({
@@ -427,7 +427,7 @@ fn numeric_ids_are_coerced_to_strings() {
         )
         .expect("accepted"),
     );
-    assert_eq!(event.user_key, "u:42");
+    assert_eq!(event.user_key, UserKey::user_id("42"));
     let payload = payload(&event);
     assert_eq!(payload["userId"], json!("42"));
     assert_eq!(payload["anonymousId"], json!("7.5"));
@@ -442,7 +442,7 @@ fn ids_of_other_shapes_or_empty_are_removed() {
         )
         .expect("accepted"),
     );
-    assert_eq!(event.user_key, "a:anon");
+    assert_eq!(event.user_key, UserKey::anonymous("anon"));
     assert_eq!(payload(&event).get("userId"), None);
 
     let event = only_event(
@@ -452,7 +452,7 @@ fn ids_of_other_shapes_or_empty_are_removed() {
         )
         .expect("accepted"),
     );
-    assert_eq!(event.user_key, "a:anon");
+    assert_eq!(event.user_key, UserKey::anonymous("anon"));
     assert_eq!(payload(&event).get("userId"), None);
 
     let event = only_event(
@@ -577,7 +577,7 @@ fn batch_items_are_parsed_in_order() {
     )
     .expect("accepted");
     assert_eq!(parsed.write_key.as_deref(), Some("WK"));
-    let events: Vec<(EventType, String, String)> = parsed
+    let events: Vec<(EventType, String, UserKey)> = parsed
         .items
         .into_iter()
         .map(|item| {
@@ -588,9 +588,9 @@ fn batch_items_are_parsed_in_order() {
     assert_eq!(
         events,
         [
-            (EventType::Identify, "m1".into(), "u:u1".into()),
-            (EventType::Track, "m2".into(), "u:u2".into()),
-            (EventType::Page, "m3".into(), "a:a3".into()),
+            (EventType::Identify, "m1".into(), UserKey::user_id("u1")),
+            (EventType::Track, "m2".into(), UserKey::user_id("u2")),
+            (EventType::Page, "m3".into(), UserKey::anonymous("a3")),
         ]
     );
 }
@@ -1010,7 +1010,7 @@ fn batch_context_traits_email_identifies_items() {
         )
         .expect("accepted"),
     );
-    assert_eq!(event.user_key, "e:b@x.io");
+    assert_eq!(event.user_key, UserKey::email("b@x.io"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1200,7 +1200,11 @@ fn user_key_prefers_user_id() {
         "context": {"traits": {"email": "c@x.io"}},
     }));
     for kind in EventType::ALL {
-        assert_eq!(user_key(&event, kind).as_deref(), Some("u:u1"), "{kind:?}");
+        assert_eq!(
+            user_key(&event, kind),
+            Some(UserKey::user_id("u1")),
+            "{kind:?}"
+        );
     }
 }
 
@@ -1212,16 +1216,16 @@ fn user_key_takes_email_from_identify_traits_then_context_traits() {
         "context": {"traits": {"email": "c@x.io"}},
     }));
     assert_eq!(
-        user_key(&both, EventType::Identify).as_deref(),
-        Some("e:t@x.io")
+        user_key(&both, EventType::Identify),
+        Some(UserKey::email("t@x.io"))
     );
     let context_only = object(json!({
         "anonymousId": "a1",
         "context": {"traits": {"email": "c@x.io"}},
     }));
     assert_eq!(
-        user_key(&context_only, EventType::Identify).as_deref(),
-        Some("e:c@x.io")
+        user_key(&context_only, EventType::Identify),
+        Some(UserKey::email("c@x.io"))
     );
     // A blank traits.email does not hide the context's.
     let blank = object(json!({
@@ -1230,13 +1234,13 @@ fn user_key_takes_email_from_identify_traits_then_context_traits() {
         "context": {"traits": {"email": "c@x.io"}},
     }));
     assert_eq!(
-        user_key(&blank, EventType::Identify).as_deref(),
-        Some("e:c@x.io")
+        user_key(&blank, EventType::Identify),
+        Some(UserKey::email("c@x.io"))
     );
     let padded = object(json!({"traits": {"email": " t@x.io\n"}}));
     assert_eq!(
-        user_key(&padded, EventType::Identify).as_deref(),
-        Some("e:t@x.io")
+        user_key(&padded, EventType::Identify),
+        Some(UserKey::email("t@x.io"))
     );
 }
 
@@ -1250,7 +1254,11 @@ fn user_key_ignores_traits_email_outside_identify() {
         EventType::Screen,
         EventType::Alias,
     ] {
-        assert_eq!(user_key(&event, kind).as_deref(), Some("a:a1"), "{kind:?}");
+        assert_eq!(
+            user_key(&event, kind),
+            Some(UserKey::anonymous("a1")),
+            "{kind:?}"
+        );
     }
     let with_context = object(json!({
         "anonymousId": "a1",
@@ -1258,12 +1266,12 @@ fn user_key_ignores_traits_email_outside_identify() {
         "context": {"traits": {"email": "member@x.io"}},
     }));
     assert_eq!(
-        user_key(&with_context, EventType::Group).as_deref(),
-        Some("e:member@x.io")
+        user_key(&with_context, EventType::Group),
+        Some(UserKey::email("member@x.io"))
     );
     assert_eq!(
-        user_key(&with_context, EventType::Track).as_deref(),
-        Some("e:member@x.io")
+        user_key(&with_context, EventType::Track),
+        Some(UserKey::email("member@x.io"))
     );
 }
 
@@ -1271,8 +1279,8 @@ fn user_key_ignores_traits_email_outside_identify() {
 fn user_key_falls_back_to_anonymous_id_or_nothing() {
     let anonymous = object(json!({"anonymousId": "a1", "traits": {"email": 5}}));
     assert_eq!(
-        user_key(&anonymous, EventType::Identify).as_deref(),
-        Some("a:a1")
+        user_key(&anonymous, EventType::Identify),
+        Some(UserKey::anonymous("a1"))
     );
     assert_eq!(user_key(&Map::new(), EventType::Identify), None);
     let traits_not_object = object(json!({"traits": "t@x.io", "context": {"traits": []}}));
@@ -1288,7 +1296,7 @@ fn user_key_through_parsing() {
         )
         .expect("accepted"),
     );
-    assert_eq!(identify.user_key, "e:t@x.io");
+    assert_eq!(identify.user_key, UserKey::email("t@x.io"));
     let group = only_event(
         single(
             r#"{"anonymousId":"a1","groupId":"g1","traits":{"email":"g@x.io"}}"#,
@@ -1296,7 +1304,7 @@ fn user_key_through_parsing() {
         )
         .expect("accepted"),
     );
-    assert_eq!(group.user_key, "a:a1");
+    assert_eq!(group.user_key, UserKey::anonymous("a1"));
     let track = only_event(
         single(
             r#"{"anonymousId":"a1","event":"E","context":{"traits":{"email":"c@x.io"}}}"#,
@@ -1304,7 +1312,7 @@ fn user_key_through_parsing() {
         )
         .expect("accepted"),
     );
-    assert_eq!(track.user_key, "e:c@x.io");
+    assert_eq!(track.user_key, UserKey::email("c@x.io"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1321,7 +1329,7 @@ fn webhook_single_event_is_accepted_with_its_type() {
     assert_eq!(parsed.write_key.as_deref(), Some("WK"));
     let event = only_event(parsed);
     assert_eq!(event.kind, EventType::Identify);
-    assert_eq!(event.user_key, "u:u1");
+    assert_eq!(event.user_key, UserKey::user_id("u1"));
     assert_eq!(
         payload(&event),
         json!({
@@ -1341,7 +1349,7 @@ fn delete_is_accepted_only_on_webhooks() {
         webhook(r#"{"type":"delete","userId":"u1","messageId":"d1"}"#).expect("accepted"),
     );
     assert_eq!(event.kind, EventType::Delete);
-    assert_eq!(event.user_key, "u:u1");
+    assert_eq!(event.user_key, UserKey::user_id("u1"));
     assert_eq!(payload(&event)["type"], "delete");
 
     let parsed =
@@ -1392,9 +1400,9 @@ fn webhook_array_is_parsed_item_by_item() {
         (
             first.kind,
             first.message_id.as_str(),
-            first.user_key.as_str()
+            first.user_key.clone()
         ),
-        (EventType::Track, "m1", "u:u1")
+        (EventType::Track, "m1", UserKey::user_id("u1"))
     );
     assert_eq!(payload(&first).get("writeKey"), None);
     let second = items.next().expect("item 1").expect("accepted");
@@ -1402,9 +1410,9 @@ fn webhook_array_is_parsed_item_by_item() {
         (
             second.kind,
             second.message_id.as_str(),
-            second.user_key.as_str()
+            second.user_key.clone()
         ),
-        (EventType::Page, "m2", "a:a2")
+        (EventType::Page, "m2", UserKey::anonymous("a2"))
     );
     assert_eq!(items.next(), Some(Err(Skip::NotAnObject)));
     assert_eq!(items.next(), Some(Err(Skip::MissingGroupId)));

@@ -13,7 +13,7 @@ use super::delivery_log::{
     AttemptNote, CallView, DeliveryLog, EventState, LogKey, LogQuery, LoggedEvent, RefusedEntry,
 };
 use super::{DeadLetterRequest, RetryAt, Settlement, Skipped, Spool};
-use crate::segment::{Event, EventType};
+use crate::segment::{Event, EventType, UserKey};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -26,7 +26,7 @@ fn identify(message_id: &str, user: &str, email: &str) -> Event {
     Event {
         kind: EventType::Identify,
         message_id: message_id.into(),
-        user_key: format!("u:{user}"),
+        user_key: UserKey::user_id(user),
         payload: format!(
             r#"{{"type":"identify","messageId":"{message_id}","userId":"{user}","traits":{{"email":"{email}"}}}}"#
         )
@@ -215,7 +215,7 @@ pub async fn stays_within_its_byte_budget(
                     )
                     .into_bytes(),
                     message_id: id,
-                    user_key: "u:u".into(),
+                    user_key: UserKey::user_id("u"),
                 }
             })
             .collect();

@@ -640,9 +640,7 @@ fn check_parsed(
                 || event.message_id.chars().count() <= limits.max_message_id_len
         );
         prop_assert!(
-            ["u:", "e:", "a:"]
-                .iter()
-                .any(|p| event.user_key.starts_with(p)),
+            event.user_key.identity().is_some(),
             "user_key {:?}",
             event.user_key
         );
