@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::refiner::mapping::MappingOptions;
+use crate::segment::Limits;
 
 mod console;
 mod delivery_log;
@@ -26,7 +27,7 @@ pub use console::ConsoleSettings;
 pub use delivery_log::DeliveryLogSettings;
 pub use engage::{EngageSettings, DEFAULT_SEGMENTS_TTL_SECS};
 pub use filters::{SourceFilters, MAX_ENVIRONMENTS};
-pub use ingest::{IntegrationSettings, LimitSettings, WebhookFormat};
+pub use ingest::{IntegrationSettings, WebhookFormat};
 pub use nats::{NatsSettings, SpoolBackend};
 pub use secrets::MIN_SECRET_CHARS;
 
@@ -248,7 +249,8 @@ pub struct Settings {
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout_secs: u64,
     pub refiner: RefinerSettings,
-    pub limits: LimitSettings,
+    /// Request limits (`segment::Limits`, read as it is).
+    pub limits: Limits,
     pub spool: SpoolSettings,
     pub delivery: DeliverySettings,
     pub mapping: MappingOptions,
@@ -278,7 +280,7 @@ impl Default for Settings {
             log_format: LogFormat::Auto,
             shutdown_timeout_secs: 30,
             refiner: RefinerSettings::default(),
-            limits: LimitSettings::default(),
+            limits: Limits::default(),
             spool: SpoolSettings::default(),
             delivery: DeliverySettings::default(),
             mapping: MappingOptions::default(),

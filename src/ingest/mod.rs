@@ -68,7 +68,7 @@ impl IngestState {
         IngestState {
             spool,
             sources: Sources::new(&settings.sources),
-            limits: limits.to_limits(),
+            limits: limits.clone(),
             budget: Arc::new(BodyBudget::new(
                 limits.body_budget_bytes,
                 metrics.ingest_body_budget_bytes.clone(),

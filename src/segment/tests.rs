@@ -222,6 +222,9 @@ fn default_limits_are_segments_with_rudderstacks_batch_size() {
             max_webhook_events: 4000,
             max_message_id_len: 100,
             max_batch_merged_bytes: 8 * 1024 * 1024,
+            body_budget_bytes: 128 * 1024 * 1024,
+            body_timeout_secs: 30,
+            max_webhook_signatures: 100_000,
         }
     );
 }

@@ -610,6 +610,7 @@ fn limits() -> impl Strategy<Value = Limits> {
                 max_webhook_events: webhook_events,
                 max_message_id_len: id,
                 max_batch_merged_bytes: batch * 2,
+                ..Limits::default()
             }),
     ]
 }
