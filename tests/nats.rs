@@ -40,6 +40,7 @@ async fn open(server: &NatsServer) -> Arc<dyn Spool> {
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test]
+        #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
         async fn $name() {
             let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             conformance::$name(open(&server).await).await;
@@ -68,6 +69,7 @@ conformance!(
 macro_rules! conformance_reopen {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
         async fn $name() {
             let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             let server = &server;
@@ -163,6 +165,7 @@ mod dead_letters {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn dead_letters_are_listed_shown_replayed_and_deleted() {
         let Some(server) = deps::nats("dead_letters_are_listed", NatsServer::start) else {
             return;
@@ -348,6 +351,7 @@ async fn lease_until(spool: &Arc<dyn Spool>, last: &str) -> Vec<String> {
 /// Past JetStream's (short) duplicate window, a repeated messageId is accepted at ingest
 /// but its partition's owner drops it: it is not delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
     use refiner_gateway::spool::conformance::{event, request, SOURCE};
     let Some(server) = deps::nats("a_repeat_after_the_duplicate_window", NatsServer::start) else {
@@ -384,6 +388,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
 /// The owners' index lives in JetStream (journal and runs): a repeat is still dropped after
 /// the server restarts, whether the ids were still in the journal or written out as runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn dedup_survives_a_server_restart() {
     for flush in [Duration::from_secs(300), Duration::ZERO] {
         dedup_survives_a_server_restart_with(flush).await;
@@ -432,6 +437,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
 /// A node that takes a partition over (its owner died) loads the partition's index from
 /// JetStream: a repeat of an id the dead owner delivered is dropped by the new owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn dedup_survives_a_change_of_owner() {
     use refiner_gateway::spool::conformance::{event, request, SOURCE};
     let Some(server) = deps::nats("dedup_survives_a_change_of_owner", NatsServer::start) else {
@@ -473,6 +479,7 @@ async fn dedup_survives_a_change_of_owner() {
 /// owner retries them on schedule (not at once) with their attempts, and holds their users'
 /// later events until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
@@ -543,6 +550,7 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
 /// JetStream has no dead-letter queue: an event it delivered more than `max_deliver` times
 /// is copied to the dead-letter stream by the node that receives it once more.
 #[tokio::test]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn an_event_past_max_deliver_is_dead_lettered() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
@@ -594,6 +602,7 @@ async fn an_event_past_max_deliver_is_dead_lettered() {
 /// at most while a new leader is elected, then go on; every accepted event is leased, in
 /// order per user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn three_replicas_survive_losing_a_server() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::nats::testing::NatsCluster;
@@ -706,6 +715,7 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_records_events_attempts_and_outcomes() {
         let Some(server) = deps::nats("nats_log_records", NatsServer::start) else {
             return;
@@ -716,6 +726,7 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_stays_within_its_byte_budget() {
         let Some(server) = deps::nats("nats_log_budget", NatsServer::start) else {
             return;

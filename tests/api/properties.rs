@@ -705,6 +705,7 @@ proptest! {
     }
 
     #[test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     fn parsers_never_panic_on_arbitrary_json(
         body in any_json_body(),
         kind in kind(),
@@ -715,6 +716,7 @@ proptest! {
     }
 
     #[test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     fn parsers_keep_event_invariants_on_segment_shaped_input(
         body in segment_body(),
         kind in kind(),

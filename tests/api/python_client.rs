@@ -125,6 +125,7 @@ async fn python_with_library() -> Result<(), String> {
 }
 
 #[tokio::test]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn segment_python_library_events_are_spooled() {
     let test = "segment_python_library_events_are_spooled";
     if !crate::deps::python(test, python_with_library().await) {
