@@ -28,13 +28,16 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=0 \
     CARGO_TERM_COLOR=never
 COPY Cargo.toml Cargo.lock ./
 # Stubs for every target the manifest declares (Cargo reads them all), then the
-# dependencies alone; the stubs are removed before the real sources come in.
-RUN mkdir -p src/bin benches \
+# dependencies alone; the stubs are removed before the real sources come in (the test
+# targets' stubs stay: the image builds no test).
+RUN mkdir -p src/bin benches tests \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/refiner-sim.rs \
     && touch src/lib.rs \
     && awk '/^\[\[bench\]\]/ { bench = 1; next } bench && /^name *=/ { gsub(/^name *= *"|"$/, ""); print; bench = 0 }' Cargo.toml \
        | while read -r name; do echo 'fn main() {}' > "benches/$name.rs"; done \
+    && awk '/^\[\[test\]\]/ { test = 1; next } test && /^name *=/ { gsub(/^name *= *"|"$/, ""); print; test = 0 }' Cargo.toml \
+       | while read -r name; do echo 'fn main() {}' > "tests/$name.rs"; done \
     && cargo build --release --locked --bin refiner-gateway \
     && rm -rf src benches
 COPY src ./src

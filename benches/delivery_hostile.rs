@@ -390,7 +390,7 @@ async fn lease_curve() {
         // Cold: the leases read through the backlog once, moving it aside, until the free
         // user's event comes out.
         spool
-            .append(request("bench", 0, vec![event("free-0", "u:free-0")]))
+            .append(request("bench", 0, vec![event("free-0", "free-0")]))
             .await
             .expect("append");
         let started = Instant::now();
@@ -408,7 +408,7 @@ async fn lease_curve() {
         for i in 1..=50 {
             let id = format!("free-{i}");
             spool
-                .append(request("bench", 0, vec![event(&id, &format!("u:{id}"))]))
+                .append(request("bench", 0, vec![event(&id, &id.to_string())]))
                 .await
                 .expect("append");
             let started = Instant::now();

@@ -295,7 +295,7 @@ fn writer_cpu_ns() -> Option<u64> {
 /// The spool alone: one task appending requests of `batch` events back to back, then 64
 /// tasks appending single events, no HTTP. Shows the writer's ceiling on this machine.
 async fn spool_ceiling(seconds: u64, batch: usize) {
-    use refiner_gateway::segment::{Event, EventType};
+    use refiner_gateway::segment::{Event, EventType, UserKey};
     use refiner_gateway::spool::{AppendRequest, Spool, SqliteSpool, SqliteSpoolOptions};
     let dir = tempfile::tempdir().expect("temp dir");
     let spool: Arc<dyn Spool> = Arc::new(
@@ -325,7 +325,7 @@ async fn spool_ceiling(seconds: u64, batch: usize) {
                                 Event {
                                     kind: EventType::Track,
                                     message_id: message_id(n),
-                                    user_key: format!("u:user-{}", n % 1000),
+                                    user_key: UserKey::user_id(&format!("user-{}", n % 1000)),
                                     payload: track(n).into_bytes(),
                                 }
                             })

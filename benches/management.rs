@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use refiner_gateway::config::{DeliverySettings, Secret, Settings, SourceSettings};
-use refiner_gateway::segment::{Event, EventType};
+use refiner_gateway::segment::{Event, EventType, UserKey};
 use refiner_gateway::spool::{AppendRequest, DeadLetterRequest, Settlement, Spool};
 use refiner_gateway::startup::Application;
 
@@ -65,7 +65,7 @@ fn event(n: usize) -> Event {
     Event {
         kind: EventType::Track,
         message_id: format!("dl-{n}"),
-        user_key: format!("u:{user}"),
+        user_key: UserKey::user_id(&user),
         payload: payload.into_bytes(),
     }
 }

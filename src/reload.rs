@@ -77,7 +77,7 @@ impl Reloader {
         };
         current.sources.iter().any(|s| s.slug == slug).then(|| {
             (
-                current.limits.to_limits(),
+                current.limits.clone(),
                 current.integrations.destinations(slug),
             )
         })

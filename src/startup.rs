@@ -202,39 +202,7 @@ impl Application {
             Routing::from_settings(settings).map_err(|e| StartError::Delivery(e.to_string()))?;
         let routing = Arc::new(SharedRouting::new(routing));
         let reloader = Arc::new(Reloader::new(None, settings.clone(), routing.clone()));
-        let dispatcher = if settings.delivery.enabled {
-            let client = RefinerClient::new(&ClientOptions {
-                base_url: settings.refiner.base_url.clone(),
-                timeout: Duration::from_secs(settings.delivery.timeout_secs),
-                max_idle_per_host: settings.delivery.max_concurrency,
-            })
-            .map_err(StartError::Delivery)?;
-            let mut dispatcher = Dispatcher::new(
-                spool.clone(),
-                client,
-                &settings.sources,
-                settings.delivery.clone(),
-                settings.mapping.clone(),
-                metrics.clone(),
-            )
-            .with_engage(&settings.engage)
-            .with_routing(routing.clone())
-            .with_activity(activity.clone());
-            // The delivered journal names events by the SQLite spool's `seq`, which is never
-            // reused; without it, delivery is the same, with more duplicates after a crash.
-            if settings.spool.backend == SpoolBackend::Sqlite {
-                match Journal::open(&settings.data_dir.join("delivered")) {
-                    Ok(journal) => dispatcher = dispatcher.with_journal(journal),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "cannot open the delivered journal; delivering without it"
-                    ),
-                }
-            }
-            Some(Arc::new(dispatcher))
-        } else {
-            None
-        };
+        let dispatcher = build_dispatcher(settings, &spool, &metrics, &routing, &activity)?;
 
         let port = listener
             .local_addr()
@@ -434,4 +402,46 @@ async fn ctrl_c() {
         tracing::warn!(error = %e, "cannot listen for SIGINT");
         std::future::pending::<()>().await;
     }
+}
+
+/// The dispatcher delivery runs, when `delivery.enabled`.
+fn build_dispatcher(
+    settings: &Settings,
+    spool: &Arc<dyn Spool>,
+    metrics: &Metrics,
+    routing: &Arc<SharedRouting>,
+    activity: &Arc<Activity>,
+) -> Result<Option<Arc<Dispatcher>>, StartError> {
+    if !settings.delivery.enabled {
+        return Ok(None);
+    }
+    let client = RefinerClient::new(&ClientOptions {
+        base_url: settings.refiner.base_url.clone(),
+        timeout: Duration::from_secs(settings.delivery.timeout_secs),
+        max_idle_per_host: settings.delivery.max_concurrency,
+    })
+    .map_err(StartError::Delivery)?;
+    let mut dispatcher = Dispatcher::new(
+        spool.clone(),
+        client,
+        &settings.sources,
+        settings.delivery.clone(),
+        settings.mapping.clone(),
+        metrics.clone(),
+    )
+    .with_engage(&settings.engage)
+    .with_routing(routing.clone())
+    .with_activity(activity.clone());
+    // The delivered journal names events by the SQLite spool's `seq`, which is never
+    // reused; without it, delivery is the same, with more duplicates after a crash.
+    if settings.spool.backend == SpoolBackend::Sqlite {
+        match Journal::open(&settings.data_dir.join("delivered")) {
+            Ok(journal) => dispatcher = dispatcher.with_journal(journal),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot open the delivered journal; delivering without it"
+            ),
+        }
+    }
+    Ok(Some(Arc::new(dispatcher)))
 }

@@ -263,6 +263,7 @@ async fn post_batch(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn two_nodes_share_the_stream_and_one_takes_over_from_a_killed_one() {
     const USERS: usize = 500;
     const ROUNDS: usize = 6;
@@ -444,6 +445,7 @@ fn settings(nats_url: &str, sim_url: &str, data_dir: &Path) -> Settings {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn ingest_answers_503_while_jetstream_is_down_and_recovers() {
     outage(
         "ingest_answers_503_while_jetstream_is_down",
@@ -455,6 +457,7 @@ async fn ingest_answers_503_while_jetstream_is_down_and_recovers() {
 /// A frozen server (SIGSTOP for longer than the pull heartbeats and the ownership TTL):
 /// no disconnect, just silence. Pulls notice the missed heartbeats and start over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn consumers_survive_a_heartbeat_stall() {
     outage("consumers_survive_a_heartbeat_stall", Outage::Stall).await;
 }
@@ -640,6 +643,7 @@ async fn outage(test: &str, kind: Outage) {
 /// calls (400: a trait longer than Refiner takes) are listed, shown, replayed (and refused
 /// again) and purged over HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn the_management_api_works_on_the_jetstream_spool() {
     const ADMIN: &str = "distributed-admin-token";
     let Some(server) = deps::nats(

@@ -40,6 +40,7 @@ async fn open(server: &NatsServer) -> Arc<dyn Spool> {
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test]
+        #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
         async fn $name() {
             let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             conformance::$name(open(&server).await).await;
@@ -68,6 +69,7 @@ conformance!(
 macro_rules! conformance_reopen {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
         async fn $name() {
             let Some(server) = deps::nats(stringify!($name), NatsServer::start) else { return };
             let server = &server;
@@ -109,7 +111,7 @@ mod dead_letters {
 
     /// Buries `ids` (one user each) after one failed attempt each.
     async fn bury(spool: &Arc<dyn Spool>, ids: &[&str]) {
-        let events = ids.iter().map(|id| event(id, &format!("u:{id}"))).collect();
+        let events = ids.iter().map(|id| event(id, id)).collect();
         spool
             .append(request(SOURCE, 1_000, events))
             .await
@@ -163,6 +165,7 @@ mod dead_letters {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn dead_letters_are_listed_shown_replayed_and_deleted() {
         let Some(server) = deps::nats("dead_letters_are_listed", NatsServer::start) else {
             return;
@@ -348,6 +351,7 @@ async fn lease_until(spool: &Arc<dyn Spool>, last: &str) -> Vec<String> {
 /// Past JetStream's (short) duplicate window, a repeated messageId is accepted at ingest
 /// but its partition's owner drops it: it is not delivered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
     use refiner_gateway::spool::conformance::{event, request, SOURCE};
     let Some(server) = deps::nats("a_repeat_after_the_duplicate_window", NatsServer::start) else {
@@ -356,7 +360,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
     let dir = tempfile::tempdir().expect("temp dir");
     let spool: Arc<dyn Spool> = open_with(short_window(&server, &dir)).await;
     spool
-        .append(request(SOURCE, 1_000, vec![event("m1", "u:1")]))
+        .append(request(SOURCE, 1_000, vec![event("m1", "1")]))
         .await
         .expect("append");
     assert_eq!(lease_until(&spool, "m1").await, ["m1"]);
@@ -365,7 +369,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:1")],
+            vec![event("m1", "1"), event("m2", "1")],
         ))
         .await
         .expect("append again");
@@ -384,6 +388,7 @@ async fn a_repeat_after_the_duplicate_window_is_not_delivered_twice() {
 /// The owners' index lives in JetStream (journal and runs): a repeat is still dropped after
 /// the server restarts, whether the ids were still in the journal or written out as runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn dedup_survives_a_server_restart() {
     for flush in [Duration::from_secs(300), Duration::ZERO] {
         dedup_survives_a_server_restart_with(flush).await;
@@ -403,7 +408,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("m1", "u:1"), event("m2", "u:2")],
+            vec![event("m1", "1"), event("m2", "2")],
         ))
         .await
         .expect("append");
@@ -417,7 +422,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
+            vec![event("m1", "1"), event("m2", "2"), event("m3", "1")],
         ))
         .await
         .expect("append after restart");
@@ -432,6 +437,7 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
 /// A node that takes a partition over (its owner died) loads the partition's index from
 /// JetStream: a repeat of an id the dead owner delivered is dropped by the new owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn dedup_survives_a_change_of_owner() {
     use refiner_gateway::spool::conformance::{event, request, SOURCE};
     let Some(server) = deps::nats("dedup_survives_a_change_of_owner", NatsServer::start) else {
@@ -443,7 +449,7 @@ async fn dedup_survives_a_change_of_owner() {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("m1", "u:1"), event("m2", "u:2")],
+            vec![event("m1", "1"), event("m2", "2")],
         ))
         .await
         .expect("append");
@@ -461,7 +467,7 @@ async fn dedup_survives_a_change_of_owner() {
         .append(request(
             SOURCE,
             2_000,
-            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:1")],
+            vec![event("m1", "1"), event("m2", "2"), event("m3", "1")],
         ))
         .await
         .expect("append to the new owner");
@@ -473,6 +479,7 @@ async fn dedup_survives_a_change_of_owner() {
 /// owner retries them on schedule (not at once) with their attempts, and holds their users'
 /// later events until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
@@ -484,7 +491,7 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
         .append(request(
             SOURCE,
             1_000,
-            vec![event("a1", "u:a"), event("a2", "u:a"), event("b1", "u:b")],
+            vec![event("a1", "a"), event("a2", "a"), event("b1", "b")],
         ))
         .await
         .expect("append");
@@ -543,6 +550,7 @@ async fn a_take_over_keeps_the_retry_schedule_and_the_attempts() {
 /// JetStream has no dead-letter queue: an event it delivered more than `max_deliver` times
 /// is copied to the dead-letter stream by the node that receives it once more.
 #[tokio::test]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn an_event_past_max_deliver_is_dead_lettered() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::{RetryAt, Settlement};
@@ -556,7 +564,7 @@ async fn an_event_past_max_deliver_is_dead_lettered() {
     options.max_deliver = 3;
     let spool: Arc<dyn Spool> = open_with(options).await;
     spool
-        .append(request(SOURCE, 1_000, vec![event("p1", "u:1")]))
+        .append(request(SOURCE, 1_000, vec![event("p1", "1")]))
         .await
         .expect("append");
     let mut deliveries = 0;
@@ -594,6 +602,7 @@ async fn an_event_past_max_deliver_is_dead_lettered() {
 /// at most while a new leader is elected, then go on; every accepted event is leased, in
 /// order per user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn three_replicas_survive_losing_a_server() {
     use refiner_gateway::spool::conformance::{event, request, LONG_LEASE_MS, SOURCE};
     use refiner_gateway::spool::nats::testing::NatsCluster;
@@ -630,7 +639,7 @@ async fn three_replicas_survive_losing_a_server() {
             cluster.servers[0].stop();
         }
         let events: Vec<_> = (0..10)
-            .map(|u| event(&format!("r{round}-u{u}"), &format!("u:{u}")))
+            .map(|u| event(&format!("r{round}-u{u}"), &u.to_string()))
             .collect();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -668,7 +677,7 @@ async fn three_replicas_survive_losing_a_server() {
             continue;
         }
         for l in &batch {
-            let seen = leased.entry(l.user_key.clone()).or_default();
+            let seen = leased.entry(l.user_key.to_string()).or_default();
             if !seen.contains(&l.message_id) {
                 seen.push(l.message_id.clone());
             }
@@ -706,6 +715,7 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_records_events_attempts_and_outcomes() {
         let Some(server) = deps::nats("nats_log_records", NatsServer::start) else {
             return;
@@ -716,6 +726,7 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_finds_records_among_many() {
         let Some(server) = deps::nats("nats_log_many", NatsServer::start) else {
             return;
@@ -726,6 +737,7 @@ mod delivery_log {
     }
 
     #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_stays_within_its_byte_budget() {
         let Some(server) = deps::nats("nats_log_budget", NatsServer::start) else {
             return;

@@ -41,6 +41,7 @@ mod storm;
 mod witness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn crash_loop_loses_nothing_answered_200() {
     crash::run(crash::CrashParams::quick())
         .await
@@ -48,6 +49,7 @@ async fn crash_loop_loses_nothing_answered_200() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_refiner_outage_drains_fully_without_dead_letters() {
     outage::run(outage::OutageParams::quick())
         .await
@@ -55,6 +57,7 @@ async fn a_refiner_outage_drains_fully_without_dead_letters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_429_storm_is_honoured_per_user_and_key() {
     storm::run(storm::StormParams::quick())
         .await
@@ -62,21 +65,25 @@ async fn a_429_storm_is_honoured_per_user_and_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_full_disk_answers_503_and_loses_nothing_answered_200() {
     disk::run(disk::DiskParams::quick()).await.assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn bad_input_never_gets_a_5xx_and_memory_stays_bounded() {
     fuzz::run(fuzz::FuzzParams::quick()).await.assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_soak_keeps_memory_flat() {
     soak::soak(soak::SoakParams::quick()).await.assert_passed();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn a_backlog_with_refiner_down_keeps_memory_bounded_and_restarts_ready() {
     soak::backlog(soak::BacklogParams::quick())
         .await

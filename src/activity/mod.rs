@@ -17,6 +17,7 @@ pub mod minutes;
 use std::sync::Arc;
 
 use crate::segment;
+use crate::segment::UserKey;
 use crate::spool::delivery_log::{cut, DeliveryLog, EventFacts, RefusedEntry};
 use live::{LiveEvent, LiveFeed, LiveOptions, LiveOutcome};
 use minutes::Minutes;
@@ -68,13 +69,9 @@ impl Activity {
             .map(|r| refused_entry(source, at_ms, r))
             .collect();
         for e in &entries {
-            let user_key = e
-                .user_id
-                .as_ref()
-                .map(|u| format!("u:{u}"))
-                .unwrap_or_default();
+            let user_key = e.user_id.as_deref().map(UserKey::user_id);
             self.live
-                .offer_outcome(at_ms, (&e.message_id, &user_key), || {
+                .offer_outcome(at_ms, (&e.message_id, user_key.as_ref()), || {
                     LiveOutcome::refused(e)
                 });
         }

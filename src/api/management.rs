@@ -5,8 +5,10 @@
 //! Conventions:
 //! - Every route needs the admin token or a console session cookie ([`auth`]); without a
 //!   configured token the whole API answers 403. The check comes first, so an unauthenticated caller learns nothing about
-//!   sources or routes.
-//! - Errors are `{"error": {"message", "code", "reason", "requestId"}}` ([`error`]); every
+//!   sources or routes: handlers take the `Authorized` (or `AuthorizedBody`) extractor,
+//!   which checks before the handler runs (`extract`).
+//! - Errors are `{"error": {"message", "code", "reason", "requestId"}}` ([`error`]),
+//!   returned by handlers as a `Refusal`, which actix renders through `ResponseError`; every
 //!   answer carries `X-Request-Id` (set by the request-id middleware).
 //! - Lists answer `{"count", "next", "previous", "results"}`; `next` and `previous` are
 //!   URLs whose `cursor` makes the following page a keyset read, as fast at page 1,000 as
@@ -20,6 +22,7 @@ pub mod activity;
 pub(crate) mod auth;
 pub mod error;
 mod events;
+mod extract;
 mod filters;
 mod live;
 mod overview;
@@ -38,6 +41,7 @@ use crate::request_id::RequestId;
 use crate::spool::admin::{DeadLetterQuery, DeadLetterSummary, PageAt, HOUR_MS};
 use crate::spool::{Backend, DeadLetters, Metering};
 use error::ApiError;
+use extract::{Authorized, AuthorizedBody, Refusal};
 use params::{iso, PageCursor, Params, DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE_SIZE};
 
 /// A configured source as the API shows it (secrets masked).
@@ -128,9 +132,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A route whose other methods answer 405 with `Allow: allowed`, in the API's envelope.
 fn resource(path: &str, allowed: &'static str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(
-        move |r: HttpRequest, s: web::Data<ManagementState>| not_allowed(r, s, allowed),
-    ))
+    web::resource(path).default_service(web::to(move |auth: Authorized| not_allowed(auth, allowed)))
 }
 
 fn request_id(request: &HttpRequest) -> String {
@@ -203,44 +205,32 @@ async fn authorized_body(
     Ok(params)
 }
 
-async fn not_found(request: HttpRequest, state: web::Data<ManagementState>) -> HttpResponse {
-    let outcome = authorized_query(&request, &state)
-        .and_then(|_| Err(ApiError::NotFound(format!("no route {}", request.path()))));
-    respond(&request, outcome)
+async fn not_found(request: HttpRequest, auth: Authorized) -> Result<HttpResponse, Refusal> {
+    auth.answer(Err(ApiError::NotFound(format!(
+        "no route {}",
+        request.path()
+    ))))
 }
 
-async fn not_allowed(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
-    allowed: &'static str,
-) -> HttpResponse {
-    let outcome =
-        authorized_query(&request, &state).and_then(|_| Err(ApiError::MethodNotAllowed(allowed)));
-    respond(&request, outcome)
+async fn not_allowed(auth: Authorized, allowed: &'static str) -> Result<HttpResponse, Refusal> {
+    auth.answer(Err(ApiError::MethodNotAllowed(allowed)))
 }
 
 /// `GET /api`
-async fn version(request: HttpRequest, state: web::Data<ManagementState>) -> HttpResponse {
-    let outcome = authorized_query(&request, &state).and_then(|params| {
-        params.only(&[])?;
-        Ok(HttpResponse::Ok().json(json!({
+async fn version(auth: Authorized) -> Result<HttpResponse, Refusal> {
+    auth.answer(auth.params.only(&[]).map(|_| {
+        HttpResponse::Ok().json(json!({
             "name": "refiner-gateway",
             "version": env!("CARGO_PKG_VERSION"),
-        })))
-    });
-    respond(&request, outcome)
+        }))
+    }))
 }
 
 /// Longest `last_error` shown in a listing row (the whole one is in the single item).
 const LISTED_ERROR_CHARS: usize = 200;
 
 fn printable_name(item: &DeadLetterSummary) -> String {
-    let who = match item.user_key.split_once(':') {
-        Some(("u", id)) => format!("user {id}"),
-        Some(("e", email)) => format!("email {email}"),
-        Some(("a", anonymous)) => format!("anonymous {anonymous}"),
-        _ => item.user_key.clone(),
-    };
+    let who = item.user_key.describe();
     match &item.event {
         Some(event) => format!("{} \"{event}\" of {who}", item.kind),
         None => format!("{} of {who}", item.kind),
@@ -290,12 +280,12 @@ fn page_url(request: &HttpRequest, params: &Params, page: u64, cursor: Option<St
 
 /// `GET /api/events/{source}/dead-letters`
 async fn list(
+    auth: Authorized,
     request: HttpRequest,
-    state: web::Data<ManagementState>,
     path: web::Path<String>,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_query(&request, &state)?;
         let source = state.source(&path)?;
         params.only(&[
             "start_at",
@@ -348,7 +338,7 @@ async fn list(
                 }
                 .encode()
             });
-            page_url(&request, &params, page, cursor)
+            page_url(&request, params, page, cursor)
         };
         let (first, last) = (result.items.first(), result.items.last());
         let rows_after = match at {
@@ -383,7 +373,7 @@ async fn list(
         })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
@@ -395,12 +385,11 @@ fn dead_letter_id(text: &str) -> Result<i64, ApiError> {
 
 /// `GET /api/events/{source}/dead-letters/{id}`
 async fn show(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    auth: Authorized,
     path: web::Path<(String, String)>,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_query(&request, &state)?;
         let (slug, id) = path.into_inner();
         let source = state.source(&slug)?;
         params.only(&[])?;
@@ -412,7 +401,7 @@ async fn show(
             .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id} in `{slug}`")))?;
         let mut body = summary_json(&letter.summary, true);
         body["source"] = json!(letter.summary.source);
-        body["user_key"] = json!(letter.summary.user_key);
+        body["user_key"] = json!(letter.summary.user_key.as_str());
         body["payload"] = serde_json::from_slice::<Value>(&letter.payload)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&letter.payload)));
         body["history"] = letter
@@ -423,18 +412,16 @@ async fn show(
         Ok(HttpResponse::Ok().json(body))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// `DELETE /api/events/{source}/dead-letters/{id}`
 async fn delete_one(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    AuthorizedBody(auth): AuthorizedBody,
     path: web::Path<(String, String)>,
-    payload: web::Payload,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_body(&request, &state, payload).await?;
         let (slug, id) = path.into_inner();
         let source = state.source(&slug)?;
         params.only(&[])?;
@@ -455,19 +442,17 @@ async fn delete_one(
         Ok(HttpResponse::Ok().json(json!({ "deleted": deleted })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// `DELETE /api/events/{source}/dead-letters`: deletes what the filters select (all of
 /// the source's dead letters without any).
 async fn purge(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    AuthorizedBody(auth): AuthorizedBody,
     path: web::Path<String>,
-    payload: web::Payload,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_body(&request, &state, payload).await?;
         let source = state.source(&path)?;
         params.only(&["ids", "start_at", "ends_at", "q", "q_f", "status"])?;
         let filter = params.filter(&source.slug, true)?;
@@ -475,18 +460,16 @@ async fn purge(
         Ok(HttpResponse::Ok().json(json!({ "deleted": deleted })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// `POST /api/events/{source}/dead-letters/replay`
 async fn replay(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    AuthorizedBody(auth): AuthorizedBody,
     path: web::Path<String>,
-    payload: web::Payload,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_body(&request, &state, payload).await?;
         let source = state.source(&path)?;
         params.only(&[
             "ids", "start_at", "ends_at", "q", "q_f", "status", "limit", "until_id",
@@ -506,17 +489,13 @@ async fn replay(
         })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// `GET /api/profile/{source}`
-async fn profile(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
-    path: web::Path<String>,
-) -> HttpResponse {
+async fn profile(auth: Authorized, path: web::Path<String>) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_query(&request, &state)?;
         let source = state.source(&path)?;
         params.only(&[])?;
         let now = chrono::Utc::now().timestamp_millis();
@@ -556,7 +535,7 @@ async fn profile(
         })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// The rows every metrics table has, in order; `skipped:<reason>` rows follow.
@@ -573,16 +552,12 @@ const METRIC_KEYS: [&str; 7] = [
 const MAX_PERIODS: i64 = 1000;
 
 /// `GET /api/metrics/{source}/events`
-async fn metrics(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
-    path: web::Path<String>,
-) -> HttpResponse {
+async fn metrics(auth: Authorized, path: web::Path<String>) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_query(&request, &state)?;
         let source = state.source(&path)?;
         params.only(&["start_at", "ends_at", "period"])?;
-        let span = Span::of(&params)?;
+        let span = Span::of(params)?;
         let rows = state
             .metering("event counters")?
             .counters(&source.slug, span.start / HOUR_MS, span.end / HOUR_MS)
@@ -598,7 +573,7 @@ async fn metrics(
         })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// The periods a metrics table covers: whole hours or days from `start` to `end`.

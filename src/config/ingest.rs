@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::{error, ConfigError, Settings};
-use crate::segment::{Destinations, Limits, DEFAULT_DESTINATION_NAMES};
+use crate::segment::{Destinations, DEFAULT_DESTINATION_NAMES};
 
 /// Which events a source's traffic selects for the gateway, by Segment's `integrations`
 /// object (see `segment::Destinations`).
@@ -73,59 +73,6 @@ pub(super) fn parse_webhook_format(value: &str) -> Result<WebhookFormat, ConfigE
 /// semaphore can count.
 const MAX_BODY_BUDGET_BYTES: usize = 1 << 40;
 
-/// Request limits (see `segment::Limits`); Segment's values are the defaults.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitSettings {
-    pub max_event_bytes: usize,
-    pub max_batch_bytes: usize,
-    pub max_batch_events: usize,
-    pub max_webhook_bytes: usize,
-    pub max_webhook_events: usize,
-    pub max_message_id_len: usize,
-    /// Largest total of a batch's events with the batch-level fields merged into them.
-    pub max_batch_merged_bytes: usize,
-    /// Request bytes all ingest requests together may hold in memory (bodies being read or
-    /// inflated, and their events until they are stored).
-    pub body_budget_bytes: usize,
-    /// Wall time one request body may take to arrive, in seconds.
-    pub body_timeout_secs: u64,
-    /// Signatures of accepted `actions` webhooks remembered (for the dedup window).
-    pub max_webhook_signatures: usize,
-}
-
-impl Default for LimitSettings {
-    fn default() -> Self {
-        let limits = Limits::default();
-        LimitSettings {
-            max_event_bytes: limits.max_event_bytes,
-            max_batch_bytes: limits.max_batch_bytes,
-            max_batch_events: limits.max_batch_events,
-            max_webhook_bytes: limits.max_webhook_bytes,
-            max_webhook_events: limits.max_webhook_events,
-            max_message_id_len: limits.max_message_id_len,
-            max_batch_merged_bytes: limits.max_batch_merged_bytes,
-            body_budget_bytes: 128 * 1024 * 1024,
-            body_timeout_secs: 30,
-            max_webhook_signatures: 100_000,
-        }
-    }
-}
-
-impl LimitSettings {
-    pub fn to_limits(&self) -> Limits {
-        Limits {
-            max_event_bytes: self.max_event_bytes,
-            max_batch_bytes: self.max_batch_bytes,
-            max_batch_events: self.max_batch_events,
-            max_webhook_bytes: self.max_webhook_bytes,
-            max_webhook_events: self.max_webhook_events,
-            max_message_id_len: self.max_message_id_len,
-            max_batch_merged_bytes: self.max_batch_merged_bytes,
-        }
-    }
-}
-
 impl Settings {
     /// The relations between limits that keep every valid request acceptable (the zero
     /// checks are with the other settings').
@@ -181,8 +128,9 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::segment::Limits;
 
-    fn settings(limits: LimitSettings) -> Settings {
+    fn settings(limits: Limits) -> Settings {
         let mut settings = Settings {
             limits,
             ..Settings::default()
@@ -199,25 +147,25 @@ mod tests {
 
     #[test]
     fn the_defaults_are_valid_and_fit_the_largest_body() {
-        let limits = LimitSettings::default();
+        let limits = Limits::default();
         assert!(limits.body_budget_bytes >= limits.max_webhook_bytes * 8);
         settings(limits).validate().expect("valid");
     }
 
     #[test]
     fn a_budget_below_the_largest_body_is_refused() {
-        let limits = LimitSettings {
+        let limits = Limits {
             body_budget_bytes: 1024 * 1024,
-            ..LimitSettings::default()
+            ..Limits::default()
         };
         let err = settings(limits).validate().expect_err("too small");
         assert!(
             err.to_string().contains("limits.body_budget_bytes"),
             "{err}"
         );
-        let limits = LimitSettings {
+        let limits = Limits {
             max_batch_merged_bytes: 1000,
-            ..LimitSettings::default()
+            ..Limits::default()
         };
         let err = settings(limits)
             .validate()
@@ -229,8 +177,49 @@ mod tests {
     }
 
     #[test]
+    fn the_limits_table_is_read_into_segment_limits_from_the_file_and_the_environment() {
+        let vars = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("GATEWAY_WRITE_KEYS".to_string(), "k".to_string())];
+            vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            vars
+        };
+        let settings = Settings::load_from(
+            None,
+            vars(&[
+                ("GATEWAY_LIMITS__MAX_EVENT_BYTES", "1000"),
+                ("GATEWAY_LIMITS__BODY_TIMEOUT_SECS", "5"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            settings.limits,
+            Limits {
+                max_event_bytes: 1000,
+                body_timeout_secs: 5,
+                ..Limits::default()
+            }
+        );
+        let err = Settings::load_from(None, vars(&[("GATEWAY_LIMITS__MAX_EVENTS_BYTES", "1")]))
+            .expect_err("unknown key");
+        assert!(
+            err.to_string().contains("GATEWAY_LIMITS__MAX_EVENTS_BYTES"),
+            "{err}"
+        );
+        let err = Settings::load_from(None, vars(&[("GATEWAY_LIMITS__MAX_BATCH_EVENTS", "x")]))
+            .expect_err("not a number");
+        assert!(err.to_string().contains("limits.max_batch_events"), "{err}");
+        let file: Settings = toml::from_str("[limits]\nmax_webhook_signatures = 7")
+            .expect("the file's table parses");
+        assert_eq!(file.limits.max_webhook_signatures, 7);
+        assert_eq!(
+            file.limits.max_event_bytes,
+            Limits::default().max_event_bytes
+        );
+    }
+
+    #[test]
     fn destination_names_default_per_source_and_are_checked() {
-        let mut settings = settings(LimitSettings::default());
+        let mut settings = settings(Limits::default());
         assert_eq!(
             settings.integrations.destinations("s").names(),
             ["Refiner", "Webhooks", "Webhooks (Actions)"]

@@ -50,6 +50,7 @@ use crate::activity::Activity;
 use crate::config::{DeliverySettings, EngageSettings, SourceSettings};
 use crate::refiner::client::RefinerClient;
 use crate::refiner::mapping::MappingOptions;
+use crate::segment::HoldKey;
 use crate::spool::{Leased, Settlement, Spool};
 use crate::telemetry::Metrics;
 use breaker::{Admit, Breaker};
@@ -71,7 +72,7 @@ pub struct Dispatcher {
     limiter: Limiter,
     breaker: Breaker,
     /// Last delivered ping per (source, user), in ms.
-    pings: DashMap<String, i64>,
+    pings: DashMap<HoldKey, i64>,
     /// Pauses (a 429's Retry-After per key, a refused key per source), rate limits and
     /// rate-limited warnings.
     gates: Keys,
@@ -260,9 +261,9 @@ impl Dispatcher {
     /// finish together share one spool transaction (group commit).
     async fn process(&self, batch: Vec<Leased>, probe: bool) {
         let mut chains: Vec<Vec<Leased>> = Vec::new();
-        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        let mut index: HashMap<HoldKey, usize> = HashMap::new();
         for event in batch {
-            let key = (event.source.clone(), event.user_key.clone());
+            let key = HoldKey::new(&event.source, &event.user_key);
             match index.get(&key) {
                 Some(&i) => chains[i].push(event),
                 None => {
@@ -316,6 +317,7 @@ mod tests {
     use super::*;
     use crate::config::Secret;
     use crate::refiner::client::ClientOptions;
+    use crate::segment::{EventType, UserKey};
     use crate::sim::{self, SimHandle, SimOptions};
     use crate::spool::{AppendReport, AppendRequest, SpoolError, SpoolStats};
 
@@ -362,8 +364,8 @@ mod tests {
                 seq: 42,
                 source: "web".into(),
                 message_id: "m-42".into(),
-                kind: "track".into(),
-                user_key: "u:u1".into(),
+                kind: EventType::Track,
+                user_key: UserKey::user_id("u1"),
                 payload: br#"{"type":"track","event":"Signed Up","userId":"u1"}"#.to_vec(),
                 attempts: 0,
                 received_at_ms: now_ms(),

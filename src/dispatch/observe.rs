@@ -102,11 +102,11 @@ impl Dispatcher {
             let Some(event) = events.get(&seq) else {
                 return;
             };
-            let id = (event.message_id.as_str(), event.user_key.as_str());
+            let id = (event.message_id.as_str(), Some(&event.user_key));
             self.activity.live.offer_outcome(now, id, || {
                 let note = notes.get(&seq);
                 let facts = EventFacts::of(&event.payload);
-                let anonymous = event.user_key.strip_prefix("a:").map(str::to_string);
+                let anonymous = event.user_key.anonymous_id().map(str::to_string);
                 LiveOutcome {
                     message_id: event.message_id.clone(),
                     source: event.source.clone(),
@@ -119,7 +119,7 @@ impl Dispatcher {
                         .map(|n| n.calls.iter().map(CallView::to_json).collect())
                         .unwrap_or_default(),
                     who: Who {
-                        kind: event.kind.clone(),
+                        kind: event.kind.as_str().to_string(),
                         event: facts.event,
                         users: [facts.user_id, anonymous, facts.email]
                             .into_iter()

@@ -68,7 +68,7 @@ impl IngestState {
         IngestState {
             spool,
             sources: Sources::new(&settings.sources),
-            limits: limits.to_limits(),
+            limits: limits.clone(),
             budget: Arc::new(BodyBudget::new(
                 limits.body_budget_bytes,
                 metrics.ingest_body_budget_bytes.clone(),
@@ -315,7 +315,7 @@ async fn accept(
     }
     let held: usize = events
         .iter()
-        .map(|e| e.payload.len() + e.message_id.len() + e.user_key.len())
+        .map(|e| e.payload.len() + e.message_id.len() + e.user_key.as_str().len())
         .sum();
     reservation.resize(held)?;
     let mut per_type = [0u64; EventType::ALL.len()];

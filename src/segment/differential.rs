@@ -352,6 +352,7 @@ fn limits() -> impl Strategy<Value = Limits> {
                 max_webhook_events: events,
                 max_message_id_len: id,
                 max_batch_merged_bytes: merged,
+                ..Limits::default()
             }
         ),
     ]

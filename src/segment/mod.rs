@@ -41,6 +41,7 @@
 //! keeps the earlier tree-based parser, and `differential` checks that both agree.
 
 mod destinations;
+mod identity;
 mod normalize;
 #[cfg(test)]
 mod oracle;
@@ -53,6 +54,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub use destinations::{Destinations, Flag, DEFAULT_DESTINATION_NAMES};
+pub use identity::{HoldKey, Identity, UserKey};
 pub use normalize::user_key;
 pub use time::{correct_clock_skew, format_timestamp};
 
@@ -109,6 +111,12 @@ impl EventType {
         })
     }
 
+    /// The type of an event read back from a spool, which stored [`EventType::as_str`]
+    /// (`delete` included); `None` for a text no version of the gateway wrote.
+    pub fn from_stored(name: &str) -> Option<EventType> {
+        EventType::parse(name, true)
+    }
+
     /// The type implied by a `/v1/{path}` route: full names and analytics.js' one-letter
     /// paths (`/v1/t`, `/v1/i`, ...).
     pub fn from_path(path: &str) -> Option<EventType> {
@@ -124,10 +132,16 @@ impl EventType {
     }
 }
 
-/// Size and count limits. Segment's documented values are the defaults, except the batch
-/// body: RudderStack's SDKs send batches of up to 4 MB (its server takes 4,000 KB), so the
-/// gateway takes 4 MiB where Segment documents 500 KB.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Size and count limits: the configuration's `[limits]` table, read straight into this
+/// type. Segment's documented values are the defaults, except the batch body: RudderStack's
+/// SDKs send batches of up to 4 MB (its server takes 4,000 KB), so the gateway takes 4 MiB
+/// where Segment documents 500 KB.
+///
+/// The parse applies the event, batch, webhook and `messageId` limits; the last three
+/// (`body_budget_bytes`, `body_timeout_secs`, `max_webhook_signatures`) bound the ingest
+/// edge's memory and time around it and are applied there.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest single event, in bytes of (inflated) JSON. Segment: 32 KB.
     pub max_event_bytes: usize,
@@ -145,6 +159,13 @@ pub struct Limits {
     /// `integrations` merged into them (see [`Reject::MergedBatchTooLarge`]): what one
     /// batch request may store, whatever its body repeats into every event.
     pub max_batch_merged_bytes: usize,
+    /// Request bytes all ingest requests together may hold in memory (bodies being read or
+    /// inflated, and their events until they are stored).
+    pub body_budget_bytes: usize,
+    /// Wall time one request body may take to arrive, in seconds.
+    pub body_timeout_secs: u64,
+    /// Signatures of accepted `actions` webhooks remembered (for the dedup window).
+    pub max_webhook_signatures: usize,
 }
 
 impl Default for Limits {
@@ -157,6 +178,9 @@ impl Default for Limits {
             max_webhook_events: 4000,
             max_message_id_len: 100,
             max_batch_merged_bytes: 8 * 1024 * 1024,
+            body_budget_bytes: 128 * 1024 * 1024,
+            body_timeout_secs: 30,
+            max_webhook_signatures: 100_000,
         }
     }
 }
@@ -269,9 +293,8 @@ impl Skip {
 pub struct Event {
     pub kind: EventType,
     pub message_id: String,
-    /// The identity the dispatcher keeps order by: `u:<userId>`, `e:<email>` or
-    /// `a:<anonymousId>`.
-    pub user_key: String,
+    /// The identity the dispatcher keeps order by.
+    pub user_key: UserKey,
     /// The normalized event as JSON bytes.
     pub payload: Vec<u8>,
 }

@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 use super::destinations::{Destinations, Flag};
 use super::scan::{self, Member, Shape};
 use super::time::{parse_timestamp, parse_timestamp_str, write_timestamp};
-use super::{Arrival, Event, EventType, Item, Reject, Skip};
+use super::{Arrival, Event, EventType, Item, Reject, Skip, UserKey};
 
 /// A batch-level object (`context`, `integrations`), serialized once per request.
 #[derive(Debug)]
@@ -434,9 +434,9 @@ impl<'l, 'b> Normalizer<'l, 'b> {
     }
 
     /// [`user_key`] of the normalized event, read from the raw members and the batch level.
-    fn user_key(&mut self, kind: EventType, user_id: &Id, anonymous_id: &Id) -> Option<String> {
+    fn user_key(&mut self, kind: EventType, user_id: &Id, anonymous_id: &Id) -> Option<UserKey> {
         if let Some(id) = user_id.text() {
-            return Some(prefixed("u:", &id));
+            return Some(UserKey::user_id(&id));
         }
         let own_traits = match kind {
             EventType::Identify => self
@@ -445,9 +445,9 @@ impl<'l, 'b> Normalizer<'l, 'b> {
             _ => None,
         };
         if let Some(email) = own_traits.or_else(|| self.context_email()) {
-            return Some(prefixed("e:", &email));
+            return Some(UserKey::email(&email));
         }
-        anonymous_id.text().map(|id| prefixed("a:", &id))
+        anonymous_id.text().map(|id| UserKey::anonymous(&id))
     }
 
     /// Whether the source's destinations select the event, by its `integrations` after the
@@ -694,13 +694,6 @@ fn coerce_id(raw: Option<&str>) -> Id<'_> {
 }
 
 /// `prefix` + `text` (cheaper than `format!`, which runs for every event).
-fn prefixed(prefix: &str, text: &str) -> String {
-    let mut key = String::with_capacity(prefix.len() + text.len());
-    key.push_str(prefix);
-    key.push_str(text);
-    key
-}
-
 /// Appends `key:value,` (both as JSON text).
 fn member_raw(out: &mut Vec<u8>, key: &str, value: &str) {
     out.extend_from_slice(key.as_bytes());
@@ -772,9 +765,9 @@ fn email_in_value(value: &Value) -> Option<String> {
 ///
 /// This is the rule on a normalized event as a `Value`; the parsers apply the same rule to
 /// the raw event (see `Normalizer`).
-pub fn user_key(event: &Map<String, Value>, kind: EventType) -> Option<String> {
+pub fn user_key(event: &Map<String, Value>, kind: EventType) -> Option<UserKey> {
     if let Some(id) = event.get("userId").and_then(Value::as_str) {
-        return Some(format!("u:{id}"));
+        return Some(UserKey::user_id(id));
     }
     let own_traits = match kind {
         EventType::Identify => event.get("traits").and_then(email_in_value),
@@ -782,10 +775,10 @@ pub fn user_key(event: &Map<String, Value>, kind: EventType) -> Option<String> {
     };
     let context_traits = event.get("context").and_then(|c| c.get("traits"));
     if let Some(email) = own_traits.or_else(|| context_traits.and_then(email_in_value)) {
-        return Some(format!("e:{email}"));
+        return Some(UserKey::email(&email));
     }
     event
         .get("anonymousId")
         .and_then(Value::as_str)
-        .map(|id| format!("a:{id}"))
+        .map(UserKey::anonymous)
 }

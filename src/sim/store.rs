@@ -18,13 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use base64::Engine;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Number, Value};
 
 use super::error::SimError;
-use super::params::text_param;
 use super::segments::{SegmentBook, SegmentSpec, SegmentView};
 
 /// Refiner's documented limit for string traits.
@@ -169,180 +167,10 @@ impl Traits {
     }
 }
 
-/// An `identify-user` call, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IdentifyInput {
-    id: Option<String>,
-    email: Option<String>,
-    traits: Traits,
-    account: Option<AccountInput>,
-}
+mod input;
 
-#[derive(Debug, Clone, PartialEq)]
-struct AccountInput {
-    id: String,
-    traits: Traits,
-}
-
-impl IdentifyInput {
-    pub fn from_params(map: &Map<String, Value>, long: LongStrings) -> Result<Self, SimError> {
-        let id = text_param(map, "id");
-        let email = text_param(map, "email");
-        if id.is_none() && email.is_none() {
-            return Err(SimError::bad_request(
-                "an `id` or an `email` is required to identify a user",
-            ));
-        }
-        let account = match map.get("account") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(account)) => {
-                let Some(account_id) = text_param(account, "id") else {
-                    return Err(SimError::bad_request("the `account` object needs an `id`"));
-                };
-                Some(AccountInput {
-                    id: account_id,
-                    traits: Traits::from_map(account, &["id"], "account ", long)?,
-                })
-            }
-            Some(_) => return Err(SimError::bad_request("`account` must be an object")),
-        };
-        let traits = Traits::from_map(map, &["id", "email", "account"], "", long)?;
-        Ok(IdentifyInput {
-            id,
-            email,
-            traits,
-            account,
-        })
-    }
-}
-
-/// A `track-event` call, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrackInput {
-    id: Option<String>,
-    email: Option<String>,
-    event: String,
-}
-
-impl TrackInput {
-    pub fn from_params(map: &Map<String, Value>) -> Result<Self, SimError> {
-        let id = text_param(map, "id");
-        let email = text_param(map, "email");
-        if id.is_none() && email.is_none() {
-            return Err(SimError::bad_request(
-                "an `id` or an `email` is required to track an event",
-            ));
-        }
-        let Some(event) = text_param(map, "event") else {
-            return Err(SimError::bad_request("an `event` name is required"));
-        };
-        Ok(TrackInput { id, email, event })
-    }
-}
-
-/// How `GET/DELETE /contact` name a contact.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Lookup {
-    pub id: Option<String>,
-    pub email: Option<String>,
-    pub uuid: Option<String>,
-}
-
-impl Lookup {
-    pub fn from_params(map: &Map<String, Value>) -> Result<Self, SimError> {
-        let lookup = Lookup {
-            id: text_param(map, "id"),
-            email: text_param(map, "email"),
-            uuid: text_param(map, "uuid"),
-        };
-        if lookup.id.is_none() && lookup.email.is_none() && lookup.uuid.is_none() {
-            return Err(SimError::bad_request(
-                "an `id`, `email` or `uuid` is required",
-            ));
-        }
-        Ok(lookup)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Order {
-    FirstSeen,
-    LastSeen,
-}
-
-/// `GET /contacts` parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ListQuery {
-    page: u64,
-    page_length: u64,
-    order: Order,
-    cursor: Option<u64>,
-}
-
-fn positive(map: &Map<String, Value>, key: &str, default: u64) -> Result<u64, SimError> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(value) => value
-            .as_u64()
-            .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| SimError::bad_request(format!("`{key}` must be a positive integer"))),
-    }
-}
-
-impl ListQuery {
-    pub fn from_params(map: &Map<String, Value>) -> Result<Self, SimError> {
-        let page = positive(map, "page", 1)?;
-        let page_length = positive(map, "page_length", DEFAULT_PAGE_LENGTH)?.min(MAX_PAGE_LENGTH);
-        let order = match map.get("order_by").and_then(Value::as_str) {
-            None | Some("first_seen_at") | Some("last_form_submission_at") => Order::FirstSeen,
-            Some("last_seen_at") => Order::LastSeen,
-            Some(other) => {
-                return Err(SimError::bad_request(format!(
-                    "`order_by` must be first_seen_at, last_seen_at or last_form_submission_at, not `{other}`"
-                )))
-            }
-        };
-        let cursor = match text_param(map, "page_cursor") {
-            None => None,
-            Some(text) => Some(decode_cursor(&text, order)?),
-        };
-        Ok(ListQuery {
-            page,
-            page_length,
-            order,
-            cursor,
-        })
-    }
-}
-
-fn encode_cursor(order: Order, position: u64) -> String {
-    let tag = match order {
-        Order::FirstSeen => 'f',
-        Order::LastSeen => 'l',
-    };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("sim:{tag}:{position}"))
-}
-
-fn decode_cursor(text: &str, order: Order) -> Result<u64, SimError> {
-    let invalid = || SimError::bad_request("invalid `page_cursor`");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text)
-        .map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let rest = text.strip_prefix("sim:").ok_or_else(invalid)?;
-    let (tag, position) = rest.split_once(':').ok_or_else(invalid)?;
-    let expected = match order {
-        Order::FirstSeen => "f",
-        Order::LastSeen => "l",
-    };
-    if tag != expected {
-        return Err(SimError::bad_request(
-            "`page_cursor` was made for another `order_by`",
-        ));
-    }
-    position.parse().map_err(|_| invalid())
-}
+use input::{encode_cursor, AccountInput, Order};
+pub use input::{IdentifyInput, ListQuery, Lookup, TrackInput};
 
 #[derive(Debug, Clone)]
 struct Contact {
@@ -961,67 +789,4 @@ pub struct Usage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(value: Value) -> Map<String, Value> {
-        match value {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        }
-    }
-
-    #[test]
-    fn dates_parse_in_the_usual_notations() {
-        for text in [
-            "2020-08-20T14:48:00.000Z",
-            "2020-08-20T16:48:00+02:00",
-            "2020-08-20 14:48:00",
-            "2020-08-20T14:48:00",
-        ] {
-            assert_eq!(
-                parse_date(text).map(|d| iso(&d)).as_deref(),
-                Some("2020-08-20T14:48:00.000000Z"),
-                "{text}"
-            );
-        }
-        assert_eq!(
-            parse_date("2022-07-09").map(|d| iso(&d)).as_deref(),
-            Some("2022-07-09T00:00:00.000000Z")
-        );
-        assert_eq!(parse_date("yesterday"), None);
-    }
-
-    #[test]
-    fn an_id_adopts_the_anonymous_contact_with_its_email() {
-        let mut store = Store::new(10);
-        let now = Utc::now();
-        let by_email =
-            IdentifyInput::from_params(&map(json!({"email": "a@x.io"})), LongStrings::Reject)
-                .expect("valid");
-        let first = store.identify(by_email, now);
-        let with_id = IdentifyInput::from_params(
-            &map(json!({"id": "u1", "email": "a@x.io"})),
-            LongStrings::Reject,
-        )
-        .expect("valid");
-        assert_eq!(store.identify(with_id, now), first);
-        assert_eq!(store.snapshot().contacts.len(), 1);
-        assert_eq!(store.find_user("u1"), store.find_user("a@x.io"));
-    }
-
-    #[test]
-    fn long_strings_are_refused_or_truncated() {
-        let long = "x".repeat(256);
-        let params = map(json!({"id": "u", "bio": long}));
-        assert!(IdentifyInput::from_params(&params, LongStrings::Reject).is_err());
-        let mut store = Store::new(10);
-        let input = IdentifyInput::from_params(&params, LongStrings::Truncate).expect("valid");
-        store.identify(input, Utc::now());
-        let view = store
-            .find_user("u")
-            .and_then(|s| store.contact_view(s))
-            .expect("contact");
-        assert_eq!(view.attributes["bio"].as_str().map(str::len), Some(255));
-    }
-}
+mod tests;

@@ -13,6 +13,8 @@
 //! - Attempts follow an event: a replayed event keeps the attempts it had, and the history
 //!   is removed with the event (delivered, deleted or expired).
 
+use crate::segment::UserKey;
+
 /// Fields a dead-letter listing can be sorted by (`o`), each with an index behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SortField {
@@ -165,8 +167,8 @@ pub struct DeadLetterSummary {
     /// The Segment type (`track`, `identify`, ...).
     pub kind: String,
     pub user_id: Option<String>,
-    /// The identity delivery orders by: `u:<userId>`, `e:<email>` or `a:<anonymousId>`.
-    pub user_key: String,
+    /// The identity delivery orders by.
+    pub user_key: UserKey,
     /// A track event's name.
     pub event: Option<String>,
     pub created_at_ms: i64,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{AppendReport, AppendRequest, Leased, Spool, SpoolError, SpoolStats};
-use crate::segment::{Event, EventType};
+use crate::segment::{Event, EventType, UserKey};
 
 /// A lease that outlives any check.
 pub const LONG_LEASE_MS: i64 = 60_000;
@@ -40,12 +40,17 @@ pub const SOURCE: &str = "conformance";
 /// backend that hangs after close fails the check instead of stalling the test run.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A track event of the user with id `user_id` whose payload names its `messageId`.
+pub fn event(message_id: &str, user_id: &str) -> Event {
+    event_of(message_id, UserKey::user_id(user_id))
+}
+
 /// A track event of `user_key` whose payload names its `messageId`.
-pub fn event(message_id: &str, user_key: &str) -> Event {
+pub fn event_of(message_id: &str, user_key: UserKey) -> Event {
     Event {
         kind: EventType::Track,
         message_id: message_id.to_owned(),
-        user_key: user_key.to_owned(),
+        user_key,
         payload: payload(message_id, "first"),
     }
 }
@@ -139,7 +144,7 @@ pub async fn append_reports_queued_and_duplicates(spool: Arc<dyn Spool>) {
         request(
             SOURCE,
             1_000,
-            vec![event("m1", "u:1"), event("m2", "u:2"), event("m3", "u:3")],
+            vec![event("m1", "1"), event("m2", "2"), event("m3", "3")],
         ),
     )
     .await;
@@ -147,14 +152,14 @@ pub async fn append_reports_queued_and_duplicates(spool: Arc<dyn Spool>) {
 
     let report = append(
         &spool,
-        request(SOURCE, 2_000, vec![event("m1", "u:1"), event("m4", "u:4")]),
+        request(SOURCE, 2_000, vec![event("m1", "1"), event("m4", "4")]),
     )
     .await;
     assert_report(report, 1, 1, "one repeat and one new event");
 
     let all = ["m1", "m2", "m3", "m4"]
         .iter()
-        .zip(["u:1", "u:2", "u:3", "u:4"])
+        .zip(["1", "2", "3", "4"])
         .map(|(id, user)| event(id, user))
         .collect();
     let report = append(&spool, request(SOURCE, 3_000, all)).await;
@@ -175,19 +180,14 @@ pub async fn append_reports_queued_and_duplicates(spool: Arc<dyn Spool>) {
 
 /// A `messageId` repeated inside one request is queued once, the first copy winning.
 pub async fn dedup_within_one_request(spool: Arc<dyn Spool>) {
-    let mut repeat = event("m1", "u:3");
+    let mut repeat = event("m1", "3");
     repeat.payload = payload("m1", "second");
     let report = append(
         &spool,
         request(
             SOURCE,
             1_000,
-            vec![
-                event("m1", "u:1"),
-                event("m1", "u:1"),
-                event("m2", "u:2"),
-                repeat,
-            ],
+            vec![event("m1", "1"), event("m1", "1"), event("m2", "2"), repeat],
         ),
     )
     .await;
@@ -195,7 +195,11 @@ pub async fn dedup_within_one_request(spool: Arc<dyn Spool>) {
 
     let leased = lease(&spool, 100, LONG_LEASE_MS).await;
     assert_ids(&leased, &["m1", "m2"], "one request with repeats");
-    assert_eq!(leased[0].user_key, "u:1", "the first copy of m1 is kept");
+    assert_eq!(
+        leased[0].user_key,
+        UserKey::user_id("1"),
+        "the first copy of m1 is kept"
+    );
     assert_eq!(
         leased[0].payload,
         payload("m1", "first"),
@@ -206,10 +210,10 @@ pub async fn dedup_within_one_request(spool: Arc<dyn Spool>) {
 
 /// A `messageId` seen in an earlier request is a duplicate, whatever the new payload.
 pub async fn dedup_across_requests(spool: Arc<dyn Spool>) {
-    let report = append(&spool, request(SOURCE, 1_000, vec![event("m1", "u:1")])).await;
+    let report = append(&spool, request(SOURCE, 1_000, vec![event("m1", "1")])).await;
     assert_report(report, 1, 0, "first request");
 
-    let mut retry = event("m1", "u:1");
+    let mut retry = event("m1", "1");
     retry.payload = payload("m1", "second");
     let report = append(&spool, request(SOURCE, 2_000, vec![retry])).await;
     assert_report(report, 0, 1, "the same messageId in a later request");
@@ -218,10 +222,10 @@ pub async fn dedup_across_requests(spool: Arc<dyn Spool>) {
     let leased = lease(&spool, 100, LONG_LEASE_MS).await;
     assert_ids(&leased, &["m1"], "after the repeat");
     assert_eq!(leased[0].payload, payload("m1", "first"));
-    let report = append(&spool, request(SOURCE, 3_000, vec![event("m1", "u:1")])).await;
+    let report = append(&spool, request(SOURCE, 3_000, vec![event("m1", "1")])).await;
     assert_report(report, 0, 1, "the same messageId while leased");
     ack(&spool, seqs(&leased)).await;
-    let report = append(&spool, request(SOURCE, 4_000, vec![event("m1", "u:1")])).await;
+    let report = append(&spool, request(SOURCE, 4_000, vec![event("m1", "1")])).await;
     assert_report(report, 0, 1, "the same messageId after delivery");
     assert_eq!(stats(&spool).await.depth, 0, "nothing is queued again");
     spool.close().await;
@@ -236,7 +240,7 @@ where
     let spool = open().await;
     let report = append(
         &spool,
-        request(SOURCE, 1_000, vec![event("m1", "u:1"), event("m2", "u:2")]),
+        request(SOURCE, 1_000, vec![event("m1", "1"), event("m2", "2")]),
     )
     .await;
     assert_report(report, 2, 0, "before reopening");
@@ -245,7 +249,7 @@ where
     let spool = open().await;
     let report = append(
         &spool,
-        request(SOURCE, 2_000, vec![event("m1", "u:1"), event("m3", "u:3")]),
+        request(SOURCE, 2_000, vec![event("m1", "1"), event("m3", "3")]),
     )
     .await;
     assert_report(report, 1, 1, "m1 again after reopening");
@@ -263,13 +267,13 @@ where
 
 /// Dedup is per source: the same `messageId` from two sources is two events.
 pub async fn dedup_is_per_source(spool: Arc<dyn Spool>) {
-    let report = append(&spool, request("source-a", 1_000, vec![event("m1", "u:a")])).await;
+    let report = append(&spool, request("source-a", 1_000, vec![event("m1", "a")])).await;
     assert_report(report, 1, 0, "m1 from source-a");
-    let report = append(&spool, request("source-b", 1_000, vec![event("m1", "u:b")])).await;
+    let report = append(&spool, request("source-b", 1_000, vec![event("m1", "b")])).await;
     assert_report(report, 1, 0, "m1 from source-b");
-    let report = append(&spool, request("source-a", 2_000, vec![event("m1", "u:a")])).await;
+    let report = append(&spool, request("source-a", 2_000, vec![event("m1", "a")])).await;
     assert_report(report, 0, 1, "m1 from source-a again");
-    let report = append(&spool, request("source-b", 2_000, vec![event("m1", "u:b")])).await;
+    let report = append(&spool, request("source-b", 2_000, vec![event("m1", "b")])).await;
     assert_report(report, 0, 1, "m1 from source-b again");
 
     let leased = lease(&spool, 100, LONG_LEASE_MS).await;
@@ -288,9 +292,9 @@ pub async fn dedup_is_per_source(spool: Arc<dyn Spool>) {
 /// `lease` hands out events in append order with every field as appended.
 pub async fn lease_returns_events_in_append_order(spool: Arc<dyn Spool>) {
     let requests = [
-        (1_000, vec![("e1", "u:1"), ("e2", "u:2")]),
-        (2_000, vec![("e3", "u:3")]),
-        (3_000, vec![("e4", "u:4"), ("e5", "u:5")]),
+        (1_000, vec![("e1", "1"), ("e2", "2")]),
+        (2_000, vec![("e3", "3")]),
+        (3_000, vec![("e4", "4"), ("e5", "5")]),
     ];
     for (received_at_ms, events) in &requests {
         let events: Vec<Event> = events.iter().map(|(id, user)| event(id, user)).collect();
@@ -313,8 +317,8 @@ pub async fn lease_returns_events_in_append_order(spool: Arc<dyn Spool>) {
                 seq: seq_of(&leased, id),
                 source: SOURCE.to_owned(),
                 message_id: (*id).to_owned(),
-                kind: "track".to_owned(),
-                user_key: (*user).to_owned(),
+                kind: EventType::Track,
+                user_key: UserKey::user_id(user),
                 payload: payload(id, "first"),
                 attempts: 0,
                 received_at_ms: *received_at_ms,
@@ -328,12 +332,12 @@ pub async fn lease_returns_events_in_append_order(spool: Arc<dyn Spool>) {
 /// A `seq` is never handed out twice, even once every event has been acked: acking a
 /// stale `seq` (a redelivered event acked twice) must not remove a later event.
 pub async fn seq_is_never_reused(spool: Arc<dyn Spool>) {
-    append(&spool, request(SOURCE, 1_000, vec![event("e1", "u:1")])).await;
+    append(&spool, request(SOURCE, 1_000, vec![event("e1", "1")])).await;
     let first = lease(&spool, 100, LONG_LEASE_MS).await;
     assert_ids(&first, &["e1"], "first event");
     ack(&spool, seqs(&first)).await;
 
-    append(&spool, request(SOURCE, 2_000, vec![event("e2", "u:1")])).await;
+    append(&spool, request(SOURCE, 2_000, vec![event("e2", "1")])).await;
     let second = lease(&spool, 100, LONG_LEASE_MS).await;
     assert_ids(&second, &["e2"], "second event");
     assert!(
@@ -356,7 +360,7 @@ pub async fn seq_is_never_reused(spool: Arc<dyn Spool>) {
 
 /// `lease` returns at most `max` events, continuing in queue order on the next call.
 pub async fn lease_honours_max(spool: Arc<dyn Spool>) {
-    let events = (1..=5).map(|i| event(&format!("e{i}"), &format!("u:{i}")));
+    let events = (1..=5).map(|i| event(&format!("e{i}"), &i.to_string()));
     let report = append(&spool, request(SOURCE, 1_000, events.collect())).await;
     assert_report(report, 5, 0, "five users");
 
@@ -387,12 +391,12 @@ pub async fn lease_honours_max(spool: Arc<dyn Spool>) {
 /// user's events is leased, the user's later events wait, and other users do not.
 pub async fn lease_holds_back_a_users_events_behind_a_leased_one(spool: Arc<dyn Spool>) {
     let events = vec![
-        event("a1", "u:a"),
-        event("b1", "u:b"),
-        event("a2", "u:a"),
-        event("c1", "u:c"),
-        event("b2", "u:b"),
-        event("a3", "u:a"),
+        event("a1", "a"),
+        event("b1", "b"),
+        event("a2", "a"),
+        event("c1", "c"),
+        event("b2", "b"),
+        event("a3", "a"),
     ];
     let report = append(&spool, request(SOURCE, 1_000, events)).await;
     assert_report(report, 6, 0, "three users");
@@ -435,11 +439,11 @@ pub async fn lease_holds_back_a_users_events_behind_a_leased_one(spool: Arc<dyn 
 /// With nothing leased, one lease takes every user's whole queue, in append order.
 pub async fn lease_takes_whole_user_queues_in_append_order(spool: Arc<dyn Spool>) {
     let events = vec![
-        event("a1", "u:a"),
-        event("b1", "u:b"),
-        event("a2", "u:a"),
-        event("a3", "u:a"),
-        event("b2", "u:b"),
+        event("a1", "a"),
+        event("b1", "b"),
+        event("a2", "a"),
+        event("a3", "a"),
+        event("b2", "b"),
     ];
     append(&spool, request(SOURCE, 1_000, events)).await;
     let leased = lease(&spool, 100, LONG_LEASE_MS).await;
@@ -460,10 +464,10 @@ pub async fn lease_takes_whole_user_queues_in_append_order(spool: Arc<dyn Spool>
 /// the lease before it, and a leased head does not hold up other users.
 pub async fn queued_head_blocks_only_its_user(spool: Arc<dyn Spool>) {
     let events = vec![
-        event("b1", "u:b"),
-        event("a1", "u:a"),
-        event("a2", "u:a"),
-        event("c1", "u:c"),
+        event("b1", "b"),
+        event("a1", "a"),
+        event("a2", "a"),
+        event("c1", "c"),
     ];
     let report = append(&spool, request(SOURCE, 1_000, events)).await;
     assert_report(report, 4, 0, "three users");
@@ -494,7 +498,7 @@ pub async fn queued_head_blocks_only_its_user(spool: Arc<dyn Spool>) {
 /// An event whose lease runs out without an ack is leased again, and its user's later
 /// events, held back while it was leased, follow it in order.
 pub async fn expired_lease_is_leased_again(spool: Arc<dyn Spool>) {
-    let events = vec![event("a1", "u:a"), event("a2", "u:a"), event("b1", "u:b")];
+    let events = vec![event("a1", "a"), event("a2", "a"), event("b1", "b")];
     let report = append(&spool, request(SOURCE, 1_000, events)).await;
     assert_report(report, 3, 0, "two users");
 
@@ -518,7 +522,7 @@ pub async fn expired_lease_is_leased_again(spool: Arc<dyn Spool>) {
 
 /// Acked events leave the queue for good; acking nothing is fine.
 pub async fn ack_removes_events(spool: Arc<dyn Spool>) {
-    let events = vec![event("e1", "u:1"), event("e2", "u:2")];
+    let events = vec![event("e1", "1"), event("e2", "2")];
     let report = append(&spool, request(SOURCE, 1_000, events)).await;
     assert_report(report, 2, 0, "two users");
 
@@ -543,13 +547,13 @@ pub async fn ack_removes_events(spool: Arc<dyn Spool>) {
 pub async fn stats_report_depth_and_oldest(spool: Arc<dyn Spool>) {
     assert_eq!(depth_and_oldest(&spool).await, (0, None), "a new spool");
 
-    let first = vec![event("e1", "u:1"), event("e2", "u:2")];
+    let first = vec![event("e1", "1"), event("e2", "2")];
     append(&spool, request(SOURCE, 1_000, first)).await;
-    append(&spool, request(SOURCE, 2_000, vec![event("e3", "u:3")])).await;
+    append(&spool, request(SOURCE, 2_000, vec![event("e3", "3")])).await;
     let full = (3, Some(1_000));
     assert_eq!(depth_and_oldest(&spool).await, full, "after two requests");
 
-    append(&spool, request(SOURCE, 3_000, vec![event("e1", "u:1")])).await;
+    append(&spool, request(SOURCE, 3_000, vec![event("e1", "1")])).await;
     assert_eq!(
         depth_and_oldest(&spool).await,
         full,
@@ -597,12 +601,12 @@ pub async fn check_writable_succeeds(spool: Arc<dyn Spool>) {
 
 /// After `close`, every call fails with [`SpoolError::Closed`], and closing again returns.
 pub async fn close_makes_every_call_fail_with_closed(spool: Arc<dyn Spool>) {
-    append(&spool, request(SOURCE, 1_000, vec![event("e1", "u:1")])).await;
+    append(&spool, request(SOURCE, 1_000, vec![event("e1", "1")])).await;
     bounded("close", spool.close()).await;
 
     let appended = bounded(
         "append after close",
-        spool.append(request(SOURCE, 2_000, vec![event("e2", "u:2")])),
+        spool.append(request(SOURCE, 2_000, vec![event("e2", "2")])),
     )
     .await;
     assert_eq!(appended, Err(SpoolError::Closed), "append after close");
@@ -637,7 +641,7 @@ where
             let mut acknowledged = Vec::new();
             for n in 0.. {
                 let id = format!("t{task}-{n}");
-                let events = vec![event(&id, &format!("u:{task}"))];
+                let events = vec![event(&id, &task.to_string())];
                 match spool.append(request(SOURCE, 1_000, events)).await {
                     Ok(report) => {
                         assert_report(report, 1, 0, &id);
@@ -713,7 +717,7 @@ where
         tasks.push(tokio::spawn(async move {
             for r in 0..REQUESTS {
                 let events: Vec<Event> = (0..EVENTS)
-                    .map(|e| event(&format!("t{task}-r{r}-e{e}"), &format!("u:{task}")))
+                    .map(|e| event(&format!("t{task}-r{r}-e{e}"), &task.to_string()))
                     .collect();
                 let report = append_retrying(&spool, request(SOURCE, 1_000, events)).await;
                 assert_report(report, EVENTS, 0, &format!("task {task} request {r}"));
@@ -736,7 +740,7 @@ where
         "every acknowledged append is queued after a reopen"
     );
     let mut seen = HashSet::with_capacity(TOTAL);
-    let mut per_user: HashMap<String, Vec<String>> = HashMap::new();
+    let mut per_user: HashMap<UserKey, Vec<String>> = HashMap::new();
     // Every round leases whatever is deliverable; the bound is the worst case of one
     // event per user per round.
     for _round in 0..=REQUESTS * EVENTS {
@@ -763,9 +767,9 @@ where
             .flat_map(|r| (0..EVENTS).map(move |e| format!("t{task}-r{r}-e{e}")))
             .collect();
         assert_eq!(
-            per_user.get(&format!("u:{task}")),
+            per_user.get(&UserKey::user_id(&task.to_string())),
             Some(&expected),
-            "user u:{task}'s events in append order"
+            "user {task}'s events in append order"
         );
     }
     assert_eq!(stats(&spool).await.depth, 0, "everything acked");

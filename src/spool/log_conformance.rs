@@ -13,7 +13,7 @@ use super::delivery_log::{
     AttemptNote, CallView, DeliveryLog, EventState, LogKey, LogQuery, LoggedEvent, RefusedEntry,
 };
 use super::{DeadLetterRequest, RetryAt, Settlement, Skipped, Spool};
-use crate::segment::{Event, EventType};
+use crate::segment::{Event, EventType, UserKey};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -26,7 +26,7 @@ fn identify(message_id: &str, user: &str, email: &str) -> Event {
     Event {
         kind: EventType::Identify,
         message_id: message_id.into(),
-        user_key: format!("u:{user}"),
+        user_key: UserKey::user_id(user),
         payload: format!(
             r#"{{"type":"identify","messageId":"{message_id}","userId":"{user}","traits":{{"email":"{email}"}}}}"#
         )
@@ -99,34 +99,7 @@ pub async fn records_events_attempts_and_outcomes(
     assert_eq!(leased.len(), 4);
     let seq = |id: &str| leased.iter().find(|l| l.message_id == id).expect(id).seq;
     let (ok, skip, dead, retry) = (seq("ok-1"), seq("skip-1"), seq("dead-1"), seq("retry-1"));
-    spool
-        .settle(Settlement {
-            acked: vec![ok],
-            skipped: vec![Skipped {
-                seq: skip,
-                reason: "alias".into(),
-            }],
-            dead: vec![DeadLetterRequest {
-                seq: dead,
-                status: Some(400),
-                error: "HTTP 400: bad trait".into(),
-                attempted: true,
-            }],
-            retried: vec![RetryAt {
-                seq: retry,
-                next_attempt_at_ms: i64::MAX / 2,
-                status: Some(503),
-                error: "HTTP 503".into(),
-            }],
-            notes: vec![
-                note(ok, 200, r#"{"message":"ok"}"#),
-                note(dead, 400, "bad trait"),
-                note(retry, 503, "unavailable"),
-            ],
-            ..Settlement::default()
-        })
-        .await
-        .expect("settle");
+    settle_each_way(spool.as_ref(), ok, skip, dead, retry).await;
     let delivered = find_until(&log, LogKey::MessageId("ok-1".into()), "delivered", |f| {
         f.first().is_some_and(|e| e.state == EventState::Delivered)
     })
@@ -167,6 +140,48 @@ pub async fn records_events_attempts_and_outcomes(
     assert_eq!(retrying[0].next_attempt_at_ms, Some(i64::MAX / 2));
     assert_eq!(retrying[0].attempts[0].status, Some(503));
 
+    refused_events_are_found(&log).await;
+    assert!(find(&log, LogKey::MessageId("nope".into()))
+        .await
+        .is_empty());
+    spool.close().await;
+}
+
+/// Settles `ok` acked, `skip` skipped, `dead` dead-lettered and `retry` retried, with a
+/// note of Refiner's answer for each attempted one.
+async fn settle_each_way(spool: &dyn Spool, ok: i64, skip: i64, dead: i64, retry: i64) {
+    spool
+        .settle(Settlement {
+            acked: vec![ok],
+            skipped: vec![Skipped {
+                seq: skip,
+                reason: "alias".into(),
+            }],
+            dead: vec![DeadLetterRequest {
+                seq: dead,
+                status: Some(400),
+                error: "HTTP 400: bad trait".into(),
+                attempted: true,
+            }],
+            retried: vec![RetryAt {
+                seq: retry,
+                next_attempt_at_ms: i64::MAX / 2,
+                status: Some(503),
+                error: "HTTP 503".into(),
+            }],
+            notes: vec![
+                note(ok, 200, r#"{"message":"ok"}"#),
+                note(dead, 400, "bad trait"),
+                note(retry, 503, "unavailable"),
+            ],
+            ..Settlement::default()
+        })
+        .await
+        .expect("settle");
+}
+
+/// A refused event is recorded and found by its user id with its reason.
+async fn refused_events_are_found(log: &Arc<dyn DeliveryLog>) {
     log.record_refused(vec![RefusedEntry {
         source: "web".into(),
         at_ms: now_ms(),
@@ -179,7 +194,7 @@ pub async fn records_events_attempts_and_outcomes(
     }])
     .await
     .expect("record_refused");
-    let refused = find_until(&log, LogKey::UserId("u9".into()), "refused", |f| {
+    let refused = find_until(log, LogKey::UserId("u9".into()), "refused", |f| {
         !f.is_empty()
     })
     .await;
@@ -189,10 +204,6 @@ pub async fn records_events_attempts_and_outcomes(
         .reason
         .as_deref()
         .is_some_and(|r| r.starts_with("event_too_large")));
-    assert!(find(&log, LogKey::MessageId("nope".into()))
-        .await
-        .is_empty());
-    spool.close().await;
 }
 
 /// Appending past the byte budget keeps the log within it, oldest records removed first.
@@ -215,7 +226,7 @@ pub async fn stays_within_its_byte_budget(
                     )
                     .into_bytes(),
                     message_id: id,
-                    user_key: "u:u".into(),
+                    user_key: UserKey::user_id("u"),
                 }
             })
             .collect();

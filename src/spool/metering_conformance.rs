@@ -3,9 +3,9 @@
 //! backend by its integration tests, like [`super::conformance`] for the queue.
 
 use super::admin::HOUR_MS;
-use super::conformance::{event, request, LONG_LEASE_MS, SOURCE};
+use super::conformance::{event, event_of, request, LONG_LEASE_MS, SOURCE};
 use super::{Backend, RetryAt, Settlement, Skipped};
-use crate::segment::EventType;
+use crate::segment::{EventType, UserKey};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -19,15 +19,15 @@ pub async fn usage_and_counters_follow_appends_and_settlements(backend: Backend)
     let (spool, metering) = (backend.queue.clone(), backend.metering.clone());
     let metering = metering.expect("the backend keeps usage");
     let now = now_ms();
-    let mut page = event("m2", "u:1");
+    let mut page = event("m2", "1");
     page.kind = EventType::Page;
-    let mut screen = event("m3", "a:anon");
+    let mut screen = event_of("m3", UserKey::anonymous("anon"));
     screen.kind = EventType::Screen;
     let events = vec![
-        event("m1", "u:1"),
+        event("m1", "1"),
         page,
         screen,
-        event("m4", "e:a@example.com"),
+        event_of("m4", UserKey::email("a@example.com")),
     ];
     let report = spool
         .append(request(SOURCE, now, events))
@@ -35,7 +35,7 @@ pub async fn usage_and_counters_follow_appends_and_settlements(backend: Backend)
         .expect("append");
     assert_eq!(report.queued, 4);
     let again = spool
-        .append(request(SOURCE, now, vec![event("m1", "u:1")]))
+        .append(request(SOURCE, now, vec![event("m1", "1")]))
         .await
         .expect("append a duplicate");
     assert_eq!(again.duplicates, 1);

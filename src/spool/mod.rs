@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::segment::Event;
+use crate::segment::{Event, EventType, UserKey};
 use admin::{
     CounterRow, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery, ReplayReport,
     SourceUsage,
@@ -66,8 +66,8 @@ pub struct Leased {
     pub seq: i64,
     pub source: String,
     pub message_id: String,
-    pub kind: String,
-    pub user_key: String,
+    pub kind: EventType,
+    pub user_key: UserKey,
     pub payload: Vec<u8>,
     /// Delivery attempts made before this lease.
     pub attempts: u32,

@@ -65,90 +65,289 @@ pub fn init_logging_with(format: LogFormat, default_filter: &str) {
 #[derive(Clone)]
 pub struct Metrics(Arc<MetricsInner>);
 
-#[doc(hidden)]
-pub struct MetricsInner {
-    pub registry: Registry,
+/// Declares every metric once: its field (with why it exists), its type and how it is
+/// made (name, help, labels or buckets). [`MetricsInner`] and its registration are
+/// generated from the one list.
+macro_rules! metrics {
+    ($( $(#[$doc:meta])* $field:ident: $ty:ty = $make:expr; )*) => {
+        #[doc(hidden)]
+        pub struct MetricsInner {
+            pub registry: Registry,
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+
+        impl MetricsInner {
+            /// Makes every metric and registers it in `registry`.
+            fn registered_in(registry: Registry) -> MetricsInner {
+                $(
+                    let $field: $ty = $make;
+                    register(&registry, &$field);
+                )*
+                MetricsInner { registry, $( $field, )* }
+            }
+        }
+    };
+}
+
+metrics! {
     /// Requests by route and status code.
-    pub ingest_requests_total: IntCounterVec,
+    ingest_requests_total: IntCounterVec = counter_vec(
+        "gateway_ingest_requests_total",
+        "Ingest requests by route and status code.",
+        &["route", "status"],
+    );
     /// Valid events received, by source, type and outcome (`accepted`: durable and answered
     /// 200, duplicates included; `refused`: the request was answered 429/503).
-    pub ingest_events_total: IntCounterVec,
+    ingest_events_total: IntCounterVec = counter_vec(
+        "gateway_ingest_events_total",
+        "Valid events received, by source, type and outcome (accepted, refused).",
+        &["source", "type", "outcome"],
+    );
     /// Events not queued again because their `messageId` was seen, by source.
-    pub ingest_duplicates_total: IntCounterVec,
+    ingest_duplicates_total: IntCounterVec = counter_vec(
+        "gateway_ingest_duplicates_total",
+        "Events not queued again because their messageId was seen within the dedup window.",
+        &["source"],
+    );
     /// Events answered 200 but dropped, by source and reason.
-    pub ingest_events_skipped_total: IntCounterVec,
+    ingest_events_skipped_total: IntCounterVec = counter_vec(
+        "gateway_ingest_events_skipped_total",
+        "Events answered 200 but not queued, by source and reason.",
+        &["source", "reason"],
+    );
     /// Events of a batch refused one by one (the rest of the batch accepted), by source and
     /// error code.
-    pub ingest_events_refused_total: IntCounterVec,
+    ingest_events_refused_total: IntCounterVec = counter_vec(
+        "gateway_ingest_events_refused_total",
+        "Events of a batch or webhook array refused on their own (the others accepted), by source and error code.",
+        &["source", "code"],
+    );
     /// Inflated request body sizes.
-    pub ingest_request_size_bytes: Histogram,
+    ingest_request_size_bytes: Histogram = histogram(
+        "gateway_ingest_request_size_bytes",
+        "Inflated ingest request body sizes.",
+        prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets"),
+    );
     /// Time from the first byte read to the answer, by route.
-    pub ingest_request_duration_seconds: HistogramVec,
+    ingest_request_duration_seconds: HistogramVec = histogram_vec(
+        "gateway_ingest_request_duration_seconds",
+        "Ingest request latency by route, including the durable commit.",
+        &["route"],
+    );
     /// Request bodies parsed into events, by route: only authenticated requests get there.
-    pub ingest_bodies_parsed_total: IntCounterVec,
+    ingest_bodies_parsed_total: IntCounterVec = counter_vec(
+        "gateway_ingest_bodies_parsed_total",
+        "Request bodies parsed into events (authenticated requests only), by route.",
+        &["route"],
+    );
     /// Bytes of the ingest body budget held now (bodies being read or inflated, events
     /// waiting to be stored).
-    pub ingest_body_budget_bytes: IntGauge,
+    ingest_body_budget_bytes: IntGauge = gauge(
+        "gateway_ingest_body_budget_bytes",
+        "Bytes of the ingest body budget held now (bodies being read or inflated, events waiting to be stored).",
+    );
     /// Requests answered 503 because the body budget was spent, by route.
-    pub ingest_body_budget_exhausted_total: IntCounterVec,
+    ingest_body_budget_exhausted_total: IntCounterVec = counter_vec(
+        "gateway_ingest_body_budget_exhausted_total",
+        "Requests answered 503 because the ingest body budget was spent, by route.",
+        &["route"],
+    );
     /// Requests answered 503 because their body did not arrive in time, by route.
-    pub ingest_body_timeouts_total: IntCounterVec,
+    ingest_body_timeouts_total: IntCounterVec = counter_vec(
+        "gateway_ingest_body_timeouts_total",
+        "Requests answered 503 because their body did not arrive within limits.body_timeout_secs, by route.",
+        &["route"],
+    );
     /// Signatures of accepted `actions` webhooks remembered now.
-    pub ingest_webhook_signatures: IntGauge,
+    ingest_webhook_signatures: IntGauge = gauge(
+        "gateway_ingest_webhook_signatures",
+        "Signatures of accepted actions-format webhooks remembered now.",
+    );
     /// Time one group commit took.
-    pub spool_commit_seconds: Histogram,
+    spool_commit_seconds: Histogram = histogram(
+        "gateway_spool_commit_seconds",
+        "Duration of one spool group-commit transaction.",
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
+    );
     /// Commands that shared one transaction.
-    pub spool_group_commands: Histogram,
+    spool_group_commands: Histogram = histogram(
+        "gateway_spool_group_commands",
+        "Commands sharing one spool transaction.",
+        prometheus::exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
+    );
     /// Failed spool transactions.
-    pub spool_errors_total: IntCounter,
+    spool_errors_total: IntCounter = counter(
+        "gateway_spool_errors_total",
+        "Spool transactions that failed.",
+    );
     /// Events queued and not yet acked (leased and waiting ones included), sampled.
-    pub spool_depth_events: IntGauge,
+    spool_depth_events: IntGauge = gauge(
+        "gateway_spool_depth_events",
+        "Events queued and not yet acked, leased and waiting ones included (sampled).",
+    );
     /// Age of the oldest queued event, 0 when the queue is empty, sampled.
-    pub spool_oldest_event_age_seconds: Gauge,
+    spool_oldest_event_age_seconds: Gauge = float_gauge(
+        "gateway_spool_oldest_event_age_seconds",
+        "Age of the oldest queued event, 0 when the queue is empty (sampled).",
+    );
     /// Events in the dead letters, sampled.
-    pub spool_dead_letters_events: IntGauge,
+    spool_dead_letters_events: IntGauge = gauge(
+        "gateway_spool_dead_letters_events",
+        "Events in the dead letters (sampled).",
+    );
     /// Message ids the embedded spool's dedup index remembers (in memory and in runs).
-    pub spool_dedup_ids: IntGauge,
+    spool_dedup_ids: IntGauge = gauge(
+        "gateway_spool_dedup_ids",
+        "Message ids the embedded spool's dedup index remembers.",
+    );
     /// Memory the dedup index keeps warm: ids not yet in a run (heap), and the runs' filters
     /// and fences (mapped from their files: page cache, reclaimable).
-    pub spool_dedup_memory_bytes: IntGauge,
+    spool_dedup_memory_bytes: IntGauge = gauge(
+        "gateway_spool_dedup_memory_bytes",
+        "Memory the embedded spool's dedup index keeps warm (ids not yet in a run on the heap, run filters and fences mapped).",
+    );
     /// Time one sampling of the spool's statistics took.
-    pub spool_stats_seconds: Histogram,
+    spool_stats_seconds: Histogram = histogram(
+        "gateway_spool_stats_seconds",
+        "Duration of one sampling of the spool's statistics.",
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
+    );
     /// Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.
-    pub dispatch_events_total: IntCounterVec,
+    dispatch_events_total: IntCounterVec = counter_vec(
+        "gateway_dispatch_events_total",
+        "Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.",
+        &["source", "outcome"],
+    );
     /// Events not forwarded to Refiner, by source and reason.
-    pub dispatch_skipped_total: IntCounterVec,
+    dispatch_skipped_total: IntCounterVec = counter_vec(
+        "gateway_dispatch_skipped_total",
+        "Events not forwarded to Refiner, by source and reason.",
+        &["source", "reason"],
+    );
     /// Engage memberships not synced because the audience has no Refiner manual segment,
     /// by source and audience key.
-    pub engage_segment_missing_total: IntCounterVec,
+    engage_segment_missing_total: IntCounterVec = counter_vec(
+        "gateway_engage_segment_missing_total",
+        "Engage memberships not synced: the audience has no Refiner manual segment.",
+        &["source", "audience"],
+    );
     /// Events merged into another event's identify-user call.
-    pub dispatch_coalesced_total: IntCounter,
+    dispatch_coalesced_total: IntCounter = counter(
+        "gateway_dispatch_coalesced_total",
+        "Events merged into another event's identify-user call.",
+    );
     /// Strings cut to Refiner's length limit.
-    pub dispatch_truncated_strings_total: IntCounter,
+    dispatch_truncated_strings_total: IntCounter = counter(
+        "gateway_dispatch_truncated_strings_total",
+        "Strings cut to Refiner's length limit.",
+    );
     /// Time from acceptance to Refiner's 2xx.
-    pub dispatch_delivery_latency_seconds: Histogram,
+    dispatch_delivery_latency_seconds: Histogram = histogram(
+        "gateway_dispatch_delivery_latency_seconds",
+        "Time from acceptance to Refiner's 2xx answer.",
+        prometheus::exponential_buckets(0.01, 2.0, 20).expect("valid buckets"),
+    );
     /// The adaptive limit of concurrent Refiner calls.
-    pub dispatch_concurrency_limit: IntGauge,
+    dispatch_concurrency_limit: IntGauge = gauge(
+        "gateway_dispatch_concurrency_limit",
+        "Current adaptive limit of concurrent Refiner calls.",
+    );
     /// Refiner calls in flight now.
-    pub dispatch_in_flight_calls: IntGauge,
+    dispatch_in_flight_calls: IntGauge = gauge(
+        "gateway_dispatch_in_flight_calls",
+        "Refiner calls in flight now.",
+    );
     /// 1 while the circuit breaker holds delivery back.
-    pub dispatch_circuit_open: IntGauge,
+    dispatch_circuit_open: IntGauge = gauge(
+        "gateway_dispatch_circuit_open",
+        "1 while the circuit breaker holds delivery back.",
+    );
     /// 1 while a source's Refiner API key is paused after Refiner refused it (401/403).
-    pub dispatch_key_paused: IntGaugeVec,
+    dispatch_key_paused: IntGaugeVec = gauge_vec(
+        "gateway_dispatch_key_paused",
+        "1 while a source's Refiner API key is paused because Refiner refused it (401/403).",
+        &["source"],
+    );
     /// Refiner calls by endpoint and status (code, `timeout` or `connection`).
-    pub refiner_calls_total: IntCounterVec,
+    refiner_calls_total: IntCounterVec = counter_vec(
+        "gateway_refiner_calls_total",
+        "Refiner calls by endpoint and status (code, timeout or connection).",
+        &["endpoint", "status"],
+    );
     /// Refiner call latency by endpoint.
-    pub refiner_call_duration_seconds: HistogramVec,
+    refiner_call_duration_seconds: HistogramVec = histogram_vec(
+        "gateway_refiner_call_duration_seconds",
+        "Refiner call latency by endpoint.",
+        &["endpoint"],
+    );
     /// Distinct identified users with an event accepted this month, by source (sampled).
-    pub usage_monthly_users: IntGaugeVec,
+    usage_monthly_users: IntGaugeVec = gauge_vec(
+        "gateway_usage_monthly_users",
+        "Distinct identified users with an event accepted this month, by source (sampled).",
+        &["source"],
+    );
     /// Events accepted this month (duplicates not counted), by source (sampled).
-    pub usage_monthly_events: IntGaugeVec,
+    usage_monthly_events: IntGaugeVec = gauge_vec(
+        "gateway_usage_monthly_events",
+        "Events accepted this month, duplicates not counted, by source (sampled).",
+        &["source"],
+    );
     /// `page` and `screen` events accepted this month, by source (sampled).
-    pub usage_monthly_page_views: IntGaugeVec,
+    usage_monthly_page_views: IntGaugeVec = gauge_vec(
+        "gateway_usage_monthly_page_views",
+        "Page and screen events accepted this month, by source (sampled).",
+        &["source"],
+    );
     /// 1 when the last readiness check passed, 0 when it failed.
-    pub ready: IntGauge,
+    ready: IntGauge = gauge(
+        "gateway_ready",
+        "1 when the last readiness check passed, 0 when it failed.",
+    );
     /// Always 1, labelled with the gateway's version.
-    pub build_info: IntGaugeVec,
+    build_info: IntGaugeVec = gauge_vec(
+        "gateway_build_info",
+        "Always 1, labelled with the gateway's version.",
+        &["version"],
+    );
+}
+
+/// Registers a fresh, uniquely named metric. Registration in a fresh registry cannot fail,
+/// so a failure is a programming error (a start-up invariant).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: &M) {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn float_gauge(name: &str, help: &str) -> Gauge {
+    Gauge::new(name, help).expect("valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric")
+}
+
+/// A latency histogram by `labels`, 0.5 ms to 16 s.
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric")
 }
 
 impl std::ops::Deref for Metrics {
@@ -165,291 +364,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric. Registration of fresh, uniquely named metrics in a
-    /// fresh registry cannot fail, so failures here are programming errors (start-up
-    /// invariants).
+    /// Creates and registers every metric (the `metrics!` list).
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let ingest_requests_total = counter_vec(
-            "gateway_ingest_requests_total",
-            "Ingest requests by route and status code.",
-            &["route", "status"],
-        );
-        let ingest_events_total = counter_vec(
-            "gateway_ingest_events_total",
-            "Valid events received, by source, type and outcome (accepted, refused).",
-            &["source", "type", "outcome"],
-        );
-        let ingest_duplicates_total = counter_vec(
-            "gateway_ingest_duplicates_total",
-            "Events not queued again because their messageId was seen within the dedup window.",
-            &["source"],
-        );
-        let ingest_events_skipped_total = counter_vec(
-            "gateway_ingest_events_skipped_total",
-            "Events answered 200 but not queued, by source and reason.",
-            &["source", "reason"],
-        );
-        let ingest_events_refused_total = counter_vec(
-            "gateway_ingest_events_refused_total",
-            "Events of a batch or webhook array refused on their own (the others accepted), by source and error code.",
-            &["source", "code"],
-        );
-        let ingest_request_size_bytes = histogram(
-            "gateway_ingest_request_size_bytes",
-            "Inflated ingest request body sizes.",
-            prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets"),
-        );
-        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(
-                    prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
-                ),
-                labels,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let gauge = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let ingest_request_duration_seconds = histogram_vec(
-            "gateway_ingest_request_duration_seconds",
-            "Ingest request latency by route, including the durable commit.",
-            &["route"],
-        );
-        let ingest_bodies_parsed_total = counter_vec(
-            "gateway_ingest_bodies_parsed_total",
-            "Request bodies parsed into events (authenticated requests only), by route.",
-            &["route"],
-        );
-        let ingest_body_budget_bytes = gauge(
-            "gateway_ingest_body_budget_bytes",
-            "Bytes of the ingest body budget held now (bodies being read or inflated, events waiting to be stored).",
-        );
-        let ingest_body_budget_exhausted_total = counter_vec(
-            "gateway_ingest_body_budget_exhausted_total",
-            "Requests answered 503 because the ingest body budget was spent, by route.",
-            &["route"],
-        );
-        let ingest_body_timeouts_total = counter_vec(
-            "gateway_ingest_body_timeouts_total",
-            "Requests answered 503 because their body did not arrive within limits.body_timeout_secs, by route.",
-            &["route"],
-        );
-        let ingest_webhook_signatures = gauge(
-            "gateway_ingest_webhook_signatures",
-            "Signatures of accepted actions-format webhooks remembered now.",
-        );
-        let spool_commit_seconds = histogram(
-            "gateway_spool_commit_seconds",
-            "Duration of one spool group-commit transaction.",
-            prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
-        );
-        let spool_group_commands = histogram(
-            "gateway_spool_group_commands",
-            "Commands sharing one spool transaction.",
-            prometheus::exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
-        );
-        let spool_errors_total = counter(
-            "gateway_spool_errors_total",
-            "Spool transactions that failed.",
-        );
-        let spool_depth_events = gauge(
-            "gateway_spool_depth_events",
-            "Events queued and not yet acked, leased and waiting ones included (sampled).",
-        );
-        let spool_oldest_event_age_seconds = Gauge::new(
-            "gateway_spool_oldest_event_age_seconds",
-            "Age of the oldest queued event, 0 when the queue is empty (sampled).",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(spool_oldest_event_age_seconds.clone()))
-            .expect("unique metric");
-        let spool_dedup_ids = gauge(
-            "gateway_spool_dedup_ids",
-            "Message ids the embedded spool's dedup index remembers.",
-        );
-        let spool_dedup_memory_bytes = gauge(
-            "gateway_spool_dedup_memory_bytes",
-            "Memory the embedded spool's dedup index keeps warm (ids not yet in a run on the heap, run filters and fences mapped).",
-        );
-        let spool_dead_letters_events = gauge(
-            "gateway_spool_dead_letters_events",
-            "Events in the dead letters (sampled).",
-        );
-        let spool_stats_seconds = histogram(
-            "gateway_spool_stats_seconds",
-            "Duration of one sampling of the spool's statistics.",
-            prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets"),
-        );
-        let dispatch_events_total = counter_vec(
-            "gateway_dispatch_events_total",
-            "Delivery outcomes by source: forwarded, skipped, retried, dead_lettered.",
-            &["source", "outcome"],
-        );
-        let dispatch_skipped_total = counter_vec(
-            "gateway_dispatch_skipped_total",
-            "Events not forwarded to Refiner, by source and reason.",
-            &["source", "reason"],
-        );
-        let engage_segment_missing_total = counter_vec(
-            "gateway_engage_segment_missing_total",
-            "Engage memberships not synced: the audience has no Refiner manual segment.",
-            &["source", "audience"],
-        );
-        let dispatch_coalesced_total = counter(
-            "gateway_dispatch_coalesced_total",
-            "Events merged into another event's identify-user call.",
-        );
-        let dispatch_truncated_strings_total = counter(
-            "gateway_dispatch_truncated_strings_total",
-            "Strings cut to Refiner's length limit.",
-        );
-        let dispatch_delivery_latency_seconds = histogram(
-            "gateway_dispatch_delivery_latency_seconds",
-            "Time from acceptance to Refiner's 2xx answer.",
-            prometheus::exponential_buckets(0.01, 2.0, 20).expect("valid buckets"),
-        );
-        let dispatch_concurrency_limit = gauge(
-            "gateway_dispatch_concurrency_limit",
-            "Current adaptive limit of concurrent Refiner calls.",
-        );
-        let dispatch_in_flight_calls = gauge(
-            "gateway_dispatch_in_flight_calls",
-            "Refiner calls in flight now.",
-        );
-        let dispatch_circuit_open = gauge(
-            "gateway_dispatch_circuit_open",
-            "1 while the circuit breaker holds delivery back.",
-        );
-        let refiner_calls_total = counter_vec(
-            "gateway_refiner_calls_total",
-            "Refiner calls by endpoint and status (code, timeout or connection).",
-            &["endpoint", "status"],
-        );
-        let refiner_call_duration_seconds = histogram_vec(
-            "gateway_refiner_call_duration_seconds",
-            "Refiner call latency by endpoint.",
-            &["endpoint"],
-        );
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let dispatch_key_paused = gauge_vec(
-            "gateway_dispatch_key_paused",
-            "1 while a source's Refiner API key is paused because Refiner refused it (401/403).",
-            &["source"],
-        );
-        let usage_monthly_users = gauge_vec(
-            "gateway_usage_monthly_users",
-            "Distinct identified users with an event accepted this month, by source (sampled).",
-            &["source"],
-        );
-        let usage_monthly_events = gauge_vec(
-            "gateway_usage_monthly_events",
-            "Events accepted this month, duplicates not counted, by source (sampled).",
-            &["source"],
-        );
-        let usage_monthly_page_views = gauge_vec(
-            "gateway_usage_monthly_page_views",
-            "Page and screen events accepted this month, by source (sampled).",
-            &["source"],
-        );
-        let ready = gauge(
-            "gateway_ready",
-            "1 when the last readiness check passed, 0 when it failed.",
-        );
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "gateway_build_info",
-                "Always 1, labelled with the gateway's version.",
-            ),
-            &["version"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
-        build_info
+        let inner = MetricsInner::registered_in(Registry::new());
+        inner
+            .build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        register_process_collector(&registry);
-        Metrics(Arc::new(MetricsInner {
-            registry,
-            ingest_requests_total,
-            ingest_events_total,
-            ingest_duplicates_total,
-            ingest_events_skipped_total,
-            ingest_events_refused_total,
-            ingest_request_size_bytes,
-            ingest_request_duration_seconds,
-            ingest_bodies_parsed_total,
-            ingest_body_budget_bytes,
-            ingest_body_budget_exhausted_total,
-            ingest_body_timeouts_total,
-            ingest_webhook_signatures,
-            spool_commit_seconds,
-            spool_group_commands,
-            spool_errors_total,
-            spool_depth_events,
-            spool_oldest_event_age_seconds,
-            spool_dead_letters_events,
-            spool_dedup_ids,
-            spool_dedup_memory_bytes,
-            spool_stats_seconds,
-            dispatch_events_total,
-            dispatch_skipped_total,
-            engage_segment_missing_total,
-            dispatch_coalesced_total,
-            dispatch_truncated_strings_total,
-            dispatch_delivery_latency_seconds,
-            dispatch_concurrency_limit,
-            dispatch_in_flight_calls,
-            dispatch_circuit_open,
-            dispatch_key_paused,
-            refiner_calls_total,
-            refiner_call_duration_seconds,
-            usage_monthly_users,
-            usage_monthly_events,
-            usage_monthly_page_views,
-            ready,
-            build_info,
-        }))
+        register_process_collector(&inner.registry);
+        Metrics(Arc::new(inner))
     }
 
     /// The registry in Prometheus' text exposition format.

@@ -563,6 +563,7 @@ fn steps_in(call: &CallRecord) -> Vec<usize> {
 
 /// Strict mode (`per_user_window = 1`): every event of a user arrives in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn each_users_events_arrive_in_order_despite_503s_and_429s() {
     order_under_faults(1).await;
 }
@@ -571,6 +572,7 @@ async fn each_users_events_arrive_in_order_despite_503s_and_429s() {
 /// before them nor are overtaken by anything after them; only tracks overtake tracks, each
 /// by fewer than the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn state_changes_keep_their_place_while_tracks_overlap() {
     order_under_faults(DeliverySettings::default().per_user_window).await;
 }

@@ -160,7 +160,7 @@ async fn full_paths_imply_the_type() {
     assert_eq!(events.len(), cases.len());
     for ((_, body, kind), event) in cases.iter().zip(&events) {
         let stored = payload(event);
-        assert_eq!(event.kind, *kind);
+        assert_eq!(event.kind.as_str(), *kind);
         assert_eq!(event.source, "default");
         assert_eq!(stored["type"], *kind);
         assert_eq!(event.message_id, body["messageId"].as_str().expect("id"));
@@ -216,7 +216,7 @@ async fn the_path_overrides_a_type_in_the_body() {
     assert_success(app.post_basic("/v1/identify", &body.to_string()).await).await;
     let events = app.spooled().await;
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].kind, "identify");
+    assert_eq!(events[0].kind.as_str(), "identify");
     assert_eq!(payload(&events[0])["type"], "identify");
 }
 

@@ -1408,7 +1408,7 @@ async fn expired_dead_letters_are_removed_by_the_writer() {
     let spool = Arc::new(SqliteSpool::open(options, Metrics::new()).expect("spool"));
     let queue: Arc<dyn Spool> = spool.clone();
     let events = (0..5)
-        .map(|i| refiner_gateway::spool::conformance::event(&format!("r-{i}"), &format!("u:{i}")))
+        .map(|i| refiner_gateway::spool::conformance::event(&format!("r-{i}"), &i.to_string()))
         .collect();
     spool
         .append(refiner_gateway::spool::conformance::request(

@@ -197,6 +197,7 @@ async fn wait_settled(app: &TestApp, pending: u64, dead_letters: u64) -> Scrape 
 // The accounting identity
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn the_metrics_add_up_after_a_known_stream() {
     let sim = start_sim().await;
     let app = spawn_app_with(|settings| observed_settings(settings, &sim)).await;

@@ -151,6 +151,7 @@ async fn assert_mixed(app: &TestApp, sim: &SimHandle, user: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn python_libraries_of_segment_and_rudderstack_reach_refiner() {
     let test = "python_libraries_of_segment_and_rudderstack_reach_refiner";
     let clients = clients_dir();

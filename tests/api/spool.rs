@@ -186,7 +186,7 @@ async fn sqlite_dedup_window_shorter_than_the_gap_lets_a_message_id_through_agai
         let spool = Arc::clone(&spool);
         async move {
             spool
-                .append(request(SOURCE, received_at_ms, vec![event("m1", "u:1")]))
+                .append(request(SOURCE, received_at_ms, vec![event("m1", "1")]))
                 .await
                 .expect("append")
         }
@@ -235,7 +235,7 @@ async fn append_many(spool: &Arc<dyn Spool>, prefix: &str, count: usize) -> Appe
     for i in 0..count {
         let id = format!("{prefix}-{i}");
         let report = spool
-            .append(request(SOURCE, 1_000 + i as i64, vec![event(&id, "u:1")]))
+            .append(request(SOURCE, 1_000 + i as i64, vec![event(&id, "1")]))
             .await
             .expect("append");
         total.queued += report.queued;

@@ -29,6 +29,7 @@ fn now_ms() -> i64 {
 }
 
 #[tokio::test]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn usage_and_counters_follow_appends_and_settlements() {
     let Some(server) = deps::nats("usage_and_counters_follow_appends", NatsServer::start) else {
         return;
@@ -69,6 +70,7 @@ async fn load(spool: &Arc<dyn Spool>, prefix: &str, requests: usize, first: usiz
 /// (compare-and-set merges), the users they share count once, and the totals survive both
 /// nodes' restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn two_nodes_count_one_source_and_the_counts_survive_a_restart() {
     let Some(server) = deps::nats("two_nodes_count_one_source", NatsServer::start) else {
         return;
@@ -123,6 +125,7 @@ const WRITE_KEY: &str = "nats-write-key";
 /// Every route of the management API answers on this backend (none with 501), and usage
 /// and the metrics table count what was ingested over HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn no_management_route_answers_501() {
     let Some(server) = deps::nats("no_management_route_answers_501", NatsServer::start) else {
         return;

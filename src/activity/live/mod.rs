@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 
 use crate::segment;
+use crate::segment::UserKey;
 use crate::spool::delivery_log::RefusedEntry;
 use sample::{Budget, Followed, Following, Shown};
 
@@ -298,18 +299,20 @@ impl LiveFeed {
         self.send(LiveMessage::Event(event));
     }
 
-    /// Sends an outcome of the event `message_id` of `user_key` when its event was shown,
-    /// its user is followed, or the sample has room; `build` runs only then.
+    /// Sends an outcome of the event `message_id` of `user_key` (when known) when its
+    /// event was shown, its user is followed, or the sample has room; `build` runs only
+    /// then.
     pub fn offer_outcome(
         &self,
         now_ms: i64,
-        (message_id, user_key): (&str, &str),
+        (message_id, user_key): (&str, Option<&UserKey>),
         build: impl FnOnce() -> LiveOutcome,
     ) {
         if !self.watched() {
             return;
         }
-        let pass = self.shown.contains(message_id) || self.follows(now_ms, user_key) || {
+        let followed = user_key.is_some_and(|key| self.follows(now_ms, key));
+        let pass = self.shown.contains(message_id) || followed || {
             let decision = self.outcomes.admit(now_ms);
             self.report("outcomes", decision.skipped_before);
             decision.pass
@@ -320,7 +323,7 @@ impl LiveFeed {
     }
 
     /// Whether a watcher follows the user of `user_key` and their budget has room.
-    fn follows(&self, now_ms: i64, user_key: &str) -> bool {
+    fn follows(&self, now_ms: i64, user_key: &UserKey) -> bool {
         self.followed.covers(user_key) && self.followed_budget.admit(now_ms).pass
     }
 
@@ -386,7 +389,7 @@ mod tests {
         segment::Event {
             kind: segment::EventType::Track,
             message_id: format!("m{i}"),
-            user_key: user_key.to_string(),
+            user_key: UserKey::from_stored(user_key),
             payload: b"{}".to_vec(),
         }
     }
@@ -419,23 +422,24 @@ mod tests {
             per_second: 100_000,
         });
         let built = AtomicUsize::new(0);
+        let u1 = UserKey::user_id("u1");
         let build = || {
             built.fetch_add(1, Ordering::Relaxed);
             outcome_of("web", "track", "u1")
         };
         assert!(!feed.watched());
-        feed.offer_outcome(0, ("m", "u:u1"), build);
+        feed.offer_outcome(0, ("m", Some(&u1)), build);
         assert!(feed.sample(0, &[event(0, "u:u1")]).is_empty());
         assert_eq!(built.load(Ordering::Relaxed), 0);
         let mut a = feed.subscribe(&LiveFilter::default()).expect("first");
         let _b = feed.subscribe(&LiveFilter::default()).expect("second");
         assert!(feed.subscribe(&LiveFilter::default()).is_none());
-        feed.offer_outcome(0, ("m", "u:u1"), build);
+        feed.offer_outcome(0, ("m", Some(&u1)), build);
         let message = a.receiver.recv().await.expect("message");
         assert!(matches!(message.message, LiveMessage::Outcome(_)));
         assert!(message.frame.starts_with(b"event: outcome\ndata: {"));
         for _ in 0..CAPACITY + 10 {
-            feed.offer_outcome(0, ("m", "u:u1"), build);
+            feed.offer_outcome(0, ("m", Some(&u1)), build);
         }
         assert!(matches!(
             a.receiver.recv().await,
@@ -454,8 +458,8 @@ mod tests {
         let shown = feed.sample(1_000, &events);
         assert_eq!(shown.len(), 5, "the sample's share of a second");
         let outcome = |e: &segment::Event| {
-            feed.offer_outcome(1_000, (&e.message_id, &e.user_key), || {
-                outcome_of("web", "track", &e.user_key)
+            feed.offer_outcome(1_000, (&e.message_id, Some(&e.user_key)), || {
+                outcome_of("web", "track", e.user_key.as_str())
             })
         };
         // The outcomes of 15 unshown events spend the outcome budget (5 pass) ...
@@ -465,7 +469,7 @@ mod tests {
         assert_eq!(drain(&mut watcher).len(), 10);
         // The next second tells what the last one left out.
         feed.sample(2_000, &events[..1]);
-        feed.offer_outcome(2_000, ("m19", "u:u19"), || {
+        feed.offer_outcome(2_000, ("m19", Some(&UserKey::user_id("u19"))), || {
             outcome_of("web", "track", "u19")
         });
         let told: Vec<_> = drain(&mut watcher)

@@ -14,6 +14,8 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::segment::{Identity, UserKey};
+
 /// Message ids of shown events remembered for their outcomes.
 pub const SHOWN_IDS: usize = 4096;
 
@@ -130,15 +132,17 @@ impl Followed {
         }
     }
 
-    /// Whether the user behind `user_key` (`u:`, `e:` or `a:` and its value) is followed.
-    pub fn covers(&self, user_key: &str) -> bool {
+    /// Whether the user behind `user_key` (its user id, email or anonymous id) is followed.
+    pub fn covers(&self, user_key: &UserKey) -> bool {
         let Ok(users) = self.users.read() else {
             return false;
         };
         if users.is_empty() {
             return false;
         }
-        let value = user_key.get(2..).unwrap_or(user_key);
+        let Some(value) = user_key.identity().map(Identity::value) else {
+            return false;
+        };
         users.iter().any(|u| u == value)
     }
 }
@@ -197,15 +201,16 @@ mod tests {
     #[test]
     fn followed_users_last_as_long_as_their_guard() {
         let followed = Followed::default();
-        assert!(!followed.covers("u:u1"));
+        let (u1, email) = (UserKey::user_id("u1"), UserKey::email("a@b.c"));
+        assert!(!followed.covers(&u1));
         let guard = followed.follow("u1");
         let other = followed.follow("a@b.c");
-        assert!(followed.covers("u:u1"));
-        assert!(followed.covers("e:a@b.c"));
-        assert!(!followed.covers("u:u2"));
+        assert!(followed.covers(&u1));
+        assert!(followed.covers(&email));
+        assert!(!followed.covers(&UserKey::user_id("u2")));
         drop(guard);
-        assert!(!followed.covers("u:u1"));
+        assert!(!followed.covers(&u1));
         drop(other);
-        assert!(!followed.covers("e:a@b.c"));
+        assert!(!followed.covers(&email));
     }
 }

@@ -5,13 +5,13 @@
 //! their state from the queue (queued, leased, retrying until a time); delivered, skipped,
 //! dead and refused ones from the log, within its retention.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
 use super::activity::ActivityState;
 use super::error::ApiError;
+use super::extract::{Authorized, Refusal};
 use super::params::iso;
-use super::{authorized_query, respond, ManagementState};
 use crate::spool::delivery_log::{CallView, LogKey, LogQuery, LoggedEvent, MAX_RESULTS};
 
 /// Longest key accepted.
@@ -19,13 +19,12 @@ const MAX_KEY_CHARS: usize = 1024;
 
 /// `GET /api/events/{source}`
 pub(super) async fn lookup(
-    request: HttpRequest,
+    auth: Authorized,
     path: web::Path<String>,
-    state: web::Data<ManagementState>,
     activity: web::Data<ActivityState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        let params = authorized_query(&request, &state)?;
         let source = state.source(&path)?.slug.clone();
         params.only(&["message_id", "user_id", "email"])?;
         let mut keys = Vec::new();
@@ -64,7 +63,7 @@ pub(super) async fn lookup(
         Ok(HttpResponse::Ok().json(json!({"count": results.len(), "results": results})))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// One event as the lookup answers it.

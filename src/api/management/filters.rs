@@ -8,12 +8,13 @@
 //!   Nothing is stored or sent. The body is bounded ([`MAX_PREVIEW_BYTES`],
 //!   [`MAX_PREVIEW_EVENTS`]); the credentials are checked before it is read.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::{authorized_query, resource, respond, ManagementState};
+use super::extract::{Authorized, Refusal};
+use super::resource;
 use crate::reload::Reloader;
 use crate::segment::{self, Arrival};
 
@@ -28,13 +29,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/sources/{source}/preview", "POST").route(web::post().to(preview)));
 }
 
-async fn reload(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
-    reloader: web::Data<Reloader>,
-) -> HttpResponse {
+async fn reload(auth: Authorized, reloader: web::Data<Reloader>) -> Result<HttpResponse, Refusal> {
     let outcome = async {
-        authorized_query(&request, &state)?;
         let reloader = reloader.into_inner();
         let result = web::block(move || reloader.reload())
             .await
@@ -48,18 +44,16 @@ async fn reload(
         }
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 async fn preview(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    auth: Authorized,
     reloader: web::Data<Reloader>,
     path: web::Path<String>,
     payload: web::Payload,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
     let outcome = async {
-        authorized_query(&request, &state)?;
         let (limits, destinations) = reloader
             .ingest_view(&path)
             .ok_or_else(|| ApiError::UnknownSource(path.to_string()))?;
@@ -98,7 +92,7 @@ async fn preview(
         Ok(HttpResponse::Ok().json(json!({ "results": results })))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 /// One event's answer.

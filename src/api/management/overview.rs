@@ -7,22 +7,22 @@
 //! [`crate::activity::minutes`]); backlog and usage come from the spool. The breaker and
 //! the concurrency limit are the dispatcher's, shared by all sources.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 
 use super::activity::ActivityState;
 use super::error::ApiError;
+use super::extract::{Authorized, Refusal};
 use super::params::iso;
-use super::{authorized_query, respond, ManagementState};
 
 /// `GET /api/overview`
 pub(super) async fn overview(
-    request: HttpRequest,
-    state: web::Data<ManagementState>,
+    auth: Authorized,
     activity: web::Data<ActivityState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, Refusal> {
+    let (params, state) = (&auth.params, &auth.state);
     let outcome = async {
-        authorized_query(&request, &state)?.only(&[])?;
+        params.only(&[])?;
         let now = chrono::Utc::now().timestamp_millis();
         let mut sources = Vec::with_capacity(state.sources.len());
         for source in &state.sources {
@@ -31,7 +31,7 @@ pub(super) async fn overview(
         Ok(HttpResponse::Ok().json(json!({"generated_at": iso(now), "sources": sources})))
     }
     .await;
-    respond(&request, outcome)
+    auth.answer(outcome)
 }
 
 async fn source_overview(

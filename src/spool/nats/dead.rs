@@ -20,6 +20,7 @@ use async_nats::HeaderMap;
 use futures_util::StreamExt;
 
 use super::{decode, encode, partition_of, storage, DeadMeta, Inner, Meta};
+use crate::segment::UserKey;
 use crate::spool::admin::{
     Attempt, Cursor, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     DeadLetterSummary, PageAt, ReplayReport, SearchField, SortField, SortValue,
@@ -56,7 +57,7 @@ impl Record {
             message_id: self.meta.message_id.clone(),
             kind: self.meta.kind.clone(),
             user_id: (!self.user_id.is_empty()).then(|| self.user_id.clone()),
-            user_key: self.meta.user_key.clone(),
+            user_key: UserKey::from_stored(self.meta.user_key.as_str()),
             event: (!self.event.is_empty()).then(|| self.event.clone()),
             created_at_ms: self.meta.created_at_ms,
             received_at_ms: self.meta.received_at_ms,

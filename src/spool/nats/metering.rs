@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::hll::Hll;
 use super::*;
+use crate::segment::Identity;
 use crate::spool::admin::{month_of, CounterRow, SourceUsage, HOUR_MS};
 use crate::spool::Metering;
 
@@ -108,7 +109,7 @@ impl Tally {
             if kind == "page" || kind == "screen" {
                 views += 1;
             }
-            if user.starts_with("u:") || user.starts_with("e:") {
+            if Identity::of_stored(user).is_some_and(Identity::is_identified) {
                 let users = month.users.get_or_insert_with(Hll::default);
                 if users.insert(user) {
                     month.meta.mtu_at = Some(at_ms);

@@ -3,6 +3,7 @@
 //! letters.
 
 use super::*;
+use crate::segment::{EventType, UserKey};
 
 impl Inner {
     /// Pulls the partition's events into memory until stopped; survives missed heartbeats,
@@ -266,7 +267,9 @@ impl Inner {
             .as_ref()
             .map(|r| r.to_string())
             .unwrap_or_default();
-        let Some((meta, payload)) = decode::<Meta>(&message.payload) else {
+        let Some((kind, meta, payload)) = decode::<Meta>(&message.payload)
+            .and_then(|(meta, payload)| Some((EventType::from_stored(&meta.k)?, meta, payload)))
+        else {
             tracing::error!(
                 seq,
                 "an event in the stream cannot be read; dead-lettering it"
@@ -316,8 +319,8 @@ impl Inner {
                 seq: seq as i64,
                 source: meta.s,
                 message_id: meta.m,
-                kind: meta.k,
-                user_key: meta.u,
+                kind,
+                user_key: UserKey::from_stored(meta.u),
                 payload,
                 attempts: meta.a,
                 received_at_ms: meta.r,

@@ -126,12 +126,16 @@ impl Inner {
         request: &AppendRequest,
         event: &crate::segment::Event,
     ) -> Result<(u32, jetstream::context::PublishAckFuture), SpoolError> {
-        let partition = partition_of(&request.source, &event.user_key, self.options.partitions);
+        let partition = partition_of(
+            &request.source,
+            event.user_key.as_str(),
+            self.options.partitions,
+        );
         let meta = Meta {
             s: request.source.clone(),
             m: event.message_id.clone(),
             k: event.kind.as_str().to_owned(),
-            u: event.user_key.clone(),
+            u: event.user_key.as_str().to_owned(),
             r: request.received_at_ms,
             a: 0,
             h: Vec::new(),
@@ -207,8 +211,8 @@ impl Inner {
                         DeadMeta {
                             source: event.source.clone(),
                             message_id: event.message_id.clone(),
-                            kind: event.kind.clone(),
-                            user_key: event.user_key.clone(),
+                            kind: event.kind.as_str().to_owned(),
+                            user_key: event.user_key.as_str().to_owned(),
                             received_at_ms: event.received_at_ms,
                             attempts: event.attempts + u32::from(dead.attempted),
                             status: dead.status,

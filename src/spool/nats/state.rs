@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use crate::segment::{HoldKey, UserKey};
 use crate::spool::{Leased, Settlement};
 
 /// Where an event came from and how to answer JetStream about it.
@@ -117,7 +118,7 @@ const KEEP_IN_MEMORY_MS: i64 = 1_000;
 #[derive(Debug, Default)]
 pub struct QueueState {
     entries: BTreeMap<u64, Entry>,
-    holds: HashMap<String, Hold>,
+    holds: HashMap<HoldKey, Hold>,
     /// Delivery attempts per event (retries settled on this node).
     attempts: HashMap<u64, u32>,
     /// The failed attempts per event: when, the status, the error.
@@ -129,8 +130,8 @@ pub struct QueueState {
     pub partitions: HashMap<u32, PartitionState>,
 }
 
-fn hold_key(source: &str, user_key: &str) -> String {
-    format!("{source}\u{1f}{user_key}")
+fn hold_key(source: &str, user_key: &UserKey) -> HoldKey {
+    HoldKey::new(source, user_key)
 }
 
 impl QueueState {
@@ -229,7 +230,7 @@ impl QueueState {
     /// Up to `max` deliverable events in queue order; their users are held for `lease_ms`.
     pub fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> Vec<Leased> {
         let mut out = Vec::new();
-        let mut taken: HashMap<String, u32> = HashMap::new();
+        let mut taken: HashMap<HoldKey, u32> = HashMap::new();
         for (seq, entry) in &self.entries {
             if out.len() >= max {
                 break;
@@ -265,8 +266,8 @@ impl QueueState {
     /// already be copied to their stream: they are acked here like delivered events.
     pub fn settle(&mut self, settlement: &Settlement, now: i64) -> Vec<Reply> {
         let mut replies = Vec::new();
-        let mut touched: HashSet<String> = HashSet::new();
-        let mut waiting: HashSet<String> = HashSet::new();
+        let mut touched: HashSet<HoldKey> = HashSet::new();
+        let mut waiting: HashSet<HoldKey> = HashSet::new();
         let removed = settlement
             .acked
             .iter()
@@ -367,9 +368,9 @@ impl QueueState {
     /// Sends the in-memory later events of users who wait for a retry back to JetStream
     /// with a delay that brings them back right behind the retried event, so memory does
     /// not fill with events that cannot be delivered for minutes.
-    fn hold_back(&mut self, waiting: &HashSet<String>, now: i64) -> Vec<Reply> {
+    fn hold_back(&mut self, waiting: &HashSet<HoldKey>, now: i64) -> Vec<Reply> {
         let mut replies = Vec::new();
-        let mut step: HashMap<String, u64> = HashMap::new();
+        let mut step: HashMap<HoldKey, u64> = HashMap::new();
         let behind: Vec<u64> = self
             .entries
             .iter()
@@ -458,6 +459,7 @@ impl QueueState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::segment::EventType;
     use crate::spool::{RetryAt, Settlement};
 
     fn entry(seq: u64, user: &str, partition: u32) -> Entry {
@@ -466,8 +468,8 @@ mod tests {
                 seq: seq as i64,
                 source: "s".into(),
                 message_id: format!("m{seq}"),
-                kind: "track".into(),
-                user_key: user.into(),
+                kind: EventType::Track,
+                user_key: UserKey::from_stored(user),
                 payload: Vec::new(),
                 attempts: 0,
                 received_at_ms: 0,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 
+use crate::segment::UserKey;
 use crate::spool::admin::{
     Attempt, CounterRow, Cursor, DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterQuery,
     DeadLetterSummary, PageAt, SearchField, SortField, SortValue, SourceUsage,
@@ -253,7 +254,7 @@ fn summary(row: &Row<'_>, sort: SortField) -> rusqlite::Result<DeadLetterSummary
         message_id,
         kind,
         user_id: (!user_id.is_empty()).then_some(user_id),
-        user_key: row.get(5)?,
+        user_key: UserKey::from_stored(row.get::<_, String>(5)?),
         event: (!event.is_empty()).then_some(event),
         created_at_ms,
         received_at_ms,

@@ -35,6 +35,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::Leased;
+use crate::segment::{EventType, HoldKey, UserKey};
 
 /// The tables of the lanes (part of the spool's schema).
 pub(super) const SCHEMA: &str = "
@@ -66,14 +67,27 @@ CREATE TABLE IF NOT EXISTS lease_cursor (
 INSERT OR IGNORE INTO lease_cursor (id, seq) VALUES (0, 0);
 ";
 
-/// The key of a user's lane: per source, like the dispatcher's per-user chains.
-pub(super) fn lane_key(source: &str, user_key: &str) -> String {
-    format!("{source}\u{1f}{user_key}")
+/// The key of a user's lane: per source, like the dispatcher's per-user chains (the text
+/// form of a [`HoldKey`]).
+pub(super) fn lane_key(source: &str, user_key: &UserKey) -> String {
+    HoldKey::text(source, user_key)
 }
 
 /// The source of a lane key.
 pub(super) fn source_of(lane: &str) -> &str {
-    lane.split('\u{1f}').next().unwrap_or(lane)
+    HoldKey::source_of_text(lane)
+}
+
+/// The event type in column `index`, as [`EventType::as_str`] stored it.
+pub(super) fn stored_kind(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<EventType> {
+    let text: String = row.get(index)?;
+    EventType::from_stored(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("unknown event type {text:?}").into(),
+        )
+    })
 }
 
 /// Rows a lease reads ahead of the cursor at most: enough to fill a batch when most rows
@@ -105,8 +119,8 @@ fn leased_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Leased> {
         seq: row.get(0)?,
         source: row.get(1)?,
         message_id: row.get(2)?,
-        kind: row.get(3)?,
-        user_key: row.get(4)?,
+        kind: stored_kind(row, 3)?,
+        user_key: UserKey::from_stored(row.get::<_, String>(4)?),
         payload: row.get(5)?,
         attempts: row.get(6)?,
         received_at_ms: row.get(7)?,

@@ -486,7 +486,7 @@ impl Writer {
                 request.source,
                 event.message_id,
                 event.kind.as_str(),
-                event.user_key,
+                event.user_key.as_str(),
                 request.received_at_ms,
                 event.payload,
             ])?;
@@ -498,9 +498,8 @@ impl Writer {
             if matches!(event.kind, EventType::Page | EventType::Screen) {
                 views += 1;
             }
-            let key = event.user_key.as_str();
-            if key.starts_with("u:") || key.starts_with("e:") {
-                users.insert(key);
+            if event.user_key.is_identified() {
+                users.insert(event.user_key.as_str());
             }
         }
         drop(insert);
