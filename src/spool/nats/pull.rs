@@ -1,6 +1,15 @@
 //! Pulling a partition's events from its consumer into the in-memory queue state,
 //! recovering the consumer after a stall, and moving events past `max_deliver` to the dead
 //! letters.
+//!
+//! Invariant: only deliveries without a gap are taken in. JetStream numbers a consumer's
+//! deliveries (first ones and redeliveries alike, `consumer_sequence`); one it sent that
+//! never arrived (the server the node was connected to was killed, a pull was dropped
+//! while messages were on their way, another process pulled from the consumer) counts as
+//! delivered and pending, and would come back only after the ack wait, behind later events
+//! of the same user that arrived meanwhile. So a delivery numbered beyond the next one is
+//! not taken in: the consumer is replaced ([`Inner::replace_consumer`]), which delivers
+//! every unacked event again from the start of the partition, in stream order.
 
 use super::*;
 
@@ -18,6 +27,8 @@ impl Inner {
         let Some(mut index) = self.load_dedup(partition, &mut stopped).await else {
             return;
         };
+        // The consumer sequence of the last delivery taken in (a new consumer starts at 1).
+        let mut taken_upto = 0u64;
         loop {
             if *stopped.borrow() {
                 return;
@@ -37,9 +48,19 @@ impl Inner {
                         return;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if self.client.connection_state() == async_nats::connection::State::Connected {
-                        if let Some(renewed) = self.recover_consumer(partition, &e).await {
-                            consumer = renewed;
+                    if self.client.connection_state() == async_nats::connection::State::Connected
+                        && e.to_string().contains("not found")
+                    {
+                        tracing::warn!(
+                            partition,
+                            "the partition's consumer is gone; recreating it"
+                        );
+                        match self.replace_consumer(partition, &mut stopped).await {
+                            Some(renewed) => {
+                                consumer = renewed;
+                                taken_upto = 0;
+                            }
+                            None => return,
                         }
                     }
                     continue;
@@ -62,11 +83,30 @@ impl Inner {
                     Some(Ok(message)) => {
                         backoff = Duration::from_millis(100);
                         let (batch, ended) = self.ready(message, &mut messages);
-                        if !self
-                            .receive_batch(partition, batch, index.as_mut(), &stopped)
-                            .await
+                        let (batch, gap) = cut_at_gap(batch, &mut taken_upto);
+                        if !batch.is_empty()
+                            && !self
+                                .receive_batch(partition, batch, index.as_mut(), &stopped)
+                                .await
                         {
                             return;
+                        }
+                        if let Some((expected, got)) = gap {
+                            tracing::warn!(
+                                partition,
+                                expected,
+                                got,
+                                "deliveries of the partition's consumer went missing; replacing the consumer"
+                            );
+                            match self.replace_consumer(partition, &mut stopped).await {
+                                Some(renewed) => {
+                                    consumer = renewed;
+                                    taken_upto = 0;
+                                    backoff = Duration::from_millis(100);
+                                }
+                                None => return,
+                            }
+                            break;
                         }
                         if ended {
                             break;
@@ -222,24 +262,50 @@ impl Inner {
         self.answer(vec![Reply::Ack { seq, reply }]).await;
     }
 
-    pub(super) async fn recover_consumer(
+    /// Replaces the partition's consumer after deliveries went missing or it was gone:
+    /// the events in memory wait for their redelivery (see [`QueueState::reset_partition`]),
+    /// and the new consumer is created only while the partition's key in the ownership
+    /// bucket names this node; retried until it is created, or the partition is given up
+    /// (`None`).
+    pub(super) async fn replace_consumer(
         &self,
         partition: u32,
-        error: &impl std::fmt::Display,
+        stopped: &mut watch::Receiver<bool>,
     ) -> Option<consumer::PullConsumer> {
-        if !error.to_string().contains("not found") {
-            return None;
+        self.state().reset_partition(partition);
+        self.gauges.consumer_resets.inc();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *stopped.borrow() {
+                return None;
+            }
+            match self.kv.get(Self::partition_key(partition)).await {
+                Ok(Some(owner)) if owner.as_ref() == self.node_id.as_bytes() => {
+                    match self.fresh_consumer(partition).await {
+                        Ok(consumer) => return Some(consumer),
+                        Err(e) => {
+                            tracing::warn!(partition, error = %e, "cannot replace the partition's consumer")
+                        }
+                    }
+                }
+                // Another node's, or none: this node's next ownership round drops the
+                // partition and stops this task (a replica's answer may lag behind, so
+                // this is no reason to stop pulling by itself).
+                Ok(_) => {
+                    tracing::warn!(
+                        partition,
+                        "the partition's key does not name this node; not replacing its consumer"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot check the partition's owner")
+                }
+            }
+            if self.sleep_or_stop(backoff, stopped).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        let owned = self.owned.lock().await.contains_key(&partition);
-        if !owned {
-            return None;
-        }
-        tracing::warn!(partition, "the partition's consumer is gone; recreating it");
-        self.events
-            .get_consumer(&self.options.consumer_name(partition))
-            .await
-            .ok()
-            .or(self.fresh_consumer(partition).await.ok())
     }
 
     pub(super) async fn sleep_or_stop(
@@ -255,7 +321,16 @@ impl Inner {
 
     pub(super) async fn receive(&self, partition: u32, message: jetstream::Message) {
         let (seq, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Ok(info) => {
+                tracing::trace!(
+                    partition,
+                    seq = info.stream_sequence,
+                    delivery = info.consumer_sequence,
+                    delivered = info.delivered,
+                    "pulled an event"
+                );
+                (info.stream_sequence, info.delivered.max(1) as u64)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "a pulled message has no JetStream metadata");
                 return;
@@ -370,5 +445,79 @@ impl Inner {
             }
         });
         futures_util::future::join_all(answers).await;
+    }
+}
+
+/// The deliveries of `batch` up to the first that is not numbered right after the one
+/// before (`taken_upto`, advanced), and the `(expected, got)` consumer sequences of that
+/// gap.
+fn cut_at_gap(
+    mut batch: Vec<jetstream::Message>,
+    taken_upto: &mut u64,
+) -> (Vec<jetstream::Message>, Option<(u64, u64)>) {
+    let numbers = batch
+        .iter()
+        .map(|message| message.info().ok().map(|info| info.consumer_sequence));
+    match first_gap(numbers, taken_upto) {
+        Some((i, expected, got)) => {
+            batch.truncate(i);
+            (batch, Some((expected, got)))
+        }
+        None => (batch, None),
+    }
+}
+
+/// Where the deliveries numbered `numbers` (consumer sequences; `None`: no metadata, no
+/// number) first skip one after `taken_upto`: the index, the number expected and the one
+/// got. `taken_upto` ends at the last number before the gap. A number at or below the last
+/// one (a consumer leader that lost its last deliveries and sends them again) is no gap.
+fn first_gap(
+    numbers: impl Iterator<Item = Option<u64>>,
+    taken_upto: &mut u64,
+) -> Option<(usize, u64, u64)> {
+    for (i, number) in numbers.enumerate() {
+        let Some(number) = number else {
+            continue;
+        };
+        if number > *taken_upto + 1 {
+            return Some((i, *taken_upto + 1, number));
+        }
+        *taken_upto = number;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_gap;
+
+    #[test]
+    fn a_skipped_delivery_is_a_gap() {
+        let mut upto = 0;
+        assert_eq!(first_gap([1, 2, 3].map(Some).into_iter(), &mut upto), None);
+        assert_eq!(upto, 3);
+        let found = first_gap([Some(4), None, Some(7), Some(8)].into_iter(), &mut upto);
+        assert_eq!(found, Some((2, 5, 7)), "5 and 6 went missing");
+        assert_eq!(upto, 4);
+    }
+
+    #[test]
+    fn a_new_consumer_starts_at_one() {
+        let mut upto = 0;
+        assert_eq!(
+            first_gap([Some(2)].into_iter(), &mut upto),
+            Some((0, 1, 2)),
+            "the first delivery of a new consumer went missing"
+        );
+    }
+
+    #[test]
+    fn deliveries_sent_again_are_no_gap() {
+        let mut upto = 10;
+        assert_eq!(
+            first_gap([8, 9, 10, 11].map(Some).into_iter(), &mut upto),
+            None
+        );
+        assert_eq!(upto, 11);
     }
 }

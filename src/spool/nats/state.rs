@@ -12,6 +12,12 @@
 //! - A user is held while one of its events is leased (until the lease runs out or the batch
 //!   settles), or while an earlier event of the user is out with a delayed nak (`outstanding`):
 //!   none of its later events is handed out before that one came back and was settled.
+//! - Events pulled through a consumer that was since replaced ([`QueueState::reset_partition`])
+//!   are `stale`: they are not leased, and they hold their user, until the new consumer
+//!   delivers them again (with a reply subject that works); one settled meanwhile is acked
+//!   or nakked on that redelivery instead.
+//! - A partition is leased from only while its ownership is fresh (`fresh_until`), however
+//!   late the ownership round that would notice a lost renewal runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -104,6 +110,11 @@ pub struct PartitionState {
     /// The highest stream sequence known to be in it (from this node's own appends and
     /// from the stream when the partition was taken): a lease waits until it was pulled.
     pub target_high: u64,
+    /// Leases stop handing out its events at this time (ms) unless the ownership was renewed
+    /// meanwhile: half the ownership TTL after the last renewal was sent, so a node whose
+    /// renewals fail stops before its key can expire and another node take over. `None`: no
+    /// limit.
+    pub fresh_until: Option<i64>,
 }
 
 /// Held-back events of a waiting user come back this long after the retried one, one step
@@ -122,8 +133,13 @@ pub struct QueueState {
     attempts: HashMap<u64, u32>,
     /// The failed attempts per event: when, the status, the error.
     history: HashMap<u64, Vec<(i64, Option<u16>, String)>>,
-    /// Retry times of events a previous owner retried, until they arrive.
+    /// Retry times of events a previous owner retried, or this node retried through a
+    /// consumer since replaced, until they arrive.
     restored: HashMap<u64, i64>,
+    /// Events whose reply subject belongs to a replaced consumer: waiting for redelivery.
+    stale: HashSet<u64>,
+    /// Events settled (acked, skipped, dead-lettered) while stale: acked on redelivery.
+    ack_on_arrival: HashMap<u64, u32>,
     /// Retry records to write or remove, drained by [`QueueState::take_record_changes`].
     record_changes: Vec<RecordChange>,
     pub partitions: HashMap<u32, PartitionState>,
@@ -149,10 +165,19 @@ impl QueueState {
         let partition = self.partitions.entry(entry.partition).or_default();
         partition.seen_high = partition.seen_high.max(seq);
         let key = hold_key(&entry.event.source, &entry.event.user_key);
+        if self.ack_on_arrival.remove(&seq).is_some() {
+            // Settled while its reply subject was stale: the ack goes to the new one.
+            return Some(Reply::Ack {
+                seq,
+                reply: entry.reply,
+            });
+        }
         if let Some(existing) = self.entries.get_mut(&seq) {
-            // Redelivered while still here (its ack wait ran out): answer on the new reply.
+            // Redelivered while still here (its ack wait ran out, or its consumer was
+            // replaced): answer on the new reply.
             existing.reply = entry.reply;
             existing.delivered = entry.delivered;
+            self.stale.remove(&seq);
             return None;
         }
         if let Some(retry_at) = self.restored.remove(&seq) {
@@ -230,6 +255,7 @@ impl QueueState {
     pub fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> Vec<Leased> {
         let mut out = Vec::new();
         let mut taken: HashMap<String, u32> = HashMap::new();
+        let mut blocked: HashSet<String> = HashSet::new();
         for (seq, entry) in &self.entries {
             if out.len() >= max {
                 break;
@@ -237,12 +263,17 @@ impl QueueState {
             if !self
                 .partitions
                 .get(&entry.partition)
-                .is_some_and(|p| p.leasable)
+                .is_some_and(|p| p.leasable && p.fresh_until.is_none_or(|until| now < until))
             {
                 continue;
             }
             let key = hold_key(&entry.event.source, &entry.event.user_key);
-            if self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
+            if self.stale.contains(seq) {
+                // Its user waits until the new consumer delivered it again.
+                blocked.insert(key);
+                continue;
+            }
+            if blocked.contains(&key) || self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
                 continue;
             }
             taken.insert(key, entry.partition);
@@ -285,10 +316,14 @@ impl QueueState {
                 }
                 self.history.remove(&seq);
                 touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
-                replies.push(Reply::Ack {
-                    seq,
-                    reply: entry.reply,
-                });
+                if self.stale.remove(&seq) {
+                    self.ack_on_arrival.insert(seq, entry.partition);
+                } else {
+                    replies.push(Reply::Ack {
+                        seq,
+                        reply: entry.reply,
+                    });
+                }
             }
         }
         // Retried events count an attempt; postponed ones (delivery paused) do not.
@@ -337,6 +372,11 @@ impl QueueState {
             hold.retry_at = hold.retry_at.max(retry_at_ms);
             hold.outstanding.insert(seq);
             waiting.insert(key);
+            if self.stale.remove(&seq) {
+                // The new consumer delivers it again at once: nakked then with what is left.
+                self.restored.insert(seq, retry_at_ms);
+                continue;
+            }
             replies.push(Reply::Nak {
                 seq,
                 reply: entry.reply,
@@ -392,6 +432,10 @@ impl QueueState {
                 continue;
             };
             hold.outstanding.insert(seq);
+            if self.stale.remove(&seq) {
+                self.restored.insert(seq, hold.retry_at);
+                continue;
+            }
             let n = step.entry(key).or_insert(0);
             *n += 1;
             replies.push(Reply::Nak {
@@ -417,8 +461,35 @@ impl QueueState {
             self.entries.remove(&seq);
             self.attempts.remove(&seq);
             self.history.remove(&seq);
+            self.stale.remove(&seq);
         }
         self.holds.retain(|_, hold| hold.partition != partition);
+        self.ack_on_arrival.retain(|_, p| *p != partition);
+    }
+
+    /// The partition's consumer was replaced (deliveries went missing on the way, or the
+    /// consumer was gone): the new one delivers every unacked event again from the start.
+    /// Events in memory wait for that redelivery (`stale`); events out with a delayed nak
+    /// keep their retry time, so their early redelivery is nakked again with what is left;
+    /// holds stay, so nothing later of a held user is leased meanwhile.
+    pub fn reset_partition(&mut self, partition: u32) {
+        for (seq, entry) in &self.entries {
+            if entry.partition == partition {
+                self.stale.insert(*seq);
+            }
+        }
+        for hold in self.holds.values().filter(|h| h.partition == partition) {
+            for seq in &hold.outstanding {
+                self.restored.entry(*seq).or_insert(hold.retry_at);
+            }
+        }
+    }
+
+    /// Sets when leasing from a partition stops unless its ownership is renewed again.
+    pub fn set_fresh_until(&mut self, partition: u32, until: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.fresh_until = Some(until);
+        }
     }
 
     /// Takes in what a previous owner recorded about an event it retried.
@@ -647,5 +718,114 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert!(!s.has_leases(0, 0));
         assert!(s.has_leases(1, 0));
+    }
+
+    #[test]
+    fn a_replaced_consumer_holds_users_until_their_events_come_again() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "a", 0), 0);
+        s.insert(entry(3, "b", 0), 0);
+        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
+        s.reset_partition(0);
+        assert!(
+            s.lease(10, 100, 0).is_empty(),
+            "stale replies are not leased"
+        );
+        // 1 settles while its reply is stale: acked when the new consumer sends it again.
+        let replies = s.settle(
+            &Settlement {
+                acked: vec![1],
+                ..Default::default()
+            },
+            1,
+        );
+        assert!(replies.is_empty(), "{replies:?}");
+        // 3 comes again first; 2's user waits for 2, the rest goes on.
+        assert_eq!(s.insert(entry(3, "b", 0), 2), None);
+        assert_eq!(seqs(&s.lease(10, 100, 2)), [3]);
+        assert_eq!(
+            s.insert(entry(1, "a", 0), 3),
+            Some(Reply::Ack {
+                seq: 1,
+                reply: "r1".into()
+            })
+        );
+        let mut again = entry(2, "a", 0);
+        again.reply = "r2-new".into();
+        assert_eq!(s.insert(again, 3), None);
+        assert_eq!(seqs(&s.lease(10, 100, 3)), [2]);
+        let replies = s.settle(
+            &Settlement {
+                acked: vec![2],
+                ..Default::default()
+            },
+            4,
+        );
+        assert_eq!(
+            replies,
+            [Reply::Ack {
+                seq: 2,
+                reply: "r2-new".into()
+            }],
+            "answered on the new consumer's reply"
+        );
+    }
+
+    #[test]
+    fn a_retry_keeps_its_time_across_a_replaced_consumer() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "a", 0), 0);
+        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
+        s.settle(
+            &Settlement {
+                retried: vec![RetryAt {
+                    seq: 1,
+                    next_attempt_at_ms: 10_000,
+                    status: None,
+                    error: "x".into(),
+                }],
+                ..Default::default()
+            },
+            0,
+        );
+        s.reset_partition(0);
+        // The new consumer sends everything at once: both go back until the retry is due.
+        assert!(matches!(
+            s.insert(entry(1, "a", 0), 100),
+            Some(Reply::Nak {
+                seq: 1,
+                delay_ms: 9_900,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.insert(entry(2, "a", 0), 100),
+            Some(Reply::Nak { seq: 2, .. })
+        ));
+        assert!(s.lease(10, 100, 100).is_empty());
+        // 2 is back first: it waits in memory behind 1.
+        assert_eq!(s.insert(entry(2, "a", 0), 10_000), None);
+        assert!(s.lease(10, 100, 10_000).is_empty(), "2 waits for 1");
+        assert_eq!(s.insert(entry(1, "a", 0), 10_001), None);
+        assert_eq!(seqs(&s.lease(10, 100, 10_001)), [1, 2]);
+    }
+
+    #[test]
+    fn a_partition_whose_ownership_is_not_renewed_is_not_leased() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "b", 1), 0);
+        s.set_fresh_until(0, 1_000);
+        s.set_fresh_until(1, 5_000);
+        assert_eq!(seqs(&s.lease(10, 1, 999)), [1, 2]);
+        assert_eq!(
+            seqs(&s.lease(10, 1, 1_000)),
+            [2],
+            "partition 0 is not fresh"
+        );
+        s.set_fresh_until(0, 3_000);
+        assert_eq!(seqs(&s.lease(10, 1, 2_000)), [1, 2]);
     }
 }
