@@ -286,6 +286,9 @@ fn dedup_key(source: &str, message_id: &str) -> String {
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long one pull request waits for events.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How long a pull waits for a delivery before it asks the consumer how many it sent (two
+/// such checks in a row without a delivery find the last ones lost on their way).
+const IDLE_CHECK: Duration = Duration::from_secs(3);
 
 /// Events one append publishes before it waits for their acks (a larger request is
 /// published in windows of this size, one wait per window).

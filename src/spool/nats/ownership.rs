@@ -227,7 +227,7 @@ impl Inner {
             }
         };
         match self
-            .start_partition(partition, sent + self.fresh_for())
+            .start_partition(partition, revision, sent + self.fresh_for())
             .await
         {
             Ok(stop) => {
@@ -253,6 +253,7 @@ impl Inner {
     pub(super) async fn start_partition(
         self: &Arc<Self>,
         partition: u32,
+        epoch: u64,
         fresh_until: i64,
     ) -> Result<watch::Sender<bool>, SpoolError> {
         let consumer = self.fresh_consumer(partition).await?;
@@ -270,10 +271,11 @@ impl Inner {
                 seen_high: 0,
                 target_high: target,
                 fresh_until: Some(fresh_until),
+                epoch,
             },
         );
         let (stop, stopped) = watch::channel(false);
-        self.spawn_task(self.clone().pull_loop(partition, consumer, stopped));
+        self.spawn_task(self.clone().pull_loop(partition, epoch, consumer, stopped));
         Ok(stop)
     }
 

@@ -20,20 +20,21 @@ impl Inner {
     pub(super) async fn pull_loop(
         self: Arc<Self>,
         partition: u32,
-        mut consumer: consumer::PullConsumer,
+        epoch: u64,
+        consumer: consumer::PullConsumer,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
         let Some(mut index) = self.load_dedup(partition, &mut stopped).await else {
             return;
         };
-        // The consumer sequence of the last delivery taken in (a new consumer starts at 1).
-        let mut taken_upto = 0u64;
+        let mut cursor = Cursor::new(consumer);
         loop {
-            if *stopped.borrow() {
+            if !self.wait_until_fresh(partition, &mut stopped).await {
                 return;
             }
-            let messages = consumer
+            let messages = cursor
+                .consumer
                 .stream()
                 .max_messages_per_batch(self.options.fetch_batch)
                 .heartbeat(PULL_HEARTBEAT)
@@ -55,68 +56,73 @@ impl Inner {
                             partition,
                             "the partition's consumer is gone; recreating it"
                         );
-                        match self.replace_consumer(partition, &mut stopped).await {
-                            Some(renewed) => {
-                                consumer = renewed;
-                                taken_upto = 0;
-                            }
-                            None => return,
+                        if !self
+                            .renew_cursor(partition, &mut cursor, &mut stopped)
+                            .await
+                        {
+                            return;
                         }
                     }
                     continue;
                 }
             };
             loop {
-                while self.state().len() >= self.options.max_buffered {
-                    if self
-                        .sleep_or_stop(Duration::from_millis(5), &mut stopped)
+                if !self.wait_for_room(&mut stopped).await {
+                    return;
+                }
+                let gap = tokio::select! {
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => {
+                            backoff = Duration::from_millis(100);
+                            cursor.idle_seen = None;
+                            let (batch, ended) = self.ready(message, &mut messages);
+                            let (batch, gap) = cut_at_gap(batch, &mut cursor.taken_upto);
+                            if !batch.is_empty()
+                                && !self
+                                    .receive_batch((partition, epoch), batch, index.as_mut(), &stopped)
+                                    .await
+                            {
+                                return;
+                            }
+                            if gap.is_none() && ended {
+                                break;
+                            }
+                            gap
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = stopped.changed() => return,
+                    _ = tokio::time::sleep(IDLE_CHECK) => {
+                        self.idle_gap(partition, &mut cursor).await
+                    }
+                    _ = tokio::time::sleep(self.fresh_left(partition)) => {
+                        if self.fresh_left(partition).is_zero() {
+                            // Not renewed in time: stop pulling before another node takes
+                            // the partition, or this pull would take its deliveries.
+                            break;
+                        }
+                        None
+                    }
+                };
+                if let Some((expected, got)) = gap {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        got,
+                        "deliveries of the partition's consumer went missing; replacing the consumer"
+                    );
+                    if !self
+                        .renew_cursor(partition, &mut cursor, &mut stopped)
                         .await
                     {
                         return;
                     }
-                }
-                let next = tokio::select! {
-                    next = messages.next() => next,
-                    _ = stopped.changed() => return,
-                };
-                match next {
-                    Some(Ok(message)) => {
-                        backoff = Duration::from_millis(100);
-                        let (batch, ended) = self.ready(message, &mut messages);
-                        let (batch, gap) = cut_at_gap(batch, &mut taken_upto);
-                        if !batch.is_empty()
-                            && !self
-                                .receive_batch(partition, batch, index.as_mut(), &stopped)
-                                .await
-                        {
-                            return;
-                        }
-                        if let Some((expected, got)) = gap {
-                            tracing::warn!(
-                                partition,
-                                expected,
-                                got,
-                                "deliveries of the partition's consumer went missing; replacing the consumer"
-                            );
-                            match self.replace_consumer(partition, &mut stopped).await {
-                                Some(renewed) => {
-                                    consumer = renewed;
-                                    taken_upto = 0;
-                                    backoff = Duration::from_millis(100);
-                                }
-                                None => return,
-                            }
-                            break;
-                        }
-                        if ended {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
-                        break;
-                    }
-                    None => break,
+                    backoff = Duration::from_millis(100);
+                    break;
                 }
             }
             if self.sleep_or_stop(backoff, &mut stopped).await {
@@ -191,14 +197,14 @@ impl Inner {
     /// partition was given up before the journal could be written (nothing taken in).
     async fn receive_batch(
         &self,
-        partition: u32,
+        (partition, epoch): (u32, u64),
         batch: Vec<jetstream::Message>,
         index: Option<&mut dedup::PartitionIndex>,
         stopped: &watch::Receiver<bool>,
     ) -> bool {
         let (Some(store), Some(index)) = (&self.dedup_index, index) else {
             for message in batch {
-                self.receive(partition, message).await;
+                self.receive(partition, epoch, message).await;
             }
             return true;
         };
@@ -233,7 +239,7 @@ impl Inner {
             if verdict == dedup::Verdict::Repeat {
                 self.drop_repeat(partition, message).await;
             } else {
-                self.receive(partition, message).await;
+                self.receive(partition, epoch, message).await;
             }
         }
         if let Err(e) = store.maintain(index).await {
@@ -260,6 +266,92 @@ impl Inner {
             .map(|r| r.to_string())
             .unwrap_or_default();
         self.answer(vec![Reply::Ack { seq, reply }]).await;
+    }
+
+    /// Deliveries that went missing at the end of what the consumer sent, which no later
+    /// delivery reveals: when nothing arrived for two idle checks in a row and the
+    /// consumer's count of deliveries stayed the same, above what was taken in, those never
+    /// arrive (`(expected, got)`: the first missing number and the consumer's last). When
+    /// everything was delivered and taken in, stale events left are forgotten.
+    async fn idle_gap(&self, partition: u32, cursor: &mut Cursor) -> Option<(u64, u64)> {
+        let (delivered, undelivered) = match cursor.consumer.get_info().await {
+            Ok(info) => (info.delivered.consumer_sequence, info.num_pending),
+            Err(e) => {
+                tracing::debug!(partition, error = %e, "cannot read the partition's consumer");
+                return None;
+            }
+        };
+        if delivered > cursor.taken_upto && cursor.idle_seen == Some(delivered) {
+            return Some((cursor.taken_upto + 1, delivered));
+        }
+        if delivered == cursor.taken_upto && undelivered == 0 {
+            // Every event still in the partition was delivered and taken in: the stale
+            // events left were acked elsewhere.
+            self.state().forget_stale(partition, None);
+        }
+        cursor.idle_seen = Some(delivered);
+        None
+    }
+
+    /// How long the partition's ownership stays fresh without another renewal (zero: not
+    /// fresh; a long time when it has no limit).
+    fn fresh_left(&self, partition: u32) -> Duration {
+        let until = self
+            .state()
+            .partitions
+            .get(&partition)
+            .map(|p| p.fresh_until.unwrap_or(i64::MAX));
+        match until {
+            Some(until) => Duration::from_millis(until.saturating_sub(now_ms()).max(0) as u64)
+                .min(Duration::from_secs(3600)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Waits until the partition's ownership is fresh (renewed in time), so that a node
+    /// whose renewals fail does not pull (and take deliveries another owner's consumer
+    /// sends) while its key expires; false when stopped meanwhile.
+    async fn wait_until_fresh(&self, partition: u32, stopped: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            if *stopped.borrow() {
+                return false;
+            }
+            if !self.fresh_left(partition).is_zero() {
+                return true;
+            }
+            if self.sleep_or_stop(Duration::from_millis(50), stopped).await {
+                return false;
+            }
+        }
+    }
+
+    /// Waits while the node holds `max_buffered` events; false when stopped meanwhile.
+    /// Events waiting for their redelivery after a consumer was replaced do not count:
+    /// only reading on lets them be delivered again and leased.
+    async fn wait_for_room(&self, stopped: &mut watch::Receiver<bool>) -> bool {
+        while self.state().live_len() >= self.options.max_buffered {
+            if self.sleep_or_stop(Duration::from_millis(5), stopped).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Puts a new consumer under `cursor` ([`Inner::replace_consumer`]); false when the
+    /// partition was given up meanwhile.
+    async fn renew_cursor(
+        &self,
+        partition: u32,
+        cursor: &mut Cursor,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        match self.replace_consumer(partition, stopped).await {
+            Some(consumer) => {
+                *cursor = Cursor::new(consumer);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Replaces the partition's consumer after deliveries went missing or it was gone:
@@ -319,7 +411,10 @@ impl Inner {
         }
     }
 
-    pub(super) async fn receive(&self, partition: u32, message: jetstream::Message) {
+    /// Takes in one delivery of the partition this pull's ownership (`epoch`) is about; a
+    /// pull that outlived its ownership (given up while it was taking in a batch) takes in
+    /// nothing: the partition's next consumer delivers it again.
+    pub(super) async fn receive(&self, partition: u32, epoch: u64, message: jetstream::Message) {
         let (seq, delivered) = match message.info() {
             Ok(info) => {
                 tracing::trace!(
@@ -402,7 +497,7 @@ impl Inner {
             delivered,
             history: meta.h,
         };
-        let nak = self.state().insert(entry, now_ms());
+        let nak = self.state().insert_owned(epoch, entry, now_ms());
         if let Some(nak) = nak {
             self.answer(vec![nak]).await;
         }
@@ -445,6 +540,25 @@ impl Inner {
             }
         });
         futures_util::future::join_all(answers).await;
+    }
+}
+
+/// The consumer a partition is pulled through, and how far its deliveries were taken in.
+struct Cursor {
+    consumer: consumer::PullConsumer,
+    /// The consumer sequence of the last delivery taken in (a new consumer starts at 1).
+    taken_upto: u64,
+    /// What the consumer had delivered at the last idle check ([`Inner::idle_gap`]).
+    idle_seen: Option<u64>,
+}
+
+impl Cursor {
+    fn new(consumer: consumer::PullConsumer) -> Cursor {
+        Cursor {
+            consumer,
+            taken_upto: 0,
+            idle_seen: None,
+        }
     }
 }
 

@@ -115,6 +115,9 @@ pub struct PartitionState {
     /// renewals fail stops before its key can expire and another node take over. `None`: no
     /// limit.
     pub fresh_until: Option<i64>,
+    /// Which taking of the partition this is (the ownership key's revision when taken):
+    /// deliveries pulled for an earlier one are not taken in.
+    pub epoch: u64,
 }
 
 /// Held-back events of a waiting user come back this long after the retried one, one step
@@ -158,6 +161,23 @@ impl QueueState {
         self.entries.is_empty()
     }
 
+    /// Events held that are not waiting for a redelivery from a replaced consumer.
+    pub fn live_len(&self) -> usize {
+        self.entries.len() - self.stale.len()
+    }
+
+    /// Takes in an event pulled for the partition's ownership `epoch`, if that is still the
+    /// current one: a pull that outlived its ownership must not leave events behind (they
+    /// would be leased when the partition is taken again, before the new consumer's
+    /// earlier events).
+    pub fn insert_owned(&mut self, epoch: u64, entry: Entry, now: i64) -> Option<Reply> {
+        let current = self.partitions.get(&entry.partition).map(|p| p.epoch);
+        if current != Some(epoch) {
+            return None;
+        }
+        self.insert(entry, now)
+    }
+
     /// Takes in an event pulled from JetStream. Returns a nak when the event belongs behind
     /// an event of its user that is out with a delayed nak for a while yet.
     pub fn insert(&mut self, mut entry: Entry, now: i64) -> Option<Reply> {
@@ -165,6 +185,11 @@ impl QueueState {
         let partition = self.partitions.entry(entry.partition).or_default();
         partition.seen_high = partition.seen_high.max(seq);
         let key = hold_key(&entry.event.source, &entry.event.user_key);
+        if entry.delivered == 1 {
+            // A consumer's first deliveries come in stream order: a stale event before this
+            // one that it did not deliver is no longer in the stream (another node acked it).
+            self.forget_stale(entry.partition, Some(seq));
+        }
         if self.ack_on_arrival.remove(&seq).is_some() {
             // Settled while its reply subject was stale: the ack goes to the new one.
             return Some(Reply::Ack {
@@ -485,6 +510,32 @@ impl QueueState {
         }
     }
 
+    /// Forgets the partition's stale events (below `below`, if given): they are no longer
+    /// in the stream, so no consumer will deliver them again, and they must not hold their
+    /// users.
+    pub fn forget_stale(&mut self, partition: u32, below: Option<u64>) {
+        if self.stale.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .stale
+            .iter()
+            .copied()
+            .filter(|seq| below.is_none_or(|b| *seq < b))
+            .filter(|seq| {
+                self.entries
+                    .get(seq)
+                    .is_some_and(|e| e.partition == partition)
+            })
+            .collect();
+        for seq in gone {
+            self.stale.remove(&seq);
+            self.entries.remove(&seq);
+            self.attempts.remove(&seq);
+            self.history.remove(&seq);
+        }
+    }
+
     /// Sets when leasing from a partition stops unless its ownership is renewed again.
     pub fn set_fresh_until(&mut self, partition: u32, until: i64) {
         if let Some(p) = self.partitions.get_mut(&partition) {
@@ -728,6 +779,11 @@ mod tests {
         s.insert(entry(3, "b", 0), 0);
         assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
         s.reset_partition(0);
+        assert_eq!(
+            (s.len(), s.live_len()),
+            (3, 0),
+            "stale events leave room to pull"
+        );
         assert!(
             s.lease(10, 100, 0).is_empty(),
             "stale replies are not leased"
@@ -770,6 +826,38 @@ mod tests {
             }],
             "answered on the new consumer's reply"
         );
+    }
+
+    #[test]
+    fn a_pull_that_outlived_its_ownership_takes_nothing_in() {
+        let mut s = state();
+        s.partitions.get_mut(&0).expect("partition 0").epoch = 7;
+        assert_eq!(s.insert_owned(6, entry(1, "a", 0), 0), None);
+        assert_eq!(s.len(), 0, "an earlier taking's delivery is not kept");
+        s.drop_partition(0);
+        assert_eq!(s.insert_owned(7, entry(2, "a", 0), 0), None);
+        assert_eq!(s.len(), 0, "nor one of a partition given up");
+        assert_eq!(s.insert_owned(0, entry(3, "b", 1), 0), None);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn stale_events_the_new_consumer_passes_over_are_forgotten() {
+        let mut s = state();
+        s.insert(entry(1, "a", 0), 0);
+        s.insert(entry(2, "a", 0), 0);
+        s.insert(entry(3, "b", 0), 0);
+        s.reset_partition(0);
+        // 1 was acked by another node meanwhile: the new consumer starts at 2.
+        assert_eq!(s.insert(entry(2, "a", 0), 1), None);
+        assert_eq!(
+            seqs(&s.lease(10, 100, 1)),
+            [2],
+            "1 no longer holds its user"
+        );
+        // Nothing more comes: the idle check forgets the rest.
+        s.forget_stale(0, None);
+        assert_eq!(s.len(), 1);
     }
 
     #[test]
