@@ -52,7 +52,6 @@ fn finish(report: Option<report::Report>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "per-user order breaks when a nats-server is killed or restarted under load (and when a large backlog of retried events drains): a later event of a user is first delivered seconds before an earlier one; see docs/reliability.md, Distributed mode"]
 async fn a_kill_loop_of_nodes_and_servers_loses_nothing_accepted() {
     let _serial = SERIAL.lock().await;
     let params = if long() {
@@ -75,7 +74,6 @@ async fn a_jetstream_outage_answers_503_and_loses_nothing_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky: failed 1 of 5 quick runs (the failing check was not captured); its long form broke per-user order (see docs/reliability.md, Distributed mode)"]
 async fn a_full_jetstream_store_answers_503_and_recovers_when_space_is_freed() {
     let _serial = SERIAL.lock().await;
     let params = if long() {
@@ -98,7 +96,6 @@ async fn a_full_events_stream_answers_503_and_recovers_when_drained() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "per-user order breaks when a nats-server is killed or restarted under load (and when a large backlog of retried events drains): a later event of a user is first delivered seconds before an earlier one; see docs/reliability.md, Distributed mode"]
 async fn a_rolling_restart_keeps_per_user_order() {
     let _serial = SERIAL.lock().await;
     let params = if long() {

@@ -361,6 +361,10 @@ fn node_spec(data_dir: &std::path::Path, sim_url: &str, cluster: &NatsCluster, i
             cluster.urls()
         ),
     ));
+    // JetStream reserves a stream's max_bytes on every replica's server: the delivery log's
+    // default would not fit the small stores of the disk-full scenarios.
+    spec.top
+        .push(("delivery_log", "{ max_bytes = 65536 }".to_owned()));
     spec
 }
 

@@ -235,7 +235,10 @@ impl Gateway {
             {
                 command.env_remove(name);
             }
-            command.env("RUST_LOG", "warn");
+            command.env(
+                "RUST_LOG",
+                std::env::var("RELIABILITY_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            );
             let spawned = Instant::now();
             let mut child = command.spawn().expect("spawn the gateway binary");
             let pid = child.id().expect("a pid");

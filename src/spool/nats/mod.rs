@@ -21,6 +21,9 @@
 //!   partition's consumer, so JetStream delivers it every unacked event from the start of
 //!   the partition, in stream order: per-user order survives a crash of the previous owner
 //!   (delivery is at least once; the old owner's in-flight events are delivered again).
+//! - Only a gap-free run of a consumer's deliveries is taken in: when a delivery is missing
+//!   (lost on its way when a server dies, or on a dropped pull), the owner replaces the
+//!   consumer and gets every unacked event again, in order ([`pull`]).
 //! - The owner keeps the holds in memory ([`state`]): a retried event is nakked with its
 //!   delay (never a bare nak), and its user's later events wait in memory, or go back to
 //!   JetStream with a delay that brings them back behind it.
@@ -283,6 +286,9 @@ fn dedup_key(source: &str, message_id: &str) -> String {
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long one pull request waits for events.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How long a pull waits for a delivery before it asks the consumer how many it sent (two
+/// such checks in a row without a delivery find the last ones lost on their way).
+const IDLE_CHECK: Duration = Duration::from_secs(3);
 
 /// Events one append publishes before it waits for their acks (a larger request is
 /// published in windows of this size, one wait per window).
@@ -311,6 +317,7 @@ struct NodeGauges {
     buffered: prometheus::IntGauge,
     connected: prometheus::IntGauge,
     takeovers: prometheus::IntCounter,
+    consumer_resets: prometheus::IntCounter,
 }
 
 impl NodeGauges {
@@ -327,6 +334,13 @@ impl NodeGauges {
         )
         .expect("a valid metric");
         let _ = metrics.registry.register(Box::new(takeovers.clone()));
+        let consumer_resets = prometheus::IntCounter::new(
+            "gateway_nats_consumer_resets_total",
+            "Partition consumers this node replaced because deliveries went missing or the \
+             consumer was gone.",
+        )
+        .expect("a valid metric");
+        let _ = metrics.registry.register(Box::new(consumer_resets.clone()));
         NodeGauges {
             partitions: gauge(
                 "gateway_nats_partitions_owned",
@@ -341,6 +355,7 @@ impl NodeGauges {
                 "1 while this node is connected to NATS.",
             ),
             takeovers,
+            consumer_resets,
         }
     }
 }

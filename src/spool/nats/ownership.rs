@@ -2,8 +2,16 @@
 //! them against the live nodes, and starts or stops consuming a partition as it gains or
 //! loses it.
 //!
-//! Invariant: a node stops leasing from a partition before its key can expire, so two
-//! nodes never lease the same partition's events at once.
+//! Invariants:
+//! - A node stops leasing from a partition before its key can expire (each partition's
+//!   `fresh_until`, checked by every lease), so two nodes never lease the same partition's
+//!   events at once, however late an ownership round runs.
+//! - A partition is consumed through a consumer created for its current owner: a new owner,
+//!   or an owner whose consumer lost deliveries (see `pull.rs`), deletes the consumer and
+//!   creates it again, and checks that what it got is new (nothing delivered yet); a
+//!   consumer that survived the delete would continue from where the old one was, and the
+//!   events it delivered before would come back only after the ack wait, behind later
+//!   events of their users.
 
 use super::*;
 
@@ -58,6 +66,7 @@ impl Inner {
         let ttl = self.options.ownership_ttl;
         let mut lost = Vec::new();
         for (partition, own) in owned.iter_mut() {
+            let sent = now_ms();
             match self
                 .kv
                 .update(
@@ -70,6 +79,8 @@ impl Inner {
                 Ok(revision) => {
                     own.revision = revision;
                     own.renewed = Instant::now();
+                    self.state()
+                        .set_fresh_until(*partition, sent + self.fresh_for());
                     if own.draining_since.is_none() {
                         self.set_leasable(*partition, true);
                     }
@@ -199,8 +210,14 @@ impl Inner {
         }
     }
 
+    /// How long after a renewal was sent the partition may be leased from without another.
+    fn fresh_for(&self) -> i64 {
+        (self.options.ownership_ttl / 2).as_millis() as i64
+    }
+
     pub(super) async fn acquire(self: &Arc<Self>, partition: u32) -> Option<Owned> {
         let key = Self::partition_key(partition);
+        let sent = now_ms();
         let revision = match self.kv.create(&key, self.node_id.clone().into()).await {
             Ok(revision) => revision,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return None,
@@ -209,7 +226,10 @@ impl Inner {
                 return None;
             }
         };
-        match self.start_partition(partition).await {
+        match self
+            .start_partition(partition, revision, sent + self.fresh_for())
+            .await
+        {
             Ok(stop) => {
                 tracing::info!(partition, node = %self.node_id, "took a partition");
                 Some(Owned {
@@ -233,6 +253,8 @@ impl Inner {
     pub(super) async fn start_partition(
         self: &Arc<Self>,
         partition: u32,
+        epoch: u64,
+        fresh_until: i64,
     ) -> Result<watch::Sender<bool>, SpoolError> {
         let consumer = self.fresh_consumer(partition).await?;
         self.restore_retries(partition).await?;
@@ -248,10 +270,12 @@ impl Inner {
                 leasable: true,
                 seen_high: 0,
                 target_high: target,
+                fresh_until: Some(fresh_until),
+                epoch,
             },
         );
         let (stop, stopped) = watch::channel(false);
-        self.spawn_task(self.clone().pull_loop(partition, consumer, stopped));
+        self.spawn_task(self.clone().pull_loop(partition, epoch, consumer, stopped));
         Ok(stop)
     }
 
@@ -294,10 +318,11 @@ impl Inner {
         let name = self.options.consumer_name(partition);
         match self.events.delete_consumer(&name).await {
             Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) if consumer_not_found(&e) => {}
             Err(e) => return Err(storage("cannot reset the partition's consumer", e)),
         }
-        self.events
+        let consumer = self
+            .events
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name),
                 filter_subject: self.options.event_subject(partition),
@@ -310,7 +335,17 @@ impl Inner {
                 ..Default::default()
             })
             .await
-            .map_err(|e| storage("cannot create the partition's consumer", e))
+            .map_err(|e| storage("cannot create the partition's consumer", e))?;
+        // Creating a durable that exists answers the existing one (a delete that was not
+        // applied, or another node's consumer created meanwhile).
+        let info = consumer.cached_info();
+        if info.delivered.consumer_sequence != 0 || info.num_ack_pending != 0 {
+            return Err(SpoolError::Storage(format!(
+                "the partition's consumer was not replaced ({} delivered, {} pending)",
+                info.delivered.consumer_sequence, info.num_ack_pending
+            )));
+        }
+        Ok(consumer)
     }
 
     pub(super) async fn release(&self, partition: u32, own: Owned) {
@@ -325,4 +360,14 @@ impl Inner {
         }
         tracing::info!(partition, "released a partition");
     }
+}
+
+/// Whether deleting a consumer failed because there is none (JetStream's error 10014), not
+/// because the stream or its leader could not be reached.
+fn consumer_not_found(error: &stream::ConsumerError) -> bool {
+    matches!(
+        error.kind(),
+        stream::ConsumerErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+    )
 }

@@ -1,6 +1,15 @@
 //! Pulling a partition's events from its consumer into the in-memory queue state,
 //! recovering the consumer after a stall, and moving events past `max_deliver` to the dead
 //! letters.
+//!
+//! Invariant: only deliveries without a gap are taken in. JetStream numbers a consumer's
+//! deliveries (first ones and redeliveries alike, `consumer_sequence`); one it sent that
+//! never arrived (the server the node was connected to was killed, a pull was dropped
+//! while messages were on their way, another process pulled from the consumer) counts as
+//! delivered and pending, and would come back only after the ack wait, behind later events
+//! of the same user that arrived meanwhile. So a delivery numbered beyond the next one is
+//! not taken in: the consumer is replaced ([`Inner::replace_consumer`]), which delivers
+//! every unacked event again from the start of the partition, in stream order.
 
 use super::*;
 use crate::segment::{EventType, UserKey};
@@ -12,18 +21,21 @@ impl Inner {
     pub(super) async fn pull_loop(
         self: Arc<Self>,
         partition: u32,
-        mut consumer: consumer::PullConsumer,
+        epoch: u64,
+        consumer: consumer::PullConsumer,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
         let Some(mut index) = self.load_dedup(partition, &mut stopped).await else {
             return;
         };
+        let mut cursor = Cursor::new(consumer);
         loop {
-            if *stopped.borrow() {
+            if !self.wait_until_fresh(partition, &mut stopped).await {
                 return;
             }
-            let messages = consumer
+            let messages = cursor
+                .consumer
                 .stream()
                 .max_messages_per_batch(self.options.fetch_batch)
                 .heartbeat(PULL_HEARTBEAT)
@@ -38,46 +50,80 @@ impl Inner {
                         return;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if self.client.connection_state() == async_nats::connection::State::Connected {
-                        if let Some(renewed) = self.recover_consumer(partition, &e).await {
-                            consumer = renewed;
+                    if self.client.connection_state() == async_nats::connection::State::Connected
+                        && e.to_string().contains("not found")
+                    {
+                        tracing::warn!(
+                            partition,
+                            "the partition's consumer is gone; recreating it"
+                        );
+                        if !self
+                            .renew_cursor(partition, &mut cursor, &mut stopped)
+                            .await
+                        {
+                            return;
                         }
                     }
                     continue;
                 }
             };
             loop {
-                while self.state().len() >= self.options.max_buffered {
-                    if self
-                        .sleep_or_stop(Duration::from_millis(5), &mut stopped)
+                if !self.wait_for_room(&mut stopped).await {
+                    return;
+                }
+                let gap = tokio::select! {
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => {
+                            backoff = Duration::from_millis(100);
+                            cursor.idle_seen = None;
+                            let (batch, ended) = self.ready(message, &mut messages);
+                            let (batch, gap) = cut_at_gap(batch, &mut cursor.taken_upto);
+                            if !batch.is_empty()
+                                && !self
+                                    .receive_batch((partition, epoch), batch, index.as_mut(), &stopped)
+                                    .await
+                            {
+                                return;
+                            }
+                            if gap.is_none() && ended {
+                                break;
+                            }
+                            gap
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = stopped.changed() => return,
+                    _ = tokio::time::sleep(IDLE_CHECK) => {
+                        self.idle_gap(partition, &mut cursor).await
+                    }
+                    _ = tokio::time::sleep(self.fresh_left(partition)) => {
+                        if self.fresh_left(partition).is_zero() {
+                            // Not renewed in time: stop pulling before another node takes
+                            // the partition, or this pull would take its deliveries.
+                            break;
+                        }
+                        None
+                    }
+                };
+                if let Some((expected, got)) = gap {
+                    tracing::warn!(
+                        partition,
+                        expected,
+                        got,
+                        "deliveries of the partition's consumer went missing; replacing the consumer"
+                    );
+                    if !self
+                        .renew_cursor(partition, &mut cursor, &mut stopped)
                         .await
                     {
                         return;
                     }
-                }
-                let next = tokio::select! {
-                    next = messages.next() => next,
-                    _ = stopped.changed() => return,
-                };
-                match next {
-                    Some(Ok(message)) => {
-                        backoff = Duration::from_millis(100);
-                        let (batch, ended) = self.ready(message, &mut messages);
-                        if !self
-                            .receive_batch(partition, batch, index.as_mut(), &stopped)
-                            .await
-                        {
-                            return;
-                        }
-                        if ended {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
-                        break;
-                    }
-                    None => break,
+                    backoff = Duration::from_millis(100);
+                    break;
                 }
             }
             if self.sleep_or_stop(backoff, &mut stopped).await {
@@ -152,14 +198,14 @@ impl Inner {
     /// partition was given up before the journal could be written (nothing taken in).
     async fn receive_batch(
         &self,
-        partition: u32,
+        (partition, epoch): (u32, u64),
         batch: Vec<jetstream::Message>,
         index: Option<&mut dedup::PartitionIndex>,
         stopped: &watch::Receiver<bool>,
     ) -> bool {
         let (Some(store), Some(index)) = (&self.dedup_index, index) else {
             for message in batch {
-                self.receive(partition, message).await;
+                self.receive(partition, epoch, message).await;
             }
             return true;
         };
@@ -194,7 +240,7 @@ impl Inner {
             if verdict == dedup::Verdict::Repeat {
                 self.drop_repeat(partition, message).await;
             } else {
-                self.receive(partition, message).await;
+                self.receive(partition, epoch, message).await;
             }
         }
         if let Err(e) = store.maintain(index).await {
@@ -223,24 +269,136 @@ impl Inner {
         self.answer(vec![Reply::Ack { seq, reply }]).await;
     }
 
-    pub(super) async fn recover_consumer(
+    /// Deliveries that went missing at the end of what the consumer sent, which no later
+    /// delivery reveals: when nothing arrived for two idle checks in a row and the
+    /// consumer's count of deliveries stayed the same, above what was taken in, those never
+    /// arrive (`(expected, got)`: the first missing number and the consumer's last). When
+    /// everything was delivered and taken in, stale events left are forgotten.
+    async fn idle_gap(&self, partition: u32, cursor: &mut Cursor) -> Option<(u64, u64)> {
+        let (delivered, undelivered) = match cursor.consumer.get_info().await {
+            Ok(info) => (info.delivered.consumer_sequence, info.num_pending),
+            Err(e) => {
+                tracing::debug!(partition, error = %e, "cannot read the partition's consumer");
+                return None;
+            }
+        };
+        if delivered > cursor.taken_upto && cursor.idle_seen == Some(delivered) {
+            return Some((cursor.taken_upto + 1, delivered));
+        }
+        if delivered == cursor.taken_upto && undelivered == 0 {
+            // Every event still in the partition was delivered and taken in: the stale
+            // events left were acked elsewhere.
+            self.state().forget_stale(partition, None);
+        }
+        cursor.idle_seen = Some(delivered);
+        None
+    }
+
+    /// How long the partition's ownership stays fresh without another renewal (zero: not
+    /// fresh; a long time when it has no limit).
+    fn fresh_left(&self, partition: u32) -> Duration {
+        let until = self
+            .state()
+            .partitions
+            .get(&partition)
+            .map(|p| p.fresh_until.unwrap_or(i64::MAX));
+        match until {
+            Some(until) => Duration::from_millis(until.saturating_sub(now_ms()).max(0) as u64)
+                .min(Duration::from_secs(3600)),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Waits until the partition's ownership is fresh (renewed in time), so that a node
+    /// whose renewals fail does not pull (and take deliveries another owner's consumer
+    /// sends) while its key expires; false when stopped meanwhile.
+    async fn wait_until_fresh(&self, partition: u32, stopped: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            if *stopped.borrow() {
+                return false;
+            }
+            if !self.fresh_left(partition).is_zero() {
+                return true;
+            }
+            if self.sleep_or_stop(Duration::from_millis(50), stopped).await {
+                return false;
+            }
+        }
+    }
+
+    /// Waits while the node holds `max_buffered` events; false when stopped meanwhile.
+    /// Events waiting for their redelivery after a consumer was replaced do not count:
+    /// only reading on lets them be delivered again and leased.
+    async fn wait_for_room(&self, stopped: &mut watch::Receiver<bool>) -> bool {
+        while self.state().live_len() >= self.options.max_buffered {
+            if self.sleep_or_stop(Duration::from_millis(5), stopped).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Puts a new consumer under `cursor` ([`Inner::replace_consumer`]); false when the
+    /// partition was given up meanwhile.
+    async fn renew_cursor(
         &self,
         partition: u32,
-        error: &impl std::fmt::Display,
+        cursor: &mut Cursor,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> bool {
+        match self.replace_consumer(partition, stopped).await {
+            Some(consumer) => {
+                *cursor = Cursor::new(consumer);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the partition's consumer after deliveries went missing or it was gone:
+    /// the events in memory wait for their redelivery (see [`QueueState::reset_partition`]),
+    /// and the new consumer is created only while the partition's key in the ownership
+    /// bucket names this node; retried until it is created, or the partition is given up
+    /// (`None`).
+    pub(super) async fn replace_consumer(
+        &self,
+        partition: u32,
+        stopped: &mut watch::Receiver<bool>,
     ) -> Option<consumer::PullConsumer> {
-        if !error.to_string().contains("not found") {
-            return None;
+        self.state().reset_partition(partition);
+        self.gauges.consumer_resets.inc();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *stopped.borrow() {
+                return None;
+            }
+            match self.kv.get(Self::partition_key(partition)).await {
+                Ok(Some(owner)) if owner.as_ref() == self.node_id.as_bytes() => {
+                    match self.fresh_consumer(partition).await {
+                        Ok(consumer) => return Some(consumer),
+                        Err(e) => {
+                            tracing::warn!(partition, error = %e, "cannot replace the partition's consumer")
+                        }
+                    }
+                }
+                // Another node's, or none: this node's next ownership round drops the
+                // partition and stops this task (a replica's answer may lag behind, so
+                // this is no reason to stop pulling by itself).
+                Ok(_) => {
+                    tracing::warn!(
+                        partition,
+                        "the partition's key does not name this node; not replacing its consumer"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot check the partition's owner")
+                }
+            }
+            if self.sleep_or_stop(backoff, stopped).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        let owned = self.owned.lock().await.contains_key(&partition);
-        if !owned {
-            return None;
-        }
-        tracing::warn!(partition, "the partition's consumer is gone; recreating it");
-        self.events
-            .get_consumer(&self.options.consumer_name(partition))
-            .await
-            .ok()
-            .or(self.fresh_consumer(partition).await.ok())
     }
 
     pub(super) async fn sleep_or_stop(
@@ -254,9 +412,21 @@ impl Inner {
         }
     }
 
-    pub(super) async fn receive(&self, partition: u32, message: jetstream::Message) {
+    /// Takes in one delivery of the partition this pull's ownership (`epoch`) is about; a
+    /// pull that outlived its ownership (given up while it was taking in a batch) takes in
+    /// nothing: the partition's next consumer delivers it again.
+    pub(super) async fn receive(&self, partition: u32, epoch: u64, message: jetstream::Message) {
         let (seq, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered.max(1) as u64),
+            Ok(info) => {
+                tracing::trace!(
+                    partition,
+                    seq = info.stream_sequence,
+                    delivery = info.consumer_sequence,
+                    delivered = info.delivered,
+                    "pulled an event"
+                );
+                (info.stream_sequence, info.delivered.max(1) as u64)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "a pulled message has no JetStream metadata");
                 return;
@@ -330,7 +500,7 @@ impl Inner {
             delivered,
             history: meta.h,
         };
-        let nak = self.state().insert(entry, now_ms());
+        let nak = self.state().insert_owned(epoch, entry, now_ms());
         if let Some(nak) = nak {
             self.answer(vec![nak]).await;
         }
@@ -373,5 +543,98 @@ impl Inner {
             }
         });
         futures_util::future::join_all(answers).await;
+    }
+}
+
+/// The consumer a partition is pulled through, and how far its deliveries were taken in.
+struct Cursor {
+    consumer: consumer::PullConsumer,
+    /// The consumer sequence of the last delivery taken in (a new consumer starts at 1).
+    taken_upto: u64,
+    /// What the consumer had delivered at the last idle check ([`Inner::idle_gap`]).
+    idle_seen: Option<u64>,
+}
+
+impl Cursor {
+    fn new(consumer: consumer::PullConsumer) -> Cursor {
+        Cursor {
+            consumer,
+            taken_upto: 0,
+            idle_seen: None,
+        }
+    }
+}
+
+/// The deliveries of `batch` up to the first that is not numbered right after the one
+/// before (`taken_upto`, advanced), and the `(expected, got)` consumer sequences of that
+/// gap.
+fn cut_at_gap(
+    mut batch: Vec<jetstream::Message>,
+    taken_upto: &mut u64,
+) -> (Vec<jetstream::Message>, Option<(u64, u64)>) {
+    let numbers = batch
+        .iter()
+        .map(|message| message.info().ok().map(|info| info.consumer_sequence));
+    match first_gap(numbers, taken_upto) {
+        Some((i, expected, got)) => {
+            batch.truncate(i);
+            (batch, Some((expected, got)))
+        }
+        None => (batch, None),
+    }
+}
+
+/// Where the deliveries numbered `numbers` (consumer sequences; `None`: no metadata, no
+/// number) first skip one after `taken_upto`: the index, the number expected and the one
+/// got. `taken_upto` ends at the last number before the gap. A number at or below the last
+/// one (a consumer leader that lost its last deliveries and sends them again) is no gap.
+fn first_gap(
+    numbers: impl Iterator<Item = Option<u64>>,
+    taken_upto: &mut u64,
+) -> Option<(usize, u64, u64)> {
+    for (i, number) in numbers.enumerate() {
+        let Some(number) = number else {
+            continue;
+        };
+        if number > *taken_upto + 1 {
+            return Some((i, *taken_upto + 1, number));
+        }
+        *taken_upto = number;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_gap;
+
+    #[test]
+    fn a_skipped_delivery_is_a_gap() {
+        let mut upto = 0;
+        assert_eq!(first_gap([1, 2, 3].map(Some).into_iter(), &mut upto), None);
+        assert_eq!(upto, 3);
+        let found = first_gap([Some(4), None, Some(7), Some(8)].into_iter(), &mut upto);
+        assert_eq!(found, Some((2, 5, 7)), "5 and 6 went missing");
+        assert_eq!(upto, 4);
+    }
+
+    #[test]
+    fn a_new_consumer_starts_at_one() {
+        let mut upto = 0;
+        assert_eq!(
+            first_gap([Some(2)].into_iter(), &mut upto),
+            Some((0, 1, 2)),
+            "the first delivery of a new consumer went missing"
+        );
+    }
+
+    #[test]
+    fn deliveries_sent_again_are_no_gap() {
+        let mut upto = 10;
+        assert_eq!(
+            first_gap([8, 9, 10, 11].map(Some).into_iter(), &mut upto),
+            None
+        );
+        assert_eq!(upto, 11);
     }
 }

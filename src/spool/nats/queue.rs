@@ -189,7 +189,11 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Ok(self.state().lease(max, lease_ms, now_ms()))
+        let leased = self.state().lease(max, lease_ms, now_ms());
+        for event in &leased {
+            tracing::trace!(seq = event.seq, message_id = %event.message_id, "leased an event");
+        }
+        Ok(leased)
     }
 
     pub(super) async fn settle(&self, settlement: Settlement) -> Result<(), SpoolError> {

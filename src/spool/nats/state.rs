@@ -12,6 +12,12 @@
 //! - A user is held while one of its events is leased (until the lease runs out or the batch
 //!   settles), or while an earlier event of the user is out with a delayed nak (`outstanding`):
 //!   none of its later events is handed out before that one came back and was settled.
+//! - Events pulled through a consumer that was since replaced ([`QueueState::reset_partition`])
+//!   are `stale`: they are not leased, and they hold their user, until the new consumer
+//!   delivers them again (with a reply subject that works); one settled meanwhile is acked
+//!   or nakked on that redelivery instead.
+//! - A partition is leased from only while its ownership is fresh (`fresh_until`), however
+//!   late the ownership round that would notice a lost renewal runs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -105,6 +111,14 @@ pub struct PartitionState {
     /// The highest stream sequence known to be in it (from this node's own appends and
     /// from the stream when the partition was taken): a lease waits until it was pulled.
     pub target_high: u64,
+    /// Leases stop handing out its events at this time (ms) unless the ownership was renewed
+    /// meanwhile: half the ownership TTL after the last renewal was sent, so a node whose
+    /// renewals fail stops before its key can expire and another node take over. `None`: no
+    /// limit.
+    pub fresh_until: Option<i64>,
+    /// Which taking of the partition this is (the ownership key's revision when taken):
+    /// deliveries pulled for an earlier one are not taken in.
+    pub epoch: u64,
 }
 
 /// Held-back events of a waiting user come back this long after the retried one, one step
@@ -123,8 +137,13 @@ pub struct QueueState {
     attempts: HashMap<u64, u32>,
     /// The failed attempts per event: when, the status, the error.
     history: HashMap<u64, Vec<(i64, Option<u16>, String)>>,
-    /// Retry times of events a previous owner retried, until they arrive.
+    /// Retry times of events a previous owner retried, or this node retried through a
+    /// consumer since replaced, until they arrive.
     restored: HashMap<u64, i64>,
+    /// Events whose reply subject belongs to a replaced consumer: waiting for redelivery.
+    stale: HashSet<u64>,
+    /// Events settled (acked, skipped, dead-lettered) while stale: acked on redelivery.
+    ack_on_arrival: HashMap<u64, u32>,
     /// Retry records to write or remove, drained by [`QueueState::take_record_changes`].
     record_changes: Vec<RecordChange>,
     pub partitions: HashMap<u32, PartitionState>,
@@ -143,6 +162,23 @@ impl QueueState {
         self.entries.is_empty()
     }
 
+    /// Events held that are not waiting for a redelivery from a replaced consumer.
+    pub fn live_len(&self) -> usize {
+        self.entries.len() - self.stale.len()
+    }
+
+    /// Takes in an event pulled for the partition's ownership `epoch`, if that is still the
+    /// current one: a pull that outlived its ownership must not leave events behind (they
+    /// would be leased when the partition is taken again, before the new consumer's
+    /// earlier events).
+    pub fn insert_owned(&mut self, epoch: u64, entry: Entry, now: i64) -> Option<Reply> {
+        let current = self.partitions.get(&entry.partition).map(|p| p.epoch);
+        if current != Some(epoch) {
+            return None;
+        }
+        self.insert(entry, now)
+    }
+
     /// Takes in an event pulled from JetStream. Returns a nak when the event belongs behind
     /// an event of its user that is out with a delayed nak for a while yet.
     pub fn insert(&mut self, mut entry: Entry, now: i64) -> Option<Reply> {
@@ -150,10 +186,24 @@ impl QueueState {
         let partition = self.partitions.entry(entry.partition).or_default();
         partition.seen_high = partition.seen_high.max(seq);
         let key = hold_key(&entry.event.source, &entry.event.user_key);
+        if entry.delivered == 1 {
+            // A consumer's first deliveries come in stream order: a stale event before this
+            // one that it did not deliver is no longer in the stream (another node acked it).
+            self.forget_stale(entry.partition, Some(seq));
+        }
+        if self.ack_on_arrival.remove(&seq).is_some() {
+            // Settled while its reply subject was stale: the ack goes to the new one.
+            return Some(Reply::Ack {
+                seq,
+                reply: entry.reply,
+            });
+        }
         if let Some(existing) = self.entries.get_mut(&seq) {
-            // Redelivered while still here (its ack wait ran out): answer on the new reply.
+            // Redelivered while still here (its ack wait ran out, or its consumer was
+            // replaced): answer on the new reply.
             existing.reply = entry.reply;
             existing.delivered = entry.delivered;
+            self.stale.remove(&seq);
             return None;
         }
         if let Some(retry_at) = self.restored.remove(&seq) {
@@ -231,6 +281,7 @@ impl QueueState {
     pub fn lease(&mut self, max: usize, lease_ms: i64, now: i64) -> Vec<Leased> {
         let mut out = Vec::new();
         let mut taken: HashMap<HoldKey, u32> = HashMap::new();
+        let mut blocked: HashSet<HoldKey> = HashSet::new();
         for (seq, entry) in &self.entries {
             if out.len() >= max {
                 break;
@@ -238,12 +289,17 @@ impl QueueState {
             if !self
                 .partitions
                 .get(&entry.partition)
-                .is_some_and(|p| p.leasable)
+                .is_some_and(|p| p.leasable && p.fresh_until.is_none_or(|until| now < until))
             {
                 continue;
             }
             let key = hold_key(&entry.event.source, &entry.event.user_key);
-            if self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
+            if self.stale.contains(seq) {
+                // Its user waits until the new consumer delivered it again.
+                blocked.insert(key);
+                continue;
+            }
+            if blocked.contains(&key) || self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
                 continue;
             }
             taken.insert(key, entry.partition);
@@ -286,10 +342,14 @@ impl QueueState {
                 }
                 self.history.remove(&seq);
                 touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
-                replies.push(Reply::Ack {
-                    seq,
-                    reply: entry.reply,
-                });
+                if self.stale.remove(&seq) {
+                    self.ack_on_arrival.insert(seq, entry.partition);
+                } else {
+                    replies.push(Reply::Ack {
+                        seq,
+                        reply: entry.reply,
+                    });
+                }
             }
         }
         // Retried events count an attempt; postponed ones (delivery paused) do not.
@@ -338,6 +398,11 @@ impl QueueState {
             hold.retry_at = hold.retry_at.max(retry_at_ms);
             hold.outstanding.insert(seq);
             waiting.insert(key);
+            if self.stale.remove(&seq) {
+                // The new consumer delivers it again at once: nakked then with what is left.
+                self.restored.insert(seq, retry_at_ms);
+                continue;
+            }
             replies.push(Reply::Nak {
                 seq,
                 reply: entry.reply,
@@ -393,6 +458,10 @@ impl QueueState {
                 continue;
             };
             hold.outstanding.insert(seq);
+            if self.stale.remove(&seq) {
+                self.restored.insert(seq, hold.retry_at);
+                continue;
+            }
             let n = step.entry(key).or_insert(0);
             *n += 1;
             replies.push(Reply::Nak {
@@ -418,8 +487,61 @@ impl QueueState {
             self.entries.remove(&seq);
             self.attempts.remove(&seq);
             self.history.remove(&seq);
+            self.stale.remove(&seq);
         }
         self.holds.retain(|_, hold| hold.partition != partition);
+        self.ack_on_arrival.retain(|_, p| *p != partition);
+    }
+
+    /// The partition's consumer was replaced (deliveries went missing on the way, or the
+    /// consumer was gone): the new one delivers every unacked event again from the start.
+    /// Events in memory wait for that redelivery (`stale`); events out with a delayed nak
+    /// keep their retry time, so their early redelivery is nakked again with what is left;
+    /// holds stay, so nothing later of a held user is leased meanwhile.
+    pub fn reset_partition(&mut self, partition: u32) {
+        for (seq, entry) in &self.entries {
+            if entry.partition == partition {
+                self.stale.insert(*seq);
+            }
+        }
+        for hold in self.holds.values().filter(|h| h.partition == partition) {
+            for seq in &hold.outstanding {
+                self.restored.entry(*seq).or_insert(hold.retry_at);
+            }
+        }
+    }
+
+    /// Forgets the partition's stale events (below `below`, if given): they are no longer
+    /// in the stream, so no consumer will deliver them again, and they must not hold their
+    /// users.
+    pub fn forget_stale(&mut self, partition: u32, below: Option<u64>) {
+        if self.stale.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = self
+            .stale
+            .iter()
+            .copied()
+            .filter(|seq| below.is_none_or(|b| *seq < b))
+            .filter(|seq| {
+                self.entries
+                    .get(seq)
+                    .is_some_and(|e| e.partition == partition)
+            })
+            .collect();
+        for seq in gone {
+            self.stale.remove(&seq);
+            self.entries.remove(&seq);
+            self.attempts.remove(&seq);
+            self.history.remove(&seq);
+        }
+    }
+
+    /// Sets when leasing from a partition stops unless its ownership is renewed again.
+    pub fn set_fresh_until(&mut self, partition: u32, until: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.fresh_until = Some(until);
+        }
     }
 
     /// Takes in what a previous owner recorded about an event it retried.
@@ -457,197 +579,4 @@ impl QueueState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::segment::EventType;
-    use crate::spool::{RetryAt, Settlement};
-
-    fn entry(seq: u64, user: &str, partition: u32) -> Entry {
-        Entry {
-            event: Leased {
-                seq: seq as i64,
-                source: "s".into(),
-                message_id: format!("m{seq}"),
-                kind: EventType::Track,
-                user_key: UserKey::from_stored(user),
-                payload: Vec::new(),
-                attempts: 0,
-                received_at_ms: 0,
-            },
-            partition,
-            reply: format!("r{seq}"),
-            delivered: 1,
-            history: Vec::new(),
-        }
-    }
-
-    fn state() -> QueueState {
-        let mut state = QueueState::default();
-        for p in 0..2 {
-            state.partitions.insert(
-                p,
-                PartitionState {
-                    leasable: true,
-                    ..Default::default()
-                },
-            );
-        }
-        state
-    }
-
-    fn seqs(leased: &[Leased]) -> Vec<i64> {
-        leased.iter().map(|l| l.seq).collect()
-    }
-
-    #[test]
-    fn redelivery_order_does_not_matter() {
-        let mut s = state();
-        assert_eq!(s.insert(entry(3, "a", 0), 0), None);
-        assert_eq!(s.insert(entry(1, "a", 0), 0), None);
-        assert_eq!(seqs(&s.lease(10, 100, 0)), [1, 3]);
-    }
-
-    #[test]
-    fn a_retry_holds_the_user_until_the_event_is_back() {
-        let mut s = state();
-        s.insert(entry(1, "a", 0), 0);
-        s.insert(entry(2, "a", 0), 0);
-        s.insert(entry(3, "b", 1), 0);
-        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
-        let replies = s.settle(
-            &Settlement {
-                retried: vec![RetryAt {
-                    seq: 1,
-                    next_attempt_at_ms: 10_000,
-                    status: None,
-                    error: "x".into(),
-                }],
-                ..Default::default()
-            },
-            0,
-        );
-        // The retry and the held-back later event, both nakked with a delay, in order.
-        assert_eq!(
-            replies,
-            [
-                Reply::Nak {
-                    seq: 1,
-                    reply: "r1".into(),
-                    delay_ms: 10_000
-                },
-                Reply::Nak {
-                    seq: 2,
-                    reply: "r2".into(),
-                    delay_ms: 10_005
-                }
-            ]
-        );
-        assert_eq!(seqs(&s.lease(10, 100, 20_000)), [3]);
-        // A later event that arrives early while the retry is far off goes back again.
-        assert!(matches!(
-            s.insert(entry(2, "a", 0), 5_000),
-            Some(Reply::Nak { seq: 2, .. })
-        ));
-        // Once the retry is due it waits in memory behind 1, which is not back yet.
-        assert_eq!(s.insert(entry(2, "a", 0), 20_000), None);
-        assert!(s.lease(10, 100, 20_000).is_empty(), "2 waits for 1");
-        assert_eq!(s.insert(entry(1, "a", 0), 20_000), None);
-        let again = s.lease(10, 100, 20_000);
-        assert_eq!(seqs(&again), [1, 2], "the user's queue, in order");
-        assert_eq!(again[0].attempts, 1);
-        assert!(s.lease(10, 100, 20_001).is_empty(), "both are leased");
-        s.settle(
-            &Settlement {
-                acked: vec![1],
-                released: vec![2],
-                ..Default::default()
-            },
-            20_002,
-        );
-        assert_eq!(seqs(&s.lease(10, 100, 20_002)), [2]);
-    }
-
-    #[test]
-    fn skipped_events_leave_like_acked_ones() {
-        let mut s = state();
-        s.insert(entry(1, "a", 0), 0);
-        s.insert(entry(2, "a", 0), 0);
-        assert_eq!(seqs(&s.lease(1, 100, 0)), [1]);
-        let replies = s.settle(
-            &Settlement {
-                skipped: vec![crate::spool::Skipped {
-                    seq: 1,
-                    reason: "alias".into(),
-                }],
-                ..Default::default()
-            },
-            1,
-        );
-        assert_eq!(
-            replies,
-            [Reply::Ack {
-                seq: 1,
-                reply: "r1".into()
-            }]
-        );
-        assert_eq!(seqs(&s.lease(10, 100, 1)), [2]);
-    }
-
-    #[test]
-    fn a_restored_retry_keeps_its_schedule_and_holds_its_user() {
-        let mut s = state();
-        s.restore(
-            1,
-            RetryRecord {
-                attempts: 3,
-                retry_at_ms: 10_000,
-                history: vec![(0, Some(503), "x".into())],
-            },
-        );
-        assert!(matches!(
-            s.insert(entry(1, "a", 0), 0),
-            Some(Reply::Nak {
-                seq: 1,
-                delay_ms: 10_000,
-                ..
-            })
-        ));
-        assert!(matches!(
-            s.insert(entry(2, "a", 0), 0),
-            Some(Reply::Nak { seq: 2, .. })
-        ));
-        assert_eq!(s.insert(entry(3, "b", 0), 0), None);
-        assert_eq!(seqs(&s.lease(10, 100_000, 0)), [3], "a waits for its retry");
-        assert_eq!(s.insert(entry(1, "a", 0), 10_000), None);
-        let leased = s.lease(10, 100, 10_000);
-        assert_eq!(seqs(&leased), [1]);
-        assert_eq!(leased[0].attempts, 3);
-        assert_eq!(s.history(1).len(), 1);
-        s.settle(
-            &Settlement {
-                acked: vec![1],
-                ..Default::default()
-            },
-            10_001,
-        );
-        assert_eq!(
-            s.take_record_changes(),
-            [RecordChange::Remove {
-                partition: 0,
-                seq: 1
-            }]
-        );
-    }
-
-    #[test]
-    fn dropping_a_partition_forgets_its_events_and_holds() {
-        let mut s = state();
-        s.insert(entry(1, "a", 0), 0);
-        s.insert(entry(2, "b", 1), 0);
-        assert_eq!(seqs(&s.lease(10, 100, 0)), [1, 2]);
-        s.drop_partition(0);
-        assert_eq!(s.len(), 1);
-        assert!(!s.has_leases(0, 0));
-        assert!(s.has_leases(1, 0));
-    }
-}
+mod tests;
