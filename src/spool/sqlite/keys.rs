@@ -21,6 +21,11 @@ pub fn dedup_key(source: &str, message_id: &str) -> u128 {
     hasher.update((source.len() as u32).to_le_bytes());
     hasher.update(source.as_bytes());
     hasher.update(message_id.as_bytes());
+    first_128(hasher)
+}
+
+/// The first 128 bits of a SHA-256 digest, big-endian: a stable, uniformly random key.
+pub(super) fn first_128(hasher: Sha256) -> u128 {
     let digest = hasher.finalize();
     let mut first = [0u8; 16];
     first.copy_from_slice(&digest[..16]);

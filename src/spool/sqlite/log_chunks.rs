@@ -20,6 +20,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
+use super::keys::first_128;
 use crate::spool::dedup::run::Bloom;
 
 /// Rows per chunk: a lookup reads at most this many rows per chunk its filter admits.
@@ -63,10 +64,7 @@ pub(super) fn key(source: &str, field: Field, value: &str) -> u128 {
     hasher.update((source.len() as u32).to_le_bytes());
     hasher.update(source.as_bytes());
     hasher.update(value.as_bytes());
-    let digest = hasher.finalize();
-    let mut first = [0u8; 16];
-    first.copy_from_slice(&digest[..16]);
-    u128::from_be_bytes(first)
+    first_128(hasher)
 }
 
 /// The keys of one row.
