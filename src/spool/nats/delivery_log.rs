@@ -587,3 +587,23 @@ impl Spool for LoggingSpool {
         self.queue.close().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_admits_up_to_its_bound_and_counts_what_it_drops() {
+        let writes = LogWrites::new();
+        assert!(writes.admit(MAX_LOG_BACKLOG - 10));
+        assert!(writes.admit(10), "exactly the bound is admitted");
+        assert!(!writes.admit(1), "one more is dropped");
+        assert_eq!(writes.backlog.load(Ordering::Acquire), MAX_LOG_BACKLOG);
+        // The first drop is warned about at once (the count reset), the next within 10 s
+        // only counted.
+        assert!(!writes.admit(5));
+        assert_eq!(writes.dropped.load(Ordering::Acquire), 5);
+        writes.backlog.fetch_sub(100, Ordering::AcqRel);
+        assert!(writes.admit(100), "room again once writes finished");
+    }
+}
