@@ -747,3 +747,6 @@ mod delivery_log {
         log_conformance::stays_within_its_byte_budget(b.queue, log, 64 * 1024).await;
     }
 }
+
+#[path = "nats/backlog.rs"]
+mod backlog;

@@ -14,12 +14,19 @@
 //!   settle succeeded, in the background, so the log never delays or fails ingest or
 //!   delivery. A failed log write is logged (debug) and counted nowhere else: the log is a
 //!   view, never the truth about an event.
+//! - The log's writes never take what the queue needs: they go through their own JetStream
+//!   context (its own bound on unacknowledged publishes), so the queue's appends, the
+//!   partition owners' dedup journal and the buckets never wait behind them. A write takes
+//!   all its permits ([`LOG_IN_FLIGHT`]) at once before it publishes, so writes never hold
+//!   some while waiting for more (no deadlock among them); at most [`MAX_LOG_BACKLOG`]
+//!   records wait for permits, more are dropped (warned about, at most every 10 s).
 //! - A repeated append of the same event writes its accepted record once (`Nats-Msg-Id`
 //!   within the stream's duplicate window).
 //! - State: the log knows queued, retrying (until a time) and the outcomes; it does not see
 //!   leases.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +48,13 @@ use crate::spool::{
 
 /// Records a lookup reads per subject at most.
 const MAX_RECORDS: usize = 1000;
+/// Log records published and not yet acknowledged, at most.
+pub const LOG_IN_FLIGHT: usize = 4096;
+/// Log records waiting to be published, at most: past it the log drops records (it is a
+/// view; ingest and delivery never wait for it).
+pub const MAX_LOG_BACKLOG: usize = 200_000;
+/// How often, at most, dropped log records are warned about.
+const DROP_WARN_EVERY_MS: i64 = 10_000;
 
 /// One record of an event (every field optional: records are folded in order).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -71,10 +85,62 @@ fn hash(value: &str) -> String {
 
 /// The log's stream and where its records go.
 pub struct NatsDeliveryLog {
+    /// The log's own context: its unacknowledged publishes are bounded apart from the
+    /// queue's.
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
     runtime: tokio::runtime::Handle,
+    writes: Arc<LogWrites>,
+}
+
+/// The bounds on the log's background writes.
+struct LogWrites {
+    /// [`LOG_IN_FLIGHT`] permits, one per unacknowledged record.
+    permits: tokio::sync::Semaphore,
+    /// Records waiting for permits or in flight.
+    backlog: AtomicUsize,
+    /// Records dropped since the last warning, and when that was.
+    dropped: AtomicUsize,
+    warned_at_ms: AtomicI64,
+}
+
+impl LogWrites {
+    fn new() -> LogWrites {
+        LogWrites {
+            permits: tokio::sync::Semaphore::new(LOG_IN_FLIGHT),
+            backlog: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+            warned_at_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// Counts `n` records into the backlog, or false (and counts them dropped) when that
+    /// would pass [`MAX_LOG_BACKLOG`].
+    fn admit(&self, n: usize) -> bool {
+        let before = self.backlog.fetch_add(n, Ordering::AcqRel);
+        if before + n <= MAX_LOG_BACKLOG {
+            return true;
+        }
+        self.backlog.fetch_sub(n, Ordering::AcqRel);
+        let dropped = self.dropped.fetch_add(n, Ordering::AcqRel) + n;
+        let now = super::now_ms();
+        let last = self.warned_at_ms.load(Ordering::Acquire);
+        if now - last >= DROP_WARN_EVERY_MS
+            && self
+                .warned_at_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.dropped.fetch_sub(dropped, Ordering::AcqRel);
+            tracing::warn!(
+                dropped,
+                backlog = before,
+                "the delivery log is behind; records dropped (the events themselves are queued)"
+            );
+        }
+        false
+    }
 }
 
 impl NatsSpool {
@@ -104,11 +170,19 @@ impl NatsSpool {
             .get_stream(format!("{}_LOG", inner.options.stream))
             .await
             .map_err(|e| storage("cannot open the delivery log stream", e))?;
+        // Twice the log's own bound: publishes whose acks were given up on still hold a
+        // permit in the client until their ack wait ends.
+        let own = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .ack_timeout(inner.options.publish_timeout)
+            .max_ack_inflight(2 * LOG_IN_FLIGHT)
+            .build(inner.client.clone());
         Ok(NatsDeliveryLog {
-            js: inner.js.clone(),
+            js: own,
             stream: opened,
             prefix: inner.options.subject_prefix.clone(),
             runtime: tokio::runtime::Handle::current(),
+            writes: Arc::new(LogWrites::new()),
         })
     }
 }
@@ -124,29 +198,25 @@ impl NatsDeliveryLog {
         format!("{}.log.{source}.{kind}.{}", self.prefix, hash(value))
     }
 
-    /// Publishes records in the background; the log never holds up the caller.
+    /// Publishes records in the background; the log never holds up the caller. Each window
+    /// of at most [`LOG_IN_FLIGHT`] records takes its permits at once, then publishes and
+    /// awaits its acks.
     fn publish(&self, records: Vec<(String, Option<String>, Vec<u8>)>) {
-        if records.is_empty() {
+        let total = records.len();
+        if total == 0 || !self.writes.admit(total) {
             return;
         }
-        let js = self.js.clone();
+        let (js, writes) = (self.js.clone(), self.writes.clone());
         self.runtime.spawn(async move {
-            let mut acks = Vec::with_capacity(records.len());
-            for (subject, msg_id, body) in records {
-                let mut headers = HeaderMap::new();
-                if let Some(id) = msg_id {
-                    headers.insert("Nats-Msg-Id", id.as_str());
-                }
-                match js.publish_with_headers(subject, headers, body.into()).await {
-                    Ok(ack) => acks.push(ack),
-                    Err(e) => tracing::debug!(error = %e, "writing the delivery log failed"),
-                }
+            let mut records = records.into_iter().peekable();
+            while records.peek().is_some() {
+                let window: Vec<_> = records.by_ref().take(LOG_IN_FLIGHT).collect();
+                let Ok(_permits) = writes.permits.acquire_many(window.len() as u32).await else {
+                    break;
+                };
+                write_window(&js, window).await;
             }
-            for ack in acks {
-                if let Err(e) = ack.await {
-                    tracing::debug!(error = %e, "writing the delivery log failed");
-                }
-            }
+            writes.backlog.fetch_sub(total, Ordering::AcqRel);
         });
     }
 
@@ -424,6 +494,27 @@ impl DeliveryLog for NatsDeliveryLog {
     }
 }
 
+/// Publishes the records of one window, then awaits their acks (failures logged at debug:
+/// the log is a view).
+async fn write_window(js: &jetstream::Context, window: Vec<(String, Option<String>, Vec<u8>)>) {
+    let mut acks = Vec::with_capacity(window.len());
+    for (subject, msg_id, body) in window {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        match js.publish_with_headers(subject, headers, body.into()).await {
+            Ok(ack) => acks.push(ack),
+            Err(e) => tracing::debug!(error = %e, "writing the delivery log failed"),
+        }
+    }
+    for ack in acks {
+        if let Err(e) = ack.await {
+            tracing::debug!(error = %e, "writing the delivery log failed");
+        }
+    }
+}
+
 /// The JetStream queue with its delivery log: the queue's answers unchanged, the log
 /// written behind them (see the module header).
 pub struct LoggingSpool {
@@ -494,5 +585,25 @@ impl Spool for LoggingSpool {
 
     async fn close(&self) {
         self.queue.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_admits_up_to_its_bound_and_counts_what_it_drops() {
+        let writes = LogWrites::new();
+        assert!(writes.admit(MAX_LOG_BACKLOG - 10));
+        assert!(writes.admit(10), "exactly the bound is admitted");
+        assert!(!writes.admit(1), "one more is dropped");
+        assert_eq!(writes.backlog.load(Ordering::Acquire), MAX_LOG_BACKLOG);
+        // The first drop is warned about at once (the count reset), the next within 10 s
+        // only counted.
+        assert!(!writes.admit(5));
+        assert_eq!(writes.dropped.load(Ordering::Acquire), 5);
+        writes.backlog.fetch_sub(100, Ordering::AcqRel);
+        assert!(writes.admit(100), "room again once writes finished");
     }
 }
