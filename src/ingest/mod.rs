@@ -363,7 +363,7 @@ async fn accept(
 }
 
 /// Counts the events refused one by one, and logs the first [`LOGGED_REFUSALS`] of them
-/// with their reason and first bytes (the operator's view of what was not accepted).
+/// with their reason (their first bytes at debug: payloads never reach info or above).
 fn report_refused(state: &IngestState, source: &SourceAuth, refused: &[segment::Refused]) {
     for (n, event) in refused.iter().enumerate() {
         let code = event.reason.code();
@@ -373,15 +373,16 @@ fn report_refused(state: &IngestState, source: &SourceAuth, refused: &[segment::
             .with_label_values(&[&*source.slug, code])
             .inc();
         if n < LOGGED_REFUSALS {
+            // The bytes are a payload: at debug only (the delivery log keeps them too).
             tracing::warn!(
                 source = %source.slug,
                 index = event.index,
                 code,
                 reason = %event.reason,
                 size = event.size,
-                raw = %event.raw,
                 "event refused at ingest; the rest of its batch is accepted"
             );
+            tracing::debug!(source = %source.slug, index = event.index, raw = %event.raw, "refused event's first bytes");
         }
     }
     if refused.len() > LOGGED_REFUSALS {
