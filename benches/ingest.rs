@@ -23,6 +23,11 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use refiner_gateway::config::{DeliverySettings, Secret, Settings, SourceSettings};
 use refiner_gateway::startup::Application;
 
+/// The allocator the gateway's binary runs with (`src/main.rs`), so the benchmark measures
+/// the gateway as shipped.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const WRITE_KEY: &str = "bench-write-key";
 
 struct Options {
@@ -110,6 +115,7 @@ async fn spawn_gateway_with(
             enabled: false,
             ..DeliverySettings::default()
         },
+        admin_token: Some(Secret::new(ADMIN)),
         ..Settings::default()
     };
     customize(&mut settings);
@@ -123,6 +129,7 @@ async fn spawn_gateway_with(
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+const ADMIN: &str = "bench-admin-token-0123456789";
 
 /// A uuid4-like id: real clients send random ids, which land at random places in the dedup
 /// index (sequential ids would flatter it).
@@ -463,12 +470,13 @@ fn main() {
     });
 }
 
-/// The two spool backends behind the same HTTP ingest: the SQLite gateway against a
-/// gateway on JetStream (one node, one `nats-server` on loopback this benchmark starts),
-/// with its default settings (JetStream's short duplicate window and the partition owners'
-/// dedup index) and with the optional dedup bucket on as well, batches, alternated twice so
-/// drift hits all alike. Printed: each run and the
-/// ratios JetStream / SQLite of the summed rates.
+/// The two spool backends behind the same HTTP ingest, each with the delivery log on (the
+/// default) and off: the SQLite gateways against gateways on JetStream (one node, one
+/// `nats-server` on loopback this benchmark starts) with their default settings (JetStream's
+/// short duplicate window and the partition owners' dedup index), and with the optional
+/// dedup bucket on as well; batches, alternated twice so drift hits all alike. Printed: each
+/// run, the ratios JetStream / SQLite of the summed rates (log on against log on, off
+/// against off), then the lookups' times on each gateway the log was on for.
 async fn backends(sqlite_url: &str, options: &Options) {
     use refiner_gateway::config::SpoolBackend;
     use refiner_gateway::spool::nats::testing::NatsServer;
@@ -477,13 +485,23 @@ async fn backends(sqlite_url: &str, options: &Options) {
         return;
     };
     let nats_dir = tempfile::tempdir().expect("temp dir");
-    let mut urls = vec![("sqlite", sqlite_url.to_owned())];
-    for (name, dedup_bucket, prefix) in [
-        ("jetstream (defaults)", "", "gw1"),
-        ("jetstream + dedup bucket", "gateway_dedup", "gw2"),
+    let no_log_dir = tempfile::tempdir().expect("temp dir");
+    let sqlite_no_log = spawn_gateway_with(no_log_dir.path(), |settings| {
+        settings.delivery_log.enabled = false;
+    })
+    .await;
+    let mut urls = vec![
+        ("sqlite", sqlite_url.to_owned()),
+        ("sqlite, no log", sqlite_no_log),
+    ];
+    for (name, dedup_bucket, log, prefix) in [
+        ("jetstream", "", true, "gw1"),
+        ("jetstream, no log", "", false, "gw2"),
+        ("jetstream + dedup bucket", "gateway_dedup", true, "gw3"),
     ] {
         let url = spawn_gateway_with(&nats_dir.path().join(prefix), |settings| {
             settings.spool.backend = SpoolBackend::Nats;
+            settings.delivery_log.enabled = log;
             settings.nats.url = server.url();
             settings.nats.dedup_bucket = dedup_bucket.into();
             settings.nats.stream = format!("{}_EVENTS", prefix.to_uppercase());
@@ -503,10 +521,14 @@ async fn backends(sqlite_url: &str, options: &Options) {
         let _ = drive(format!("{url}/v1/batch"), c, 1, size).await;
     }
     let mut sums = vec![0.0; urls.len()];
+    // The last event each gateway was sent (every connection's last request is answered
+    // before `drive` returns): found by its messageId.
+    let mut last_sent = vec![0; urls.len()];
     for round in 1..=2 {
         let mut line = format!("round {round}:");
         for (i, (name, url)) in urls.iter().enumerate() {
             let run = drive(format!("{url}/v1/batch"), c, s, size).await;
+            last_sent[i] = SEQUENCE.load(Ordering::Relaxed) - 1;
             sums[i] += run.events_per_sec();
             line += &format!(
                 " | {name} {:.0} ev/s (errors {})",
@@ -516,11 +538,60 @@ async fn backends(sqlite_url: &str, options: &Options) {
         }
         println!("{line}");
     }
-    for (i, (name, _)) in urls.iter().enumerate().skip(1) {
+    for (i, (name, _)) in urls.iter().enumerate().skip(2) {
+        let (baseline, base_name) = if name.contains("no log") {
+            (sums[1], urls[1].0)
+        } else {
+            (sums[0], urls[0].0)
+        };
         println!(
-            "batches of {}, {c} connections: {name} / sqlite = {:.2}",
+            "batches of {}, {c} connections: {name} / {base_name} = {:.2}",
             options.batch_size,
-            sums[i] / sums[0].max(1e-9)
+            sums[i] / baseline.max(1e-9)
         );
     }
+    println!(
+        "the delivery log's cost: sqlite {:.2}, jetstream {:.2} of the rate without it",
+        sums[0] / sums[1].max(1e-9),
+        sums[2] / sums[3].max(1e-9)
+    );
+    for (i, (name, url)) in urls.iter().enumerate() {
+        if !name.contains("no log") {
+            lookups(name, url, last_sent[i]).await;
+        }
+    }
+}
+
+/// Times the delivery log's lookups on a gateway the rounds filled: event `known` by
+/// `messageId`, the newest events of a user (every thousandth event is theirs), and an
+/// unknown user. Printed: each lookup's time and result count.
+async fn lookups(name: &str, url: &str, known: u64) {
+    let client = reqwest::Client::new();
+    let get = |query: String| {
+        let request = client
+            .get(format!("{url}/api/events/default?{query}"))
+            .bearer_auth(ADMIN);
+        async move {
+            let started = Instant::now();
+            let answer = request.send().await.expect("lookup");
+            let status = answer.status();
+            let body: serde_json::Value = answer.json().await.unwrap_or_default();
+            let found = body["results"].as_array().map_or(0, Vec::len);
+            (started.elapsed(), status, found)
+        }
+    };
+    let sent = SEQUENCE.load(Ordering::Relaxed);
+    let mut line = format!("lookups, {name} ({sent} events sent in all):");
+    for (what, query) in [
+        ("messageId", format!("message_id={}", message_id(known))),
+        ("user", "user_id=user-7".to_string()),
+        ("unknown user", "user_id=nobody".to_string()),
+    ] {
+        let (took, status, found) = get(query).await;
+        line += &format!(
+            " | {what}: {:.0} ms ({status}, {found} found)",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    println!("{line}");
 }

@@ -122,8 +122,9 @@ async fn two_nodes_count_one_source_and_the_counts_survive_a_restart() {
 const ADMIN: &str = "nats-admin-token";
 const WRITE_KEY: &str = "nats-write-key";
 
-/// Every route of the management API answers on this backend (none with 501), and usage
-/// and the metrics table count what was ingested over HTTP.
+/// Every route of the management API answers on this backend (none with 501), the event
+/// lookup too with the delivery log turned off, and usage and the metrics table count what
+/// was ingested over HTTP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
 async fn no_management_route_answers_501() {
@@ -151,6 +152,7 @@ async fn no_management_route_answers_501() {
     settings.spool.backend = SpoolBackend::Nats;
     settings.nats.url = server.url();
     settings.nats.partitions = 8;
+    settings.delivery_log.enabled = false;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let app = Application::build_with_listener(&settings, listener)
         .await
@@ -188,6 +190,12 @@ async fn no_management_route_answers_501() {
         ("DELETE", dead.to_owned(), None),
         ("GET", "/api/profile/default".to_owned(), None),
         ("GET", "/api/metrics/default/events".to_owned(), None),
+        (
+            "GET",
+            "/api/events/default?message_id=http-1".to_owned(),
+            None,
+        ),
+        ("GET", "/api/overview".to_owned(), None),
     ];
     for (method, path, body) in routes {
         let mut call = client
