@@ -14,6 +14,14 @@
 use super::*;
 use crate::segment::{EventType, UserKey};
 
+/// What a partition's pull loop does after a pull.
+enum Next {
+    /// Start a new pull.
+    PullAgain,
+    /// The partition was given up or the spool stopped.
+    Stop,
+}
+
 impl Inner {
     /// Pulls the partition's events into memory until stopped; survives missed heartbeats,
     /// reconnects and server restarts by starting a new pull (and, if the consumer is gone
@@ -67,64 +75,12 @@ impl Inner {
                     continue;
                 }
             };
-            loop {
-                if !self.wait_for_room(&mut stopped).await {
-                    return;
-                }
-                let gap = tokio::select! {
-                    next = messages.next() => match next {
-                        Some(Ok(message)) => {
-                            backoff = Duration::from_millis(100);
-                            cursor.idle_seen = None;
-                            let (batch, ended) = self.ready(message, &mut messages);
-                            let (batch, gap) = cut_at_gap(batch, &mut cursor.taken_upto);
-                            if !batch.is_empty()
-                                && !self
-                                    .receive_batch((partition, epoch), batch, index.as_mut(), &stopped)
-                                    .await
-                            {
-                                return;
-                            }
-                            if gap.is_none() && ended {
-                                break;
-                            }
-                            gap
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
-                            break;
-                        }
-                        None => break,
-                    },
-                    _ = stopped.changed() => return,
-                    _ = tokio::time::sleep(IDLE_CHECK) => {
-                        self.idle_gap(partition, &mut cursor).await
-                    }
-                    _ = tokio::time::sleep(self.fresh_left(partition)) => {
-                        if self.fresh_left(partition).is_zero() {
-                            // Not renewed in time: stop pulling before another node takes
-                            // the partition, or this pull would take its deliveries.
-                            break;
-                        }
-                        None
-                    }
-                };
-                if let Some((expected, got)) = gap {
-                    tracing::warn!(
-                        partition,
-                        expected,
-                        got,
-                        "deliveries of the partition's consumer went missing; replacing the consumer"
-                    );
-                    if !self
-                        .renew_cursor(partition, &mut cursor, &mut stopped)
-                        .await
-                    {
-                        return;
-                    }
-                    backoff = Duration::from_millis(100);
-                    break;
-                }
+            let pulled = (&mut cursor, &mut messages, index.as_mut());
+            if let Next::Stop = self
+                .take_pulled((partition, epoch), pulled, &mut stopped, &mut backoff)
+                .await
+            {
+                return;
             }
             if self.sleep_or_stop(backoff, &mut stopped).await {
                 return;
@@ -133,6 +89,79 @@ impl Inner {
             // leader being elected answers "no responders" for seconds).
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Takes in what one pull delivers, batch by batch, while there is room, until the pull
+    /// ends, fails, outlives this node's ownership or skips a delivery (the consumer is then
+    /// replaced): [`Next::PullAgain`] then, [`Next::Stop`] once the partition is given up.
+    async fn take_pulled(
+        &self,
+        (partition, epoch): (u32, u64),
+        (cursor, messages, mut index): (
+            &mut Cursor,
+            &mut consumer::pull::Stream,
+            Option<&mut dedup::PartitionIndex>,
+        ),
+        stopped: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> Next {
+        loop {
+            if !self.wait_for_room(stopped).await {
+                return Next::Stop;
+            }
+            let gap = tokio::select! {
+                next = messages.next() => match next {
+                    Some(Ok(message)) => {
+                        *backoff = Duration::from_millis(100);
+                        cursor.idle_seen = None;
+                        let (batch, ended) = self.ready(message, messages);
+                        let (batch, gap) = cut_at_gap(batch, &mut cursor.taken_upto);
+                        if !batch.is_empty()
+                            && !self
+                                .receive_batch((partition, epoch), batch, index.as_deref_mut(), stopped)
+                                .await
+                        {
+                            return Next::Stop;
+                        }
+                        if gap.is_none() && ended {
+                            break;
+                        }
+                        gap
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(partition, error = %e, "pulling from a partition failed; pulling again");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = stopped.changed() => return Next::Stop,
+                _ = tokio::time::sleep(IDLE_CHECK) => {
+                    self.idle_gap(partition, cursor).await
+                }
+                _ = tokio::time::sleep(self.fresh_left(partition)) => {
+                    if self.fresh_left(partition).is_zero() {
+                        // Not renewed in time: stop pulling before another node takes
+                        // the partition, or this pull would take its deliveries.
+                        break;
+                    }
+                    None
+                }
+            };
+            if let Some((expected, got)) = gap {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    got,
+                    "deliveries of the partition's consumer went missing; replacing the consumer"
+                );
+                if !self.renew_cursor(partition, cursor, stopped).await {
+                    return Next::Stop;
+                }
+                *backoff = Duration::from_millis(100);
+                break;
+            }
+        }
+        Next::PullAgain
     }
 
     /// The partition's dedup index, loaded from the stream (retried until it loads or the

@@ -324,6 +324,37 @@ impl QueueState {
         let mut replies = Vec::new();
         let mut touched: HashSet<HoldKey> = HashSet::new();
         let mut waiting: HashSet<HoldKey> = HashSet::new();
+        self.settle_removed(settlement, &mut touched, &mut replies);
+        self.settle_retries(settlement, now, &mut waiting, &mut replies);
+        for seq in &settlement.released {
+            if let Some(entry) = self.get(*seq) {
+                touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
+            }
+        }
+        if !waiting.is_empty() {
+            replies.extend(self.hold_back(&waiting, now));
+        }
+        if !settlement.keep_holds {
+            for key in touched.difference(&waiting) {
+                if let Some(hold) = self.holds.get_mut(key) {
+                    hold.lease_until = 0;
+                    if hold.is_idle() {
+                        self.holds.remove(key);
+                    }
+                }
+            }
+        }
+        replies
+    }
+
+    /// The settlement's acked, skipped and dead events leave the state: acked to JetStream
+    /// (or on arrival, when their consumer was replaced), their users `touched`.
+    fn settle_removed(
+        &mut self,
+        settlement: &Settlement,
+        touched: &mut HashSet<HoldKey>,
+        replies: &mut Vec<Reply>,
+    ) {
         let removed = settlement
             .acked
             .iter()
@@ -352,7 +383,18 @@ impl QueueState {
                 }
             }
         }
-        // Retried events count an attempt; postponed ones (delivery paused) do not.
+    }
+
+    /// The settlement's retried and postponed events are nakked with their delay, their
+    /// users held until then (`waiting`). Retried events count an attempt; postponed ones
+    /// (delivery paused) do not.
+    fn settle_retries(
+        &mut self,
+        settlement: &Settlement,
+        now: i64,
+        waiting: &mut HashSet<HoldKey>,
+        replies: &mut Vec<Reply>,
+    ) {
         let retries = settlement
             .retried
             .iter()
@@ -409,25 +451,6 @@ impl QueueState {
                 delay_ms: (retry_at_ms - now).max(1) as u64,
             });
         }
-        for seq in &settlement.released {
-            if let Some(entry) = self.get(*seq) {
-                touched.insert(hold_key(&entry.event.source, &entry.event.user_key));
-            }
-        }
-        if !waiting.is_empty() {
-            replies.extend(self.hold_back(&waiting, now));
-        }
-        if !settlement.keep_holds {
-            for key in touched.difference(&waiting) {
-                if let Some(hold) = self.holds.get_mut(key) {
-                    hold.lease_until = 0;
-                    if hold.is_idle() {
-                        self.holds.remove(key);
-                    }
-                }
-            }
-        }
-        replies
     }
 
     /// Sends the in-memory later events of users who wait for a retry back to JetStream
