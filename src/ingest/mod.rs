@@ -382,7 +382,12 @@ fn report_refused(state: &IngestState, source: &SourceAuth, refused: &[segment::
                 size = event.size,
                 "event refused at ingest; the rest of its batch is accepted"
             );
-            tracing::debug!(source = %source.slug, index = event.index, raw = %event.raw, "refused event's first bytes");
+            tracing::debug!(
+                source = %source.slug,
+                index = event.index,
+                raw = %event.raw,
+                "refused event's first bytes"
+            );
         }
     }
     if refused.len() > LOGGED_REFUSALS {
