@@ -29,6 +29,7 @@ use refiner_gateway::startup::Application;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const WRITE_KEY: &str = "bench-write-key";
+const ADMIN: &str = "bench-admin-token-0123456789";
 
 struct Options {
     /// Run only this scenario against only the gateway (`single` or `batch`), for profiling.
@@ -129,7 +130,6 @@ async fn spawn_gateway_with(
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-const ADMIN: &str = "bench-admin-token-0123456789";
 
 /// A uuid4-like id: real clients send random ids, which land at random places in the dedup
 /// index (sequential ids would flatter it).
@@ -490,9 +490,10 @@ async fn backends(sqlite_url: &str, options: &Options) {
         settings.delivery_log.enabled = false;
     })
     .await;
+    // (name, url, whether the delivery log is on)
     let mut urls = vec![
-        ("sqlite", sqlite_url.to_owned()),
-        ("sqlite, no log", sqlite_no_log),
+        ("sqlite", sqlite_url.to_owned(), true),
+        ("sqlite, no log", sqlite_no_log, false),
     ];
     for (name, dedup_bucket, log, prefix) in [
         ("jetstream", "", true, "gw1"),
@@ -513,11 +514,11 @@ async fn backends(sqlite_url: &str, options: &Options) {
             settings.nats.dedup_stream = format!("{}_DEDUP", prefix.to_uppercase());
         })
         .await;
-        urls.push((name, url));
+        urls.push((name, url, log));
     }
     let size = Some(options.batch_size);
     let (c, s) = (options.connections, options.seconds);
-    for (_, url) in &urls {
+    for (_, url, _) in &urls {
         let _ = drive(format!("{url}/v1/batch"), c, 1, size).await;
     }
     let mut sums = vec![0.0; urls.len()];
@@ -526,7 +527,7 @@ async fn backends(sqlite_url: &str, options: &Options) {
     let mut last_sent = vec![0; urls.len()];
     for round in 1..=2 {
         let mut line = format!("round {round}:");
-        for (i, (name, url)) in urls.iter().enumerate() {
+        for (i, (name, url, _)) in urls.iter().enumerate() {
             let run = drive(format!("{url}/v1/batch"), c, s, size).await;
             last_sent[i] = SEQUENCE.load(Ordering::Relaxed) - 1;
             sums[i] += run.events_per_sec();
@@ -538,12 +539,10 @@ async fn backends(sqlite_url: &str, options: &Options) {
         }
         println!("{line}");
     }
-    for (i, (name, _)) in urls.iter().enumerate().skip(2) {
-        let (baseline, base_name) = if name.contains("no log") {
-            (sums[1], urls[1].0)
-        } else {
-            (sums[0], urls[0].0)
-        };
+    for (i, (name, _, log)) in urls.iter().enumerate().skip(2) {
+        // The SQLite gateway with the same log setting.
+        let base = if *log { 0 } else { 1 };
+        let (baseline, base_name) = (sums[base], urls[base].0);
         println!(
             "batches of {}, {c} connections: {name} / {base_name} = {:.2}",
             options.batch_size,
@@ -555,8 +554,8 @@ async fn backends(sqlite_url: &str, options: &Options) {
         sums[0] / sums[1].max(1e-9),
         sums[2] / sums[3].max(1e-9)
     );
-    for (i, (name, url)) in urls.iter().enumerate() {
-        if !name.contains("no log") {
+    for (i, (name, url, log)) in urls.iter().enumerate() {
+        if *log {
             lookups(name, url, last_sent[i]).await;
         }
     }
