@@ -6,7 +6,10 @@
 //! Layout: every record of an event goes to `<prefix>.log.<source>.m.<h(messageId)>`
 //! (`h`: the first 32 hex digits of SHA-256): the record written when it is accepted (with
 //! its payload), then one per attempt and one for its outcome. Index records
-//! `<prefix>.log.<source>.u.<h(userId)>` and `….e.<h(email)>` name the message ids of a user.
+//! `<prefix>.log.<source>.u.<h(userId)>` and `….e.<h(email)>` name the message ids of a user,
+//! one per line: the index entries of every key are gathered for [`INDEX_FLUSH_EVERY`] (or
+//! until [`INDEX_FLUSH_IDS`] wait) and written as one record per key, so a user's events cost
+//! the server one index record per flush rather than one per event.
 //! A lookup reads a subject's records with a short-lived consumer and folds them.
 //!
 //! Invariants:
@@ -20,8 +23,15 @@
 //!   all its permits ([`LOG_IN_FLIGHT`]) at once before it publishes, so writes never hold
 //!   some while waiting for more (no deadlock among them); at most [`MAX_LOG_BACKLOG`]
 //!   records wait for permits, more are dropped (warned about, at most every 10 s).
-//! - A repeated append of the same event writes its accepted record once (`Nats-Msg-Id`
-//!   within the stream's duplicate window).
+//! - An append writes records only for the events the queue newly queued, not for those
+//!   it recognised as duplicates, so a repeated append within JetStream's duplicate window
+//!   writes no second accepted record; no record carries a `Nats-Msg-Id` (that would cost
+//!   the server a second duplicate window). A message id named twice by the index is found
+//!   once (lookups drop repeats).
+//! - Index entries wait in memory at most [`INDEX_FLUSH_EVERY`] (and are written at close):
+//!   a lookup by user may miss the newest events for that long, and a node that dies loses
+//!   the index entries of its last flush interval (their events are still found by
+//!   `messageId`).
 //! - State: the log knows queued, retrying (until a time) and the outcomes; it does not see
 //!   leases.
 
@@ -31,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -55,6 +64,10 @@ pub const LOG_IN_FLIGHT: usize = 4096;
 pub const MAX_LOG_BACKLOG: usize = 200_000;
 /// How often, at most, dropped log records are warned about.
 const DROP_WARN_EVERY_MS: i64 = 10_000;
+/// How long index entries are gathered before they are written, one record per key.
+pub const INDEX_FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Index entries waiting that make the gathering end early.
+pub const INDEX_FLUSH_IDS: usize = 16_384;
 
 /// One record of an event (every field optional: records are folded in order).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -92,7 +105,38 @@ pub struct NatsDeliveryLog {
     prefix: String,
     runtime: tokio::runtime::Handle,
     writes: Arc<LogWrites>,
+    /// Index entries gathered since the last flush.
+    index: Arc<Mutex<PendingIndex>>,
 }
+
+/// Index entries not written yet: each key's subject and the message ids it names, in
+/// the order they were accepted.
+#[derive(Default)]
+struct PendingIndex {
+    by_subject: HashMap<String, Vec<String>>,
+    ids: usize,
+}
+
+impl PendingIndex {
+    /// Adds an entry; true when enough wait to write them now.
+    fn add(&mut self, subject: String, message_id: String) -> bool {
+        self.by_subject.entry(subject).or_default().push(message_id);
+        self.ids += 1;
+        self.ids >= INDEX_FLUSH_IDS
+    }
+
+    /// The gathered entries as records (one per key: its ids, one per line), emptied.
+    fn take(&mut self) -> Vec<LogRecord> {
+        self.ids = 0;
+        std::mem::take(&mut self.by_subject)
+            .into_iter()
+            .map(|(subject, ids)| (subject, ids.join("\n").into_bytes()))
+            .collect()
+    }
+}
+
+/// A record to publish: its subject and its body.
+type LogRecord = (String, Vec<u8>);
 
 /// The bounds on the log's background writes.
 struct LogWrites {
@@ -177,13 +221,16 @@ impl NatsSpool {
             .ack_timeout(inner.options.publish_timeout)
             .max_ack_inflight(2 * LOG_IN_FLIGHT)
             .build(inner.client.clone());
-        Ok(NatsDeliveryLog {
+        let log = NatsDeliveryLog {
             js: own,
             stream: opened,
             prefix: inner.options.subject_prefix.clone(),
             runtime: tokio::runtime::Handle::current(),
             writes: Arc::new(LogWrites::new()),
-        })
+            index: Arc::default(),
+        };
+        log.flush_index_periodically();
+        Ok(log)
     }
 }
 
@@ -198,41 +245,66 @@ impl NatsDeliveryLog {
         format!("{}.log.{source}.{kind}.{}", self.prefix, hash(value))
     }
 
-    /// Publishes records in the background; the log never holds up the caller. Each window
-    /// of at most [`LOG_IN_FLIGHT`] records takes its permits at once, then publishes and
-    /// awaits its acks.
-    fn publish(&self, records: Vec<(String, Option<String>, Vec<u8>)>) {
-        let total = records.len();
-        if total == 0 || !self.writes.admit(total) {
-            return;
-        }
-        let (js, writes) = (self.js.clone(), self.writes.clone());
-        self.runtime.spawn(async move {
-            let mut records = records.into_iter().peekable();
-            while records.peek().is_some() {
-                let window: Vec<_> = records.by_ref().take(LOG_IN_FLIGHT).collect();
-                let Ok(_permits) = writes.permits.acquire_many(window.len() as u32).await else {
-                    break;
-                };
-                write_window(&js, window).await;
+    /// Publishes records in the background; the log never holds up the caller.
+    fn publish(&self, records: Vec<LogRecord>) {
+        publish_in_background(&self.runtime, &self.js, &self.writes, records);
+    }
+
+    /// Gathers index entries (each: `key` names the message id), written with the others
+    /// of their key at the next flush, at once when enough wait.
+    fn index_later(&self, source: &str, entries: impl IntoIterator<Item = (LogKey, String)>) {
+        let ready = match self.index.lock() {
+            Ok(mut index) => {
+                let mut full = false;
+                for (key, message_id) in entries {
+                    full |= index.add(self.subject(source, &key), message_id);
+                }
+                full.then(|| index.take())
             }
-            writes.backlog.fetch_sub(total, Ordering::AcqRel);
+            Err(_) => None,
+        };
+        if let Some(records) = ready {
+            self.publish(records);
+        }
+    }
+
+    /// Writes the gathered index entries every [`INDEX_FLUSH_EVERY`], until the log is
+    /// dropped.
+    fn flush_index_periodically(&self) {
+        let index = Arc::downgrade(&self.index);
+        let (runtime, js, writes) = (self.runtime.clone(), self.js.clone(), self.writes.clone());
+        self.runtime.spawn(async move {
+            let mut every = tokio::time::interval(INDEX_FLUSH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(index) = index.upgrade() else { break };
+                let records = index.lock().map(|mut i| i.take()).unwrap_or_default();
+                publish_in_background(&runtime, &js, &writes, records);
+            }
         });
     }
 
-    /// The records of an append, built before the request moves into the queue.
-    fn accepted(&self, request: &AppendRequest) -> Vec<(String, Option<String>, Vec<u8>)> {
-        let mut records = Vec::new();
-        for event in &request.events {
+    /// Writes the gathered index entries and waits for their acks (at close).
+    async fn flush_index(&self) {
+        let records = self.index.lock().map(|mut i| i.take()).unwrap_or_default();
+        for window in records.chunks(LOG_IN_FLIGHT) {
+            write_window(&self.js, window.to_vec()).await;
+        }
+    }
+
+    /// The records of an append, one per event in request order, and the index entries
+    /// with the position of their event; built before the request moves into the queue.
+    fn accepted(&self, request: &AppendRequest) -> (Vec<LogRecord>, Vec<(usize, LogKey)>) {
+        let mut records = Vec::with_capacity(request.events.len());
+        let mut index = Vec::new();
+        for (i, event) in request.events.iter().enumerate() {
             let facts = EventFacts::of(&event.payload);
-            let mid = LogKey::MessageId(event.message_id.clone());
-            let index: Vec<LogKey> = [
+            let keys = [
                 facts.user_id.clone().map(LogKey::UserId),
                 facts.email.clone().map(LogKey::Email),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
+            ];
+            index.extend(keys.into_iter().flatten().map(|key| (i, key)));
             let record = Record {
                 message_id: Some(event.message_id.clone()),
                 kind: Some(event.kind.as_str().to_string()),
@@ -241,24 +313,13 @@ impl NatsDeliveryLog {
                 state: Some(EventState::Queued),
                 ..Record::default()
             };
-            let id = format!("{}:{}", request.source, event.message_id);
-            for key in index {
-                let body = event.message_id.clone().into_bytes();
-                let kind = if matches!(key, LogKey::UserId(_)) {
-                    "u"
-                } else {
-                    "e"
-                };
-                records.push((
-                    self.subject(&request.source, &key),
-                    Some(format!("{id}:{kind}")),
-                    body,
-                ));
-            }
-            let body = serde_json::to_vec(&record).unwrap_or_default();
-            records.push((self.subject(&request.source, &mid), Some(id), body));
+            let mid = LogKey::MessageId(event.message_id.clone());
+            records.push((
+                self.subject(&request.source, &mid),
+                serde_json::to_vec(&record).unwrap_or_default(),
+            ));
         }
-        records
+        (records, index)
     }
 
     fn settled(&self, s: &Settlement, events: &HashMap<i64, (String, String)>) {
@@ -292,7 +353,7 @@ impl NatsDeliveryLog {
             .filter_map(|(seq, record)| {
                 let (source, message_id) = events.get(&seq)?;
                 let subject = self.subject(source, &LogKey::MessageId(message_id.clone()));
-                Some((subject, None, serde_json::to_vec(&record).ok()?))
+                Some((subject, serde_json::to_vec(&record).ok()?))
             })
             .collect();
         self.publish(records);
@@ -407,7 +468,7 @@ impl DeliveryLog for NatsDeliveryLog {
     async fn record_refused(&self, entries: Vec<RefusedEntry>) -> Result<(), SpoolError> {
         let records = entries
             .iter()
-            .flat_map(|e| {
+            .map(|e| {
                 let record = Record {
                     message_id: Some(e.message_id.clone()),
                     kind: Some(e.kind.clone()),
@@ -422,25 +483,19 @@ impl DeliveryLog for NatsDeliveryLog {
                     reason: Some(e.reason.clone()),
                     ..Record::default()
                 };
-                let mut out = vec![(
-                    self.subject(&e.source, &LogKey::MessageId(e.message_id.clone())),
-                    None,
-                    serde_json::to_vec(&record).unwrap_or_default(),
-                )];
-                for key in [
+                let keys = [
                     e.user_id.clone().map(LogKey::UserId),
                     e.email.clone().map(LogKey::Email),
-                ]
-                .into_iter()
-                .flatten()
-                {
-                    out.push((
-                        self.subject(&e.source, &key),
-                        None,
-                        e.message_id.clone().into_bytes(),
-                    ));
-                }
-                out
+                ];
+                let entries = keys
+                    .into_iter()
+                    .flatten()
+                    .map(|k| (k, e.message_id.clone()));
+                self.index_later(&e.source, entries);
+                (
+                    self.subject(&e.source, &LogKey::MessageId(e.message_id.clone())),
+                    serde_json::to_vec(&record).unwrap_or_default(),
+                )
             })
             .collect();
         self.publish(records);
@@ -454,8 +509,15 @@ impl DeliveryLog for NatsDeliveryLog {
             key => {
                 let bodies = self.read(self.subject(&query.source, key)).await?;
                 let mut ids: Vec<String> = Vec::new();
-                for body in bodies.iter().rev() {
-                    let id = String::from_utf8_lossy(body).into_owned();
+                // Newest first: the records from the last, each record's ids from its last.
+                let named = bodies.iter().rev().flat_map(|body| {
+                    String::from_utf8_lossy(body)
+                        .lines()
+                        .rev()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                });
+                for id in named {
                     if !ids.contains(&id) {
                         ids.push(id);
                     }
@@ -494,16 +556,39 @@ impl DeliveryLog for NatsDeliveryLog {
     }
 }
 
+/// Publishes records in the background. Each window of at most [`LOG_IN_FLIGHT`] records
+/// takes its permits at once, then publishes and awaits its acks; records past
+/// [`MAX_LOG_BACKLOG`] are dropped.
+fn publish_in_background(
+    runtime: &tokio::runtime::Handle,
+    js: &jetstream::Context,
+    writes: &Arc<LogWrites>,
+    records: Vec<LogRecord>,
+) {
+    let total = records.len();
+    if total == 0 || !writes.admit(total) {
+        return;
+    }
+    let (js, writes) = (js.clone(), writes.clone());
+    runtime.spawn(async move {
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let window: Vec<_> = records.by_ref().take(LOG_IN_FLIGHT).collect();
+            let Ok(_permits) = writes.permits.acquire_many(window.len() as u32).await else {
+                break;
+            };
+            write_window(&js, window).await;
+        }
+        writes.backlog.fetch_sub(total, Ordering::AcqRel);
+    });
+}
+
 /// Publishes the records of one window, then awaits their acks (failures logged at debug:
 /// the log is a view).
-async fn write_window(js: &jetstream::Context, window: Vec<(String, Option<String>, Vec<u8>)>) {
+async fn write_window(js: &jetstream::Context, window: Vec<LogRecord>) {
     let mut acks = Vec::with_capacity(window.len());
-    for (subject, msg_id, body) in window {
-        let mut headers = HeaderMap::new();
-        if let Some(id) = msg_id {
-            headers.insert("Nats-Msg-Id", id.as_str());
-        }
-        match js.publish_with_headers(subject, headers, body.into()).await {
+    for (subject, body) in window {
+        match js.publish(subject, body.into()).await {
             Ok(ack) => acks.push(ack),
             Err(e) => tracing::debug!(error = %e, "writing the delivery log failed"),
         }
@@ -518,7 +603,7 @@ async fn write_window(js: &jetstream::Context, window: Vec<(String, Option<Strin
 /// The JetStream queue with its delivery log: the queue's answers unchanged, the log
 /// written behind them (see the module header).
 pub struct LoggingSpool {
-    queue: Arc<dyn Spool>,
+    queue: Arc<NatsSpool>,
     log: Arc<NatsDeliveryLog>,
     /// `(source, messageId)` of leased events by seq, until their final outcome.
     leased: Mutex<HashMap<i64, (String, String)>>,
@@ -528,7 +613,7 @@ pub struct LoggingSpool {
 const MAX_REMEMBERED: usize = 1_000_000;
 
 impl LoggingSpool {
-    pub fn new(queue: Arc<dyn Spool>, log: Arc<NatsDeliveryLog>) -> LoggingSpool {
+    pub fn new(queue: Arc<NatsSpool>, log: Arc<NatsDeliveryLog>) -> LoggingSpool {
         LoggingSpool {
             queue,
             log,
@@ -540,9 +625,29 @@ impl LoggingSpool {
 #[async_trait]
 impl Spool for LoggingSpool {
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
-        let records = self.log.accepted(&request);
-        let report = self.queue.append(request).await?;
+        let (records, index) = self.log.accepted(&request);
+        let source = request.source.clone();
+        let message_ids: Vec<String> = request
+            .events
+            .iter()
+            .map(|e| e.message_id.clone())
+            .collect();
+        let (report, new) = self.queue.append_telling_new(request).await?;
+        let mut is_new = vec![false; records.len()];
+        for i in new {
+            is_new[i] = true;
+        }
+        let records = records
+            .into_iter()
+            .zip(&is_new)
+            .filter_map(|(record, new)| new.then_some(record))
+            .collect();
         self.log.publish(records);
+        let entries = index
+            .into_iter()
+            .filter(|(i, _)| is_new[*i])
+            .map(|(i, key)| (key, message_ids[i].clone()));
+        self.log.index_later(&source, entries);
         Ok(report)
     }
 
@@ -584,6 +689,7 @@ impl Spool for LoggingSpool {
     }
 
     async fn close(&self) {
+        self.log.flush_index().await;
         self.queue.close().await
     }
 }

@@ -450,6 +450,16 @@ impl NatsSpool {
         task.await.map_err(|_| SpoolError::Closed)?
     }
 
+    /// [`Spool::append`], also telling which events were newly queued: their indexes in the
+    /// request (the others were duplicates). The delivery log writes records for those only.
+    pub async fn append_telling_new(
+        &self,
+        request: AppendRequest,
+    ) -> Result<(AppendReport, Vec<usize>), SpoolError> {
+        self.run(|inner| async move { inner.append(request).await })
+            .await
+    }
+
     /// The name this node has in the ownership bucket.
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
@@ -475,8 +485,7 @@ impl Drop for NatsSpool {
 #[async_trait]
 impl Spool for NatsSpool {
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
-        self.run(|inner| async move { inner.append(request).await })
-            .await
+        Ok(self.append_telling_new(request).await?.0)
     }
 
     async fn lease(&self, max: usize, lease_ms: i64) -> Result<Vec<Leased>, SpoolError> {

@@ -5,13 +5,18 @@
 use super::*;
 
 impl Inner {
-    pub(super) async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
+    /// Appends the request's events: the report, and the indexes (in the request) of the
+    /// events newly queued (not duplicates).
+    pub(super) async fn append(
+        &self,
+        request: AppendRequest,
+    ) -> Result<(AppendReport, Vec<usize>), SpoolError> {
         let _gate = self.gate.read().await;
         if self.closed.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
         if request.events.is_empty() {
-            return Ok(AppendReport::default());
+            return Ok((AppendReport::default(), Vec::new()));
         }
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(SpoolError::Storage("not connected to NATS".into()));
@@ -52,7 +57,7 @@ impl Inner {
             "duplicates",
             duplicates,
         );
-        Ok(report)
+        Ok((report, appended.iter().map(|(i, _, _)| *i).collect()))
     }
 
     /// Which of the ids were accepted before (within the window, across server restarts),
