@@ -37,6 +37,10 @@ struct Options {
     seconds: u64,
     connections: usize,
     batch_size: usize,
+    /// `--pin`: this process (load generator and gateways) on CPU 0, `nats-server` on CPU 1,
+    /// so a gateway node has the same one core on either backend and the server a core of
+    /// its own, as on separate machines.
+    pin: bool,
 }
 
 fn options() -> Options {
@@ -45,10 +49,16 @@ fn options() -> Options {
         seconds: 10,
         connections: 64,
         batch_size: 100,
+        pin: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
+        if args[i] == "--pin" {
+            options.pin = true;
+            i += 1;
+            continue;
+        }
         if args[i] == "--only" {
             options.only = args.get(i + 1).cloned();
             i += 2;
@@ -372,6 +382,10 @@ async fn spool_ceiling(seconds: u64, batch: usize) {
 
 fn main() {
     let options = options();
+    if options.pin {
+        // Before any thread starts: every thread of this process inherits the mask.
+        pin(std::process::id(), "0");
+    }
     // RUST_LOG=warn shows why the gateways refused requests.
     if let Ok(filter) = std::env::var("RUST_LOG") {
         tracing_subscriber::fmt().with_env_filter(filter).init();
@@ -484,6 +498,10 @@ async fn backends(sqlite_url: &str, options: &Options) {
         println!("backends: no nats-server (set NATS_SERVER_BIN)");
         return;
     };
+    if options.pin {
+        pin(server.pid().expect("the server's pid"), "1");
+        println!("pinned: this process on CPU 0, nats-server on CPU 1");
+    }
     let nats_dir = tempfile::tempdir().expect("temp dir");
     let no_log_dir = tempfile::tempdir().expect("temp dir");
     let sqlite_no_log = spawn_gateway_with(no_log_dir.path(), |settings| {
@@ -522,19 +540,30 @@ async fn backends(sqlite_url: &str, options: &Options) {
         let _ = drive(format!("{url}/v1/batch"), c, 1, size).await;
     }
     let mut sums = vec![0.0; urls.len()];
+    // nats-server's CPU seconds, the events accepted and the seconds of the runs and their
+    // drains, per gateway, over the rounds.
+    let mut server_cpu = vec![(0.0, 0.0, 0.0); urls.len()];
     // The last event each gateway was sent (every connection's last request is answered
     // before `drive` returns): found by its messageId.
     let mut last_sent = vec![0; urls.len()];
     for round in 1..=2 {
         let mut line = format!("round {round}:");
         for (i, (name, url, _)) in urls.iter().enumerate() {
+            let cpu_before = server.pid().map_or(0.0, cpu_seconds);
             let run = drive(format!("{url}/v1/batch"), c, s, size).await;
             last_sent[i] = SEQUENCE.load(Ordering::Relaxed) - 1;
             sums[i] += run.events_per_sec();
+            // What the gateway left the server to do (its delivery log's backlog) is done
+            // before the next run, and counted as this gateway's.
+            let drained = drain(server.pid()).await;
+            server_cpu[i].0 += server.pid().map_or(0.0, cpu_seconds) - cpu_before;
+            server_cpu[i].1 += run.events as f64;
+            server_cpu[i].2 += s as f64 + drained.as_secs_f64();
             line += &format!(
-                " | {name} {:.0} ev/s (errors {})",
+                " | {name} {:.0} ev/s (errors {}, server busy {:.1} s after)",
                 run.events_per_sec(),
-                run.errors
+                run.errors,
+                drained.as_secs_f64()
             );
         }
         println!("{line}");
@@ -549,6 +578,14 @@ async fn backends(sqlite_url: &str, options: &Options) {
             sums[i] / baseline.max(1e-9)
         );
     }
+    for (i, (name, _, _)) in urls.iter().enumerate().skip(2) {
+        let (cpu, events, seconds) = server_cpu[i];
+        println!(
+            "nats-server CPU, {name}: {:.1} µs per accepted event ({:.0} % of a core over the runs and drains)",
+            cpu / events.max(1.0) * 1e6,
+            cpu / seconds.max(1e-9) * 100.0
+        );
+    }
     println!(
         "the delivery log's cost: sqlite {:.2}, jetstream {:.2} of the rate without it",
         sums[0] / sums[1].max(1e-9),
@@ -559,6 +596,60 @@ async fn backends(sqlite_url: &str, options: &Options) {
             lookups(name, url, last_sent[i]).await;
         }
     }
+}
+
+/// Pins process `pid` (every thread of it) to `cpus` with `taskset`; panics when that
+/// fails (`--pin` asked for it).
+fn pin(pid: u32, cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("--pin needs taskset (util-linux)");
+    assert!(
+        status.success(),
+        "taskset could not pin {pid} to CPU {cpus}"
+    );
+}
+
+/// Waits until `nats-server` is idle (under 5 % of a core over 250 ms; at most 60 s):
+/// how long it stayed busy.
+async fn drain(pid: Option<u32>) -> Duration {
+    let Some(pid) = pid else {
+        return Duration::ZERO;
+    };
+    let started = Instant::now();
+    let mut before = cpu_seconds(pid);
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = cpu_seconds(pid);
+        if now - before < 0.0125 {
+            break;
+        }
+        before = now;
+    }
+    started.elapsed()
+}
+
+/// The CPU time (user and system) process `pid` has used so far, in seconds (0 when
+/// unknown).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11..13]
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    // Linux reports these in clock ticks of 1/100 s (USER_HZ).
+    ticks / 100.0
 }
 
 /// Times the delivery log's lookups on a gateway the rounds filled: event `known` by
