@@ -236,9 +236,14 @@ impl Fleet {
             .sum()
     }
 
-    /// Stops the clients, waits (at most `drain_limit`) until every event answered 200
-    /// reached the simulator, and reports the standard figures and checks.
+    /// Stops the clients, waits (at most `drain_limit`, or `RELIABILITY_DRAIN_SECS` when
+    /// set) until every event answered 200 reached the simulator, and reports the standard
+    /// figures and checks.
     pub async fn settle(mut self, report: &mut Report, drain_limit: Duration) {
+        let drain_limit = std::env::var("RELIABILITY_DRAIN_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(drain_limit, Duration::from_secs);
         let mut shared = Vec::new();
         for load in std::mem::take(&mut self.loads) {
             shared.push(load.stop().await);
