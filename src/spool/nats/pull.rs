@@ -105,6 +105,9 @@ impl Inner {
         stopped: &mut watch::Receiver<bool>,
         backoff: &mut Duration,
     ) -> Next {
+        // The idle check's own deadline: the other branches' wake-ups (the ownership's
+        // freshness, renewed more often than the check) must not put it off forever.
+        let mut idle_at = tokio::time::Instant::now() + IDLE_CHECK;
         loop {
             if !self.wait_for_room(stopped).await {
                 return Next::Stop;
@@ -114,6 +117,7 @@ impl Inner {
                     Some(Ok(message)) => {
                         *backoff = Duration::from_millis(100);
                         cursor.idle_seen = None;
+                        idle_at = tokio::time::Instant::now() + IDLE_CHECK;
                         let (batch, ended) = self.ready(message, messages);
                         let (batch, gap) = cut_at_gap(batch, &mut cursor.taken_upto);
                         if !batch.is_empty()
@@ -135,7 +139,8 @@ impl Inner {
                     None => break,
                 },
                 _ = stopped.changed() => return Next::Stop,
-                _ = tokio::time::sleep(IDLE_CHECK) => {
+                _ = tokio::time::sleep_until(idle_at) => {
+                    idle_at = tokio::time::Instant::now() + IDLE_CHECK;
                     self.idle_gap(partition, cursor).await
                 }
                 _ = tokio::time::sleep(self.fresh_left(partition)) => {
