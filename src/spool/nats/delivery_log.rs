@@ -10,7 +10,8 @@
 //! one per line: the index entries of every key are gathered for [`INDEX_FLUSH_EVERY`] (or
 //! until [`INDEX_FLUSH_IDS`] wait) and written as one record per key, so a user's events cost
 //! the server one index record per flush rather than one per event.
-//! A lookup reads a subject's records with a short-lived consumer and folds them.
+//! A lookup reads a user's or an email's index records with a short-lived consumer, then
+//! each event's records with direct gets (no consumer), and folds them.
 //!
 //! Invariants:
 //! - [`LoggingSpool`] wraps the queue: it writes the log after the queue's own append or
@@ -202,6 +203,8 @@ impl NatsSpool {
             max_age: options.max_age,
             max_bytes: options.max_bytes.min(i64::MAX as u64) as i64,
             duplicate_window: Duration::from_secs(120),
+            // Lookups read an event's records with direct gets.
+            allow_direct: true,
             storage: stream::StorageType::File,
             num_replicas: inner.options.replicas,
             ..Default::default()
@@ -357,6 +360,41 @@ impl NatsDeliveryLog {
             })
             .collect();
         self.publish(records);
+    }
+
+    /// The records of one event (`subject`: its `messageId`'s), in order: read one by one
+    /// with direct gets, which need no consumer (an event has a few records: accepted,
+    /// attempts, outcome). Falls back to [`Self::read`] when the stream answers direct
+    /// gets with anything but "not found" (a log stream created without them).
+    async fn read_event(&self, subject: String) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let stream = self.stream.clone();
+        let by_subject = subject.clone();
+        let task = self.runtime.spawn(async move {
+            let mut bodies = Vec::new();
+            let mut next = 1;
+            while bodies.len() < MAX_RECORDS {
+                match stream
+                    .direct_get_next_for_subject(by_subject.as_str(), Some(next))
+                    .await
+                {
+                    Ok(message) => {
+                        next = message.sequence + 1;
+                        bodies.push(message.payload.to_vec());
+                    }
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(bodies)
+        });
+        match task.await {
+            Ok(Ok(bodies)) => Ok(bodies),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "direct gets on the delivery log failed; reading with a consumer");
+                self.read(subject).await
+            }
+            Err(e) => Err(storage("the delivery log read failed", e)),
+        }
     }
 
     /// Every record on `subject`, in order (at most [`MAX_RECORDS`], the newest).
@@ -531,7 +569,7 @@ impl DeliveryLog for NatsDeliveryLog {
         let mut found = Vec::new();
         for id in ids {
             let bodies = self
-                .read(self.subject(&query.source, &LogKey::MessageId(id)))
+                .read_event(self.subject(&query.source, &LogKey::MessageId(id)))
                 .await?;
             found.extend(Self::fold(&query.source, &bodies));
         }
