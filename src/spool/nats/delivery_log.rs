@@ -370,21 +370,36 @@ impl NatsDeliveryLog {
         let stream = self.stream.clone();
         let by_subject = subject.clone();
         let task = self.runtime.spawn(async move {
+            let not_found =
+                |e: &stream::DirectGetError| e.kind() == stream::DirectGetErrorKind::NotFound;
+            // The last record first: the reads after it stop there, where looking for a
+            // next one that does not exist would make the server search the rest of the
+            // stream.
+            let last = match stream
+                .direct_get_last_for_subject(by_subject.as_str())
+                .await
+            {
+                Ok(last) => last,
+                Err(e) if not_found(&e) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
             let mut bodies = Vec::new();
             let mut next = 1;
-            while bodies.len() < MAX_RECORDS {
+            while next < last.sequence && bodies.len() < MAX_RECORDS {
                 match stream
                     .direct_get_next_for_subject(by_subject.as_str(), Some(next))
                     .await
                 {
-                    Ok(message) => {
+                    Ok(message) if message.sequence < last.sequence => {
                         next = message.sequence + 1;
                         bodies.push(message.payload.to_vec());
                     }
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+                    Ok(_) => break,
+                    Err(e) if not_found(&e) => break,
                     Err(e) => return Err(e),
                 }
             }
+            bodies.push(last.payload.to_vec());
             Ok(bodies)
         });
         match task.await {
