@@ -35,6 +35,7 @@
 //!   partition on the heap; runs cost their mapped filter and fence (about 1.3 bytes per id).
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -285,7 +286,9 @@ impl DedupStore {
     ) -> Result<Run, SpoolError> {
         let subject = self.subject(index.partition, &format!("run.{}", reference.id));
         let path = index.dir.join(run::file_name(reference.id));
-        let mut bytes = Vec::new();
+        let failed = |e: std::io::Error| storage("cannot write a dedup run", e);
+        // Chunk by chunk into the file: a run of any size takes one chunk of memory.
+        let mut file = std::fs::File::create(&path).map_err(failed)?;
         let (mut at, mut chunks) = (0u64, 0u32);
         while chunks < reference.chunks {
             let Some((seq, chunk)) = self.next(&subject, at).await? else {
@@ -294,11 +297,11 @@ impl DedupStore {
                     reference.id, index.partition
                 )));
             };
-            bytes.extend_from_slice(&chunk);
+            file.write_all(&chunk).map_err(failed)?;
             at = seq;
             chunks += 1;
         }
-        std::fs::write(&path, &bytes).map_err(|e| storage("cannot write a dedup run", e))?;
+        drop(file);
         let run =
             Run::open(&path, reference.id).map_err(|e| storage("a dedup run is invalid", e))?;
         if run.info.count != reference.count {
@@ -514,14 +517,23 @@ impl DedupStore {
         Ok(())
     }
 
-    /// Publishes a run file's chunks; the number of chunks.
+    /// Publishes a run file's chunks, read one at a time (a run of any size takes one chunk
+    /// of memory); the number of chunks.
     async fn upload(&self, index: &PartitionIndex, id: i64) -> Result<u32, SpoolError> {
-        let bytes = std::fs::read(index.dir.join(run::file_name(id)))
-            .map_err(|e| storage("cannot read a dedup run", e))?;
+        let failed = |e: std::io::Error| storage("cannot read a dedup run", e);
+        let mut file = std::fs::File::open(index.dir.join(run::file_name(id))).map_err(failed)?;
         let subject = self.subject(index.partition, &format!("run.{id}"));
         let mut chunks = 0u32;
-        for chunk in bytes.chunks(CHUNK) {
-            self.publish(&subject, chunk.to_vec(), None).await?;
+        loop {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            (&mut file)
+                .take(CHUNK as u64)
+                .read_to_end(&mut chunk)
+                .map_err(failed)?;
+            if chunk.is_empty() {
+                break;
+            }
+            self.publish(&subject, chunk, None).await?;
             chunks += 1;
         }
         Ok(chunks)
