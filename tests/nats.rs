@@ -328,6 +328,26 @@ fn short_window(server: &NatsServer, dir: &tempfile::TempDir) -> NatsSpoolOption
     options
 }
 
+/// Closes `spool`, restarts the server, opens the spool again and appends `events` (the
+/// repeats a dedup test expects to be dropped): the reopened spool.
+async fn reopen_after_restart(
+    spool: Arc<dyn Spool>,
+    server: &mut NatsServer,
+    options: NatsSpoolOptions,
+    events: Vec<refiner_gateway::segment::Event>,
+) -> Arc<dyn Spool> {
+    use refiner_gateway::spool::conformance::{request, SOURCE};
+    spool.close().await;
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let spool: Arc<dyn Spool> = open_with(options).await;
+    spool
+        .append(request(SOURCE, 2_000, events))
+        .await
+        .expect("append after restart");
+    spool
+}
+
 /// Leases until an event with message id `last` arrives, acking everything; the message
 /// ids leased, in order.
 async fn lease_until(spool: &Arc<dyn Spool>, last: &str) -> Vec<String> {
@@ -414,18 +434,8 @@ async fn dedup_survives_a_server_restart_with(flush: Duration) {
         .expect("append");
     let leased = lease_until(&spool, "m2").await;
     assert!(leased.contains(&"m1".to_string()), "{leased:?}");
-    spool.close().await;
-    server.restart();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let spool: Arc<dyn Spool> = open_with(options).await;
-    spool
-        .append(request(
-            SOURCE,
-            2_000,
-            vec![event("m1", "1"), event("m2", "2"), event("m3", "1")],
-        ))
-        .await
-        .expect("append after restart");
+    let events = vec![event("m1", "1"), event("m2", "2"), event("m3", "1")];
+    let spool = reopen_after_restart(spool, &mut server, options, events).await;
     assert_eq!(
         lease_until(&spool, "m3").await,
         ["m3"],
@@ -472,18 +482,8 @@ async fn a_run_of_many_chunks_survives_a_server_restart() {
             .await
             .expect("ack");
     }
-    spool.close().await;
-    server.restart();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let spool: Arc<dyn Spool> = open_with(options).await;
-    spool
-        .append(request(
-            SOURCE,
-            2_000,
-            vec![event("m0", "u0"), event("m50000", "u0"), event("new", "u0")],
-        ))
-        .await
-        .expect("append after restart");
+    let events = vec![event("m0", "u0"), event("m50000", "u0"), event("new", "u0")];
+    let spool = reopen_after_restart(spool, &mut server, options, events).await;
     // Acks still on their way at close come back as the same events (at least once);
     // the repeats, appended anew, are dropped.
     let leased = lease_until(&spool, "new").await;

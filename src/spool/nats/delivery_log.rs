@@ -297,8 +297,9 @@ impl NatsDeliveryLog {
     }
 
     /// The records of an append, one per event in request order, and the index entries
-    /// with the position of their event; built before the request moves into the queue.
-    fn accepted(&self, request: &AppendRequest) -> (Vec<LogRecord>, Vec<(usize, LogKey)>) {
+    /// (the position of their event, the key, the message id it names); built before the
+    /// request moves into the queue.
+    fn accepted(&self, request: &AppendRequest) -> (Vec<LogRecord>, Vec<(usize, LogKey, String)>) {
         let mut records = Vec::with_capacity(request.events.len());
         let mut index = Vec::new();
         for (i, event) in request.events.iter().enumerate() {
@@ -307,7 +308,8 @@ impl NatsDeliveryLog {
                 facts.user_id.clone().map(LogKey::UserId),
                 facts.email.clone().map(LogKey::Email),
             ];
-            index.extend(keys.into_iter().flatten().map(|key| (i, key)));
+            let named = keys.into_iter().flatten();
+            index.extend(named.map(|key| (i, key, event.message_id.clone())));
             let record = Record {
                 message_id: Some(event.message_id.clone()),
                 kind: Some(event.kind.as_str().to_string()),
@@ -680,11 +682,6 @@ impl Spool for LoggingSpool {
     async fn append(&self, request: AppendRequest) -> Result<AppendReport, SpoolError> {
         let (records, index) = self.log.accepted(&request);
         let source = request.source.clone();
-        let message_ids: Vec<String> = request
-            .events
-            .iter()
-            .map(|e| e.message_id.clone())
-            .collect();
         let (report, new) = self.queue.append_telling_new(request).await?;
         let mut is_new = vec![false; records.len()];
         for i in new {
@@ -698,8 +695,8 @@ impl Spool for LoggingSpool {
         self.log.publish(records);
         let entries = index
             .into_iter()
-            .filter(|(i, _)| is_new[*i])
-            .map(|(i, key)| (key, message_ids[i].clone()));
+            .filter(|(i, _, _)| is_new[*i])
+            .map(|(_, key, message_id)| (key, message_id));
         self.log.index_later(&source, entries);
         Ok(report)
     }
