@@ -1,9 +1,13 @@
 //! Delivery under the workloads that hurt, each against a baseline measured in the same run.
 //!
-//! `cargo bench --bench delivery_hostile [-- --only outage|held|hot|rates] [--held N]`
+//! `cargo bench --bench delivery_hostile [-- --only outage|held|hot|rates|refusals]
+//! [--held N] [--spool nats]`
 //!
 //! The gateway and the Refiner stand-in (`refiner-sim`) run as processes of their own, as
-//! in production; everything is on 127.0.0.1 and every loop is bounded.
+//! in production; everything is on 127.0.0.1 and every loop is bounded. With `--spool
+//! nats` the gateways queue in JetStream instead of the embedded spool: each scenario
+//! starts a `nats-server` of its own (see `src/spool/nats/testing.rs`); 2a, which drives
+//! the embedded spool alone, is skipped.
 //!
 //! 1. **outage**: Refiner refuses connections and one user has a 20,000-event backlog. The
 //!    gateway's CPU over 10 s (a share of one core), and its ingest rate in that state
@@ -19,16 +23,22 @@
 //! 4. **rates**: 12,800 events over 1,280 users at 50 ms latency against the ceiling
 //!    C / L = 64 / 0.05 s, and 30,000 events over 10,000 users at 0 ms against a raw
 //!    client (64 reqwest tasks) driving the same `refiner-sim` process.
+//! 5. **refusals**: Refiner answers every call 401 (the key refused; rechecked every 2 s),
+//!    then every call 429 (Retry-After 1 s), while 20,000 events of 1,000 users (and, for
+//!    401, of 10,000 users) wait: the gateway's CPU and the calls Refiner got over 10 s;
+//!    then Refiner recovers and the backlog's drain rate is compared with the same backlog
+//!    drained by a gateway that was never refused.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use refiner_gateway::spool::conformance::{event, request};
+use refiner_gateway::spool::nats::testing::NatsServer;
 use refiner_gateway::spool::{Spool, SqliteSpool, SqliteSpoolOptions};
 use refiner_gateway::telemetry::Metrics;
 use serde_json::{json, Value};
@@ -114,8 +124,42 @@ fn start_sim(args: &[&str]) -> Proc {
     }
 }
 
-/// The gateway's configuration: one source, delivery as given.
-fn config(dir: &Path, refiner: &str, delivery: &str) -> String {
+/// Whether the gateways queue in JetStream (`--spool nats`) rather than the embedded spool.
+fn on_nats() -> bool {
+    arg("--spool").as_deref() == Some("nats")
+}
+
+/// Where one scenario's gateways keep their queue: their data directory, or (`--spool
+/// nats`) a `nats-server` of the scenario's own, stopped when this is dropped.
+struct Queue(Option<NatsServer>);
+
+impl Queue {
+    fn new() -> Queue {
+        if !on_nats() {
+            return Queue(None);
+        }
+        let server = NatsServer::start("delivery_hostile")
+            .expect("--spool nats needs nats-server (see src/spool/nats/testing.rs)");
+        Queue(Some(server))
+    }
+
+    /// The configuration lines that put a gateway on this queue; every gateway is a node
+    /// of its own name.
+    fn settings(&self) -> String {
+        static NODES: AtomicUsize = AtomicUsize::new(0);
+        match &self.0 {
+            None => String::new(),
+            Some(server) => format!(
+                "[spool]\nbackend = \"nats\"\n[nats]\nurl = \"{}\"\nnode_name = \"bench-{}\"\n",
+                server.url(),
+                NODES.fetch_add(1, Ordering::Relaxed)
+            ),
+        }
+    }
+}
+
+/// The gateway's configuration: one source, delivery as given, queued in `queue`.
+fn config(dir: &Path, refiner: &str, delivery: &str, queue: &Queue) -> String {
     format!(
         r#"listen = "127.0.0.1:{port}"
 data_dir = "{dir}"
@@ -124,6 +168,7 @@ log_format = "json"
 base_url = "{refiner}"
 [delivery]
 {delivery}
+{queue}
 [[sources]]
 slug = "default"
 write_keys = ["{WRITE_KEY}"]
@@ -131,6 +176,7 @@ refiner_api_key = "{API_KEY}"
 "#,
         port = free_port(),
         dir = dir.join("data").display(),
+        queue = queue.settings(),
     )
 }
 
@@ -312,7 +358,12 @@ async fn outage() {
     println!("\n## 1. Refiner refusing connections, one user's 20,000-event backlog");
     let refused = format!("http://127.0.0.1:{}/v1", free_port());
     let dir = tempdir();
-    let gateway = start_gateway(dir.path(), config(dir.path(), &refused, "enabled = true")).await;
+    let queue = Queue::new();
+    let gateway = start_gateway(
+        dir.path(),
+        config(dir.path(), &refused, "enabled = true", &queue),
+    )
+    .await;
     let hot: Vec<Value> = (0..20_000).map(|n| track("hot-user", n)).collect();
     post_batches(&gateway.url, hot, 100, 4).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -325,9 +376,10 @@ async fn outage() {
     );
 
     let off_dir = tempdir();
+    let off_queue = Queue::new();
     let off = start_gateway(
         off_dir.path(),
-        config(off_dir.path(), &refused, "enabled = false"),
+        config(off_dir.path(), &refused, "enabled = false", &off_queue),
     )
     .await;
     let (mut outage_rates, mut off_rates) = (Vec::new(), Vec::new());
@@ -442,7 +494,8 @@ async fn held(backlog: usize) {
     ]);
     let dir = tempdir();
     let delivery = "enabled = true\nbreaker_failures = 1000000\nmax_concurrency = 64\ninitial_concurrency = 64";
-    let gateway = start_gateway(dir.path(), config(dir.path(), &sim.url, delivery)).await;
+    let queue = Queue::new();
+    let gateway = start_gateway(dir.path(), config(dir.path(), &sim.url, delivery, &queue)).await;
     let firsts: Vec<Value> = (0..1000).map(|u| track(&format!("held-{u}"), 0)).collect();
     post_batches(&gateway.url, firsts, 100, 4).await;
     let started = Instant::now();
@@ -484,17 +537,20 @@ async fn held(backlog: usize) {
     );
 }
 
+/// Fills a queue with `events` through a gateway with delivery off, then starts one with
+/// `delivery` on the same queue: its drain rate.
 async fn fill_and_drain(sim: &Proc, events: Vec<Value>, delivery: &str) -> f64 {
-    let dir = tempdir();
+    let (dir, queue) = (tempdir(), Queue::new());
     let count = events.len() as u64;
     let refused = format!("http://127.0.0.1:{}/v1", free_port());
     {
-        let filler =
-            start_gateway(dir.path(), config(dir.path(), &refused, "enabled = false")).await;
+        let off = config(dir.path(), &refused, "enabled = false", &queue);
+        let filler = start_gateway(dir.path(), off).await;
         post_batches(&filler.url, events, 500, 4).await;
     }
     sim_reset(sim).await;
-    let _gateway = start_gateway(dir.path(), config(dir.path(), &sim.url, delivery)).await;
+    let on = config(dir.path(), &sim.url, delivery, &queue);
+    let _gateway = start_gateway(dir.path(), on).await;
     drain_rate(sim, count, Duration::from_secs(600)).await
 }
 
@@ -563,6 +619,95 @@ async fn rates() {
     );
 }
 
+/// Replaces the simulator's faults (`{}`: none).
+async fn sim_faults(sim: &Proc, faults: Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/_sim/faults", sim.root()))
+        .json(&faults)
+        .send()
+        .await
+        .expect("/_sim/faults");
+    assert!(response.status().is_success(), "the faults were refused");
+}
+
+/// Calls the simulator received, answered or faulted.
+async fn sim_calls(sim: &Proc) -> u64 {
+    sim_stats(sim).await["calls"]["total"].as_u64().unwrap_or(0)
+}
+
+/// 20,000 tracks of `users` users.
+fn backlog_of(users: usize) -> Vec<Value> {
+    (0..20_000)
+        .map(|n| track(&format!("user-{}", n % users), n))
+        .collect()
+}
+
+/// The delivery settings of scenario 5: [`FAST`], and a refused key rechecked every 2 s
+/// (300 s by default) so recovery shows within the run.
+fn refusal_delivery() -> String {
+    format!("{FAST}\nauth_recheck_secs = 2")
+}
+
+/// Refiner answering with `faults` while 20,000 events of `users` users wait: the gateway's
+/// CPU and the calls Refiner got over 10 s, then the faults cleared: the time until the
+/// first event lands and the backlog's drain rate (answered).
+async fn refused_then_recovered(name: &str, faults: Value, users: usize) -> f64 {
+    let sim = start_sim(&[]);
+    sim_faults(&sim, faults).await;
+    let (dir, queue) = (tempdir(), Queue::new());
+    let settings = config(dir.path(), &sim.url, &refusal_delivery(), &queue);
+    let gateway = start_gateway(dir.path(), settings).await;
+    post_batches(&gateway.url, backlog_of(users), 500, 4).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, calls0, t0) = (gateway.cpu_secs(), sim_calls(&sim).await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let share = (gateway.cpu_secs() - cpu0) / secs;
+    let calls = (sim_calls(&sim).await - calls0) as f64 / secs;
+    sim_faults(&sim, json!({})).await;
+    let cleared = Instant::now();
+    while sim_events(&sim).await == 0 {
+        assert!(
+            cleared.elapsed() < Duration::from_secs(60),
+            "nothing delivered within 60 s of the recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = cleared.elapsed().as_secs_f64();
+    let rate = drain_rate(&sim, 20_000, Duration::from_secs(600)).await;
+    println!(
+        "{name}: gateway CPU {:.1} % of a core and {calls:.1} calls/s to Refiner over 10 s \
+         (20,000 events of {users} users waiting); recovered: first event after {:.0} ms, drained at {rate:.0} events/s",
+        share * 100.0,
+        first * 1e3
+    );
+    rate
+}
+
+async fn refusals() {
+    println!("\n## 5. Refiner refusing the key (401), then throttling (429), 20,000 events of 1,000 users waiting");
+    let baseline = {
+        let sim = start_sim(&[]);
+        fill_and_drain(&sim, backlog_of(1000), &refusal_delivery()).await
+    };
+    println!("never refused: the same backlog drained at {baseline:.0} events/s");
+    let refused = json!({"count_401": 1_000_000_000u64});
+    let after_401 = refused_then_recovered("401 to every call", refused.clone(), 1000).await;
+    refused_then_recovered("401 to every call", refused, 10_000).await;
+    let after_429 = refused_then_recovered(
+        "429 to every call, Retry-After 1 s",
+        json!({"rate_429": 1.0, "retry_after_secs": 1}),
+        1000,
+    )
+    .await;
+    println!(
+        "drain after the refusals against never refused: 401 {:.2} (target >= 0.9), 429 {:.2} \
+         (the 429s halved the concurrency, which grows back by one per window of calls)",
+        after_401 / baseline,
+        after_429 / baseline
+    );
+}
+
 fn main() {
     let only = arg("--only");
     let backlog = arg("--held")
@@ -579,7 +724,11 @@ fn main() {
             outage().await;
         }
         if run("held") {
-            lease_curve().await;
+            if on_nats() {
+                println!("\n## 2a. skipped: it drives the embedded spool alone");
+            } else {
+                lease_curve().await;
+            }
             held(backlog).await;
         }
         if run("hot") {
@@ -587,6 +736,9 @@ fn main() {
         }
         if run("rates") {
             rates().await;
+        }
+        if run("refusals") {
+            refusals().await;
         }
     });
     let _ = std::io::stdout().flush();

@@ -16,7 +16,8 @@
 //! way), at most `BENCH_RATE` events/s (0, the default: as fast as answered; set it to what
 //! delivery keeps up with, or the backlog's own memory shows in the figures), then until
 //! everything accepted was delivered. Each sample prints the seconds, the
-//! ids accepted, and both processes' RSS. Memory per id is the growth of RSS per accepted
+//! ids accepted, and both processes' RSS (the node's also split into heap and stacks, and
+//! mapped files: the runs' Bloom filters and fences). Memory per id is the growth of RSS per accepted
 //! id after the warm-up: least squares over the samples past `BENCH_WINDOW_SECS` plus 60 s
 //! and, for the owners' index, also past its first compaction (`nats.dedup_flush`, 300 s,
 //! plus 60 s: until then the index's heaps, runs and the delivery log are still filling
@@ -129,11 +130,16 @@ refiner_api_key = "{REFINER_KEY}"
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// One memory line of `/proc/<pid>/status` (`VmRSS:`, `RssAnon:`, `RssFile:`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
@@ -258,11 +264,13 @@ async fn run(index: bool, secs: u64, window: u64, rate: u64) -> Option<Vec<Sampl
             rss(node_pid) as f64,
         );
         println!(
-            "  {:>5.0} s  {:>9.0} ids  nats-server {:>7.1} MiB  node {:>6.1} MiB",
+            "  {:>5.0} s  {:>9.0} ids  nats-server {:>7.1} MiB  node {:>6.1} MiB (heap and stacks {:>6.1}, mapped files {:>5.1})",
             s.0,
             s.1,
             s.2 / 1048576.0,
-            s.3 / 1048576.0
+            s.3 / 1048576.0,
+            status_bytes(node_pid, "RssAnon:") as f64 / 1048576.0,
+            status_bytes(node_pid, "RssFile:") as f64 / 1048576.0,
         );
         samples.push(s);
     };

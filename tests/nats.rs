@@ -797,6 +797,51 @@ mod delivery_log {
         log_conformance::finds_records_among_many(b.queue, log, 5_000).await;
     }
 
+    /// The batched direct get lookups walk a user's index with: the last message of a
+    /// subject at or below a sequence, answered by the nats-server the tests run (a server
+    /// without it would make lookups fall back to a consumer, which the conformance checks
+    /// above would not notice).
+    #[tokio::test]
+    #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
+    async fn direct_gets_walk_a_subject_back() {
+        use async_nats::jetstream::{self, stream};
+        use refiner_gateway::spool::nats::direct::last_up_to;
+        let Some(server) = deps::nats("direct_gets", NatsServer::start) else {
+            return;
+        };
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        js.create_stream(stream::Config {
+            name: "WALK".into(),
+            subjects: vec!["walk.>".into()],
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+        for (subject, body) in [("a", "1"), ("b", "x"), ("a", "2"), ("b", "y"), ("a", "3")] {
+            let ack = js
+                .publish(format!("walk.{subject}"), body.into())
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+        }
+        let get = |up_to: Option<u64>| {
+            let js = js.clone();
+            async move {
+                last_up_to(&js, "WALK", "walk.a", up_to)
+                    .await
+                    .expect("a direct get")
+                    .map(|(seq, body)| (seq, String::from_utf8_lossy(&body).into_owned()))
+            }
+        };
+        assert_eq!(get(None).await, Some((5, "3".into())));
+        assert_eq!(get(Some(4)).await, Some((3, "2".into())));
+        assert_eq!(get(Some(2)).await, Some((1, "1".into())));
+        let none = last_up_to(&js, "WALK", "walk.c", None).await;
+        assert!(matches!(none, Ok(None)), "{none:?}");
+    }
+
     #[tokio::test]
     #[ignore = "slow: run by .ci/run (cargo test --tests -- --ignored)"]
     async fn nats_log_stays_within_its_byte_budget() {

@@ -313,7 +313,35 @@ pub async fn finds_records_among_many(spool: Arc<dyn Spool>, log: Arc<dyn Delive
     assert!(find(&log, LogKey::MessageId("never".into()))
         .await
         .is_empty());
+    users_newest_across_rounds(&spool, &log).await;
     spool.close().await;
+}
+
+/// A user whose events came in rounds further apart than a gathering of the index (and
+/// other users' between): the newest 50 are found across the rounds' index records.
+async fn users_newest_across_rounds(spool: &Arc<dyn Spool>, log: &Arc<dyn DeliveryLog>) {
+    for round in 0..4 {
+        let events = (round * 20..round * 20 + 20)
+            .map(|i| identify(&format!("spread-{i}"), "spread", "spread@x.io"))
+            .collect();
+        spool
+            .append(request("web", now_ms(), events))
+            .await
+            .expect("append");
+        append_many(spool, &format!("between-{round}"), 0..100).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let found = find_until(
+        log,
+        LogKey::UserId("spread".into()),
+        "spread's newest",
+        |f| f.first().is_some_and(|e| e.message_id == "spread-79"),
+    )
+    .await;
+    let mut ids: Vec<&str> = found.iter().map(|e| e.message_id.as_str()).collect();
+    ids.sort_by_key(|id| std::cmp::Reverse(id[7..].parse::<u32>().unwrap_or(0)));
+    let newest: Vec<String> = (30..80).rev().map(|i| format!("spread-{i}")).collect();
+    assert_eq!(ids, newest, "the newest 50, from the last three rounds");
 }
 
 /// Appends identify events `<prefix>-<i>` for each `i` of `ids`, of users `u<i % 7>` with

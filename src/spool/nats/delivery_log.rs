@@ -10,8 +10,9 @@
 //! one per line: the index entries of every key are gathered for [`INDEX_FLUSH_EVERY`] (or
 //! until [`INDEX_FLUSH_IDS`] wait) and written as one record per key, so a user's events cost
 //! the server one index record per flush rather than one per event.
-//! A lookup reads a user's or an email's index records with a short-lived consumer, then
-//! each event's records with direct gets (no consumer), and folds them.
+//! A lookup reads a user's or an email's index records newest first with direct gets
+//! ([`direct`]), only until it has the ids it needs, then each event's records with direct
+//! gets (several events at once), and folds them; no consumer is made.
 //!
 //! Invariants:
 //! - [`LoggingSpool`] wraps the queue: it writes the log after the queue's own append or
@@ -47,7 +48,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{storage, NatsSpool};
+use super::{direct, storage, NatsSpool};
 use crate::spool::delivery_log::{
     AttemptView, CallView, DeliveryLog, DeliveryLogOptions, EventFacts, EventState, LogKey,
     LogQuery, LogSize, LoggedEvent, RefusedEntry, MAX_RESULTS,
@@ -69,6 +70,8 @@ const DROP_WARN_EVERY_MS: i64 = 10_000;
 pub const INDEX_FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// Index entries waiting that make the gathering end early.
 pub const INDEX_FLUSH_IDS: usize = 16_384;
+/// Events a lookup reads at once.
+const EVENT_READS_AT_ONCE: usize = 8;
 
 /// One record of an event (every field optional: records are folded in order).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -133,6 +136,36 @@ impl PendingIndex {
             .into_iter()
             .map(|(subject, ids)| (subject, ids.join("\n").into_bytes()))
             .collect()
+    }
+}
+
+/// Message ids gathered from index records read newest first: each record's ids from its
+/// last line, repeats dropped, at most `limit`.
+struct NamedIds {
+    ids: Vec<String>,
+    limit: usize,
+}
+
+impl NamedIds {
+    fn new(limit: usize) -> NamedIds {
+        NamedIds {
+            ids: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Adds the ids of one index record (older than those added before); true once
+    /// `limit` were found.
+    fn add_newest_first(&mut self, record: &[u8]) -> bool {
+        for id in String::from_utf8_lossy(record).lines().rev() {
+            if self.ids.len() >= self.limit {
+                break;
+            }
+            if !self.ids.iter().any(|known| known == id) {
+                self.ids.push(id.to_owned());
+            }
+        }
+        self.ids.len() >= self.limit
     }
 }
 
@@ -364,6 +397,46 @@ impl NatsDeliveryLog {
         self.publish(records);
     }
 
+    /// The message ids a user's or an email's index records name, newest first, at most
+    /// `limit` (repeats dropped): the records are read from the last one back, one direct
+    /// get each, until enough ids were found; with a consumer (all of them) where the
+    /// server lacks the batched direct get.
+    async fn index_ids(&self, subject: String, limit: usize) -> Result<Vec<String>, SpoolError> {
+        let js = self.js.clone();
+        let stream = self.stream.cached_info().config.name.clone();
+        let by_subject = subject.clone();
+        let newest_first = self.runtime.spawn(async move {
+            let mut ids = NamedIds::new(limit);
+            let mut up_to = None;
+            for _ in 0..MAX_RECORDS {
+                let Some((seq, body)) =
+                    direct::last_up_to(&js, &stream, &by_subject, up_to).await?
+                else {
+                    break;
+                };
+                if ids.add_newest_first(&body) || seq <= 1 {
+                    break;
+                }
+                up_to = Some(seq - 1);
+            }
+            Ok::<_, direct::DirectError>(ids.ids)
+        });
+        match newest_first.await {
+            Ok(Ok(ids)) => Ok(ids),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "direct gets on the delivery log's index failed; reading with a consumer");
+                let mut ids = NamedIds::new(limit);
+                for body in self.read(subject).await?.iter().rev() {
+                    if ids.add_newest_first(body) {
+                        break;
+                    }
+                }
+                Ok(ids.ids)
+            }
+            Err(e) => Err(storage("the delivery log read failed", e)),
+        }
+    }
+
     /// The records of one event (`subject`: its `messageId`'s), in order: read one by one
     /// with direct gets, which need no consumer (an event has a few records: accepted,
     /// attempts, outcome). Falls back to [`Self::read`] when the stream answers direct
@@ -562,33 +635,21 @@ impl DeliveryLog for NatsDeliveryLog {
         let ids: Vec<String> = match &query.key {
             LogKey::MessageId(id) => vec![id.clone()],
             key => {
-                let bodies = self.read(self.subject(&query.source, key)).await?;
-                let mut ids: Vec<String> = Vec::new();
-                // Newest first: the records from the last, each record's ids from its last.
-                let named = bodies.iter().rev().flat_map(|body| {
-                    String::from_utf8_lossy(body)
-                        .lines()
-                        .rev()
-                        .map(str::to_owned)
-                        .collect::<Vec<_>>()
-                });
-                for id in named {
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
-                    if ids.len() == limit {
-                        break;
-                    }
-                }
-                ids
+                self.index_ids(self.subject(&query.source, key), limit)
+                    .await?
             }
         };
+        let reads = ids.into_iter().map(|id| {
+            let subject = self.subject(&query.source, &LogKey::MessageId(id));
+            async move { self.read_event(subject).await }
+        });
+        let events: Vec<Result<Vec<Vec<u8>>, SpoolError>> = futures_util::stream::iter(reads)
+            .buffered(EVENT_READS_AT_ONCE)
+            .collect()
+            .await;
         let mut found = Vec::new();
-        for id in ids {
-            let bodies = self
-                .read_event(self.subject(&query.source, &LogKey::MessageId(id)))
-                .await?;
-            found.extend(Self::fold(&query.source, &bodies));
+        for bodies in events {
+            found.extend(Self::fold(&query.source, &bodies?));
         }
         found.sort_by_key(|e| std::cmp::Reverse(e.received_at_ms));
         found.truncate(limit);

@@ -39,6 +39,7 @@ mod connect;
 mod dead;
 pub mod dedup;
 pub mod delivery_log;
+pub mod direct;
 mod hll;
 mod metering;
 mod ownership;
