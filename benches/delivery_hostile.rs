@@ -1,13 +1,14 @@
 //! Delivery under the workloads that hurt, each against a baseline measured in the same run.
 //!
 //! `cargo bench --bench delivery_hostile [-- --only outage|held|hot|rates|refusals]
-//! [--held N] [--spool nats]`
+//! [--held N] [--spool nats [--max-ack-pending N]]`
 //!
 //! The gateway and the Refiner stand-in (`refiner-sim`) run as processes of their own, as
 //! in production; everything is on 127.0.0.1 and every loop is bounded. With `--spool
 //! nats` the gateways queue in JetStream instead of the embedded spool: each scenario
-//! starts a `nats-server` of its own (see `src/spool/nats/testing.rs`); 2a, which drives
-//! the embedded spool alone, is skipped.
+//! starts a `nats-server` of its own (see `src/spool/nats/testing.rs`), and
+//! `--max-ack-pending` sets the gateways' `nats.max_ack_pending`; 2a, which drives the
+//! embedded spool alone, is skipped.
 //!
 //! 1. **outage**: Refiner refuses connections and one user has a 20,000-event backlog. The
 //!    gateway's CPU over 10 s (a share of one core), and its ingest rate in that state
@@ -150,9 +151,12 @@ impl Queue {
         match &self.0 {
             None => String::new(),
             Some(server) => format!(
-                "[spool]\nbackend = \"nats\"\n[nats]\nurl = \"{}\"\nnode_name = \"bench-{}\"\n",
+                "[spool]\nbackend = \"nats\"\n[nats]\nurl = \"{}\"\nnode_name = \"bench-{}\"\n{}",
                 server.url(),
-                NODES.fetch_add(1, Ordering::Relaxed)
+                NODES.fetch_add(1, Ordering::Relaxed),
+                arg("--max-ack-pending")
+                    .map(|n| format!("max_ack_pending = {n}\n"))
+                    .unwrap_or_default(),
             ),
         }
     }

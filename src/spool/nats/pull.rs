@@ -534,9 +534,30 @@ impl Inner {
             delivered,
             history: meta.h,
         };
-        let nak = self.state().insert_owned(epoch, entry, now_ms());
-        if let Some(nak) = nak {
-            self.answer(vec![nak]).await;
+        let answer = self.state().insert_owned(epoch, entry, now_ms());
+        match answer {
+            Some(Reply::Nak {
+                reply, delay_ms, ..
+            }) => self.hold_later(reply, delay_ms).await,
+            Some(ack) => self.answer(vec![ack]).await,
+            None => {}
+        }
+    }
+
+    /// Sends a held event back to JetStream for later without waiting for the server's
+    /// confirmation, so the pull goes straight on to the next delivery: a held user's
+    /// events come in runs, and a round trip for each kept every other user of the
+    /// partition waiting behind them. A nak that is lost costs an early return, no more:
+    /// the event comes back after its ack wait, its user still held (it is outstanding
+    /// until then), and is held back again.
+    async fn hold_later(&self, reply: String, delay_ms: u64) {
+        if reply.is_empty() {
+            return;
+        }
+        let acker = jetstream::message::Acker::new(self.js.clone(), Some(Subject::from(reply)));
+        let nak = AckKind::Nak(Some(Duration::from_millis(delay_ms.max(1))));
+        if let Err(e) = acker.ack_with(nak).await {
+            tracing::warn!(error = %e, "a held event could not be sent back to JetStream");
         }
     }
 
