@@ -536,9 +536,7 @@ impl Inner {
         };
         let answer = self.state().insert_owned(epoch, entry, now_ms());
         match answer {
-            Some(Reply::Nak {
-                reply, delay_ms, ..
-            }) => self.hold_later(reply, delay_ms).await,
+            Some(nak @ Reply::Nak { .. }) => self.hold_later(nak).await,
             Some(ack) => self.answer(vec![ack]).await,
             None => {}
         }
@@ -550,15 +548,32 @@ impl Inner {
     /// partition waiting behind them. A nak that is lost costs an early return, no more:
     /// the event comes back after its ack wait, its user still held (it is outstanding
     /// until then), and is held back again.
-    async fn hold_later(&self, reply: String, delay_ms: u64) {
-        if reply.is_empty() {
+    async fn hold_later(&self, nak: Reply) {
+        let Some((acker, kind)) = self.acker(nak) else {
             return;
-        }
-        let acker = jetstream::message::Acker::new(self.js.clone(), Some(Subject::from(reply)));
-        let nak = AckKind::Nak(Some(Duration::from_millis(delay_ms.max(1))));
-        if let Err(e) = acker.ack_with(nak).await {
+        };
+        if let Err(e) = acker.ack_with(kind).await {
             tracing::warn!(error = %e, "a held event could not be sent back to JetStream");
         }
+    }
+
+    /// What to tell JetStream for `reply`, and on which subject; `None` for a delivery
+    /// that has no reply subject.
+    fn acker(&self, reply: Reply) -> Option<(jetstream::message::Acker, AckKind)> {
+        let (subject, kind) = match reply {
+            Reply::Ack { reply, .. } => (reply, AckKind::Ack),
+            Reply::Nak {
+                reply, delay_ms, ..
+            } => (
+                reply,
+                AckKind::Nak(Some(Duration::from_millis(delay_ms.max(1)))),
+            ),
+        };
+        if subject.is_empty() {
+            return None;
+        }
+        let acker = jetstream::message::Acker::new(self.js.clone(), Some(Subject::from(subject)));
+        Some((acker, kind))
     }
 
     /// Copies a dead letter to its stream and waits for JetStream's ack.
@@ -577,20 +592,9 @@ impl Inner {
     /// Tells JetStream the outcome of each event and waits for its confirmations.
     pub(super) async fn answer(&self, replies: Vec<Reply>) {
         let answers = replies.into_iter().map(|reply| async move {
-            let (subject, kind) = match reply {
-                Reply::Ack { reply, .. } => (reply, AckKind::Ack),
-                Reply::Nak {
-                    reply, delay_ms, ..
-                } => (
-                    reply,
-                    AckKind::Nak(Some(Duration::from_millis(delay_ms.max(1)))),
-                ),
-            };
-            if subject.is_empty() {
+            let Some((acker, kind)) = self.acker(reply) else {
                 return;
-            }
-            let acker =
-                jetstream::message::Acker::new(self.js.clone(), Some(Subject::from(subject)));
+            };
             if let Err(e) = acker.double_ack_with(kind).await {
                 // The event stays pending and comes back after the ack wait: a duplicate at
                 // worst, never a loss.
