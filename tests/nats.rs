@@ -58,6 +58,8 @@ conformance!(
     lease_honours_max,
     lease_holds_back_a_users_events_behind_a_leased_one,
     lease_takes_whole_user_queues_in_append_order,
+    one_request_keeps_each_users_order,
+    a_retry_holds_only_its_user_among_a_requests_events,
     queued_head_blocks_only_its_user,
     expired_lease_is_leased_again,
     ack_removes_events,

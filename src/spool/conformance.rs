@@ -24,7 +24,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AppendReport, AppendRequest, Leased, Spool, SpoolError, SpoolStats};
+use super::{
+    AppendReport, AppendRequest, Leased, RetryAt, Settlement, Spool, SpoolError, SpoolStats,
+};
 use crate::segment::{Event, EventType, UserKey};
 
 /// A lease that outlives any check.
@@ -390,16 +392,24 @@ pub async fn lease_honours_max(spool: Arc<dyn Spool>) {
 /// A lease takes, per user, a prefix of that user's queue in append order; while one of a
 /// user's events is leased, the user's later events wait, and other users do not.
 pub async fn lease_holds_back_a_users_events_behind_a_leased_one(spool: Arc<dyn Spool>) {
-    let events = vec![
-        event("a1", "a"),
-        event("b1", "b"),
-        event("a2", "a"),
-        event("c1", "c"),
-        event("b2", "b"),
-        event("a3", "a"),
-    ];
-    let report = append(&spool, request(SOURCE, 1_000, events)).await;
-    assert_report(report, 6, 0, "three users");
+    for (i, (id, user)) in [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("c1", "c"),
+        ("b2", "b"),
+        ("a3", "a"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let report = append(
+            &spool,
+            request(SOURCE, 1_000 + i as i64, vec![event(id, user)]),
+        )
+        .await;
+        assert_report(report, 1, 0, "one event of three users");
+    }
 
     let first = lease(&spool, 2, LONG_LEASE_MS).await;
     assert_ids(&first, &["a1", "b1"], "a lease of 2");
@@ -438,14 +448,22 @@ pub async fn lease_holds_back_a_users_events_behind_a_leased_one(spool: Arc<dyn 
 
 /// With nothing leased, one lease takes every user's whole queue, in append order.
 pub async fn lease_takes_whole_user_queues_in_append_order(spool: Arc<dyn Spool>) {
-    let events = vec![
-        event("a1", "a"),
-        event("b1", "b"),
-        event("a2", "a"),
-        event("a3", "a"),
-        event("b2", "b"),
-    ];
-    append(&spool, request(SOURCE, 1_000, events)).await;
+    for (i, (id, user)) in [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("a3", "a"),
+        ("b2", "b"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        append(
+            &spool,
+            request(SOURCE, 1_000 + i as i64, vec![event(id, user)]),
+        )
+        .await;
+    }
     let leased = lease(&spool, 100, LONG_LEASE_MS).await;
     assert_ids(
         &leased,
@@ -457,6 +475,91 @@ pub async fn lease_takes_whole_user_queues_in_append_order(spool: Arc<dyn Spool>
         &[],
         "everything is leased",
     );
+    spool.close().await;
+}
+
+/// One request of many users: every event is leased once, each user's events in the
+/// request's order and after every event of an earlier request. Events of different users
+/// of one request may come in another order between them (the JetStream spool stores a
+/// request's events partition by partition).
+pub async fn one_request_keeps_each_users_order(spool: Arc<dyn Spool>) {
+    append(&spool, request(SOURCE, 1_000, vec![event("first", "f")])).await;
+    let users = 40;
+    let events = (0..3 * users)
+        .map(|i| event(&format!("e{i}"), &format!("u{}", i % users)))
+        .collect();
+    let report = append(&spool, request(SOURCE, 2_000, events)).await;
+    assert_report(report, 3 * users, 0, "three events of each of 40 users");
+
+    let leased = lease(&spool, 1_000, LONG_LEASE_MS).await;
+    assert_eq!(leased.len(), 3 * users + 1, "{:?}", ids(&leased));
+    assert_eq!(leased[0].message_id, "first", "the earlier request first");
+    for user in 0..users {
+        let theirs: Vec<&Leased> = leased
+            .iter()
+            .filter(|l| l.user_key == UserKey::user_id(&format!("u{user}")))
+            .collect();
+        let expected: Vec<String> = (0..3).map(|n| format!("e{}", user + n * users)).collect();
+        let got: Vec<&str> = theirs.iter().map(|l| l.message_id.as_str()).collect();
+        assert_eq!(got, expected, "user u{user}'s events in order");
+        assert!(theirs.windows(2).all(|pair| pair[0].seq < pair[1].seq));
+    }
+    ack(&spool, seqs(&leased)).await;
+    assert_eq!(stats(&spool).await.depth, 0, "everything acked");
+    assert_ids(&lease(&spool, 100, LONG_LEASE_MS).await, &[], "empty queue");
+    spool.close().await;
+}
+
+/// The events of one request settle one by one: one user's failed event waits for its
+/// retry with that user's later event, while the other users' events of the same request
+/// are delivered and leave the queue; the two come back when due, the attempt counted.
+pub async fn a_retry_holds_only_its_user_among_a_requests_events(spool: Arc<dyn Spool>) {
+    let users = 40;
+    let events = (0..2 * users)
+        .map(|i| event(&format!("e{i}"), &format!("u{}", i % users)))
+        .collect();
+    append(&spool, request(SOURCE, 1_000, events)).await;
+    let leased = lease(&spool, 1_000, LONG_LEASE_MS).await;
+    assert_eq!(leased.len(), 2 * users);
+    let (first, second) = (seq_of(&leased, "e0"), seq_of(&leased, &format!("e{users}")));
+    let others: Vec<i64> = seqs(&leased)
+        .into_iter()
+        .filter(|seq| ![first, second].contains(seq))
+        .collect();
+    let retry_at = chrono::Utc::now().timestamp_millis() + 1_500;
+    spool
+        .settle(Settlement {
+            acked: others,
+            retried: vec![RetryAt {
+                seq: first,
+                next_attempt_at_ms: retry_at,
+                status: Some(503),
+                error: "unavailable".into(),
+            }],
+            released: vec![second],
+            ..Settlement::default()
+        })
+        .await
+        .expect("settle");
+    assert_eq!(stats(&spool).await.depth, 2, "u0's two events are left");
+    assert_ids(
+        &lease(&spool, 1_000, LONG_LEASE_MS).await,
+        &[],
+        "u0 waits for its retry",
+    );
+    let mut back = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while back.len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        back.extend(lease(&spool, 1_000, LONG_LEASE_MS).await);
+    }
+    let when = chrono::Utc::now().timestamp_millis();
+    assert!(when >= retry_at, "not before its retry time");
+    let expected = ["e0".to_owned(), format!("e{users}")];
+    assert_eq!(ids(&back), expected, "u0's events, in order");
+    assert_eq!(back[0].attempts, 1, "the failed attempt counts");
+    ack(&spool, seqs(&back)).await;
+    assert_eq!(stats(&spool).await.depth, 0, "everything acked");
     spool.close().await;
 }
 

@@ -62,7 +62,10 @@ pub struct AppendReport {
 /// An event handed to the dispatcher, to be acked once delivered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leased {
-    /// Position in the queue; increases with append order.
+    /// Position in the queue: increases with append order across requests, and within a
+    /// request for each user's events (events of different users of one request may be
+    /// ordered otherwise between them: the JetStream spool stores them partition by
+    /// partition).
     pub seq: i64,
     pub source: String,
     pub message_id: String,

@@ -119,6 +119,18 @@ async fn sqlite_lease_takes_whole_user_queues_in_append_order() {
 }
 
 #[tokio::test]
+async fn sqlite_one_request_keeps_each_users_order() {
+    let storage = Storage::new();
+    conformance::one_request_keeps_each_users_order(storage.open()).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_retry_holds_only_its_user_among_a_requests_events() {
+    let storage = Storage::new();
+    conformance::a_retry_holds_only_its_user_among_a_requests_events(storage.open()).await;
+}
+
+#[tokio::test]
 async fn sqlite_queued_head_blocks_only_its_user() {
     let storage = Storage::new();
     conformance::queued_head_blocks_only_its_user(storage.open()).await;

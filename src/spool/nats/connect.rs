@@ -148,12 +148,13 @@ async fn client(
         .map_err(|e| storage(&format!("cannot connect to NATS at {}", options.url), e))
 }
 
-/// The events stream: a work queue, one subject per partition, JetStream's duplicate
+/// The events stream: a work queue, two subjects per partition (single events and packs,
+/// [`super::pack`]), JetStream's duplicate
 /// window short when the owners' dedup index keeps the rest of the dedup window.
 fn events_config(options: &NatsSpoolOptions) -> stream::Config {
     stream::Config {
         name: options.stream.clone(),
-        subjects: vec![format!("{}.events.*", options.subject_prefix)],
+        subjects: vec![format!("{}.events.>", options.subject_prefix)],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         num_replicas: options.replicas,

@@ -54,6 +54,9 @@ const TIER_BASE: u64 = 16_384;
 /// Bytes of a run file per chunk message (below the server's default 1 MiB payload).
 const CHUNK: usize = 512 * 1024;
 const ENTRY: usize = 24;
+/// Entries one journal message holds at most (a pull of packs can bring hundreds of
+/// thousands of new ids; NATS refuses messages above the server's `max_payload`).
+const JOURNAL_ENTRIES: usize = CHUNK / ENTRY;
 
 /// What the index says about an event pulled from its partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,24 +330,24 @@ impl DedupStore {
         Ok(())
     }
 
-    /// Writes the entries recorded since the last call to the journal and waits for
-    /// JetStream's ack, retrying until it succeeds or `stopped` is set (false then).
+    /// Writes the entries recorded since the last call to the journal, in messages of at
+    /// most [`JOURNAL_ENTRIES`] entries, and waits for JetStream's acks, retrying until it
+    /// succeeds or `stopped` is set (false then).
     pub async fn log(&self, index: &mut PartitionIndex, stopped: &watch::Receiver<bool>) -> bool {
-        if index.unlogged.is_empty() {
-            return true;
-        }
-        let mut body = Vec::with_capacity(index.unlogged.len() * ENTRY);
-        for (key, value) in &index.unlogged {
-            body.extend_from_slice(&encode_entry(*key, *value));
-        }
         let subject = self.subject(index.partition, "log");
         let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.publish(&subject, body.clone(), None).await {
+        while !index.unlogged.is_empty() {
+            let chunk = index.unlogged.len().min(JOURNAL_ENTRIES);
+            let mut body = Vec::with_capacity(chunk * ENTRY);
+            for (key, value) in &index.unlogged[..chunk] {
+                body.extend_from_slice(&encode_entry(*key, *value));
+            }
+            match self.publish(&subject, body, None).await {
                 Ok(seq) => {
-                    index.unlogged.clear();
+                    index.unlogged.drain(..chunk);
                     index.log_high = index.log_high.max(seq);
-                    return true;
+                    backoff = Duration::from_millis(50);
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(partition = index.partition, error = %e, "cannot write the dedup journal")
@@ -356,6 +359,7 @@ impl DedupStore {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        true
     }
 
     async fn publish(

@@ -41,8 +41,10 @@ const DAY_MS: i64 = 24 * HOUR_MS;
 /// A month's usage as stored (before the sketch's registers).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct MonthMeta {
-    mte: u64,
-    mpv: u64,
+    /// Signed: a node's increments may take back events counted elsewhere (a repeat the
+    /// partition's owner dropped after another node counted it).
+    mte: i64,
+    mpv: i64,
     mte_at: Option<i64>,
     mpv_at: Option<i64>,
     mtu_at: Option<i64>,
@@ -56,7 +58,7 @@ struct MonthDelta {
 }
 
 /// Hourly counters of one day: hour → name → value.
-type Day = BTreeMap<i64, BTreeMap<String, u64>>;
+type Day = BTreeMap<i64, BTreeMap<String, i64>>;
 
 /// What this node counted and has not merged into the bucket yet.
 #[derive(Debug, Default)]
@@ -72,7 +74,7 @@ impl Tally {
     }
 
     /// Counts `n` under `name` for `source` in the hour of `at_ms`.
-    pub(super) fn count(&mut self, source: &str, at_ms: i64, name: &str, n: u64) {
+    pub(super) fn count(&mut self, source: &str, at_ms: i64, name: &str, n: i64) {
         if n == 0 {
             return;
         }
@@ -103,7 +105,7 @@ impl Tally {
             .months
             .entry((source.to_owned(), month_of(at_ms)))
             .or_default();
-        let (mut queued, mut views) = (0u64, 0u64);
+        let (mut queued, mut views) = (0i64, 0i64);
         for (kind, user) in events {
             queued += 1;
             if kind == "page" || kind == "screen" {
@@ -125,7 +127,25 @@ impl Tally {
             month.meta.mpv_at = Some(at_ms);
         }
         self.count(source, at_ms, "received", queued);
-        self.depth(source, queued as i64);
+        self.depth(source, queued);
+    }
+
+    /// Takes back an event counted as accepted at `at_ms` that the owner of its partition
+    /// then dropped as a repeat (its first copy came in another request, so JetStream's
+    /// duplicate window did not recognise it at ingest): counted as a duplicate instead.
+    /// Its user, already counted by the first copy, stays in the month's sketch.
+    pub(super) fn withdrawn(&mut self, source: &str, at_ms: i64, kind: &str) {
+        let month = self
+            .months
+            .entry((source.to_owned(), month_of(at_ms)))
+            .or_default();
+        month.meta.mte -= 1;
+        if kind == "page" || kind == "screen" {
+            month.meta.mpv -= 1;
+        }
+        self.count(source, at_ms, "received", -1);
+        self.count(source, at_ms, "duplicates", 1);
+        self.depth(source, -1);
     }
 
     /// Puts back increments a merge could not write, for the next one.
@@ -311,9 +331,9 @@ impl Inner {
             let (meta, users) = read_month(stored.as_deref());
             usage.mtu = users.estimate();
             usage.mtu_updated_at_ms = meta.mtu_at;
-            usage.mte = meta.mte;
+            usage.mte = meta.mte.max(0) as u64;
             usage.mte_updated_at_ms = meta.mte_at;
-            usage.mpv = meta.mpv;
+            usage.mpv = meta.mpv.max(0) as u64;
             usage.mpv_updated_at_ms = meta.mpv_at;
         }
         usage.created_at_ms = read(created_key(source))
@@ -379,7 +399,7 @@ impl Inner {
                     rows.push(CounterRow {
                         hour: *hour,
                         name: name.clone(),
-                        value: *value,
+                        value: (*value).max(0) as u64,
                     });
                 }
             }

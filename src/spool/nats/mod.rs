@@ -1,10 +1,13 @@
 //! The distributed spool: NATS JetStream, shared by several gateway nodes.
 //!
 //! Layout (every name configurable):
-//! - Stream `GATEWAY_EVENTS`, work-queue retention, subjects `gateway.events.<p>`: one
-//!   subject per partition, `p = hash(source, user key) mod partitions`. The stream sequence
-//!   is the event's `seq`. `Nats-Msg-Id` is the source and the `messageId`, so JetStream's
-//!   duplicate window (the dedup window, 24 h by default) drops repeats.
+//! - Stream `GATEWAY_EVENTS`, work-queue retention, subjects `gateway.events.<p>` (one
+//!   event a message) and `gateway.events.<p>.<k>` (a pack of `k` events of one request,
+//!   [`pack`]), `p = hash(source, user key) mod partitions`. An event's `seq` is its
+//!   message's stream sequence and its place in it ([`pack::event_seq`]). `Nats-Msg-Id` is
+//!   the source and the `messageId` (a hash of the pack's ids for a pack), so JetStream's
+//!   short duplicate window drops the retry of a request; the partition owners' index
+//!   ([`dedup`]) drops every other repeat within the dedup window (24 h by default).
 //! - Stream `GATEWAY_DEAD_LETTERS`, subjects `gateway.dead.<source>`: copies of the events
 //!   given up on (JetStream has no dead-letter queue: a message past `max_deliver` just
 //!   stays in its stream).
@@ -14,9 +17,11 @@
 //! - One durable pull consumer per partition (`gateway-p<n>`), recreated by each new owner.
 //!
 //! Guarantees, beyond the [`Spool`] trait's:
-//! - [`Spool::append`] answers only after JetStream acknowledged every event (publish ack);
-//!   a failure or a timeout is [`SpoolError::Storage`] (ingest answers 503), and a retry of
-//!   the same request is deduplicated by `Nats-Msg-Id`.
+//! - [`Spool::append`] answers only after JetStream acknowledged every message of the
+//!   request (publish ack); a failure or a timeout is [`SpoolError::Storage`] (ingest answers
+//!   503), and a retry of the same request is deduplicated by `Nats-Msg-Id`.
+//! - A pack is acked once all its events are settled, and nakked (with the earliest delay)
+//!   once none of its unsettled events is in memory ([`state::Packs`]).
 //! - A partition is consumed by one node at a time. A new owner deletes and recreates the
 //!   partition's consumer, so JetStream delivers it every unacked event from the start of
 //!   the partition, in stream order: per-user order survives a crash of the previous owner
@@ -43,6 +48,7 @@ pub mod direct;
 mod hll;
 mod metering;
 mod ownership;
+pub mod pack;
 mod pull;
 mod queue;
 pub mod state;
@@ -174,8 +180,16 @@ impl NatsSpoolOptions {
         }
     }
 
+    /// The subject of the partition's single events ([`pack::subject`]).
     fn event_subject(&self, partition: u32) -> String {
-        format!("{}.events.{partition}", self.subject_prefix)
+        pack::subject(&self.subject_prefix, partition, 1)
+    }
+
+    /// The subjects of the partition's messages: single events and packs.
+    fn partition_subjects(&self, partition: u32) -> [String; 2] {
+        let single = self.event_subject(partition);
+        let packs = format!("{single}.*");
+        [single, packs]
     }
 
     fn dead_subject(&self, source: &str) -> String {
@@ -272,6 +286,18 @@ fn msg_id(source: &str, message_id: &str) -> String {
             hex::encode(sha2::Sha256::digest(message_id.as_bytes()))
         )
     }
+}
+
+/// `Nats-Msg-Id` of a pack: the source and a hash of its events' `messageId`s, in order, so
+/// a request sent again is recognised in JetStream's duplicate window.
+fn pack_msg_id<'a>(source: &str, message_ids: impl Iterator<Item = &'a str>) -> String {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for id in message_ids {
+        digest.update((id.len() as u64).to_be_bytes());
+        digest.update(id.as_bytes());
+    }
+    format!("{source}:pack:{}", hex::encode(&digest.finalize()[..16]))
 }
 
 /// The dedup bucket's key of a `(source, messageId)`: KV keys allow few characters, so the

@@ -258,12 +258,14 @@ impl Inner {
     ) -> Result<watch::Sender<bool>, SpoolError> {
         let consumer = self.fresh_consumer(partition).await?;
         self.restore_retries(partition).await?;
-        let subject = self.options.event_subject(partition);
-        let target = match self.events.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => message.sequence,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
-            Err(e) => return Err(storage("cannot read the partition's last event", e)),
-        };
+        let mut target = 0;
+        for subject in self.options.partition_subjects(partition) {
+            match self.events.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => target = target.max(pack::event_seq(message.sequence, 0)),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(storage("cannot read the partition's last event", e)),
+            }
+        }
         self.state().partitions.insert(
             partition,
             PartitionState {
@@ -325,7 +327,7 @@ impl Inner {
             .events
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name),
-                filter_subject: self.options.event_subject(partition),
+                filter_subjects: self.options.partition_subjects(partition).to_vec(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: self.options.ack_wait,
                 max_deliver: -1,

@@ -14,6 +14,13 @@
 use super::*;
 use crate::segment::{EventType, UserKey};
 
+/// Bytes of messages taken in at once, at most (but for one larger message): packs make a
+/// fetch batch of messages hundreds of times as many events.
+const READY_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes one pull request asks for at most, so the client does not buffer many full
+/// fetch batches of packs.
+const PULL_BYTES: usize = 16 * 1024 * 1024;
+
 /// What a partition's pull loop does after a pull.
 enum Next {
     /// Start a new pull.
@@ -46,6 +53,7 @@ impl Inner {
                 .consumer
                 .stream()
                 .max_messages_per_batch(self.options.fetch_batch)
+                .max_bytes_per_batch(PULL_BYTES)
                 .heartbeat(PULL_HEARTBEAT)
                 .expires(PULL_EXPIRES)
                 .messages()
@@ -204,18 +212,22 @@ impl Inner {
         }
     }
 
-    /// `first` and the messages already received behind it (up to a fetch batch), and
-    /// whether the pull ended meanwhile.
+    /// `first` and the messages already received behind it (up to a fetch batch or
+    /// [`READY_BYTES`]), and whether the pull ended meanwhile.
     fn ready(
         &self,
         first: jetstream::Message,
         messages: &mut consumer::pull::Stream,
     ) -> (Vec<jetstream::Message>, bool) {
         use futures_util::FutureExt;
+        let mut bytes = first.payload.len();
         let mut batch = vec![first];
-        while batch.len() < self.options.fetch_batch {
+        while batch.len() < self.options.fetch_batch && bytes < READY_BYTES {
             match messages.next().now_or_never() {
-                Some(Some(Ok(message))) => batch.push(message),
+                Some(Some(Ok(message))) => {
+                    bytes += message.payload.len();
+                    batch.push(message);
+                }
                 Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "pulling from a partition failed; pulling again");
                     return (batch, true);
@@ -227,80 +239,54 @@ impl Inner {
         (batch, false)
     }
 
-    /// Judges a batch against the partition's dedup index, persists the new ids in its
-    /// journal, then drops the repeats (acked) and takes in the rest. False when the
-    /// partition was given up before the journal could be written (nothing taken in).
+    /// Judges a batch's events against the partition's dedup index, persists the new ids
+    /// in its journal, then drops the repeats (settled) and takes in the rest. False when
+    /// the partition was given up before the journal could be written (nothing taken in).
     async fn receive_batch(
         &self,
         (partition, epoch): (u32, u64),
         batch: Vec<jetstream::Message>,
-        index: Option<&mut dedup::PartitionIndex>,
+        mut index: Option<&mut dedup::PartitionIndex>,
         stopped: &watch::Receiver<bool>,
     ) -> bool {
-        let (Some(store), Some(index)) = (&self.dedup_index, index) else {
-            for message in batch {
-                self.receive(partition, epoch, message).await;
-            }
-            return true;
+        let arrivals: Vec<Arrival> = batch.into_iter().filter_map(Arrival::of).collect();
+        // Which events of each message to take in: a pack's settled events stay out.
+        let takes: Vec<Vec<usize>> = {
+            let mut state = self.state();
+            arrivals
+                .iter()
+                .map(|a| {
+                    let events = a.events.as_ref().map_or(0, Vec::len);
+                    match events {
+                        0 => Vec::new(),
+                        n => state.packs.arrived(partition, a.stream_seq, n, &a.reply),
+                    }
+                })
+                .collect()
         };
-        let now_secs = now_ms() / 1000;
-        let verdicts: Vec<dedup::Verdict> = batch
-            .iter()
-            .map(|message| {
-                let msg_id = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                    .map(|v| v.as_str().to_owned());
-                match (message.info(), msg_id) {
-                    (Ok(info), Some(msg_id)) => index.check(
-                        dedup::DedupStore::key(&msg_id),
-                        info.stream_sequence,
-                        now_secs,
-                        store.window(),
-                    ),
-                    // Without an id nothing can repeat it: taken in as it is.
-                    _ => dedup::Verdict::New,
+        let repeats = match (&self.dedup_index, index.as_deref_mut()) {
+            (Some(store), Some(index)) => {
+                let repeats = judge(store, index, &arrivals, &takes);
+                // Given up meanwhile (the journal write can take long while JetStream is
+                // away): the next owner, or this node's next consumer, delivers these
+                // events, so nothing of this pull may reach the queue state any more.
+                if !store.log(index, stopped).await || *stopped.borrow() {
+                    return false;
                 }
-            })
-            .collect();
-        // Given up meanwhile (the journal write can take long while JetStream is away):
-        // the next owner, or this node's next consumer, delivers these events, so nothing
-        // of this pull may reach the queue state any more.
-        if !store.log(index, stopped).await || *stopped.borrow() {
-            return false;
-        }
-        for (message, verdict) in batch.into_iter().zip(verdicts) {
-            if verdict == dedup::Verdict::Repeat {
-                self.drop_repeat(partition, message).await;
-            } else {
-                self.receive(partition, epoch, message).await;
+                repeats
             }
+            _ => takes.iter().map(|take| vec![false; take.len()]).collect(),
+        };
+        for ((arrival, take), repeats) in arrivals.into_iter().zip(takes).zip(repeats) {
+            self.receive(partition, epoch, arrival, take.into_iter().zip(repeats))
+                .await;
         }
-        if let Err(e) = store.maintain(index).await {
-            tracing::warn!(partition, error = %e, "cannot write the partition's dedup index out");
+        if let (Some(store), Some(index)) = (&self.dedup_index, index) {
+            if let Err(e) = store.maintain(index).await {
+                tracing::warn!(partition, error = %e, "cannot write the partition's dedup index out");
+            }
         }
         true
-    }
-
-    /// Acks a repeat of an id accepted before (its first copy is in the index's journal).
-    async fn drop_repeat(&self, partition: u32, message: jetstream::Message) {
-        let Ok(seq) = message.info().map(|info| info.stream_sequence) else {
-            return;
-        };
-        if let Some(p) = self.state().partitions.get_mut(&partition) {
-            p.seen_high = p.seen_high.max(seq);
-        }
-        if let Some(store) = &self.dedup_index {
-            store.repeats.inc();
-        }
-        tracing::debug!(partition, seq, "dropped a repeated messageId");
-        let reply = message
-            .reply
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        self.answer(vec![Reply::Ack { seq, reply }]).await;
     }
 
     /// Deliveries that went missing at the end of what the consumer sent, which no later
@@ -449,96 +435,158 @@ impl Inner {
     /// Takes in one delivery of the partition this pull's ownership (`epoch`) is about; a
     /// pull that outlived its ownership (given up while it was taking in a batch) takes in
     /// nothing: the partition's next consumer delivers it again.
-    pub(super) async fn receive(&self, partition: u32, epoch: u64, message: jetstream::Message) {
-        let (seq, delivered) = match message.info() {
-            Ok(info) => {
-                tracing::trace!(
-                    partition,
-                    seq = info.stream_sequence,
-                    delivery = info.consumer_sequence,
-                    delivered = info.delivered,
-                    "pulled an event"
-                );
-                (info.stream_sequence, info.delivered.max(1) as u64)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "a pulled message has no JetStream metadata");
-                return;
-            }
-        };
-        let reply = message
-            .reply
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let Some((kind, meta, payload)) = decode::<Meta>(&message.payload)
-            .and_then(|(meta, payload)| Some((EventType::from_stored(&meta.k)?, meta, payload)))
-        else {
-            tracing::error!(
-                seq,
-                "an event in the stream cannot be read; dead-lettering it"
-            );
-            let dead = DeadMeta {
-                source: "unknown".into(),
-                message_id: String::new(),
-                kind: String::new(),
-                user_key: String::new(),
-                received_at_ms: 0,
-                attempts: 0,
-                status: None,
-                error: "the stored event cannot be read".into(),
-                created_at_ms: now_ms(),
-                queue_seq: seq as i64,
-                history: Vec::new(),
-            };
-            if self.bury(&dead, &message.payload).await.is_ok() {
-                self.answer(vec![Reply::Ack { seq, reply }]).await;
-            }
-            return;
-        };
-        // An event still in memory (redelivered after its ack wait) is being handled here:
-        // only an event that comes back from JetStream counts against max_deliver.
-        let in_memory = self.state().get(seq as i64).is_some();
-        if !in_memory && self.options.max_deliver > 0 && delivered > self.options.max_deliver {
-            let dead = DeadMeta {
-                source: meta.s.clone(),
-                message_id: meta.m.clone(),
-                kind: meta.k.clone(),
-                user_key: meta.u.clone(),
-                received_at_ms: meta.r,
-                attempts: (delivered - 1) as u32,
-                status: None,
-                error: format!("delivered {} times (max_deliver)", delivered - 1),
-                created_at_ms: now_ms(),
-                queue_seq: seq as i64,
-                history: Vec::new(),
-            };
-            if self.bury(&dead, &payload).await.is_ok() {
-                self.answer(vec![Reply::Ack { seq, reply }]).await;
-            }
-            return;
-        }
-        let entry = Entry {
-            event: Leased {
-                seq: seq as i64,
-                source: meta.s,
-                message_id: meta.m,
-                kind,
-                user_key: UserKey::from_stored(meta.u),
-                payload,
-                attempts: meta.a,
-                received_at_ms: meta.r,
-            },
-            partition,
-            reply,
+    /// Takes in the events `take` (index, whether a repeat) of a delivered message: a
+    /// repeat is settled (its first copy is in the index's journal), an event delivered
+    /// more than `max_deliver` times goes to the dead letters, the rest to the queue state;
+    /// then tells JetStream what the message's events allow ([`state::Packs`]).
+    async fn receive(
+        &self,
+        partition: u32,
+        epoch: u64,
+        arrival: Arrival,
+        take: impl Iterator<Item = (usize, bool)>,
+    ) {
+        let Arrival {
+            stream_seq,
             delivered,
-            history: meta.h,
+            reply,
+            events,
+            body,
+            ..
+        } = arrival;
+        let Some(events) = events else {
+            self.bury_unreadable(stream_seq, reply, &body).await;
+            return;
         };
-        let answer = self.state().insert_owned(epoch, entry, now_ms());
-        match answer {
-            Some(nak @ Reply::Nak { .. }) => self.hold_later(nak).await,
-            Some(ack) => self.answer(vec![ack]).await,
-            None => {}
+        let mut events: Vec<Option<(Meta, Vec<u8>)>> = events.into_iter().map(Some).collect();
+        let mut entries = Vec::new();
+        let mut settled = Vec::new();
+        for (i, repeat) in take {
+            let Some((meta, payload)) = events.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            let seq = pack::event_seq(stream_seq, i);
+            if repeat {
+                if let Some(store) = &self.dedup_index {
+                    store.repeats.inc();
+                }
+                // Counted as accepted at ingest (JetStream did not recognise it there):
+                // counted as a duplicate now.
+                self.tally().withdrawn(&meta.s, meta.r, &meta.k);
+                tracing::debug!(partition, seq, "dropped a repeated messageId");
+                settled.push(seq);
+                continue;
+            }
+            // An event still in memory (redelivered after its ack wait) is being handled
+            // here: only an event that comes back from JetStream counts against max_deliver.
+            let in_memory = self.state().get(seq as i64).is_some();
+            let kind = EventType::from_stored(&meta.k);
+            let past_max = self.options.max_deliver > 0 && delivered > self.options.max_deliver;
+            if kind.is_none() || (!in_memory && past_max) {
+                if self
+                    .bury_event(seq, &meta, &payload, delivered, kind.is_none())
+                    .await
+                {
+                    settled.push(seq);
+                }
+                continue;
+            }
+            let Some(kind) = kind else { continue };
+            entries.push(Entry {
+                event: Leased {
+                    seq: seq as i64,
+                    source: meta.s,
+                    message_id: meta.m,
+                    kind,
+                    user_key: UserKey::from_stored(meta.u),
+                    payload,
+                    attempts: meta.a,
+                    received_at_ms: meta.r,
+                },
+                partition,
+                reply: reply.clone(),
+                delivered,
+                history: meta.h,
+            });
+        }
+        let replies = {
+            let mut state = self.state();
+            let now = now_ms();
+            if let Some(p) = state.partitions.get_mut(&partition) {
+                p.seen_high = p.seen_high.max(pack::event_seq(stream_seq, 0));
+            }
+            let mut replies: Vec<Reply> = entries
+                .into_iter()
+                .filter_map(|entry| state.insert_owned(epoch, entry, now))
+                .collect();
+            replies.extend(settled.into_iter().map(|seq| Reply::Ack {
+                seq,
+                reply: reply.clone(),
+            }));
+            state.packs.answer(replies, now)
+        };
+        let (acks, naks): (Vec<Reply>, Vec<Reply>) = replies
+            .into_iter()
+            .partition(|r| matches!(r, Reply::Ack { .. }));
+        for nak in naks {
+            self.hold_later(nak).await;
+        }
+        self.answer(acks).await;
+    }
+
+    /// Moves an event that cannot be delivered any more (past `max_deliver`, or of a kind
+    /// this build does not know) to the dead letters; true once it is there.
+    async fn bury_event(
+        &self,
+        seq: u64,
+        meta: &Meta,
+        payload: &[u8],
+        delivered: u64,
+        unknown_kind: bool,
+    ) -> bool {
+        let error = if unknown_kind {
+            format!("the stored event's kind `{}` is unknown", meta.k)
+        } else {
+            format!("delivered {} times (max_deliver)", delivered - 1)
+        };
+        let dead = DeadMeta {
+            source: meta.s.clone(),
+            message_id: meta.m.clone(),
+            kind: meta.k.clone(),
+            user_key: meta.u.clone(),
+            received_at_ms: meta.r,
+            attempts: (delivered - 1) as u32,
+            status: None,
+            error,
+            created_at_ms: now_ms(),
+            queue_seq: seq as i64,
+            history: Vec::new(),
+        };
+        self.bury(&dead, payload).await.is_ok()
+    }
+
+    /// Moves a message that cannot be read to the dead letters, whole, and acks it.
+    async fn bury_unreadable(&self, stream_seq: u64, reply: String, body: &[u8]) {
+        tracing::error!(
+            seq = stream_seq,
+            "an event in the stream cannot be read; dead-lettering it"
+        );
+        let dead = DeadMeta {
+            source: "unknown".into(),
+            message_id: String::new(),
+            kind: String::new(),
+            user_key: String::new(),
+            received_at_ms: 0,
+            attempts: 0,
+            status: None,
+            error: "the stored event cannot be read".into(),
+            created_at_ms: now_ms(),
+            queue_seq: pack::event_seq(stream_seq, 0) as i64,
+            history: Vec::new(),
+        };
+        if self.bury(&dead, body).await.is_ok() {
+            let seq = stream_seq;
+            self.answer(vec![Reply::Ack { seq, reply }]).await;
         }
     }
 
@@ -621,6 +669,101 @@ impl Cursor {
             taken_upto: 0,
             idle_seen: None,
         }
+    }
+}
+
+/// Whether each event to take in (`takes`, per arrival) repeats an id accepted earlier in
+/// the window; the new ids are recorded in the index (for its journal).
+fn judge(
+    store: &dedup::DedupStore,
+    index: &mut dedup::PartitionIndex,
+    arrivals: &[Arrival],
+    takes: &[Vec<usize>],
+) -> Vec<Vec<bool>> {
+    let now_secs = now_ms() / 1000;
+    arrivals
+        .iter()
+        .zip(takes)
+        .map(|(arrival, take)| {
+            take.iter()
+                .map(|i| match arrival.dedup_key(*i) {
+                    Some(key) => {
+                        let verdict =
+                            index.check(key, arrival.stream_seq, now_secs, store.window());
+                        verdict == dedup::Verdict::Repeat
+                    }
+                    // Without an id nothing can repeat it: taken in as it is.
+                    None => false,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A delivered message taken apart.
+struct Arrival {
+    stream_seq: u64,
+    /// JetStream's delivery count of the message.
+    delivered: u64,
+    reply: String,
+    /// The message's `Nats-Msg-Id` (a single event's key in the dedup index).
+    msg_id: Option<String>,
+    /// Its events ([`pack`]); `None` when the message cannot be read.
+    events: Option<Vec<(Meta, Vec<u8>)>>,
+    body: bytes::Bytes,
+}
+
+impl Arrival {
+    fn of(message: jetstream::Message) -> Option<Arrival> {
+        let info = match message.info() {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(error = %e, "a pulled message has no JetStream metadata");
+                return None;
+            }
+        };
+        tracing::trace!(
+            seq = info.stream_sequence,
+            delivery = info.consumer_sequence,
+            delivered = info.delivered,
+            "pulled a message"
+        );
+        let (stream_seq, delivered) = (info.stream_sequence, info.delivered.max(1) as u64);
+        let count = pack::events_in(message.subject.as_str());
+        let events = pack::decode(&message.payload, count).and_then(|bodies| {
+            bodies
+                .into_iter()
+                .map(decode::<Meta>)
+                .collect::<Option<Vec<_>>>()
+        });
+        let msg_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_owned());
+        Some(Arrival {
+            stream_seq,
+            delivered,
+            reply: message
+                .reply
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+            msg_id,
+            events,
+            body: message.payload.clone(),
+        })
+    }
+
+    /// The dedup index's key of event `i`: a single event's message id, a pack's event's
+    /// own (its source and `messageId`).
+    fn dedup_key(&self, i: usize) -> Option<u128> {
+        let events = self.events.as_ref()?;
+        if events.len() == 1 {
+            return self.msg_id.as_deref().map(dedup::DedupStore::key);
+        }
+        let (meta, _) = events.get(i)?;
+        Some(dedup::DedupStore::key(&msg_id(&meta.s, &meta.m)))
     }
 }
 

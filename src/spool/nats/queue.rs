@@ -3,6 +3,7 @@
 //! writability probe, statistics and close.
 
 use super::*;
+use futures_util::TryStreamExt;
 
 impl Inner {
     /// Appends the request's events: the report, and the indexes (in the request) of the
@@ -39,7 +40,9 @@ impl Inner {
         {
             let mut state = self.state();
             for (_, partition, seq) in &appended {
-                state.appended(*partition, *seq);
+                // The message's first event: a pull takes a message in whole.
+                let (stream_seq, _) = pack::message_of(*seq);
+                state.appended(*partition, pack::event_seq(stream_seq, 0));
             }
         }
         let mut tally = self.tally();
@@ -50,7 +53,7 @@ impl Inner {
         if !appended.is_empty() {
             tally.accepted(&request.source, request.received_at_ms, queued);
         }
-        let duplicates = report.duplicates as u64;
+        let duplicates = report.duplicates as i64;
         tally.count(
             &request.source,
             request.received_at_ms,
@@ -78,23 +81,28 @@ impl Inner {
             .collect()
     }
 
-    /// Publishes the events not `seen` before as pipelined asynchronous publishes, in
-    /// windows of at most [`PUBLISH_WINDOW`], each window's acks awaited together: the
-    /// report, the `(index, partition, seq)` of each new event, and the indexes of the
-    /// events now stored (new or a duplicate JetStream recognised).
+    /// Publishes the events not `seen` before, a request's repeats of a `messageId` dropped
+    /// (the first copy wins), as pipelined asynchronous publishes of one message per
+    /// partition ([`pack`]), in windows of at most [`PUBLISH_WINDOW`] events, each window's
+    /// acks awaited together: the report, the `(index, partition, seq)` of each new event,
+    /// and the indexes of the events now stored (new or in a message JetStream recognised).
     ///
     /// Order: the publishes go out one after the other on this node's one connection, so
     /// JetStream stores a partition's events of the request in request order.
-    /// In flight: a window takes its permits from [`Inner::publish_permits`] all at once
-    /// before it publishes, so the node never has more than [`MAX_PUBLISH_IN_FLIGHT`]
-    /// unacknowledged events and no request waits for permits while holding some.
+    /// In flight: a window takes its permits (one per event) from
+    /// [`Inner::publish_permits`] all at once before it publishes, so the node never has
+    /// more than [`MAX_PUBLISH_IN_FLIGHT`] unacknowledged events and no request waits for
+    /// permits while holding some.
     async fn publish(
         &self,
         request: &AppendRequest,
         seen: &[bool],
     ) -> Result<(AppendReport, Vec<(usize, u32, u64)>, Vec<usize>), SpoolError> {
         let mut report = AppendReport::default();
-        let fresh: Vec<usize> = (0..request.events.len()).filter(|i| !seen[*i]).collect();
+        let mut named = std::collections::HashSet::new();
+        let fresh: Vec<usize> = (0..request.events.len())
+            .filter(|i| !seen[*i] && named.insert(request.events[*i].message_id.as_str()))
+            .collect();
         report.duplicates = request.events.len() - fresh.len();
         let mut appended = Vec::with_capacity(fresh.len());
         let mut stored = Vec::with_capacity(fresh.len());
@@ -104,62 +112,102 @@ impl Inner {
                 .acquire_many(window.len() as u32)
                 .await
                 .map_err(|_| SpoolError::Closed)?;
-            let mut pending = Vec::with_capacity(window.len());
-            for &i in window {
-                let (partition, ack) = self.publish_one(request, &request.events[i]).await?;
-                pending.push((i, partition, ack));
+            let mut pending = Vec::new();
+            for (partition, events) in self.packs_of(request, window) {
+                let ack = self.publish_pack(request, partition, &events).await?;
+                pending.push((partition, events, ack));
             }
-            for (i, partition, ack) in pending {
+            for (partition, events, ack) in pending {
                 let ack = ack
                     .await
                     .map_err(|e| storage("JetStream did not acknowledge an event", e))?;
-                stored.push(i);
+                stored.extend(&events);
                 if ack.duplicate {
-                    report.duplicates += 1;
-                } else {
-                    report.queued += 1;
-                    appended.push((i, partition, ack.sequence));
+                    report.duplicates += events.len();
+                    continue;
+                }
+                report.queued += events.len();
+                for (index, i) in events.into_iter().enumerate() {
+                    appended.push((i, partition, pack::event_seq(ack.sequence, index)));
                 }
             }
         }
         Ok((report, appended, stored))
     }
 
-    /// Sends one event to its partition's subject without waiting for the ack.
-    async fn publish_one(
+    /// The window's events grouped by partition, in request order within each, and cut
+    /// into messages ([`pack::runs`]).
+    fn packs_of(&self, request: &AppendRequest, window: &[usize]) -> Vec<(u32, Vec<usize>)> {
+        let mut by_partition: Vec<(u32, Vec<usize>)> = Vec::new();
+        for &i in window {
+            let event = &request.events[i];
+            let partition = partition_of(
+                &request.source,
+                event.user_key.as_str(),
+                self.options.partitions,
+            );
+            match by_partition.iter_mut().find(|(p, _)| *p == partition) {
+                Some((_, events)) => events.push(i),
+                None => by_partition.push((partition, vec![i])),
+            }
+        }
+        let mut packs = Vec::new();
+        for (partition, events) in by_partition {
+            let sizes = events
+                .iter()
+                .map(|i| request.events[*i].payload.len() + 256);
+            let mut rest = events.as_slice();
+            for run in pack::runs(sizes) {
+                let (this, tail) = rest.split_at(run);
+                packs.push((partition, this.to_vec()));
+                rest = tail;
+            }
+        }
+        packs
+    }
+
+    /// Sends the events (indexes in the request) of one partition as one message, without
+    /// waiting for the ack. Its `Nats-Msg-Id` is the event's id for a single event, and
+    /// names the ids of a pack's events otherwise, so the retry of a request repeats it.
+    async fn publish_pack(
         &self,
         request: &AppendRequest,
-        event: &crate::segment::Event,
-    ) -> Result<(u32, jetstream::context::PublishAckFuture), SpoolError> {
-        let partition = partition_of(
-            &request.source,
-            event.user_key.as_str(),
-            self.options.partitions,
-        );
-        let meta = Meta {
-            s: request.source.clone(),
-            m: event.message_id.clone(),
-            k: event.kind.as_str().to_owned(),
-            u: event.user_key.as_str().to_owned(),
-            r: request.received_at_ms,
-            a: 0,
-            h: Vec::new(),
+        partition: u32,
+        events: &[usize],
+    ) -> Result<jetstream::context::PublishAckFuture, SpoolError> {
+        let bodies: Vec<Vec<u8>> = events
+            .iter()
+            .map(|i| {
+                let event = &request.events[*i];
+                let meta = Meta {
+                    s: request.source.clone(),
+                    m: event.message_id.clone(),
+                    k: event.kind.as_str().to_owned(),
+                    u: event.user_key.as_str().to_owned(),
+                    r: request.received_at_ms,
+                    a: 0,
+                    h: Vec::new(),
+                };
+                encode(&meta, &event.payload)
+            })
+            .collect();
+        let ids = events
+            .iter()
+            .map(|i| request.events[*i].message_id.as_str());
+        let (id, body) = match bodies.len() {
+            1 => (
+                msg_id(&request.source, &request.events[events[0]].message_id),
+                bodies.into_iter().next().unwrap_or_default(),
+            ),
+            _ => (pack_msg_id(&request.source, ids), pack::encode(&bodies)),
         };
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            msg_id(&request.source, &event.message_id).as_str(),
-        );
-        let ack = self
-            .js
-            .publish_with_headers(
-                self.options.event_subject(partition),
-                headers,
-                encode(&meta, &event.payload).into(),
-            )
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let subject = pack::subject(&self.options.subject_prefix, partition, events.len());
+        self.js
+            .publish_with_headers(subject, headers, body.into())
             .await
-            .map_err(|e| storage("publishing an event failed", e))?;
-        Ok((partition, ack))
+            .map_err(|e| storage("publishing an event failed", e))
     }
 
     /// Records stored ids in the dedup bucket. A failure here loses no event: the stream's
@@ -240,7 +288,9 @@ impl Inner {
         }
         let (replies, changes) = {
             let mut state = self.state();
-            let replies = state.settle(&settlement, now_ms());
+            let now = now_ms();
+            let replies = state.settle(&settlement, now);
+            let replies = state.packs.answer(replies, now);
             (replies, state.take_record_changes())
         };
         // Retry records before the naks: a node that dies right after a nak has left the
@@ -334,19 +384,18 @@ impl Inner {
         let mut oldest = None;
         let mut depth = 0;
         for _ in 0..3 {
-            let info = self
-                .events
-                .get_info()
-                .await
-                .map_err(|e| storage("cannot read the events stream", e))?;
-            depth = info.state.messages;
+            let (first, events) = self.depth().await?;
+            depth = events;
             if depth == 0 {
                 oldest = None;
                 break;
             }
-            match self.events.get_raw_message(info.state.first_sequence).await {
+            match self.events.get_raw_message(first).await {
                 Ok(message) => {
-                    oldest = decode::<Meta>(&message.payload).map(|(meta, _)| meta.r);
+                    let events = pack::events_in(message.subject.as_str());
+                    oldest = pack::decode(&message.payload, events)
+                        .and_then(|bodies| decode::<Meta>(bodies.first()?))
+                        .map(|(meta, _)| meta.r);
                     break;
                 }
                 // Acked between the two reads: look again.
@@ -363,6 +412,30 @@ impl Inner {
             oldest_received_at_ms: oldest,
             dead_letters: dead.state.messages,
         })
+    }
+
+    /// The events stream's first sequence and the events it holds: its messages per
+    /// subject, each subject saying how many events its messages hold ([`pack`]), less
+    /// those this node settled in packs it has not acked yet (another node's are counted
+    /// until their pack is acked).
+    async fn depth(&self) -> Result<(u64, u64), SpoolError> {
+        let read = |e| storage("cannot read the events stream", e);
+        let mut subjects = self
+            .events
+            .info_with_subjects(format!("{}.events.>", self.options.subject_prefix))
+            .await
+            .map_err(read)?;
+        let mut events = 0;
+        while let Some((subject, messages)) = subjects.try_next().await.map_err(read)? {
+            events += (messages * pack::events_in(&subject)) as u64;
+        }
+        // A pack stays in the stream until its last event is settled: the events of this
+        // node's packs settled before then are not queued any more.
+        let settled = self.state().packs.settled();
+        Ok((
+            subjects.info.state.first_sequence,
+            events.saturating_sub(settled),
+        ))
     }
 
     pub(super) async fn close(&self) {

@@ -24,6 +24,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::segment::{HoldKey, UserKey};
 use crate::spool::{Leased, Settlement};
 
+mod packs;
+pub use packs::Packs;
+
 /// Where an event came from and how to answer JetStream about it.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -49,6 +52,32 @@ pub enum Reply {
         reply: String,
         delay_ms: u64,
     },
+}
+
+impl Reply {
+    /// The event (or message) it is about.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Reply::Ack { seq, .. } | Reply::Nak { seq, .. } => *seq,
+        }
+    }
+
+    /// The same answer about the message at `stream_seq`.
+    fn for_message(self, stream_seq: u64) -> Reply {
+        match self {
+            Reply::Ack { reply, .. } => Reply::Ack {
+                seq: stream_seq,
+                reply,
+            },
+            Reply::Nak {
+                reply, delay_ms, ..
+            } => Reply::Nak {
+                seq: stream_seq,
+                reply,
+                delay_ms,
+            },
+        }
+    }
 }
 
 /// What the owner of a partition remembers of a retried event, kept in JetStream so that
@@ -147,6 +176,8 @@ pub struct QueueState {
     /// Retry records to write or remove, drained by [`QueueState::take_record_changes`].
     record_changes: Vec<RecordChange>,
     pub partitions: HashMap<u32, PartitionState>,
+    /// The messages of several events taken in and not acked: their answers to JetStream.
+    pub packs: Packs,
 }
 
 fn hold_key(source: &str, user_key: &UserKey) -> HoldKey {
@@ -440,9 +471,10 @@ impl QueueState {
             hold.retry_at = hold.retry_at.max(retry_at_ms);
             hold.outstanding.insert(seq);
             waiting.insert(key);
+            // Should it come back early (a new consumer delivers it again at once, or it
+            // shares a message with an event due sooner), it is nakked with what is left.
+            self.restored.insert(seq, retry_at_ms);
             if self.stale.remove(&seq) {
-                // The new consumer delivers it again at once: nakked then with what is left.
-                self.restored.insert(seq, retry_at_ms);
                 continue;
             }
             replies.push(Reply::Nak {
@@ -514,6 +546,7 @@ impl QueueState {
         }
         self.holds.retain(|_, hold| hold.partition != partition);
         self.ack_on_arrival.retain(|_, p| *p != partition);
+        self.packs.drop_partition(partition);
     }
 
     /// The partition's consumer was replaced (deliveries went missing on the way, or the
