@@ -684,4 +684,15 @@ async fn lookups(name: &str, url: &str, known: u64) {
         );
     }
     println!("{line}");
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let text = metrics.text().await.unwrap_or_default();
+    let dropped = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_delivery_log_dropped_total "))
+        .unwrap_or("0");
+    println!("    delivery-log records dropped because its writes fell behind, {name}: {dropped}");
 }

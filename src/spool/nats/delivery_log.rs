@@ -24,7 +24,8 @@
 //!   partition owners' dedup journal and the buckets never wait behind them. A write takes
 //!   all its permits ([`LOG_IN_FLIGHT`]) at once before it publishes, so writes never hold
 //!   some while waiting for more (no deadlock among them); at most [`MAX_LOG_BACKLOG`]
-//!   records wait for permits, more are dropped (warned about, at most every 10 s).
+//!   records wait for permits, more are dropped (warned about, at most every 10 s, and
+//!   counted in `gateway_delivery_log_dropped_total`).
 //! - An append writes records only for the events the queue newly queued, not for those
 //!   it recognised as duplicates, so a repeated append within JetStream's duplicate window
 //!   writes no second accepted record; no record carries a `Nats-Msg-Id` (that would cost
@@ -181,15 +182,18 @@ struct LogWrites {
     /// Records dropped since the last warning, and when that was.
     dropped: AtomicUsize,
     warned_at_ms: AtomicI64,
+    /// Every record dropped (`gateway_delivery_log_dropped_total`).
+    dropped_total: prometheus::IntCounter,
 }
 
 impl LogWrites {
-    fn new() -> LogWrites {
+    fn new(dropped_total: prometheus::IntCounter) -> LogWrites {
         LogWrites {
             permits: tokio::sync::Semaphore::new(LOG_IN_FLIGHT),
             backlog: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
             warned_at_ms: AtomicI64::new(0),
+            dropped_total,
         }
     }
 
@@ -201,6 +205,7 @@ impl LogWrites {
             return true;
         }
         self.backlog.fetch_sub(n, Ordering::AcqRel);
+        self.dropped_total.inc_by(n as u64);
         let dropped = self.dropped.fetch_add(n, Ordering::AcqRel) + n;
         let now = super::now_ms();
         let last = self.warned_at_ms.load(Ordering::Acquire);
@@ -262,7 +267,7 @@ impl NatsSpool {
             stream: opened,
             prefix: inner.options.subject_prefix.clone(),
             runtime: tokio::runtime::Handle::current(),
-            writes: Arc::new(LogWrites::new()),
+            writes: Arc::new(LogWrites::new(inner.gauges.log_dropped.clone())),
             index: Arc::default(),
         };
         log.flush_index_periodically();
@@ -811,7 +816,8 @@ mod tests {
 
     #[test]
     fn the_backlog_admits_up_to_its_bound_and_counts_what_it_drops() {
-        let writes = LogWrites::new();
+        let total = prometheus::IntCounter::new("dropped", "test").expect("a counter");
+        let writes = LogWrites::new(total.clone());
         assert!(writes.admit(MAX_LOG_BACKLOG - 10));
         assert!(writes.admit(10), "exactly the bound is admitted");
         assert!(!writes.admit(1), "one more is dropped");
@@ -820,6 +826,7 @@ mod tests {
         // only counted.
         assert!(!writes.admit(5));
         assert_eq!(writes.dropped.load(Ordering::Acquire), 5);
+        assert_eq!(total.get(), 6, "every dropped record counted");
         writes.backlog.fetch_sub(100, Ordering::AcqRel);
         assert!(writes.admit(100), "room again once writes finished");
     }

@@ -345,6 +345,7 @@ struct NodeGauges {
     connected: prometheus::IntGauge,
     takeovers: prometheus::IntCounter,
     consumer_resets: prometheus::IntCounter,
+    log_dropped: prometheus::IntCounter,
 }
 
 impl NodeGauges {
@@ -368,6 +369,13 @@ impl NodeGauges {
         )
         .expect("a valid metric");
         let _ = metrics.registry.register(Box::new(consumer_resets.clone()));
+        let log_dropped = prometheus::IntCounter::new(
+            "gateway_delivery_log_dropped_total",
+            "Delivery-log records this node dropped because the log's writes fell behind \
+             (the events themselves are queued; only their view in the log is incomplete).",
+        )
+        .expect("a valid metric");
+        let _ = metrics.registry.register(Box::new(log_dropped.clone()));
         NodeGauges {
             partitions: gauge(
                 "gateway_nats_partitions_owned",
@@ -383,6 +391,7 @@ impl NodeGauges {
             ),
             takeovers,
             consumer_resets,
+            log_dropped,
         }
     }
 }
