@@ -16,9 +16,12 @@
 //!
 //! Invariants:
 //! - [`LoggingSpool`] wraps the queue: it writes the log after the queue's own append or
-//!   settle succeeded, in the background, so the log never delays or fails ingest or
-//!   delivery. A failed log write is logged (debug) and counted nowhere else: the log is a
-//!   view, never the truth about an event.
+//!   settle succeeded, in the background, so the log never fails ingest or delivery. It
+//!   delays them only when far behind: past [`PACE_BACKLOG`] records waiting, an append or
+//!   a settlement waits for the log's writes ([`PACE_WAIT`] at most) before it answers, so
+//!   sustained load goes at the log's pace (as the embedded spool's log, written within
+//!   each append) instead of losing its records. A failed log write is logged (debug) and
+//!   counted nowhere else: the log is a view, never the truth about an event.
 //! - The log's writes never take what the queue needs: they go through their own JetStream
 //!   context (its own bound on unacknowledged publishes), so the queue's appends, the
 //!   partition owners' dedup journal and the buckets never wait behind them. A write takes
@@ -65,6 +68,12 @@ pub const LOG_IN_FLIGHT: usize = 4096;
 /// Log records waiting to be published, at most: past it the log drops records (it is a
 /// view; ingest and delivery never wait for it).
 pub const MAX_LOG_BACKLOG: usize = 200_000;
+/// Log records waiting past which an append or a settlement waits for the log's writes
+/// before it answers ([`PACE_WAIT`] at most).
+pub const PACE_BACKLOG: usize = 50_000;
+/// How long an append or a settlement waits at most for the log to catch up: a log that
+/// cannot keep up (JetStream slow or away) slows them by that much, never fails them.
+const PACE_WAIT: Duration = Duration::from_secs(1);
 /// How often, at most, dropped log records are warned about.
 const DROP_WARN_EVERY_MS: i64 = 10_000;
 /// How long index entries are gathered before they are written, one record per key.
@@ -289,6 +298,18 @@ impl NatsDeliveryLog {
     /// Publishes records in the background; the log never holds up the caller.
     fn publish(&self, records: Vec<LogRecord>) {
         publish_in_background(&self.runtime, &self.js, &self.writes, records);
+    }
+
+    /// Waits, [`PACE_WAIT`] at most, while more than [`PACE_BACKLOG`] records wait to be
+    /// written: sustained ingest or delivery then goes at the log's pace instead of
+    /// outrunning it until its records are dropped.
+    async fn keep_pace(&self) {
+        let deadline = tokio::time::Instant::now() + PACE_WAIT;
+        while self.writes.backlog.load(Ordering::Acquire) > PACE_BACKLOG
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Gathers index entries (each: `key` names the message id), written with the others
@@ -764,6 +785,7 @@ impl Spool for LoggingSpool {
             .filter(|(i, _, _)| is_new[*i])
             .map(|(_, key, message_id)| (key, message_id));
         self.log.index_later(&source, entries);
+        self.log.keep_pace().await;
         Ok(report)
     }
 
@@ -793,6 +815,7 @@ impl Spool for LoggingSpool {
                 known.remove(seq);
             }
         }
+        self.log.keep_pace().await;
         Ok(())
     }
 
