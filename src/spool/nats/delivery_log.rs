@@ -69,8 +69,10 @@ pub const LOG_IN_FLIGHT: usize = 4096;
 /// view; ingest and delivery never wait for it).
 pub const MAX_LOG_BACKLOG: usize = 200_000;
 /// Log records waiting past which an append or a settlement waits for the log's writes
-/// before it answers ([`PACE_WAIT`] at most).
-pub const PACE_BACKLOG: usize = 50_000;
+/// before it answers ([`PACE_WAIT`] at most): close enough to [`MAX_LOG_BACKLOG`] that a
+/// burst (an outage's failed attempts, a spike of ingest) is absorbed without slowing
+/// anything, far enough that sustained load is paced before records are dropped.
+pub const PACE_BACKLOG: usize = 150_000;
 /// How long an append or a settlement waits at most for the log to catch up: a log that
 /// cannot keep up (JetStream slow or away) slows them by that much, never fails them.
 const PACE_WAIT: Duration = Duration::from_secs(1);

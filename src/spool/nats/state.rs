@@ -313,27 +313,27 @@ impl QueueState {
         let mut out = Vec::new();
         let mut taken: HashMap<HoldKey, u32> = HashMap::new();
         let mut blocked: HashSet<HoldKey> = HashSet::new();
+        // The user of the last event passed over: its later events right behind it are
+        // passed over without a look (a user's events of one pack are in a row).
+        let mut passed: Option<(&str, &UserKey)> = None;
         for (seq, entry) in &self.entries {
             if out.len() >= max {
                 break;
             }
-            if !self
-                .partitions
-                .get(&entry.partition)
-                .is_some_and(|p| p.leasable && p.fresh_until.is_none_or(|until| now < until))
-            {
+            let who = (entry.event.source.as_str(), &entry.event.user_key);
+            if passed == Some(who) {
                 continue;
             }
-            let key = hold_key(&entry.event.source, &entry.event.user_key);
-            if self.stale.contains(seq) {
-                // Its user waits until the new consumer delivered it again.
-                blocked.insert(key);
+            if !self.may_lease(*seq, entry, &blocked, now) {
+                if self.stale.contains(seq) {
+                    // Its user waits until the new consumer delivered it again.
+                    blocked.insert(hold_key(who.0, who.1));
+                }
+                passed = Some(who);
                 continue;
             }
-            if blocked.contains(&key) || self.holds.get(&key).is_some_and(|h| h.blocks(*seq, now)) {
-                continue;
-            }
-            taken.insert(key, entry.partition);
+            passed = None;
+            taken.insert(hold_key(who.0, who.1), entry.partition);
             out.push(entry.event.clone());
         }
         for (key, partition) in taken {
@@ -342,6 +342,20 @@ impl QueueState {
             hold.lease_until = now + lease_ms;
         }
         out
+    }
+
+    /// Whether the event may be leased now: its partition leasable and fresh, the event not
+    /// stale, its user neither `blocked` in this lease nor held.
+    fn may_lease(&self, seq: u64, entry: &Entry, blocked: &HashSet<HoldKey>, now: i64) -> bool {
+        let fresh = self
+            .partitions
+            .get(&entry.partition)
+            .is_some_and(|p| p.leasable && p.fresh_until.is_none_or(|until| now < until));
+        if !fresh || self.stale.contains(&seq) {
+            return false;
+        }
+        let key = hold_key(&entry.event.source, &entry.event.user_key);
+        !blocked.contains(&key) && !self.holds.get(&key).is_some_and(|h| h.blocks(seq, now))
     }
 
     /// The entry behind a leased sequence, if this node still has it.
