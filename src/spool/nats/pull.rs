@@ -250,17 +250,18 @@ impl Inner {
         stopped: &watch::Receiver<bool>,
     ) -> bool {
         let arrivals: Vec<Arrival> = batch.into_iter().filter_map(Arrival::of).collect();
-        // Which events of each message to take in: a pack's settled events stay out.
+        // Which events of each message to take in: a pack's settled events stay out, and
+        // nothing of a pull that outlived its ownership.
         let takes: Vec<Vec<usize>> = {
             let mut state = self.state();
+            let owned = state.partitions.get(&partition).map(|p| p.epoch) == Some(epoch);
             arrivals
                 .iter()
-                .map(|a| {
-                    let events = a.events.as_ref().map_or(0, Vec::len);
-                    match events {
-                        0 => Vec::new(),
-                        n => state.packs.arrived(partition, a.stream_seq, n, &a.reply),
+                .map(|a| match a.events.as_ref().map_or(0, Vec::len) {
+                    n if n > 0 && owned => {
+                        state.packs.arrived(partition, a.stream_seq, n, &a.reply)
                     }
+                    _ => Vec::new(),
                 })
                 .collect()
         };
@@ -435,10 +436,8 @@ impl Inner {
     /// Takes in one delivery of the partition this pull's ownership (`epoch`) is about; a
     /// pull that outlived its ownership (given up while it was taking in a batch) takes in
     /// nothing: the partition's next consumer delivers it again.
-    /// Takes in the events `take` (index, whether a repeat) of a delivered message: a
-    /// repeat is settled (its first copy is in the index's journal), an event delivered
-    /// more than `max_deliver` times goes to the dead letters, the rest to the queue state;
-    /// then tells JetStream what the message's events allow ([`state::Packs`]).
+    /// Takes in the events `take` (index, whether a repeat) of a delivered message, then
+    /// tells JetStream what the message's events allow ([`state::Packs`]).
     async fn receive(
         &self,
         partition: u32,
@@ -446,18 +445,12 @@ impl Inner {
         arrival: Arrival,
         take: impl Iterator<Item = (usize, bool)>,
     ) {
-        let Arrival {
-            stream_seq,
-            delivered,
-            reply,
-            events,
-            body,
-            ..
-        } = arrival;
-        let Some(events) = events else {
-            self.bury_unreadable(stream_seq, reply, &body).await;
+        let Some(events) = arrival.events else {
+            let (seq, reply) = (arrival.stream_seq, arrival.reply);
+            self.bury_unreadable(seq, reply, &arrival.body).await;
             return;
         };
+        let (stream_seq, reply) = (arrival.stream_seq, arrival.reply);
         let mut events: Vec<Option<(Meta, Vec<u8>)>> = events.into_iter().map(Some).collect();
         let mut entries = Vec::new();
         let mut settled = Vec::new();
@@ -466,65 +459,23 @@ impl Inner {
                 continue;
             };
             let seq = pack::event_seq(stream_seq, i);
-            if repeat {
-                if let Some(store) = &self.dedup_index {
-                    store.repeats.inc();
-                }
-                // Counted as accepted at ingest (JetStream did not recognise it there):
-                // counted as a duplicate now.
-                self.tally().withdrawn(&meta.s, meta.r, &meta.k);
-                tracing::debug!(partition, seq, "dropped a repeated messageId");
-                settled.push(seq);
-                continue;
-            }
-            // An event still in memory (redelivered after its ack wait) is being handled
-            // here: only an event that comes back from JetStream counts against max_deliver.
-            let in_memory = self.state().get(seq as i64).is_some();
-            let kind = EventType::from_stored(&meta.k);
-            let past_max = self.options.max_deliver > 0 && delivered > self.options.max_deliver;
-            if kind.is_none() || (!in_memory && past_max) {
-                if self
-                    .bury_event(seq, &meta, &payload, delivered, kind.is_none())
-                    .await
-                {
-                    settled.push(seq);
-                }
-                continue;
-            }
-            let Some(kind) = kind else { continue };
-            entries.push(Entry {
-                event: Leased {
-                    seq: seq as i64,
-                    source: meta.s,
-                    message_id: meta.m,
-                    kind,
-                    user_key: UserKey::from_stored(meta.u),
-                    payload,
-                    attempts: meta.a,
-                    received_at_ms: meta.r,
-                },
+            let at = Delivered {
                 partition,
-                reply: reply.clone(),
-                delivered,
-                history: meta.h,
-            });
-        }
-        let replies = {
-            let mut state = self.state();
-            let now = now_ms();
-            if let Some(p) = state.partitions.get_mut(&partition) {
-                p.seen_high = p.seen_high.max(pack::event_seq(stream_seq, 0));
-            }
-            let mut replies: Vec<Reply> = entries
-                .into_iter()
-                .filter_map(|entry| state.insert_owned(epoch, entry, now))
-                .collect();
-            replies.extend(settled.into_iter().map(|seq| Reply::Ack {
                 seq,
-                reply: reply.clone(),
-            }));
-            state.packs.answer(replies, now)
-        };
+                delivered: arrival.delivered,
+                reply: &reply,
+            };
+            match self.sort(at, repeat, meta, payload).await {
+                Sorted::Settled => settled.push(seq),
+                Sorted::Entry(entry) => entries.push(*entry),
+                Sorted::Left => {}
+            }
+        }
+        let settled = settled.into_iter().map(|seq| Reply::Ack {
+            seq,
+            reply: reply.clone(),
+        });
+        let replies = self.take_in((partition, epoch), stream_seq, entries, settled);
         let (acks, naks): (Vec<Reply>, Vec<Reply>) = replies
             .into_iter()
             .partition(|r| matches!(r, Reply::Ack { .. }));
@@ -532,6 +483,82 @@ impl Inner {
             self.hold_later(nak).await;
         }
         self.answer(acks).await;
+    }
+
+    /// Puts a message's events into the queue state (if the partition's ownership is still
+    /// `epoch`), with the answers of those it `settled` on arrival: what to tell JetStream
+    /// about the message.
+    fn take_in(
+        &self,
+        (partition, epoch): (u32, u64),
+        stream_seq: u64,
+        entries: Vec<Entry>,
+        settled: impl Iterator<Item = Reply>,
+    ) -> Vec<Reply> {
+        let mut state = self.state();
+        let now = now_ms();
+        if let Some(p) = state.partitions.get_mut(&partition) {
+            p.seen_high = p.seen_high.max(pack::event_seq(stream_seq, 0));
+        }
+        let mut replies: Vec<Reply> = entries
+            .into_iter()
+            .filter_map(|entry| state.insert_owned(epoch, entry, now))
+            .collect();
+        replies.extend(settled);
+        state.packs.answer(replies, now)
+    }
+
+    /// What becomes of one event of a delivery: a repeat is settled (its first copy is in
+    /// the index's journal); one delivered more than `max_deliver` times, or of a kind this
+    /// build does not know, goes to the dead letters (settled once it is there); the rest
+    /// goes to the queue state.
+    async fn sort(&self, at: Delivered<'_>, repeat: bool, meta: Meta, payload: Vec<u8>) -> Sorted {
+        let Delivered {
+            partition,
+            seq,
+            delivered,
+            reply,
+        } = at;
+        if repeat {
+            if let Some(store) = &self.dedup_index {
+                store.repeats.inc();
+            }
+            // Counted as accepted at ingest (JetStream did not recognise it there):
+            // counted as a duplicate now.
+            self.tally().withdrawn(&meta.s, meta.r, &meta.k);
+            tracing::debug!(partition, seq, "dropped a repeated messageId");
+            return Sorted::Settled;
+        }
+        // An event still in memory (redelivered after its ack wait) is being handled here:
+        // only an event that comes back from JetStream counts against max_deliver.
+        let in_memory = self.state().get(seq as i64).is_some();
+        let past_max = self.options.max_deliver > 0 && delivered > self.options.max_deliver;
+        let Some(kind) = EventType::from_stored(&meta.k).filter(|_| in_memory || !past_max) else {
+            let unknown_kind = EventType::from_stored(&meta.k).is_none();
+            return match self
+                .bury_event(seq, &meta, &payload, delivered, unknown_kind)
+                .await
+            {
+                true => Sorted::Settled,
+                false => Sorted::Left,
+            };
+        };
+        Sorted::Entry(Box::new(Entry {
+            event: Leased {
+                seq: seq as i64,
+                source: meta.s,
+                message_id: meta.m,
+                kind,
+                user_key: UserKey::from_stored(meta.u),
+                payload,
+                attempts: meta.a,
+                received_at_ms: meta.r,
+            },
+            partition,
+            reply: reply.to_owned(),
+            delivered,
+            history: meta.h,
+        }))
     }
 
     /// Moves an event that cannot be delivered any more (past `max_deliver`, or of a kind
@@ -698,6 +725,26 @@ fn judge(
                 .collect()
         })
         .collect()
+}
+
+/// Where an event of a delivery stands: its partition, its `seq`, its message's delivery
+/// count and reply subject.
+#[derive(Clone, Copy)]
+struct Delivered<'a> {
+    partition: u32,
+    seq: u64,
+    delivered: u64,
+    reply: &'a str,
+}
+
+/// What becomes of one event of a delivery ([`Inner::sort`]).
+enum Sorted {
+    /// Settled on arrival: a repeat, or copied to the dead letters.
+    Settled,
+    /// To the queue state.
+    Entry(Box<Entry>),
+    /// Neither (its dead letter could not be written): it comes back with its message.
+    Left,
 }
 
 /// A delivered message taken apart.
