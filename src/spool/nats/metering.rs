@@ -15,6 +15,11 @@
 //! - `d.<source>`: events queued and not yet settled (the backlog).
 //! - `s.<source>`: when the spool first counted the source.
 //!
+//! Increments are signed: a repeat that JetStream's duplicate window did not recognise at
+//! ingest (its first copy came in another request, or before the window) is counted as
+//! received there, and taken back as a duplicate by the partition's owner when it drops it
+//! (`Tally::withdrawn`).
+//!
 //! What it does not promise (documented in `docs/distributed.md`): a node that dies loses
 //! the increments of its last interval (events are never lost, only counted less); an event
 //! delivered again after a take-over is counted as forwarded again; the backlog is bounded
