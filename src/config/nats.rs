@@ -63,11 +63,11 @@ pub struct NatsSettings {
     pub ack_wait_secs: u64,
     /// Deliveries after which an event is dead-lettered; 0 = no limit.
     pub max_deliver: u64,
-    /// Unacked events per partition consumer.
+    /// Unacked messages (events, or packs of them) per partition consumer.
     pub max_ack_pending: i64,
     /// Events a node holds in memory before it stops pulling.
     pub max_buffered: usize,
-    /// Events pulled per request.
+    /// Messages (events, or packs of them) pulled per request.
     pub fetch_batch: usize,
     /// This node's name in the ownership bucket (a random suffix is added); empty: the
     /// host name.

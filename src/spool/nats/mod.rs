@@ -132,11 +132,12 @@ pub struct NatsSpoolOptions {
     pub max_deliver: u64,
     /// How long dead letters are kept (the dead-letter stream's max age); none: forever.
     pub dead_letter_retention: Option<Duration>,
-    /// Unacked events JetStream lets one partition's consumer have.
+    /// Unacked messages (events, or packs of them) JetStream lets one partition's consumer
+    /// have.
     pub max_ack_pending: i64,
     /// Events a node holds in memory before it stops pulling.
     pub max_buffered: usize,
-    /// Events pulled per request.
+    /// Messages (events, or packs of them) pulled per request.
     pub fetch_batch: usize,
     /// This node's name in the ownership bucket (unique per process: a suffix is added).
     pub node_name: String,
