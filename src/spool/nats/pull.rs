@@ -529,19 +529,21 @@ impl Inner {
             tracing::debug!(partition, seq, "dropped a repeated messageId");
             return Sorted::Settled;
         }
-        // An event still in memory (redelivered after its ack wait) is being handled here:
-        // only an event that comes back from JetStream counts against max_deliver.
-        let in_memory = self.state().get(seq as i64).is_some();
-        let past_max = self.options.max_deliver > 0 && delivered > self.options.max_deliver;
-        let Some(kind) = EventType::from_stored(&meta.k).filter(|_| in_memory || !past_max) else {
-            let unknown_kind = EventType::from_stored(&meta.k).is_none();
-            return match self
-                .bury_event(seq, &meta, &payload, delivered, unknown_kind)
-                .await
-            {
-                true => Sorted::Settled,
-                false => Sorted::Left,
-            };
+        // Only an event that comes back from JetStream counts against max_deliver, not one
+        // still in memory (redelivered after its ack wait, being handled here): the state
+        // is looked at only for an event past the bound.
+        let past_max = self.options.max_deliver > 0
+            && delivered > self.options.max_deliver
+            && self.state().get(seq as i64).is_none();
+        let kind = match EventType::from_stored(&meta.k) {
+            Some(kind) if !past_max => kind,
+            kind => {
+                let buried = self.bury_event(seq, &meta, &payload, delivered, kind.is_none());
+                return match buried.await {
+                    true => Sorted::Settled,
+                    false => Sorted::Left,
+                };
+            }
         };
         Sorted::Entry(Box::new(Entry {
             event: Leased {

@@ -105,13 +105,11 @@ impl Packs {
                 reply: open.reply,
             });
         }
-        let due = open
+        // The earliest due time, if every event left is out (`None` while one is here).
+        let first = open
             .left
             .values()
-            .map(|due| due.ok_or(()))
-            .collect::<Result<Vec<i64>, ()>>()
-            .ok()?;
-        let first = due.into_iter().min()?;
+            .try_fold(i64::MAX, |first, due| Some(first.min((*due)?)))?;
         Some(Reply::Nak {
             seq: stream_seq,
             reply: open.reply.clone(),
@@ -132,13 +130,9 @@ impl Packs {
             .sum()
     }
 
-    /// Open packs (for tests and gauges).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.open.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
     }
 }
 
@@ -151,6 +145,14 @@ mod tests {
             seq,
             reply: "old".into(),
         }
+    }
+
+    /// The ack of message `seq` on `reply`.
+    fn acked(seq: u64, reply: &str) -> Vec<Reply> {
+        vec![Reply::Ack {
+            seq,
+            reply: reply.into(),
+        }]
     }
 
     fn nak(seq: u64, delay_ms: u64) -> Reply {
@@ -168,7 +170,7 @@ mod tests {
         let seq = pack::event_seq(9, 0);
         assert_eq!(packs.answer(vec![ack(seq)], 0), vec![ack(9)]);
         assert_eq!(packs.answer(vec![nak(seq, 30)], 0), vec![nak(9, 30)]);
-        assert!(packs.is_empty());
+        assert_eq!(packs.len(), 0);
     }
 
     #[test]
@@ -177,15 +179,8 @@ mod tests {
         assert_eq!(packs.arrived(0, 5, 3, "r5"), vec![0, 1, 2]);
         let seqs: Vec<u64> = (0..3).map(|i| pack::event_seq(5, i)).collect();
         assert!(packs.answer(vec![ack(seqs[0]), ack(seqs[2])], 0).is_empty());
-        let answered = packs.answer(vec![ack(seqs[1])], 0);
-        assert_eq!(
-            answered,
-            vec![Reply::Ack {
-                seq: 5,
-                reply: "r5".into()
-            }]
-        );
-        assert!(packs.is_empty());
+        assert_eq!(packs.answer(vec![ack(seqs[1])], 0), acked(5, "r5"));
+        assert_eq!(packs.len(), 0);
     }
 
     #[test]
@@ -215,14 +210,7 @@ mod tests {
             packs.answer(vec![ack(seqs[0])], 4_000).is_empty(),
             "one still in memory"
         );
-        let answered = packs.answer(vec![ack(seqs[1])], 4_000);
-        assert_eq!(
-            answered,
-            vec![Reply::Ack {
-                seq: 5,
-                reply: "r5b".into()
-            }]
-        );
+        assert_eq!(packs.answer(vec![ack(seqs[1])], 4_000), acked(5, "r5b"));
     }
 
     #[test]
